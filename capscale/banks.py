@@ -1,0 +1,99 @@
+"""Representation banks: [N, R, H] reference views indexed by example id.
+
+A bank is a module whose storage is preallocated buffers, written in place by example
+id (``index_copy_``), so building it is linear in N whatever order the loader yields
+examples in, and a checkpoint of the module is a checkpoint of the bank. Snapshot banks
+are rings of at most ``max_views`` slots: a new snapshot replaces the oldest one.
+
+Reference behaviour and its flaws (repeated ``torch.cat``, fp32 only, rows that drift
+from ids under a distributed sampler) are described in CAP_SPEC.md section 5.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class RepresentationBank(nn.Module):
+    """``max_views`` views of ``num_examples`` examples, ``hidden`` wide.
+
+    Args:
+        num_examples: N, the training-set size (ids are 0..N-1).
+        hidden: H.
+        max_views: R_max slots; ``begin_view`` cycles through them.
+        dtype: storage dtype (float32 or bfloat16).
+        device: storage device.
+    """
+
+    def __init__(self, num_examples: int, hidden: int, max_views: int = 1,
+                 dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.num_examples, self.hidden, self.max_views = num_examples, hidden, max_views
+        self.register_buffer("vectors", torch.zeros(num_examples, max_views, hidden,
+                                                    dtype=dtype, device=device))
+        self.register_buffer("written", torch.zeros(num_examples, max_views, dtype=torch.bool,
+                                                    device=device))
+        # Slots in use, in the order they were filled (oldest first).
+        self.register_buffer("slot_order", torch.full((max_views,), -1, dtype=torch.long))
+        self.register_buffer("num_views_", torch.zeros((), dtype=torch.long))
+        self.register_buffer("views_made", torch.zeros((), dtype=torch.long))
+
+    @property
+    def num_views(self) -> int:
+        return int(self.num_views_)
+
+    @torch.no_grad()
+    def begin_view(self) -> int:
+        """Open a slot for a new view (evicting the oldest when full); return its index."""
+        slot = int(self.views_made) % self.max_views
+        self.written[:, slot] = False
+        order = [int(s) for s in self.slot_order if int(s) >= 0 and int(s) != slot] + [slot]
+        self.slot_order.fill_(-1)
+        self.slot_order[: len(order)] = torch.tensor(order, dtype=torch.long)
+        self.num_views_.fill_(len(order))
+        self.views_made += 1
+        return slot
+
+    @torch.no_grad()
+    def write(self, ids: Tensor, vectors: Tensor, slot: int) -> None:
+        """Store ``vectors`` (B, H) as view ``slot`` of examples ``ids`` (B,)."""
+        if vectors.shape[-1] != self.hidden:
+            raise ValueError(f"bank is {self.hidden} wide, got vectors of width "
+                             f"{vectors.shape[-1]}")
+        ids = ids.to(self.vectors.device, torch.long)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_examples):
+            raise IndexError(f"example ids must be in [0, {self.num_examples}), got "
+                             f"[{int(ids.min())}, {int(ids.max())}]")
+        self.vectors[:, slot].index_copy_(0, ids, vectors.to(self.vectors))
+        self.written[:, slot].index_fill_(0, ids, True)
+
+    def complete(self, slot: int) -> bool:
+        """Whether every example has view ``slot`` written."""
+        return bool(self.written[:, slot].all())
+
+    def active_slots(self) -> list[int]:
+        return [int(s) for s in self.slot_order if int(s) >= 0]
+
+    def views(self, ids: Tensor, dtype: torch.dtype | None = None,
+              device: torch.device | str | None = None) -> Tensor:
+        """Views of examples ``ids``: (len(ids), R, H), R = slots in use."""
+        slots = self.active_slots()
+        ids = ids.to(self.vectors.device, torch.long)
+        out = self.vectors.index_select(0, ids)[:, slots]
+        return out.to(device=device, dtype=dtype or out.dtype, non_blocking=True)
+
+    def extra_count(self, num_negatives: int) -> int:
+        """E = floor(num_negatives / R): extra examples per step (CAP_SPEC.md section 3)."""
+        return min(num_negatives // max(self.num_views, 1), self.num_examples)
+
+    def sample_ids(self, count: int, generator: torch.Generator) -> Tensor:
+        """``count`` example ids drawn uniformly without replacement.
+
+        The generator, not the rank, decides the draw: seeded the same on every rank it
+        gives every rank the same extras, as one process would draw.
+        """
+        if count >= self.num_examples:
+            return torch.arange(self.num_examples)
+        return torch.randperm(self.num_examples, generator=generator)[:count]

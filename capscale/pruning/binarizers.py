@@ -1,0 +1,77 @@
+"""Straight-through binarizers for learned pruning masks.
+
+Each binarizer turns real-valued importance scores ``S`` into a {0, 1} mask ``M`` in
+forward and passes the gradient straight through in backward (``dL/dS = dL/dM``), as in
+movement pruning (Sanh et al., 2020, eq. 2 and section 3). With ``W' = W * M`` that makes
+``dL/dS_ij = dL/dW'_ij * W_ij``: a score grows when its weight moves away from zero.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def topk_mask(scores: Tensor, keep_frac: float) -> Tensor:
+    """Mask keeping the ``ceil``-free count ``round(keep_frac * numel)`` largest scores.
+
+    Args:
+        scores: any shape.
+        keep_frac: fraction kept, in [0, 1].
+
+    Returns:
+        mask of the same shape and dtype, ones on the kept entries.
+    """
+    n = scores.numel()
+    k = round(keep_frac * n)
+    mask = torch.zeros_like(scores)
+    if k <= 0:
+        return mask
+    if k >= n:
+        return mask.fill_(1.0)
+    idx = torch.topk(scores.detach().flatten(), k, sorted=False).indices
+    mask.view(-1)[idx] = 1.0
+    return mask
+
+
+class TopKBinarizer(torch.autograd.Function):
+    """``M = 1[S in top keep_frac of S]`` (per matrix); backward: identity."""
+
+    @staticmethod
+    def forward(ctx, scores: Tensor, keep_frac: float) -> Tensor:  # noqa: ANN001
+        return topk_mask(scores, keep_frac)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # noqa: ANN001
+        return grad, None
+
+
+class ThresholdBinarizer(torch.autograd.Function):
+    """``M = 1[S >= threshold]``, used with a global threshold; backward: identity."""
+
+    @staticmethod
+    def forward(ctx, scores: Tensor, threshold: Tensor) -> Tensor:  # noqa: ANN001
+        return (scores >= threshold).to(scores.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # noqa: ANN001
+        return grad, None
+
+
+class SigmoidThresholdBinarizer(torch.autograd.Function):
+    """Soft movement (Sanh et al., 2020, section 3): ``M = 1[sigmoid(S) > tau]``.
+
+    At least ``min_keep`` of the entries are kept (the largest scores), so no matrix is
+    ever pruned away entirely. Backward: identity to ``S``.
+    """
+
+    @staticmethod
+    def forward(ctx, scores: Tensor, tau: float, min_keep: float) -> Tensor:  # noqa: ANN001
+        mask = (torch.sigmoid(scores) > tau).to(scores.dtype)
+        if mask.sum() < min_keep * scores.numel():
+            mask = topk_mask(scores, min_keep)
+        return mask
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # noqa: ANN001
+        return grad, None, None

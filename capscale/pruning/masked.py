@@ -1,0 +1,256 @@
+"""Masked linear layers swapped into any encoder, and the pruner that drives them.
+
+``MaskedLinear`` subclasses ``nn.Linear`` and keeps the very same ``weight`` / ``bias``
+Parameter objects, so optimisers, ZeRO-3 partitioning and ``state_dict`` keys see the
+original model. The mask is applied functionally in forward (``F.linear(x, W * M, b)``):
+under ZeRO-3 the gathered weight is released after forward, and an in-place edit of it
+would be lost, whereas a functional mask always holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..adapters import EncoderAdapter
+from ..config import PruningConfig
+from .binarizers import SigmoidThresholdBinarizer, ThresholdBinarizer, TopKBinarizer, topk_mask
+from .schedule import cubic_sparsity, warmup_steps
+
+AllReduceFn = Callable[[Tensor], Tensor]  # sums a tensor over ranks (identity at world 1)
+
+
+class MaskedLinear(nn.Linear):
+    """``y = x (W * M)^T + b`` with ``M`` from learned scores or from ``|W|``.
+
+    Methods (CAP_SPEC.md section 6):
+        movement: ``M = TopK(S, keep_frac)`` per matrix, or ``S >= threshold`` (global).
+        soft_movement: ``M = sigmoid(S) > threshold``, at least ``min_keep`` kept.
+        magnitude: ``M = TopK(|W|, keep_frac)`` (no scores).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 method: str = "movement", score_init: float = 0.0,
+                 min_keep: float = 0.005, device: torch.device | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._setup(method, score_init, min_keep)
+
+    def _setup(self, method: str, score_init: float, min_keep: float) -> None:
+        if method not in ("movement", "soft_movement", "magnitude"):
+            raise ValueError(f"unknown pruning method {method!r}")
+        self.method = method
+        self.min_keep = min_keep
+        self.global_scope = False
+        # Sizes come from in/out_features, never from weight.shape (ZeRO-3 shows (0,)).
+        if method == "magnitude":
+            self.mask_scores = None
+        else:
+            self.mask_scores = nn.Parameter(torch.full(
+                (self.out_features, self.in_features), float(score_init),
+                device=self.bias.device if self.bias is not None else None))
+        self.register_buffer("keep_frac", torch.ones((), dtype=torch.float64))
+        self.register_buffer("threshold", torch.zeros((), dtype=torch.float32))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, method: str, score_init: float = 0.0,
+                    min_keep: float = 0.005) -> MaskedLinear:
+        """Wrap ``linear`` without copying: the new module owns the same Parameters."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = linear.in_features, linear.out_features
+        new.weight = linear.weight
+        new.bias = linear.bias
+        new._setup(method, score_init, min_keep)
+        if new.mask_scores is not None:
+            new.mask_scores.data = new.mask_scores.data.to(linear.weight.device)
+        return new
+
+    def importance(self) -> Tensor:
+        """What the mask ranks: learned scores, or ``|W|`` for magnitude pruning."""
+        if self.mask_scores is not None:
+            return self.mask_scores
+        return self.weight.detach().abs()
+
+    def mask(self) -> Tensor:
+        """The current {0, 1} mask, (out_features, in_features); carries STE gradient."""
+        if self.method == "soft_movement":
+            return SigmoidThresholdBinarizer.apply(self.mask_scores, float(self.threshold),
+                                                   self.min_keep)
+        if self.global_scope:
+            scores = self.importance()
+            return ThresholdBinarizer.apply(scores, self.threshold.to(scores.dtype))
+        if self.method == "magnitude":
+            return topk_mask(self.weight.detach().abs(), float(self.keep_frac))
+        return TopKBinarizer.apply(self.mask_scores, float(self.keep_frac))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight * self.mask().to(self.weight.dtype), self.bias)
+
+    def to_linear(self) -> nn.Linear:
+        """A plain nn.Linear with the mask baked into its weight."""
+        with torch.no_grad():
+            mask = self.mask().to(self.weight.dtype)
+            lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                            device=self.weight.device, dtype=self.weight.dtype)
+            lin.weight.copy_(self.weight * mask)
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, method={self.method}"
+
+
+def _replace(model: nn.Module, qualified: str, new: nn.Module) -> None:
+    parent_name, _, child = qualified.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def attach_masks(model: nn.Module, adapter: EncoderAdapter, method: str,
+                 score_init: float = 0.0, min_keep: float = 0.005
+                 ) -> dict[str, MaskedLinear]:
+    """Swap every prunable encoder linear for a MaskedLinear; return them by ``layer.role``."""
+    out: dict[str, MaskedLinear] = {}
+    for key, qname in adapter.qualified_names(model).items():
+        lin = model.get_submodule(qname)
+        new = lin if isinstance(lin, MaskedLinear) else MaskedLinear.from_linear(
+            lin, method, score_init, min_keep)
+        _replace(model, qname, new)
+        out[key] = new
+    return out
+
+
+def bake_masks(model: nn.Module) -> dict[str, Tensor]:
+    """Replace every MaskedLinear by a plain nn.Linear with the mask multiplied in.
+
+    Returns:
+        the binary masks (bool) by qualified module name.
+    """
+    masks = {}
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, MaskedLinear):
+            with torch.no_grad():
+                masks[name] = mod.mask().detach().bool().cpu()
+            _replace(model, name, mod.to_linear())
+    return masks
+
+
+def _sortable(x: Tensor) -> Tensor:
+    """Map float32 values to int64 keys with the same order (exact bisection over floats)."""
+    i = x.detach().float().contiguous().view(torch.int32).to(torch.int64)
+    return torch.where(i < 0, i ^ 0x7FFFFFFF, i)
+
+
+def _unsortable(key: int) -> float:
+    i = key ^ 0x7FFFFFFF if key < 0 else key
+    return float(torch.tensor([i], dtype=torch.int64).to(torch.int32).view(torch.float32))
+
+
+def kth_largest(tensors: list[Tensor], k: int, all_reduce: AllReduceFn | None = None) -> float:
+    """The exact k-th largest value over all ``tensors`` (and over all ranks).
+
+    Each rank passes its local shards; only a scalar count is all-reduced per
+    iteration (32 bisection steps over the float32 bit order), so no rank ever holds the
+    scores of the others. At world 1 it equals ``torch.cat(...).topk(k).values.min()``.
+    """
+    keys = [_sortable(t.flatten()) for t in tensors]
+    lo, hi = -(2**31), 2**31 - 1  # invariant: count(key >= lo) >= k, count(key > hi) < k
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        count = torch.tensor(float(sum(int((kk >= mid).sum()) for kk in keys)),
+                             dtype=torch.float64)
+        if all_reduce is not None:
+            count = all_reduce(count)
+        if count >= k:
+            lo = mid
+        else:
+            hi = mid - 1
+    return _unsortable(lo)
+
+
+class Pruner:
+    """Owns a model's masked layers and moves them along the sparsity schedule.
+
+    Args:
+        modules: ``attach_masks`` output.
+        cfg: the pruning section of the config.
+        total_steps: optimiser steps of the whole run (for the schedule).
+        all_reduce: sums a tensor over ranks; needed for ``scope: global`` when the
+            scores are sharded (ZeRO-3 / FSDP2). None at world 1.
+        local_importance: returns the rank-local part of a module's importance (its
+            shard); defaults to the whole tensor.
+    """
+
+    def __init__(self, modules: dict[str, MaskedLinear], cfg: PruningConfig,
+                 total_steps: int, all_reduce: AllReduceFn | None = None,
+                 local_importance: Callable[[MaskedLinear], Tensor] | None = None) -> None:
+        self.modules = modules
+        self.cfg = cfg
+        self.total_steps = total_steps
+        self.t_i = warmup_steps(cfg.initial_warmup, total_steps)
+        self.t_f = warmup_steps(cfg.final_warmup, total_steps)
+        self.all_reduce = all_reduce
+        self.local_importance = local_importance or (lambda m: m.importance())
+        self.sparsity = cfg.initial_sparsity
+        for m in modules.values():
+            m.global_scope = cfg.scope == "global" and cfg.method != "soft_movement"
+
+    def schedule(self, step: int) -> float:
+        """Scheduled target sparsity (movement / magnitude) or threshold fraction (soft)."""
+        return cubic_sparsity(step, self.total_steps, self.cfg.initial_sparsity,
+                              self.cfg.final_sparsity, self.t_i, self.t_f)
+
+    @torch.no_grad()
+    def update(self, step: int) -> float:
+        """Set every mask's keep fraction / threshold for ``step``; return the target."""
+        target = self.schedule(step)
+        self.sparsity = target
+        if self.cfg.method == "soft_movement":
+            # tau_t follows the same cubic shape from 0 to final_threshold.
+            frac = target / self.cfg.final_sparsity if self.cfg.final_sparsity > 0 else 1.0
+            tau = self.cfg.final_threshold * frac
+            for m in self.modules.values():
+                m.threshold.fill_(tau)
+            return target
+        for m in self.modules.values():
+            m.keep_frac.fill_(1.0 - target)
+        if self.cfg.scope == "global":
+            thr = self.global_threshold(1.0 - target)
+            for m in self.modules.values():
+                m.threshold.fill_(thr)
+        return target
+
+    def global_threshold(self, keep_frac: float) -> float:
+        """Threshold keeping ``keep_frac`` of all prunable weights (exact, shard-safe)."""
+        numel = sum(m.in_features * m.out_features for m in self.modules.values())
+        k = round(keep_frac * numel)
+        if k <= 0:
+            return float("inf")
+        if k >= numel:
+            return float("-inf")
+        local = [self.local_importance(m) for m in self.modules.values()]
+        return kth_largest(local, k, self.all_reduce)
+
+    def regularization(self) -> Tensor | None:
+        """Soft movement's L1 penalty, mean over matrices of ``||sigmoid(S)||_1 / numel``,
+        ramped as ``lambda_t = final_lambda * tau_t / tau_final`` (CAP_SPEC.md section 6).
+        """
+        if self.cfg.method != "soft_movement" or not self.modules:
+            return None
+        terms = [torch.sigmoid(m.mask_scores).mean() for m in self.modules.values()]
+        lam = self.cfg.final_lambda * (self.sparsity / self.cfg.final_sparsity
+                                       if self.cfg.final_sparsity > 0 else 1.0)
+        return lam * torch.stack(terms).mean()
+
+    def score_parameters(self) -> list[nn.Parameter]:
+        return [m.mask_scores for m in self.modules.values() if m.mask_scores is not None]
+
+    @torch.no_grad()
+    def masks(self) -> dict[str, Tensor]:
+        """Current binary masks by ``layer.role`` (bool, on each module's device)."""
+        return {k: m.mask().bool() for k, m in self.modules.items()}

@@ -1,0 +1,162 @@
+"""capscale entry point: prune an encoder with CAP, evaluate it, export it.
+
+One process (CPU or one GPU)::
+
+    python -m capscale.run --config capscale/configs/demo_minilm_tweets.yaml
+    python -m capscale.run --config capscale/configs/bert_base_glue.yaml \
+        data.dataset_config=qqp pruning.final_sparsity=0.97
+
+Several GPUs on one node (data parallel)::
+
+    accelerate launch --multi_gpu --num_processes 8 capscale/run.py \
+        --config capscale/configs/bert_base_glue.yaml
+    torchrun --nproc_per_node 8 capscale/run.py --config ...
+
+Arguments after the config are ``key=value`` overrides of any config field.
+Outputs in ``output_dir``: ``config.yaml``, ``teacher/`` (when fine-tuned here),
+``pruned/model`` (plain Hugging Face), ``pruned/masks.safetensors``,
+``pruned/sparsity_report.json``, ``history.jsonl``, ``evals.json``, ``results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # `python capscale/run.py` / `accelerate launch capscale/run.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+if not torch.cuda.is_available():  # DeepSpeed (imported by transformers) probes otherwise
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import transformers
+
+from capscale.config import Config, ConfigError, load_config, save_config
+from capscale.console import Console
+from capscale.data import DataError, load_task_data
+from capscale.distributed import DistContext, init_distributed, unwrap
+from capscale.export import export_pruned
+from capscale.metrics import main_metric
+from capscale.teachers import ModelError, check_teacher, load_tokenizer
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="capscale", description=__doc__.split("\n")[0])
+    p.add_argument("--config", help="YAML config (a path, or a name in capscale/configs)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-4")
+    return p.parse_args(argv)
+
+
+def prune(cfg: Config, ctx: DistContext, console: Console) -> dict[str, Any]:
+    """The whole job: data -> teacher -> CAP pruning -> export. Returns the results."""
+    from capscale.finetune import finetune_teacher
+    from capscale.train import CAPPruner
+
+    start = time.perf_counter()
+    out = Path(cfg.output_dir)
+    if ctx.is_main:
+        save_config(cfg, out / "config.yaml")
+    # Everything that can be wrong with the data is found before a model is loaded.
+    data = load_task_data(cfg.data)
+    for note in data.notes:
+        console.log(note)
+    if cfg.model.teacher is not None:
+        check_teacher(cfg.model.teacher, data.num_labels, cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    key = main_metric(data.num_labels)
+    teacher_path, teacher_metrics = cfg.model.teacher, None
+    t0 = time.perf_counter()
+    if teacher_path is None:
+        teacher_path, teacher_metrics = finetune_teacher(cfg, ctx, data, tokenizer, console)
+    teacher_seconds = time.perf_counter() - t0
+    run = CAPPruner(cfg, ctx, data, tokenizer, teacher_path, console)
+    if teacher_metrics is None and run.teacher is not None:
+        from capscale.train import evaluate
+        teacher_metrics = evaluate(run.teacher, run.loaders.eval, ctx, data.num_labels)
+    result = run.run()
+    results = {
+        "task_metric": key,
+        "teacher_metrics": teacher_metrics,
+        "pruned_metrics": result.metrics,
+        "sparsity": {k: result.sparsity[k] for k in (
+            "linear_sparsity", "encoder_sparsity", "total_sparsity")},
+        "steps": result.steps,
+        "train_examples": len(data.train),
+        "eval_examples": len(data.validation),
+        "notes": data.notes,
+        "seconds": {"teacher": teacher_seconds, "pruning": result.seconds},
+        "world_size": ctx.world_size,
+    }
+    if ctx.is_main:
+        run.save_history(out)
+        export_pruned(unwrap(run.student), run.adapter, out / "pruned", tokenizer,
+                      inplace=True, extra={"results": results})
+    results["seconds"]["total"] = time.perf_counter() - start
+    if ctx.is_main:
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+    _summary(console, cfg, results)
+    return results
+
+
+def _summary(console: Console, cfg: Config, r: dict[str, Any]) -> None:
+    key = r["task_metric"]
+    t = r["teacher_metrics"][key] if r["teacher_metrics"] else float("nan")
+    p = r["pruned_metrics"][key]
+    rows = [
+        (f"dense teacher {key}", f"{t:.4f}"),
+        (f"pruned student {key}", f"{p:.4f}"),
+        ("retained", f"{100 * p / t:.1f}%" if t == t and t else "n/a"),
+        ("encoder sparsity (paper convention)", f"{100 * r['sparsity']['encoder_sparsity']:.2f}%"),
+        ("prunable-matrix sparsity", f"{100 * r['sparsity']['linear_sparsity']:.2f}%"),
+        ("sparsity over all parameters", f"{100 * r['sparsity']['total_sparsity']:.2f}%"),
+        ("method", f"{cfg.pruning.method} + CAP" if any(
+            getattr(cfg.cap, m).enabled for m in ("prc", "fic", "snc")) else cfg.pruning.method),
+        ("train / eval examples", f"{r['train_examples']} / {r['eval_examples']}"),
+        ("pruning steps", str(r["steps"])),
+        ("time: teacher / pruning / total",
+         f"{r['seconds']['teacher']:.0f} s / {r['seconds']['pruning']:.0f} s / "
+         f"{r['seconds']['total']:.0f} s"),
+        ("output", str(Path(cfg.output_dir) / "pruned" / "model")),
+    ]
+    console.table("capscale result", rows)
+    for note in r["notes"]:
+        console.log(f"note: {note}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run from the command line; returns the exit code."""
+    args = parse_args(argv)
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"capscale: config error: {err}", file=sys.stderr)
+        return 2
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    ctx = init_distributed(cfg.strategy)
+    console = Console(enabled=ctx.is_main, progress=cfg.train.progress)
+    try:
+        prune(cfg, ctx, console)
+    except (ConfigError, DataError, ModelError) as err:
+        print(f"capscale: {type(err).__name__.replace('Error', '').lower()} error: {err}",
+              file=sys.stderr)
+        return 2
+    return 0
+
+
+def cli() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

