@@ -76,7 +76,22 @@ class MaskedLinear(nn.Linear):
         return self.weight.detach().abs()
 
     def mask(self) -> Tensor:
-        """The current {0, 1} mask, (out_features, in_features); carries STE gradient."""
+        """The current {0, 1} mask, (out_features, in_features); carries STE gradient.
+
+        Without autograd (evaluation, bank encoding) the mask cannot change between
+        forwards until the scores, weights or schedule do, so it is cached on those.
+        """
+        if torch.is_grad_enabled():
+            return self._compute_mask()
+        src = self.mask_scores if self.mask_scores is not None else self.weight
+        key = (src._version, src.data_ptr(), float(self.keep_frac), float(self.threshold),
+               self.global_scope)
+        cached = getattr(self, "_mask_cache", None)
+        if cached is None or cached[0] != key:
+            self._mask_cache = (key, self._compute_mask().detach())
+        return self._mask_cache[1]
+
+    def _compute_mask(self) -> Tensor:
         if self.method == "soft_movement":
             return SigmoidThresholdBinarizer.apply(self.mask_scores, float(self.threshold),
                                                    self.min_keep)
