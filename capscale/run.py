@@ -55,8 +55,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def prune(cfg: Config, ctx: DistContext, console: Console) -> dict[str, Any]:
-    """The whole job: data -> teacher -> CAP pruning -> export. Returns the results."""
+def prune(cfg: Config, ctx: DistContext, console: Console, export: bool = True
+          ) -> dict[str, Any]:
+    """The whole job: data -> teacher -> CAP pruning -> export. Returns the results.
+
+    ``export=False`` skips writing the pruned model (benchmarks that only need metrics).
+    """
     from capscale.finetune import finetune_teacher
     from capscale.train import CAPPruner
 
@@ -97,6 +101,7 @@ def prune(cfg: Config, ctx: DistContext, console: Console) -> dict[str, Any]:
     }
     if ctx.is_main:
         run.save_history(out)
+    if ctx.is_main and export:
         export_pruned(unwrap(run.student), run.adapter, out / "pruned", tokenizer,
                       inplace=True, extra={"results": results})
     results["seconds"]["total"] = time.perf_counter() - start

@@ -1,0 +1,217 @@
+"""Fidelity benchmark: does CAP beat plain pruning at high sparsity?
+
+Task: the packaged all-MiniLM-L6-v2 on the packaged tweets sentiment corpus (3 classes),
+a fixed split (10% of the corpus held out with seed 0, then subsampled with seed 0),
+sequence length 64. The dense teacher is fine-tuned once and cached in
+``bench/cache/teacher``; every pruning run starts from the pre-trained model and uses
+that teacher for KD (and FiC).
+
+Methods at each sparsity: magnitude, movement and soft movement, each with KD, with
+and without CAP (PrC + SnC + FiC); ablation at 90% with movement: CAP without each
+module. All runs of one budget take the same number of optimiser steps.
+
+Usage::
+
+    python bench/fidelity.py --budget smoke            # seconds; what CI runs
+    python bench/fidelity.py --budget cpu --seeds 1     # the CPU protocol (hours on 2 cores)
+    python bench/fidelity.py --budget full --seeds 3    # the full protocol, for a GPU
+
+Writes ``bench/results/fidelity[_<budget>].json``, a markdown table next to it, and a
+plot of accuracy against sparsity when matplotlib is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from capscale.config import config_from_dict  # noqa: E402
+from capscale.console import Console  # noqa: E402
+from capscale.distributed import init_distributed  # noqa: E402
+from capscale.run import prune  # noqa: E402
+
+# Budgets: data size, steps and contrastive negatives. "cpu" is sized so one run takes
+# about 10 minutes on a 2-core CPU; "full" is the reference's 10 epochs on all data.
+BUDGETS: dict[str, dict[str, Any]] = {
+    "smoke": {"max_train_samples": 96, "max_eval_samples": 64, "epochs": 1, "max_steps": 4,
+              "batch_size": 16, "teacher_steps": 4, "num_negatives": 64, "max_length": 32},
+    "cpu": {"max_train_samples": 4000, "max_eval_samples": 1000, "epochs": 4,
+            "max_steps": 500, "batch_size": 32, "teacher_steps": 250, "num_negatives": 4096,
+            "max_length": 64},
+    "full": {"max_train_samples": None, "max_eval_samples": None, "epochs": 10,
+             "max_steps": None, "batch_size": 32, "teacher_steps": None,
+             "num_negatives": 4096, "max_length": 64},
+}
+# Soft movement reaches its sparsity through the L1 weight (CAP_SPEC.md section 6).
+SOFT_LAMBDA = {0.9: 300.0, 0.97: 700.0}
+METHODS = ("magnitude", "movement", "soft_movement")
+
+
+def base_config(budget: dict[str, Any], out: Path, seed: int) -> dict[str, Any]:
+    return {
+        "model": {"name_or_path": "minilm"},
+        "data": {"preset": "tweets", "max_length": budget["max_length"],
+                 "max_train_samples": budget["max_train_samples"],
+                 "max_eval_samples": budget["max_eval_samples"]},
+        "loss": {"w_ce": 0.1, "w_kd": 0.9, "kd_temperature": 2.0},
+        "cap": {"num_negatives": budget["num_negatives"], "snapshot_schedule": "milestones",
+                "snapshot_milestones": [0.3, 0.6, 0.9]},
+        "train": {"epochs": budget["epochs"], "max_steps": budget["max_steps"],
+                  "batch_size": budget["batch_size"], "lr": 1e-4, "seed": seed,
+                  "num_threads": 0, "progress": False},
+        "teacher_training": {"epochs": 2, "max_steps": budget["teacher_steps"]},
+        "output_dir": str(out),
+    }
+
+
+def run_config(method: str, sparsity: float, cap: bool, drop: str | None = None
+               ) -> dict[str, Any]:
+    """The method-specific part of a run's config."""
+    pruning: dict[str, Any] = {"method": method, "final_sparsity": sparsity}
+    if method == "soft_movement":
+        pruning["final_lambda"] = SOFT_LAMBDA.get(sparsity, 300.0)
+    modules = {m: {"enabled": cap and m != drop} for m in ("prc", "fic", "snc")}
+    return {"pruning": pruning, "cap": modules}
+
+
+def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def plan(sparsities: list[float], seeds: list[int], ablation: bool) -> list[dict[str, Any]]:
+    runs = []
+    for sp in sparsities:
+        for method in METHODS:
+            for cap in (False, True):
+                for seed in seeds:
+                    runs.append({"method": method, "sparsity": sp, "cap": cap, "drop": None,
+                                 "seed": seed})
+    if ablation:
+        for drop in ("prc", "snc", "fic"):
+            for seed in seeds:
+                runs.append({"method": "movement", "sparsity": 0.9, "cap": True,
+                             "drop": drop, "seed": seed})
+    return runs
+
+
+def label(r: dict[str, Any]) -> str:
+    name = r["method"] + (" + CAP" if r["cap"] else " + KD")
+    return name + (f" - {r['drop'].upper()}" if r["drop"] else "")
+
+
+def table(results: list[dict[str, Any]], dense: float) -> str:
+    cells: dict[tuple[str, float], list[float]] = {}
+    achieved: dict[tuple[str, float], list[float]] = {}
+    for r in results:
+        key = (label(r), r["sparsity"])
+        cells.setdefault(key, []).append(r["accuracy"])
+        achieved.setdefault(key, []).append(r["encoder_sparsity"])
+    lines = [f"Dense teacher accuracy: {100 * dense:.2f}", "",
+             "| method | target sparsity | achieved (encoder) | accuracy mean ± std | "
+             "% of dense | runs |", "|---|---|---|---|---|---|"]
+    for (name, sp), accs in sorted(cells.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        mean = statistics.mean(accs)
+        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        ach = statistics.mean(achieved[(name, sp)])
+        lines.append(f"| {name} | {100 * sp:.0f}% | {100 * ach:.1f}% | {100 * mean:.2f} ± "
+                     f"{100 * std:.2f} | {100 * mean / dense:.1f}% | {len(accs)} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict[str, Any]], dense: float, path: Path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in sorted({label(r) for r in results if not r["drop"]}):
+        pts: dict[float, list[float]] = {}
+        for r in results:
+            if label(r) == name:
+                pts.setdefault(r["sparsity"], []).append(r["accuracy"])
+        xs = sorted(pts)
+        ax.plot([100 * x for x in xs], [100 * statistics.mean(pts[x]) for x in xs], "o-",
+                label=name)
+    ax.axhline(100 * dense, color="k", ls="--", label="dense teacher")
+    ax.set_xlabel("encoder sparsity target (%)")
+    ax.set_ylabel("dev accuracy (%)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--budget", choices=sorted(BUDGETS), default="smoke")
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--sparsities", type=float, nargs="+", default=[0.9, 0.97])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--no-ablation", action="store_true")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--work", default=str(ROOT / "bench" / "cache"))
+    args = p.parse_args(argv)
+    budget = BUDGETS[args.budget]
+    work, out = Path(args.work) / args.budget, Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ctx = init_distributed()
+    console = Console(enabled=ctx.is_main, progress=False)
+    suffix = "" if args.budget == "cpu" else f"_{args.budget}"
+    json_path = out / f"fidelity{suffix}.json"
+    done = json.loads(json_path.read_text())["runs"] if json_path.is_file() else []
+    # The dense teacher, trained once and reused by every run (and every invocation).
+    teacher_cfg = config_from_dict(merge(base_config(budget, work / "teacher_run", 42),
+                                         {"pruning": {"method": "none"},
+                                          "cap": {m: {"enabled": False}
+                                                  for m in ("prc", "fic", "snc")},
+                                          "train": {"max_steps": 1}}))
+    from capscale.data import load_task_data
+    from capscale.finetune import finetune_teacher
+    from capscale.teachers import load_tokenizer
+    data = load_task_data(teacher_cfg.data)
+    teacher_path, teacher_metrics = finetune_teacher(
+        teacher_cfg, ctx, data, load_tokenizer("minilm"), console)
+    dense = teacher_metrics["accuracy"]
+    runs = [r for r in plan(args.sparsities, list(range(args.seeds)), not args.no_ablation)
+            if r["method"] in args.methods]
+    results = [r for r in done if any(all(r[k] == q[k] for k in q) for q in runs)]
+    for r in runs:
+        if any(all(d[k] == r[k] for k in r) for d in results):
+            continue  # resumable: finished runs are kept in the json
+        name = f"{label(r)} @ {r['sparsity']:.2f} seed {r['seed']}"
+        console.log(f"run: {name}")
+        cfg = config_from_dict(merge(
+            merge(base_config(budget, work / f"run_{len(results)}", 42 + r["seed"]),
+                  {"model": {"teacher": teacher_path}}),
+            run_config(r["method"], r["sparsity"], r["cap"], r["drop"])))
+        t0 = time.perf_counter()
+        res = prune(cfg, ctx, console, export=False)
+        results.append({**r, "accuracy": res["pruned_metrics"]["accuracy"],
+                        "encoder_sparsity": res["sparsity"]["encoder_sparsity"],
+                        "linear_sparsity": res["sparsity"]["linear_sparsity"],
+                        "steps": res["steps"], "seconds": time.perf_counter() - t0})
+        json_path.write_text(json.dumps({"budget": args.budget, "budget_settings": budget,
+                                         "dense_accuracy": dense, "runs": results}, indent=1))
+    md = table(results, dense)
+    (out / f"fidelity{suffix}.md").write_text(md)
+    plot(results, dense, out / f"fidelity{suffix}.png")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""Performance benchmark: what CAP costs on top of movement pruning + KD.
+
+1. Step time of a CAP step (movement + KD + PrC/FiC/SnC, bank mode) against a movement
+   + KD step on the same model and batches, measured interleaved in the same run
+   (ratio of medians), with a breakdown: student forward, teacher KD forward, bank
+   sampling, contrastive losses, backward, optimiser step.
+2. Bank build time at N and 4N examples (ratio; linear means ~4), next to the
+   reference's build by repeated ``torch.cat`` (quadratic).
+3. Bank memory per rank: fp32, bf16, and sharded over 2 ranks.
+
+Usage::
+
+    python bench/perf.py                  # MiniLM, tweets subset, CPU: a few minutes
+    python bench/perf.py --steps 4 --quick  # smoke (CI)
+
+Writes ``bench/results/perf.json`` and ``bench/results/perf.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from capscale.banks import RepresentationBank  # noqa: E402
+from capscale.config import config_from_dict  # noqa: E402
+from capscale.console import Console  # noqa: E402
+from capscale.data import load_task_data, model_inputs  # noqa: E402
+from capscale.distributed import init_distributed  # noqa: E402
+from capscale.losses import kd_loss, task_loss  # noqa: E402
+from capscale.teachers import forward_with_representation, load_classifier, load_tokenizer  # noqa: E402
+from capscale.train import CAPPruner  # noqa: E402
+
+
+def _now() -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def timed_step(run: CAPPruner, batch: dict[str, torch.Tensor], cap: bool) -> dict[str, float]:
+    """One optimiser step with each phase timed (same math as CAPPruner.train_step)."""
+    cfg, ctx = run.cfg, run.ctx
+    t: dict[str, float] = {}
+    run.pruner.update(run.step)
+    t0 = _now()
+    inputs = model_inputs(batch, ctx.device)
+    labels = batch["labels"].to(ctx.device)
+    logits, anchors = forward_with_representation(run.student, inputs, run.student_tap,
+                                                  cfg.cap.representation)
+    t1 = _now()
+    with torch.no_grad():
+        t_logits = run.teacher(**inputs).logits
+    t2 = _now()
+    loss = cfg.loss.w_ce * task_loss(logits, labels) + cfg.loss.w_kd * kd_loss(
+        logits, t_logits, cfg.loss.kd_temperature)
+    sample = 0.0
+    if cap:
+        # Bank sampling alone (the objective repeats it, so it is subtracted below).
+        s0 = _now()
+        for m_idx, bank in enumerate(run.objective.banks.values()):
+            ids = bank.sample_ids(bank.extra_count(cfg.cap.num_negatives),
+                                  run.objective._generator(run.step, m_idx))
+            bank.views(ids, dtype=anchors.dtype, device=anchors.device)
+        sample = _now() - s0
+        c0 = _now()
+        terms = run.objective(anchors, batch["example_id"].to(ctx.device), labels.long(),
+                              run.step, ctx)
+        loss = loss + torch.stack(list(terms.values())).sum()
+        t["contrastive"] = _now() - c0 - sample
+    t3 = _now()
+    loss.backward()
+    t4 = _now()
+    nn.utils.clip_grad_norm_(run.student.parameters(), cfg.train.grad_clip)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    t5 = _now()
+    t.update(student_forward=t1 - t0, teacher_forward=t2 - t1, bank_sampling=sample,
+             backward=t4 - t3, optimizer=t5 - t4, total=t5 - t0)
+    return t
+
+
+def step_benchmark(steps: int, quick: bool, work: Path) -> dict[str, Any]:
+    n_train = 96 if quick else 2000
+    teacher_dir = work / "teacher"
+    if not teacher_dir.is_dir():  # any 3-label classifier: speed does not depend on weights
+        load_classifier("minilm", 3).save_pretrained(teacher_dir)
+        load_tokenizer("minilm").save_pretrained(teacher_dir)
+    cfg = config_from_dict({
+        "model": {"name_or_path": "minilm", "teacher": str(teacher_dir)},
+        "data": {"preset": "tweets", "max_length": 64, "max_train_samples": n_train,
+                 "max_eval_samples": 32},
+        "pruning": {"method": "movement", "final_sparsity": 0.9, "initial_warmup": 0.0,
+                    "final_warmup": 0.0},
+        "cap": {"num_negatives": 64 if quick else 4096},
+        "train": {"batch_size": 32, "max_steps": 2 * steps + 2, "progress": False},
+        "output_dir": str(work / "run"),
+    })
+    ctx = init_distributed()
+    data = load_task_data(cfg.data)
+    run = CAPPruner(cfg, ctx, data, load_tokenizer("minilm"), str(teacher_dir),
+                    Console(enabled=False))
+    run.snapshot("perf snapshot")
+    run.student.train()
+    batches = iter(run.loaders.train)
+    rows: dict[str, list[dict[str, float]]] = {"cap": [], "movement_kd": []}
+    timed_step(run, next(batches), cap=True)  # warm-up
+    for i in range(2 * steps):
+        try:
+            batch = next(batches)
+        except StopIteration:
+            batches = iter(run.loaders.train)
+            batch = next(batches)
+        cap = i % 2 == 0
+        rows["cap" if cap else "movement_kd"].append(timed_step(run, batch, cap))
+    med = {k: {p: statistics.median(r[p] for r in v) for p in v[0]} for k, v in rows.items()}
+    return {"model": "all-MiniLM-L6-v2", "batch_size": 32, "max_length": 64,
+            "num_negatives": cfg.cap.num_negatives, "steps_each": steps,
+            "views": {k: b.num_views for k, b in run.objective.banks.items()},
+            "median_seconds": med,
+            "cap_over_movement_kd": med["cap"]["total"] / med["movement_kd"]["total"]}
+
+
+def bank_build(n: int, hidden: int, batch: int = 256) -> dict[str, float]:
+    """Seconds to build an [n, 1, hidden] bank: by id (capscale) and by torch.cat."""
+    vecs = torch.randn(batch, hidden)
+    bank = RepresentationBank(n, hidden, 1)
+    slot = bank.begin_view()
+    perm = torch.randperm(n)
+    t0 = time.perf_counter()
+    for i in range(0, n, batch):
+        ids = perm[i : i + batch]
+        bank.write(ids, vecs[: len(ids)], slot)
+    by_id = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    acc = torch.empty(0, hidden)
+    for i in range(0, n, batch):
+        acc = torch.cat([acc, vecs[: min(batch, n - i)]])
+    by_cat = time.perf_counter() - t0
+    return {"by_id": by_id, "by_repeated_cat": by_cat}
+
+
+def bank_memory(n: int, hidden: int, views: int) -> dict[str, float]:
+    mib = 2**20
+    fp32 = n * views * hidden * 4 / mib
+    return {"examples": n, "views": views, "hidden": hidden, "fp32_MiB": fp32,
+            "bf16_MiB": fp32 / 2, "bf16_sharded_world2_MiB_per_rank": fp32 / 4}
+
+
+def markdown(res: dict[str, Any]) -> str:
+    s = res["step"]
+    lines = ["## CAP step vs movement + KD step", "",
+             f"{s['model']}, batch {s['batch_size']}, length {s['max_length']}, "
+             f"{s['num_negatives']} extra negatives per module, bank views {s['views']}, "
+             f"{s['steps_each']} interleaved steps each (median seconds)", "",
+             "| phase | movement + KD | CAP |", "|---|---|---|"]
+    for phase in s["median_seconds"]["cap"]:
+        base = s["median_seconds"]["movement_kd"].get(phase, 0.0)
+        lines.append(f"| {phase} | {base:.4f} | {s['median_seconds']['cap'][phase]:.4f} |")
+    lines += ["", f"**CAP / movement+KD step time: {s['cap_over_movement_kd']:.3f}x**", "",
+              "## Bank build time (seconds)", "",
+              "| examples | by example id | repeated torch.cat |", "|---|---|---|"]
+    for n, row in res["bank_build"]["times"].items():
+        lines.append(f"| {n} | {row['by_id']:.3f} | {row['by_repeated_cat']:.3f} |")
+    b = res["bank_build"]
+    lines += ["", f"4N / N ratio: by id {b['ratio_by_id']:.2f}, repeated cat "
+              f"{b['ratio_by_cat']:.2f}", "", "## Bank memory per rank (MiB)", "",
+              "| bank | fp32 | bf16 | bf16 sharded over 2 ranks |", "|---|---|---|---|"]
+    for name, m in res["bank_memory"].items():
+        lines.append(f"| {name} | {m['fp32_MiB']:.0f} | {m['bf16_MiB']:.0f} | "
+                     f"{m['bf16_sharded_world2_MiB_per_rank']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        step = step_benchmark(args.steps, args.quick, Path(tmp))
+    n = 2_000 if args.quick else 20_000
+    times = {str(n): bank_build(n, 768), str(4 * n): bank_build(4 * n, 768)}
+    res = {
+        "step": step,
+        "bank_build": {"hidden": 768, "times": times,
+                       "ratio_by_id": times[str(4 * n)]["by_id"] / times[str(n)]["by_id"],
+                       "ratio_by_cat": times[str(4 * n)]["by_repeated_cat"]
+                       / times[str(n)]["by_repeated_cat"]},
+        "bank_memory": {
+            "MNLI, BERT-base, 11 SnC views": bank_memory(392_702, 768, 11),
+            "MNLI, BERT-base, PrC or FiC": bank_memory(392_702, 768, 1),
+            "tweets, MiniLM, 8 SnC views": bank_memory(34_342, 384, 8)},
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+    }
+    name = "perf_quick" if args.quick else "perf"
+    (out / f"{name}.json").write_text(json.dumps(res, indent=1))
+    md = markdown(res)
+    (out / f"{name}.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
