@@ -36,6 +36,9 @@ class EncoderAdapter:
             linear layer; its input is the ``head`` representation (BERT: the pooler
             output after dropout, RoBERTa: the head's tanh features after dropout).
         num_heads_attr: config attribute holding the number of attention heads.
+        extra_head_linears: paths, from one layer, of further linear maps whose output is
+            laid out per head like Q/K/V (DeBERTa-v2's unshared relative-position
+            projections); structured export slices them too where they exist.
     """
 
     model_types: tuple[str, ...]
@@ -48,6 +51,7 @@ class EncoderAdapter:
     ffn_out: str = "output.dense"
     head_linear: str = "classifier"
     num_heads_attr: str = "num_attention_heads"
+    extra_head_linears: tuple[str, ...] = ()
 
     def layer_modules(self, model: nn.Module) -> nn.ModuleList:
         """The encoder's layers. ``model`` is the task model (e.g. ...ForSequenceClassification)."""
@@ -89,6 +93,16 @@ class EncoderAdapter:
 
     def num_heads(self, config: object) -> int:
         return int(getattr(config, self.num_heads_attr))
+
+    def head_size(self, config: object) -> int:
+        """Width d of one head: head h owns columns ``h*d:(h+1)*d`` of attn_out's input.
+
+        DeBERTa-v2 may set ``attention_head_size`` explicitly; otherwise hidden / heads.
+        """
+        explicit = getattr(config, "attention_head_size", None)
+        if explicit:
+            return int(explicit)
+        return int(config.hidden_size) // self.num_heads(config)  # type: ignore[attr-defined]
 
 
 def get_submodule(root: nn.Module, path: str, what: str = "module") -> nn.Module:
@@ -135,4 +149,6 @@ register_adapter(EncoderAdapter(model_types=("roberta", "xlm-roberta", "camember
 register_adapter(EncoderAdapter(model_types=("deberta-v2", "deberta"),
                                 query="attention.self.query_proj",
                                 key="attention.self.key_proj",
-                                value="attention.self.value_proj"))
+                                value="attention.self.value_proj",
+                                extra_head_linears=("attention.self.pos_key_proj",
+                                                    "attention.self.pos_query_proj")))

@@ -77,7 +77,8 @@ class DataConfig:
 class PruningConfig:
     """Unstructured pruning of every encoder linear layer (CAP_SPEC.md section 6)."""
 
-    method: Literal["movement", "soft_movement", "magnitude", "none"] = "movement"
+    # ``structured``: CAP-f, attention heads and FFN neurons (see the ``structured`` section).
+    method: Literal["movement", "soft_movement", "magnitude", "structured", "none"] = "movement"
     # Fraction of prunable encoder weights removed at the end of the schedule.
     final_sparsity: float = 0.9
     initial_sparsity: float = 0.0
@@ -93,6 +94,30 @@ class PruningConfig:
     final_threshold: float = 0.1
     final_lambda: float = 100.0
     min_keep: float = 0.005
+
+
+@dataclass
+class StructuredConfig:
+    """Structured CAP (CAP-f): heads and FFN neurons (CAP_SPEC.md sections 6 and 7)."""
+
+    # ``iterative``: prune to each of ``levels`` in turn, retraining in between
+    # (reference); ``cubic``: one run, masks recomputed every ``update_every`` steps
+    # following pruning.final_sparsity / initial_warmup / final_warmup.
+    schedule: Literal["iterative", "cubic"] = "iterative"
+    # Sparsity milestones (fraction of heads and of FFN neurons removed, the same for
+    # both); the run evaluates and snapshots at each one.
+    levels: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7,
+                                                         0.8, 0.9])
+    # Retraining after each iterative step, with a fresh optimiser and LR schedule:
+    # ``retrain_steps`` when set, else ``retrain_epochs`` epochs.
+    retrain_epochs: int = 2
+    retrain_steps: int | None = None
+    # Fraction of the training set whose |dL/dmask| is summed for the importance.
+    importance_fraction: float = 1.0
+    # Heads kept in every layer whatever their importance (reference: 1).
+    min_heads_per_layer: int = 1
+    # Cubic schedule: recompute importance and masks every K optimiser steps.
+    update_every: int = 50
 
 
 @dataclass
@@ -179,6 +204,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)
+    structured: StructuredConfig = field(default_factory=StructuredConfig)
     cap: CAPConfig = field(default_factory=CAPConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -218,6 +244,18 @@ class Config:
             (0 < self.data.validation_fraction < 1, "data.validation_fraction",
              "must be in (0, 1)"),
             (self.teacher_training.epochs >= 1, "teacher_training.epochs", "must be >= 1"),
+            (len(self.structured.levels) > 0 and all(
+                0 < v < 1 for v in self.structured.levels) and self.structured.levels == sorted(
+                set(self.structured.levels)), "structured.levels",
+             "must be a non-empty increasing list of sparsities in (0, 1)"),
+            (self.structured.retrain_epochs >= 1, "structured.retrain_epochs", "must be >= 1"),
+            (self.structured.retrain_steps is None or self.structured.retrain_steps >= 1,
+             "structured.retrain_steps", "must be >= 1 or null"),
+            (0 < self.structured.importance_fraction <= 1, "structured.importance_fraction",
+             "must be in (0, 1]"),
+            (self.structured.min_heads_per_layer >= 0, "structured.min_heads_per_layer",
+             "must be >= 0"),
+            (self.structured.update_every >= 1, "structured.update_every", "must be >= 1"),
         ]
         for mod in ("prc", "fic", "snc"):
             w: ModuleWeights = getattr(self.cap, mod)

@@ -18,6 +18,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .adapters import EncoderAdapter
 from .pruning import MaskedLinear, bake_masks, sparsity_report
+from .pruning.physical import prune_structure
+from .pruning.structured import strip_mask_hooks, structured_param_counts
+
+REMOTE_CODE = "capscale_pruned"  # module name of the loader written next to the model
 
 
 def export_pruned(model: PreTrainedModel, adapter: EncoderAdapter, out_dir: str | Path,
@@ -55,3 +59,61 @@ def export_pruned(model: PreTrainedModel, adapter: EncoderAdapter, out_dir: str 
     (out / "sparsity_report.json").write_text(json.dumps(report, indent=1))
     return report
 
+
+
+def export_structured(model: PreTrainedModel, adapter: EncoderAdapter, heads: list[torch.Tensor],
+                      ffn: list[torch.Tensor], out_dir: str | Path,
+                      tokenizer: PreTrainedTokenizerBase | None = None, inplace: bool = False,
+                      extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write a physically smaller model: pruned heads and FFN neurons sliced away.
+
+    Writes ``out_dir/{model/, structure.json, sparsity_report.json}``. Per-layer head
+    counts and FFN widths go to ``config.capscale_structure``; a ~60-line loader
+    (capscale/pruning/hf_pruned_model.py, torch + transformers only) is saved beside the
+    weights and registered in ``config.auto_map``, so::
+
+        AutoModelForSequenceClassification.from_pretrained(dir, trust_remote_code=True)
+
+    loads it without capscale (transformers 5 cannot express per-layer head counts
+    through stock config fields; see that file).
+
+    Args:
+        model: the (unwrapped) student; structured mask hooks on it are ignored.
+        adapter: its encoder adapter.
+        heads, ffn: per layer, bool keep masks (H,) and (I_l,).
+        out_dir: destination folder.
+        tokenizer: saved next to the model when given.
+        inplace: slice ``model`` itself instead of a copy.
+        extra: more fields for the report.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    counts = structured_param_counts(model, adapter, heads, ffn)
+    target = model if inplace else copy.deepcopy(model)
+    strip_mask_hooks(target)
+    structure = prune_structure(target, adapter, heads, ffn)
+    target.config.capscale_structure = structure
+    target.config.auto_map = {"AutoModelForSequenceClassification":
+                              f"{REMOTE_CODE}.CapscalePrunedModel"}
+    target.save_pretrained(out / "model", safe_serialization=True)
+    template = (Path(__file__).parent / "pruning" / "hf_pruned_model.py").read_text()
+    base = type(target).__name__
+    (out / "model" / f"{REMOTE_CODE}.py").write_text(template.replace(
+        'BASE_CLASS = "BertForSequenceClassification"', f'BASE_CLASS = "{base}"'))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out / "model")
+    kept = {"heads": [torch.nonzero(h).flatten().tolist() for h in heads],
+            "ffn": [torch.nonzero(f).flatten().tolist() for f in ffn]}
+    (out / "structure.json").write_text(json.dumps({**structure, "kept": kept}))
+    total_h = sum(h.numel() for h in heads)
+    total_f = sum(f.numel() for f in ffn)
+    report = {**counts,
+              "head_sparsity": 1 - sum(int(h.sum()) for h in heads) / total_h,
+              "ffn_sparsity": 1 - sum(int(f.sum()) for f in ffn) / total_f,
+              "exported_encoder_parameters": sum(
+                  p.numel() for p in adapter.layer_modules(target).parameters()),
+              "heads_per_layer": structure["heads_per_layer"],
+              "intermediate_per_layer": structure["intermediate_per_layer"],
+              **(extra or {})}
+    (out / "sparsity_report.json").write_text(json.dumps(report, indent=1))
+    return report

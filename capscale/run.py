@@ -81,6 +81,9 @@ def prune(cfg: Config, ctx: DistContext, console: Console, export: bool = True
     if teacher_path is None:
         teacher_path, teacher_metrics = finetune_teacher(cfg, ctx, data, tokenizer, console)
     teacher_seconds = time.perf_counter() - t0
+    structured = cfg.pruning.method == "structured"
+    if structured:
+        from capscale.structured_train import StructuredCAPPruner as CAPPruner
     run = CAPPruner(cfg, ctx, data, tokenizer, teacher_path, console)
     if teacher_metrics is None and run.teacher is not None:
         from capscale.train import evaluate
@@ -99,11 +102,17 @@ def prune(cfg: Config, ctx: DistContext, console: Console, export: bool = True
         "seconds": {"teacher": teacher_seconds, "pruning": result.seconds},
         "world_size": ctx.world_size,
     }
+    if structured:  # the accuracy-vs-sparsity curve, one point per milestone
+        results["curve"] = [{"level": e["level"], "encoder_sparsity": e["encoder_sparsity"],
+                             key: e["metrics"][key]} for e in result.evals]
     if ctx.is_main:
         run.save_history(out)
     if ctx.is_main and export:
-        export_pruned(unwrap(run.student), run.adapter, out / "pruned", tokenizer,
-                      inplace=True, extra={"results": results})
+        if structured:  # physically smaller: heads and FFN neurons sliced away
+            run.export(out / "pruned", tokenizer, extra={"results": results})
+        else:
+            export_pruned(unwrap(run.student), run.adapter, out / "pruned", tokenizer,
+                          inplace=True, extra={"results": results})
     results["seconds"]["total"] = time.perf_counter() - start
     if ctx.is_main:
         (out / "results.json").write_text(json.dumps(results, indent=1))

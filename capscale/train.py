@@ -181,7 +181,8 @@ class CAPPruner:
         self.student_tap = RepresentationTap(student, self.adapter)
         self._fill_reference_banks(student, cfg.model.student_init == "pretrained")
         masked = {}
-        if cfg.pruning.method != "none":
+        # Structured pruning masks activations instead (capscale.structured_train).
+        if cfg.pruning.method not in ("none", "structured"):
             masked = attach_masks(student, self.adapter, cfg.pruning.method,
                                   cfg.pruning.score_init, cfg.pruning.min_keep)
         self.pruner = Pruner(masked, cfg.pruning, self.total_steps,

@@ -1,0 +1,259 @@
+"""Structured pruning of attention heads and FFN neurons through activation masks.
+
+Every encoder family exposes the same two seams (see capscale.adapters): the input of
+the attention output projection ``attn_out`` is the concatenation of the heads'
+contexts (head ``h`` owns columns ``h*d:(h+1)*d``), and the input of the FFN down
+projection ``ffn_out`` holds one column per intermediate neuron. A forward pre-hook on
+each multiplies that input by a mask, which removes a head's or a neuron's whole
+contribution exactly, with no forked modeling code.
+
+Importance is first-order Taylor (Michel et al., "Are Sixteen Heads Really Better than
+One?", NeurIPS 2019; Molchanov et al., 2017), as CAP-f uses it (CAP_SPEC.md section 6):
+``I = sum_batches |dL/dmask|`` with ``L`` the full CAP loss, normalised per layer by its
+L2 norm (heads and neurons separately), then ranked globally.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..adapters import EncoderAdapter, get_submodule
+
+AllReduceFn = Callable[[Tensor], Tensor]  # sums a tensor over ranks
+
+
+def _mark(hook: Callable) -> Callable:
+    hook.capscale_structured_mask = True  # type: ignore[attr-defined]
+    return hook
+
+
+def strip_mask_hooks(model: nn.Module) -> None:
+    """Remove structured-mask hooks from ``model`` (e.g. from a deep copy of a masked
+    model, whose copied hooks would still read the original masks)."""
+    for mod in model.modules():
+        for key, fn in list(mod._forward_pre_hooks.items()):
+            if getattr(fn, "capscale_structured_mask", False):
+                del mod._forward_pre_hooks[key]
+
+
+class StructuredMasks(nn.Module):
+    """Head and FFN-neuron masks of one encoder, applied by pre-hooks.
+
+    The masks are Parameters (so ``dL/dmask`` is an ordinary gradient) that live
+    outside the model: the model's optimiser, ``state_dict`` and data-parallel wrapper
+    never see them.
+
+    Args:
+        model: the task model (unwrapped).
+        adapter: its encoder adapter.
+    """
+
+    def __init__(self, model: nn.Module, adapter: EncoderAdapter) -> None:
+        super().__init__()
+        config = model.config
+        self.num_heads = adapter.num_heads(config)
+        self.head_size = adapter.head_size(config)
+        layers = adapter.layer_modules(model)
+        linears = [adapter.layer_linears(layer) for layer in layers]
+        self.num_layers = len(layers)
+        self.intermediate = [lin["ffn_out"].in_features for lin in linears]
+        for i, lin in enumerate(linears):
+            if lin["attn_out"].in_features != self.num_heads * self.head_size:
+                raise ValueError(f"layer {i}: attn_out takes {lin['attn_out'].in_features} "
+                                 f"inputs, expected heads x head size = {self.num_heads} x "
+                                 f"{self.head_size}; is the adapter's attn_out right?")
+        dev = linears[0]["attn_out"].weight.device
+        self.head = nn.ParameterList([nn.Parameter(torch.ones(self.num_heads, device=dev))
+                                      for _ in layers])
+        self.ffn = nn.ParameterList([nn.Parameter(torch.ones(n, device=dev))
+                                     for n in self.intermediate])
+        self.requires_grad_(False)
+        self._handles = []
+        for i, lin in enumerate(linears):
+            self._handles.append(lin["attn_out"].register_forward_pre_hook(self._head_hook(i)))
+            self._handles.append(lin["ffn_out"].register_forward_pre_hook(self._ffn_hook(i)))
+
+    def _head_hook(self, i: int) -> Callable:
+        @_mark
+        def hook(module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+            x = args[0]  # (B, T, heads * d), head-major
+            m = self.head[i].to(x.dtype).repeat_interleave(self.head_size)
+            return (x * m, *args[1:])
+        return hook
+
+    def _ffn_hook(self, i: int) -> Callable:
+        @_mark
+        def hook(module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+            return (args[0] * self.ffn[i].to(args[0].dtype), *args[1:])  # (B, T, I)
+        return hook
+
+    def remove(self) -> None:
+        """Detach the hooks (the model then runs dense)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def parameters_list(self) -> list[nn.Parameter]:
+        return [*self.head, *self.ffn]
+
+    @torch.no_grad()
+    def set(self, heads: list[Tensor], ffn: list[Tensor]) -> None:
+        """Load binary keep masks: ``heads[l]`` (H,), ``ffn[l]`` (I_l,)."""
+        for p, m in zip([*self.head, *self.ffn], [*heads, *ffn]):
+            p.copy_(m.to(p))
+
+    @torch.no_grad()
+    def keep(self) -> tuple[list[Tensor], list[Tensor]]:
+        """Current masks as bool tensors (CPU): (heads per layer, neurons per layer)."""
+        return ([m.detach().cpu() > 0.5 for m in self.head],
+                [m.detach().cpu() > 0.5 for m in self.ffn])
+
+    def sparsity(self) -> dict[str, float]:
+        """Fractions of heads and of FFN neurons pruned."""
+        heads, ffn = self.keep()
+        h_total = sum(m.numel() for m in heads)
+        f_total = sum(m.numel() for m in ffn)
+        return {"head_sparsity": 1 - sum(int(m.sum()) for m in heads) / h_total,
+                "ffn_sparsity": 1 - sum(int(m.sum()) for m in ffn) / f_total}
+
+
+@dataclass
+class Importance:
+    """Per-layer importance: ``heads[l]`` (H,), ``ffn[l]`` (I_l,), float64 on CPU."""
+
+    heads: list[Tensor]
+    ffn: list[Tensor]
+
+    def normalized(self) -> Importance:
+        """Each layer's vector divided by its L2 norm, per kind (Michel et al., 2019)."""
+        def norm(v: Tensor) -> Tensor:
+            n = v.norm(p=2)
+            return v / n if n > 0 else v
+        return Importance([norm(v) for v in self.heads], [norm(v) for v in self.ffn])
+
+
+def taylor_importance(masks: StructuredMasks, loss_fn: Callable[[dict[str, Tensor]], Tensor],
+                      batches: Iterable[dict[str, Tensor]],
+                      all_reduce: AllReduceFn | None = None, world_size: int = 1
+                      ) -> Importance:
+    """``I = sum_batches |dL_b/dmask|`` over the global batches (first-order Taylor).
+
+    Under several ranks each rank's loss follows the distributed convention (its
+    gradient averaged over ranks equals the gradient of the global batch), so the
+    per-batch gradient is summed over ranks and divided by ``world_size`` *before* the
+    absolute value: the result equals one process running the concatenated batches,
+    and every rank holds the same tensor. Every rank must yield the same number of
+    batches.
+
+    Args:
+        masks: the model's structured masks (their current values are the expansion point).
+        loss_fn: batch -> scalar loss (the full CAP loss in CAP-f), run by the caller's
+            model in the mode it wants (reference: eval mode).
+        batches: this rank's batches.
+        all_reduce: sums a tensor over ranks; None in one process.
+        world_size: number of ranks.
+    """
+    params = masks.parameters_list()
+    sizes = [p.numel() for p in params]
+    total = torch.zeros(sum(sizes), dtype=torch.float64)
+    masks.requires_grad_(True)
+    try:
+        for batch in batches:
+            loss = loss_fn(batch)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            flat = torch.cat([(g if g is not None else torch.zeros_like(p)).detach().flatten()
+                              for g, p in zip(grads, params)]).to("cpu", torch.float64)
+            if all_reduce is not None:
+                flat = all_reduce(flat) / world_size
+            total += flat.abs()
+    finally:
+        masks.requires_grad_(False)
+    parts = list(total.split(sizes))
+    n = masks.num_layers
+    return Importance(parts[:n], parts[n:])
+
+
+def _top(scores: Tensor, k: int) -> Tensor:
+    """Indices of the ``k`` largest scores; ties broken by lower index (deterministic)."""
+    order = torch.sort(-scores.double(), stable=True).indices
+    return order[:k]
+
+
+def select_structure(importance: Importance, sparsity: float, min_heads_per_layer: int = 1,
+                     current: tuple[list[Tensor], list[Tensor]] | None = None
+                     ) -> tuple[list[Tensor], list[Tensor]]:
+    """Keep masks at ``sparsity`` from a global ranking of layer-normalised importance.
+
+    ``round((1 - sparsity) * total)`` heads and, separately, FFN neurons are kept: the
+    ``min_heads_per_layer`` best heads of every layer first, then the globally best
+    rest. Units already pruned in ``current`` stay pruned (pruning is monotone, as in
+    the reference, which removes them physically).
+
+    Returns:
+        (heads per layer, neurons per layer) as bool keep masks.
+    """
+    imp = importance.normalized()
+    heads = _select(imp.heads, sparsity, min_heads_per_layer,
+                    current[0] if current else None, "heads")
+    ffn = _select(imp.ffn, sparsity, 0, current[1] if current else None, "FFN neurons")
+    return heads, ffn
+
+
+def _select(scores: list[Tensor], sparsity: float, min_per_layer: int,
+            current: list[Tensor] | None, what: str) -> list[Tensor]:
+    sizes = [s.numel() for s in scores]
+    total = sum(sizes)
+    keep_n = round((1.0 - sparsity) * total)
+    if min_per_layer > min(sizes):
+        raise ValueError(f"min_heads_per_layer={min_per_layer} but a layer has only "
+                         f"{min(sizes)} {what}")
+    flat = torch.cat(scores).double().clone()
+    alive = torch.cat(current) if current is not None else torch.ones(total, dtype=torch.bool)
+    flat[~alive] = float("-inf")  # pruned units never come back
+    keep = torch.zeros(total, dtype=torch.bool)
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    for off, n in zip(offsets, sizes):
+        if min_per_layer:
+            keep[off + _top(flat[off:off + n], min_per_layer)] = True
+    rest = flat.clone()
+    rest[keep] = float("-inf")
+    extra = max(0, min(keep_n - int(keep.sum()), int(alive.sum()) - int(keep.sum())))
+    keep[_top(rest, extra)] = True
+    return list(keep.split(sizes))
+
+
+def structured_param_counts(model: nn.Module, adapter: EncoderAdapter,
+                            heads: list[Tensor], ffn: list[Tensor]) -> dict[str, float]:
+    """Encoder weights removed by the keep masks (paper convention, CAP_SPEC.md s. 6).
+
+    A pruned head removes its ``d`` rows of Q, K, V (weights and biases) and its ``d``
+    columns of attn_out; a pruned neuron its row (and bias) of ffn_in and column of
+    ffn_out. Encoder parameters are counted through module attributes.
+    """
+    d = adapter.head_size(model.config)
+    pruned = 0
+    for layer, h, f in zip(adapter.layer_modules(model), heads, ffn):
+        lins = adapter.layer_linears(layer)
+        hidden = lins["attn_out"].out_features
+        per_head = 3 * d * (lins["query"].in_features + 1) + d * hidden
+        extras = [optional_linear(layer, p) for p in adapter.extra_head_linears]
+        per_head += sum(d * (lin.in_features + 1) for lin in extras if lin is not None)
+        pruned += int((~h).sum()) * per_head
+        pruned += int((~f).sum()) * (2 * lins["ffn_in"].in_features + 1)
+    encoder = sum(int(getattr(p, "ds_numel", p.numel()))
+                  for p in adapter.layer_modules(model).parameters())
+    return {"pruned_parameters": pruned, "encoder_parameters": encoder,
+            "encoder_sparsity": pruned / max(encoder, 1)}
+
+
+def optional_linear(layer: nn.Module, path: str) -> nn.Linear | None:
+    """An optional linear map of a layer (None where the family instance lacks it)."""
+    try:
+        mod = get_submodule(layer, path)
+    except AttributeError:
+        return None
+    return mod if isinstance(mod, nn.Linear) else None

@@ -1,0 +1,48 @@
+"""Tiny encoders of every supported family, built from configs (shared by the tests)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    AutoModelForSequenceClassification,
+    BertConfig,
+    DebertaV2Config,
+    ElectraConfig,
+    RobertaConfig,
+    XLMRobertaConfig,
+)
+
+COMMON = {"hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4,
+          "intermediate_size": 48, "vocab_size": 101, "max_position_embeddings": 64,
+          "num_labels": 3, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+
+CONFIGS = {
+    "bert": lambda: BertConfig(**COMMON),
+    "roberta": lambda: RobertaConfig(**COMMON, pad_token_id=1),
+    "xlm-roberta": lambda: XLMRobertaConfig(**COMMON, pad_token_id=1),
+    "electra": lambda: ElectraConfig(**COMMON, embedding_size=24),
+    # relative attention with unshared position projections: per-head pos_*_proj too
+    "deberta-v2": lambda: DebertaV2Config(**COMMON, relative_attention=True,
+                                          position_buckets=8, max_relative_positions=16,
+                                          pos_att_type=["p2c", "c2p"], share_att_key=False),
+}
+
+
+def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_config(CONFIGS[family]())
+    # Random biases, so that a fully pruned block's bias really matters.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    return model.eval()
+
+
+def tiny_inputs(batch: int = 4, length: int = 12, vocab: int = 101, seed: int = 1
+                ) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, length // 2:] = 0  # one padded row
+    return {"input_ids": ids, "attention_mask": mask}
