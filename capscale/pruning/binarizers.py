@@ -8,6 +8,8 @@ movement pruning (Sanh et al., 2020, eq. 2 and section 3). With ``W' = W * M`` t
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -68,8 +70,12 @@ class SigmoidThresholdBinarizer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, scores: Tensor, tau: float, min_keep: float) -> Tensor:  # noqa: ANN001
         mask = (torch.sigmoid(scores) > tau).to(scores.dtype)
-        if mask.sum() < min_keep * scores.numel():
-            mask = topk_mask(scores, min_keep)
+        # Round the floor up: round() would keep fewer than min_keep, or nothing at all
+        # in a small matrix (0.5% of 21 entries rounds to 0).
+        n = scores.numel()
+        k = math.ceil(min_keep * n)
+        if mask.sum() < k:
+            mask = topk_mask(scores, k / n)
         return mask
 
     @staticmethod
