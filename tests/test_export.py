@@ -63,7 +63,7 @@ def test_export_reloads_without_capscale(pruned, tmp_path):
     pruner, _, out = pruned
     inputs = {k: v.contiguous() for k, v in eval_inputs(pruner).items()}
     save_file(inputs, str(tmp_path / "inputs.safetensors"))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", RELOAD, str(out / "model"),
                            str(tmp_path / "inputs.safetensors")],
                           capture_output=True, text=True, env=env, timeout=120)
