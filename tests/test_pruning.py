@@ -23,7 +23,7 @@ from capscale.pruning import (
 
 BINARIZERS = {
     "topk": lambda s: TopKBinarizer.apply(s, 0.3),
-    "threshold": lambda s: ThresholdBinarizer.apply(s, torch.tensor(0.2)),
+    "threshold": lambda s: ThresholdBinarizer.apply(s, torch.tensor(0.2), 1.0),
     "sigmoid": lambda s: SigmoidThresholdBinarizer.apply(s, 0.5, 0.005),
 }
 
@@ -205,3 +205,32 @@ def test_kth_largest_over_two_fake_ranks_equals_one_process():
         t.join(timeout=30)
     expected = flat.topk(k).values.min().item()
     assert results == [expected, expected]
+
+
+@pytest.mark.parametrize("target", [0.05, 0.3, 0.7])
+def test_global_scope_hits_target_with_tied_scores(target):
+    """score_init=0 and AdamW's first +-lr steps leave most scores tied: the global
+    threshold must not keep every tie (that kept all weights: sparsity 0)."""
+    torch.manual_seed(0)
+    mods = _modules("movement")
+    for i, m in enumerate(mods.values()):  # what one AdamW step from score_init=0 gives
+        with torch.no_grad():
+            m.mask_scores.copy_(torch.where(torch.rand_like(m.mask_scores) < 0.5, 0.01, -0.01))
+            m.mask_scores[0, 0] = 0.02 * (i + 1)
+    pruner = Pruner(mods, PruningConfig(scope="global", final_sparsity=target,
+                                        initial_warmup=0, final_warmup=0), total_steps=4)
+    pruner.update(4)
+    masks = pruner.masks()
+    kept = sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+    assert abs((1 - kept) - target) < 0.005
+    for m, mask in zip(mods.values(), masks.values()):  # every score above a pruned one
+        s = m.mask_scores.detach()
+        assert s[mask].min() >= s[~mask].max()
+    # all scores equal (score_init): still the target, not dense
+    for m in mods.values():
+        with torch.no_grad():
+            m.mask_scores.zero_()
+    pruner.update(4)
+    masks = pruner.masks()
+    kept = sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+    assert abs((1 - kept) - target) < 0.005

@@ -49,15 +49,26 @@ class TopKBinarizer(torch.autograd.Function):
 
 
 class ThresholdBinarizer(torch.autograd.Function):
-    """``M = 1[S >= threshold]``, used with a global threshold; backward: identity."""
+    """``M = 1[S > threshold]`` plus ``tie_frac`` of the entries equal to it; backward: identity.
+
+    Used with a global threshold. Keeping every tie would overshoot the kept count by
+    all of them: scores start equal (``score_init``) and AdamW's first steps move them
+    by the same +-lr, so most scores can tie. The first ``round(tie_frac * ties)`` tied
+    entries in row-major order are kept.
+    """
 
     @staticmethod
-    def forward(ctx, scores: Tensor, threshold: Tensor) -> Tensor:  # noqa: ANN001
-        return (scores >= threshold).to(scores.dtype)
+    def forward(ctx, scores: Tensor, threshold: Tensor, tie_frac: float = 1.0  # noqa: ANN001
+                ) -> Tensor:
+        mask = scores > threshold
+        ties = (scores == threshold).flatten().nonzero().squeeze(1)
+        keep = ties[: round(tie_frac * ties.numel())]
+        mask.view(-1)[keep] = True
+        return mask.to(scores.dtype)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # noqa: ANN001
-        return grad, None
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # noqa: ANN001
+        return grad, None, None
 
 
 class SigmoidThresholdBinarizer(torch.autograd.Function):
