@@ -325,6 +325,9 @@ class CAPPruner:
                            time.perf_counter() - start, self.step)
 
     def _eval(self, epoch: int) -> None:
+        # The optimiser step after the last update moved the scores: re-derive the masks
+        # from them (a global threshold would otherwise be stale and miss the target).
+        self.pruner.update(self.step)
         metrics = evaluate(self.student, self.loaders.eval, self.ctx, self.num_labels)
         self.evals.append({"step": self.step, "epoch": epoch,
                            "sparsity": self.pruner.sparsity, "metrics": metrics})
