@@ -95,3 +95,31 @@ def test_masks_and_report_files(pruned):
         w = weights[f"{name}.weight"]
         assert torch.equal(w != 0, mask.bool()) or bool(((w != 0) <= mask.bool()).all())
         assert int((w[mask.bool()] == 0).sum()) <= 2  # kept weights are not zeroed
+
+
+@pytest.mark.parametrize("overrides", [
+    ["pruning.scope=global"],
+    ["pruning.method=soft_movement", "pruning.score_init=-2.1", "pruning.final_lambda=50",
+     "cap.representation=cls"],
+    ["pruning.method=magnitude", "cap.representation=mean", "cap.normalization=clean"],
+], ids=["movement-global", "soft-movement-cls", "magnitude-mean"])
+def test_other_methods_export_with_parity(overrides, tiny_bert, tiny_csv, tmp_path):
+    pruner = run_cap(tiny_bert, tiny_csv, tmp_path / "run", *overrides)
+    last = pruner.history[-1]
+    assert all(torch.isfinite(torch.tensor(v)) for k, v in last.items()
+               if isinstance(v, float)), last
+    sparsity = pruner.sparsity()["linear_sparsity"]
+    if "pruning.method=soft_movement" in overrides:
+        assert last["l1"] > 0  # the L1 penalty is on; sparsity is reached indirectly
+        assert sparsity > 0.0
+    else:
+        assert abs(sparsity - 0.9) < 0.005
+    export_pruned(pruner.student, pruner.adapter, tmp_path / "pruned")
+    inputs = eval_inputs(pruner)
+    pruner.student.eval()
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "pruned" / "model")
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(**inputs).logits,
+                                   pruner.student(**inputs).logits, rtol=0, atol=1e-5)
+    saved = json.loads((tmp_path / "pruned" / "sparsity_report.json").read_text())
+    assert saved["linear_sparsity"] == pytest.approx(sparsity)
