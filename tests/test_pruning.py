@@ -137,10 +137,10 @@ def test_achieved_sparsity_matches_target(method, scope, target):
     if scope == "local":  # every matrix on its own hits the target
         for m in masks.values():
             assert abs((1 - m.float().mean().item()) - target) < 0.005
-    else:  # one threshold: matrices with larger scores keep more
+    elif method == "movement" and target >= 0.9:
+        # one threshold far in the tails: the matrix with 4x wider scores keeps more
         per = [m.float().mean().item() for m in masks.values()]
-        if method == "movement":
-            assert per[3] > per[0]
+        assert per[3] > 2 * per[0]
 
 
 def test_soft_movement_keeps_at_least_min_keep():
