@@ -65,23 +65,23 @@ def _build_seconds(n: int, h: int, batch: int) -> tuple[float, bool]:
     ptr = bank.vectors.data_ptr()
     ids = torch.randperm(n)
     rows = torch.randn(batch, h)
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time: other jobs on a shared machine do not count
     for chunk in ids.split(batch):
         bank.write(chunk, rows[: len(chunk)], slot)
-    seconds = time.perf_counter() - start
+    seconds = time.process_time() - start
     return seconds, bank.vectors.data_ptr() == ptr and bank.complete(slot)
 
 
 def test_bank_build_is_linear_and_never_reallocates():
     n, h, batch = 16_000, 128, 64
     small, big = [], []
-    for _ in range(5):  # interleaved, best of 5: both sizes see the same machine load
+    for _ in range(5):  # interleaved, best of 5: both sizes see the same conditions
         small.append(_build_seconds(n, h, batch))
         big.append(_build_seconds(4 * n, h, batch))
     assert all(ok for _, ok in small + big)  # written in place: storage never regrown
     ratio = min(s for s, _ in big) / min(s for s, _ in small)
     # 4x the rows: ~4x the time when linear, ~16x when every write copies the bank.
-    assert ratio < 10.0, ratio
+    assert ratio < 10.0, ratio  # a bank grown by torch.cat measures 30x to 60x here
 
 
 def test_fill_raises_when_the_loader_misses_examples():
