@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -375,6 +376,20 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-4`` as a float (YAML 1.1 wants ``1.0e-4``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."))
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """Turn ``["a.b=1", "c=[x, y]"]`` into a nested dict; values are parsed as YAML."""
     tree: dict[str, Any] = {}
@@ -382,7 +397,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value (e.g. train.lr=1e-4)")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+        _set_dotted(tree, key.strip(), _yaml(raw) if raw.strip() else None)
     return tree
 
 
@@ -413,7 +428,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             if not packaged.is_file():
                 raise ConfigError(f"config file {path} not found")
             p = packaged
-        data = yaml.safe_load(p.read_text()) or {}
+        data = _yaml(p.read_text()) or {}
     data = _merge(data, parse_overrides(overrides or []))
     return config_from_dict(data)
 

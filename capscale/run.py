@@ -45,7 +45,7 @@ from capscale.data import DataError, load_task_data
 from capscale.distributed import DistContext, init_distributed, unwrap
 from capscale.export import export_pruned
 from capscale.metrics import main_metric
-from capscale.teachers import ModelError, check_teacher, load_tokenizer
+from capscale.teachers import ModelError, check_encoder, check_teacher, load_tokenizer
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -74,6 +74,7 @@ def prune(cfg: Config, ctx: DistContext, console: Console, export: bool = True
         console.log(note)
     if cfg.model.teacher is not None:
         check_teacher(cfg.model.teacher, data.num_labels, cfg.model.trust_remote_code)
+    check_encoder(cfg.model.name_or_path, cfg.model.adapter, cfg.model.trust_remote_code)
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
     key = main_metric(data.num_labels)
     teacher_path, teacher_metrics = cfg.model.teacher, None

@@ -83,6 +83,21 @@ def check_teacher(name: str, num_labels: int, trust_remote_code: bool = False) -
                          "model.teacher unset to fine-tune one first")
 
 
+def check_encoder(name: str, adapter: str | None = None, trust_remote_code: bool = False
+                  ) -> EncoderAdapter:
+    """The encoder's adapter, read from its config alone; ModelError if there is none.
+
+    Called before any weights are loaded or a teacher is fine-tuned, so an unsupported
+    encoder (or a misspelt ``model.adapter``) fails in seconds, not after the teacher.
+    """
+    config = AutoConfig.from_pretrained(resolve_model_path(name),
+                                        trust_remote_code=trust_remote_code)
+    try:
+        return adapter_for(config, adapter)
+    except KeyError as err:
+        raise ModelError(f"model {name}: {err.args[0]}") from None
+
+
 def freeze(model: nn.Module) -> nn.Module:
     """Freeze a reference: no gradients, eval mode pinned (``.train()`` becomes a no-op)."""
     model.requires_grad_(False)

@@ -281,8 +281,8 @@ class CAPPruner:
         self.strategy.backward_and_step(total, self.student, self.optimizer, self.scheduler,
                                         self.cfg.train.grad_clip)
         self.step += 1
-        out = {k: float(v) for k, v in losses.items()}
-        out["loss"] = float(total)
+        out = {k: float(v.detach()) for k, v in losses.items()}
+        out["loss"] = float(total.detach())
         out["sparsity"] = sparsity
         return out
 
@@ -326,6 +326,9 @@ class CAPPruner:
                            time.perf_counter() - start, self.step)
 
     def _eval(self, epoch: int) -> None:
+        # The optimiser step after the last update moved the scores: re-derive the masks
+        # from them (a global threshold would otherwise be stale and miss the target).
+        self.pruner.update(self.step)
         metrics = evaluate(self.student, self.loaders.eval, self.ctx, self.num_labels)
         self.evals.append({"step": self.step, "epoch": epoch,
                            "sparsity": self.pruner.sparsity, "metrics": metrics})

@@ -8,6 +8,8 @@ movement pruning (Sanh et al., 2020, eq. 2 and section 3). With ``W' = W * M`` t
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -47,15 +49,26 @@ class TopKBinarizer(torch.autograd.Function):
 
 
 class ThresholdBinarizer(torch.autograd.Function):
-    """``M = 1[S >= threshold]``, used with a global threshold; backward: identity."""
+    """``M = 1[S > threshold]`` plus ``tie_frac`` of the entries equal to it; backward: identity.
+
+    Used with a global threshold. Keeping every tie would overshoot the kept count by
+    all of them: scores start equal (``score_init``) and AdamW's first steps move them
+    by the same +-lr, so most scores can tie. The first ``round(tie_frac * ties)`` tied
+    entries in row-major order are kept.
+    """
 
     @staticmethod
-    def forward(ctx, scores: Tensor, threshold: Tensor) -> Tensor:  # noqa: ANN001
-        return (scores >= threshold).to(scores.dtype)
+    def forward(ctx, scores: Tensor, threshold: Tensor, tie_frac: float = 1.0  # noqa: ANN001
+                ) -> Tensor:
+        mask = scores > threshold
+        ties = (scores == threshold).flatten().nonzero().squeeze(1)
+        keep = ties[: round(tie_frac * ties.numel())]
+        mask.view(-1)[keep] = True
+        return mask.to(scores.dtype)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # noqa: ANN001
-        return grad, None
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # noqa: ANN001
+        return grad, None, None
 
 
 class SigmoidThresholdBinarizer(torch.autograd.Function):
@@ -68,8 +81,12 @@ class SigmoidThresholdBinarizer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, scores: Tensor, tau: float, min_keep: float) -> Tensor:  # noqa: ANN001
         mask = (torch.sigmoid(scores) > tau).to(scores.dtype)
-        if mask.sum() < min_keep * scores.numel():
-            mask = topk_mask(scores, min_keep)
+        # Round the floor up: round() would keep fewer than min_keep, or nothing at all
+        # in a small matrix (0.5% of 21 entries rounds to 0).
+        n = scores.numel()
+        k = math.ceil(min_keep * n)
+        if mask.sum() < k:
+            mask = topk_mask(scores, k / n)
         return mask
 
     @staticmethod

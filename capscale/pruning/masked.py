@@ -9,6 +9,7 @@ would be lost, whereas a functional mask always holds.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -54,6 +55,9 @@ class MaskedLinear(nn.Linear):
                 device=self.bias.device if self.bias is not None else None))
         self.register_buffer("keep_frac", torch.ones((), dtype=torch.float64))
         self.register_buffer("threshold", torch.zeros((), dtype=torch.float32))
+        # Global scope: fraction of the scores equal to the threshold that are kept. Set
+        # by the Pruner on every update, so it is not part of the state_dict.
+        self.register_buffer("tie_frac", torch.ones((), dtype=torch.float64), persistent=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, method: str, score_init: float = 0.0,
@@ -85,7 +89,7 @@ class MaskedLinear(nn.Linear):
             return self._compute_mask()
         src = self.mask_scores if self.mask_scores is not None else self.weight
         key = (src._version, src.data_ptr(), float(self.keep_frac), float(self.threshold),
-               self.global_scope)
+               float(self.tie_frac), self.global_scope)
         cached = getattr(self, "_mask_cache", None)
         if cached is None or cached[0] != key:
             self._mask_cache = (key, self._compute_mask().detach())
@@ -97,7 +101,8 @@ class MaskedLinear(nn.Linear):
                                                    self.min_keep)
         if self.global_scope:
             scores = self.importance()
-            return ThresholdBinarizer.apply(scores, self.threshold.to(scores.dtype))
+            return ThresholdBinarizer.apply(scores, self.threshold.to(scores.dtype),
+                                            float(self.tie_frac))
         if self.method == "magnitude":
             return topk_mask(self.weight.detach().abs(), float(self.keep_frac))
         return TopKBinarizer.apply(self.mask_scores, float(self.keep_frac))
@@ -236,8 +241,10 @@ class Pruner:
             m.keep_frac.fill_(1.0 - target)
         if self.cfg.scope == "global":
             thr = self.global_threshold(1.0 - target)
+            tie_frac = self.tie_fraction(thr, 1.0 - target)
             for m in self.modules.values():
                 m.threshold.fill_(thr)
+                m.tie_frac.fill_(tie_frac)
         return target
 
     def global_threshold(self, keep_frac: float) -> float:
@@ -250,6 +257,23 @@ class Pruner:
             return float("-inf")
         local = [self.local_importance(m) for m in self.modules.values()]
         return kth_largest(local, k, self.all_reduce)
+
+    def tie_fraction(self, threshold: float, keep_frac: float) -> float:
+        """Fraction of the scores equal to ``threshold`` to keep so that exactly
+        ``keep_frac`` of all weights are kept (up to one entry per matrix and rank)."""
+        if not math.isfinite(threshold):
+            return 1.0
+        numel = sum(m.in_features * m.out_features for m in self.modules.values())
+        local = [self.local_importance(m).detach() for m in self.modules.values()]
+        counts = torch.tensor([float(sum(int((t > threshold).sum()) for t in local)),
+                               float(sum(int((t == threshold).sum()) for t in local))],
+                              dtype=torch.float64)
+        if self.all_reduce is not None:
+            counts = self.all_reduce(counts)
+        above, ties = float(counts[0]), float(counts[1])
+        if ties == 0:
+            return 1.0
+        return min(1.0, max(0.0, (round(keep_frac * numel) - above) / ties))
 
     def regularization(self) -> Tensor | None:
         """Soft movement's L1 penalty, mean over matrices of ``||sigmoid(S)||_1 / numel``,

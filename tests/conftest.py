@@ -1,0 +1,49 @@
+"""Session fixtures: tiny saved models and tiny task data (see tests/tiny.py)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a wrong path must fail fast, not retry a hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from tiny import save_tiny, sentiment_rows, write_csv
+
+transformers.logging.set_verbosity_error()
+# Tiny models: one thread is faster than several (no sync overhead), and on a busy
+# shared CPU much faster.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory) -> Callable[..., Path]:
+    """``factory(family, num_labels=2)`` -> folder of a saved tiny model (made once)."""
+    cache: dict[tuple[str, int], Path] = {}
+
+    def make(family: str, num_labels: int = 2) -> Path:
+        key = (family, num_labels)
+        if key not in cache:
+            cache[key] = save_tiny(family, tmp_path_factory.mktemp(f"{family}-{num_labels}"),
+                                   num_labels)
+        return cache[key]
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tiny_model_factory) -> Path:
+    return tiny_model_factory("bert")
+
+
+@pytest.fixture(scope="session")
+def tiny_csv(tmp_path_factory) -> tuple[Path, Path]:
+    """(train.csv with 64 rows, validation.csv with 16 rows); columns sentence, label."""
+    d = tmp_path_factory.mktemp("data")
+    return (write_csv(d / "train.csv", sentiment_rows(64, 0)),
+            write_csv(d / "validation.csv", sentiment_rows(16, 1)))

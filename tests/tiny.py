@@ -1,0 +1,117 @@
+"""Tiny real models, tiny task data and a few-second CAP run, shared by the tests.
+
+Every model here is a real Hugging Face model with random weights (hidden 32, 2 layers),
+saved with ``save_pretrained`` next to the packaged MiniLM WordPiece tokenizer, so the
+whole pipeline (AutoConfig, AutoTokenizer, from_pretrained) runs as it does for users.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from transformers import AutoTokenizer
+
+from capscale.teachers import resolve_model_path
+
+MINILM_VOCAB = 30522  # the packaged tokenizer's vocabulary; token ids index the embeddings
+TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "intermediate_size": 64, "max_position_embeddings": 80, "vocab_size": MINILM_VOCAB}
+FAMILIES = ("bert", "roberta", "xlm-roberta", "electra", "deberta-v2")
+
+
+def tiny_config(family: str, num_labels: int = 2) -> transformers.PretrainedConfig:
+    """A 2-layer, 32-wide config of ``family`` that MiniLM's token ids fit."""
+    kw: dict[str, Any] = {**TINY, "num_labels": num_labels}
+    if family == "bert":
+        return transformers.BertConfig(**kw)
+    if family in ("roberta", "xlm-roberta"):  # positions start after padding_idx
+        cls = transformers.RobertaConfig if family == "roberta" else \
+            transformers.XLMRobertaConfig
+        return cls(**{**kw, "max_position_embeddings": 82}, pad_token_id=0)
+    if family == "electra":
+        return transformers.ElectraConfig(**kw, embedding_size=32)
+    if family == "deberta-v2":
+        return transformers.DebertaV2Config(**kw, pad_token_id=0, type_vocab_size=0,
+                                            relative_attention=True, position_buckets=16,
+                                            pos_att_type=["p2c", "c2p"])
+    raise ValueError(family)
+
+
+def save_tiny(family: str, path: Path, num_labels: int = 2, seed: int = 0) -> Path:
+    """A tiny ``family`` classifier + the MiniLM tokenizer, saved like a hub checkpoint."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForSequenceClassification.from_config(
+        tiny_config(family, num_labels))
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(resolve_model_path("minilm")).save_pretrained(path)
+    return path
+
+
+POSITIVE = ["good", "great", "happy", "nice", "love", "fine"]
+NEGATIVE = ["bad", "awful", "sad", "poor", "hate", "worst"]
+FILLER = ["the", "movie", "was", "a", "day", "it", "really", "very", "food", "so"]
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def sentiment_rows(n: int, seed: int) -> list[dict[str, Any]]:
+    """``n`` short sentences whose label (``pos`` / ``neg``) one word decides."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "pos" if i % 2 == 0 else "neg"
+        words = [*rng.sample(FILLER, 4), rng.choice(POSITIVE if label == "pos" else NEGATIVE)]
+        rng.shuffle(words)
+        rows.append({"sentence": " ".join(words), "label": label})
+    return rows
+
+
+def fast_overrides(model_dir: Path, data: tuple[Path, Path], out: Path) -> list[str]:
+    """Overrides for a few-second CAP-m run to 90% sparsity (PrC, FiC, SnC and KD on)."""
+    return [f"model.name_or_path={model_dir}", f"model.teacher={model_dir}",
+            f"data.train_file={data[0]}", f"data.validation_file={data[1]}",
+            "data.max_length=32", f"output_dir={out}",
+            "pruning.method=movement", "pruning.final_sparsity=0.9",
+            "pruning.initial_warmup=0", "pruning.final_warmup=2",
+            "cap.num_negatives=16", "cap.snapshot_schedule=epoch",
+            "train.batch_size=16", "train.eval_batch_size=32", "train.max_steps=6",
+            "train.epochs=2", "train.lr=1e-3", "pruning.score_lr=0.1",
+            "train.progress=false"]
+
+
+def run_cap(model_dir: Path, data: tuple[Path, Path], out: Path, *extra: str) -> Any:
+    """Build and run the real CAPPruner; return it (its student still masked).
+
+    ``pruner.result`` holds the run's :class:`capscale.train.PruneResult`.
+    """
+    from capscale.config import load_config
+    from capscale.console import Console
+    from capscale.data import load_task_data
+    from capscale.distributed import DistContext
+    from capscale.teachers import load_tokenizer
+    from capscale.train import CAPPruner
+
+    cfg = load_config(None, [*fast_overrides(model_dir, data, out), *extra])
+    task = load_task_data(cfg.data)
+    tok = load_tokenizer(cfg.model.name_or_path)
+    pruner = CAPPruner(cfg, DistContext(), task, tok, cfg.model.teacher,
+                       Console(enabled=False, progress=False))
+    pruner.result = pruner.run()
+    return pruner
+
+
+def eval_inputs(pruner: Any) -> dict[str, torch.Tensor]:
+    """Model inputs of the run's first evaluation batch."""
+    from capscale.data import model_inputs
+    return model_inputs(next(iter(pruner.loaders.eval)), "cpu")
