@@ -118,7 +118,10 @@ def _label_set(cfg: DataConfig, train: datasets.Dataset) -> list[str] | None:
     feat = train.features.get(cfg.label_column)
     if isinstance(feat, datasets.ClassLabel):
         return list(feat.names)
-    return [str(v) for v in sorted({v for v in train[cfg.label_column]}, key=str)]
+    values = set(train[cfg.label_column])
+    numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+    # Numbers in numeric order (0, 1, 2, 10), anything else in string order.
+    return [str(v) for v in sorted(values, key=(lambda v: v) if numeric else str)]
 
 
 def _encode_labels(ds: datasets.Dataset, cfg: DataConfig, names: list[str] | None,

