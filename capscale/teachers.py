@@ -73,10 +73,29 @@ def load_classifier(name: str, num_labels: int, label_names: list[str] | None = 
         path, config=config, ignore_mismatched_sizes=True, trust_remote_code=trust_remote_code)
 
 
+def _model_config(name: str, what: str, trust_remote_code: bool) -> object:
+    try:
+        return AutoConfig.from_pretrained(resolve_model_path(name),
+                                          trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"{what} {name!r} cannot be loaded ({str(err).splitlines()[0]}); "
+                         "give a local model directory or a hub name") from None
+
+
+def check_model(name: str, adapter: str | None = None, trust_remote_code: bool = False
+                ) -> None:
+    """Raise before loading weights if the encoder is missing or has no adapter."""
+    config = _model_config(name, "model.name_or_path", trust_remote_code)
+    try:
+        adapter_for(config, adapter)
+    except KeyError as err:
+        raise ModelError(f"model.name_or_path {name!r}: {err.args[0]}; or set "
+                         "model.adapter") from None
+
+
 def check_teacher(name: str, num_labels: int, trust_remote_code: bool = False) -> None:
     """Raise before loading weights if a teacher's head does not fit the task."""
-    config = AutoConfig.from_pretrained(resolve_model_path(name),
-                                        trust_remote_code=trust_remote_code)
+    config = _model_config(name, "model.teacher", trust_remote_code)
     if config.num_labels != num_labels:
         raise ModelError(f"teacher {name} has {config.num_labels} output labels but the task "
                          f"has {num_labels}; give a teacher fine-tuned on this task, or leave "
