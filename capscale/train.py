@@ -296,8 +296,8 @@ class CAPPruner:
         self.strategy.backward_and_step(total, self.student, self.optimizer, self.scheduler,
                                         self.cfg.train.grad_clip)
         self.step += 1
-        out = {k: float(v) for k, v in losses.items()}
-        out["loss"] = float(total)
+        out = {k: float(v.detach()) for k, v in losses.items()}
+        out["loss"] = float(total.detach())
         out["sparsity"] = sparsity
         return out
 
