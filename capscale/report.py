@@ -227,18 +227,18 @@ class Trackers:
 
     def __init__(self, names: list[str], run_name: str, logging_dir: str | Path,
                  config: dict[str, Any] | None = None) -> None:
+        import accelerate.utils
         from accelerate import tracking
 
         self.trackers: list[Any] = []
         self.notes: list[str] = []
-        available = {str(t) for t in tracking._available_trackers}
         for name in names:
             cls = tracking.LOGGER_TYPE_TO_CLASS.get(name)
             if cls is None:
                 self.notes.append(f"unknown tracker {name!r} (known: "
                                   f"{', '.join(tracking.LOGGER_TYPE_TO_CLASS)}); skipped")
                 continue
-            if name not in available:
+            if not getattr(accelerate.utils, f"is_{name}_available", lambda: False)():
                 self.notes.append(f"tracker {name!r} is not installed; skipped "
                                   f"(pip install {name} to enable it)")
                 continue

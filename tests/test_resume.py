@@ -99,10 +99,12 @@ def _kill_and_resume(assets, tmp_path: Path, nproc: int, ref: Path | None = None
         r = run(_args(assets, ref), nproc)
         assert r.returncode == 0, r.stderr[-3000:]
     seed = random.randrange(10**6)
-    kill_after = random.Random(seed).choice(range(EVERY, 13, EVERY))
+    rng = random.Random(seed)
+    kill_after = rng.choice(range(EVERY, 13, EVERY))
     out = tmp_path / "killed"
     proc = _start(_args(assets, out), tmp_path / "killed.log", nproc)
     _wait_for(proc, lambda: any(s >= kill_after for s in _steps(out)), tmp_path / "killed.log")
+    time.sleep(rng.uniform(0, 0.2))  # land anywhere in the next steps, mid-step included
     _kill(proc)
     assert not (out / "results.json").exists(), f"seed {seed}: run finished before the kill"
     killed_at = max(_steps(out))
