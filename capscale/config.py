@@ -70,6 +70,9 @@ class DataConfig:
     # Fixed label order (strings as they appear in the data). None: sorted label set.
     label_names: list[str] | None = None
     max_length: int = 128
+    # Texts longer than ``max_length`` tokens: ``truncate`` (the count is logged) or
+    # ``error`` (stop before any model loads and name the rows).
+    truncation: Literal["truncate", "error"] = "truncate"
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
 
@@ -184,6 +187,15 @@ class TrainConfig:
     # CPU threads for torch (0: leave torch's default).
     num_threads: int = 0
     progress: bool = True
+    # A non-finite loss: ``stop`` (exit non-zero, last good checkpoint kept) or ``skip``
+    # the batch (no update), stopping after ``max_nonfinite_skips`` skips in a row.
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    max_nonfinite_skips: int = 10
+    # Collectives that wait longer than this raise instead of hanging (a dead rank).
+    collective_timeout_s: float = 600.0
+    # Test hook: the losses of these batches (0-based count of batches drawn, skipped
+    # ones included) are made NaN, to exercise ``on_nonfinite``. Leave empty.
+    debug_nan_batches: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -199,6 +211,30 @@ class TeacherTrainingConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Resumable checkpoints of the pruning run (see capscale.checkpoint)."""
+
+    # Save every N optimiser steps (0: never).
+    every_steps: int = 0
+    # Keep the newest K checkpoints; older ones are deleted after a save succeeds.
+    keep_last: int = 2
+    # Where they go; None: ``<output_dir>/checkpoints``.
+    dir: str | None = None
+
+
+@dataclass
+class ReportConfig:
+    """The run report (markdown + HTML + plots) and live trackers."""
+
+    enabled: bool = True
+    # accelerate tracker names (``tensorboard``, ``wandb``, ...); a tracker whose package
+    # is not installed is skipped with a logged note.
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    # Forward passes timed on the exported model for the report (0: no timing).
+    speed_batches: int = 5
+
+
+@dataclass
 class Config:
     """A whole capscale run."""
 
@@ -210,6 +246,11 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     teacher_training: TeacherTrainingConfig = field(default_factory=TeacherTrainingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    # Continue a killed run: ``latest`` (newest checkpoint in checkpoint.dir; a fresh
+    # start when there is none) or a checkpoint directory. None: start fresh.
+    resume: str | None = None
     # ``single`` / ``ddp``: see capscale.distributed.
     strategy: Literal["single", "ddp"] = "single"
     output_dir: str = "outputs/run"
@@ -257,6 +298,14 @@ class Config:
             (self.structured.min_heads_per_layer >= 0, "structured.min_heads_per_layer",
              "must be >= 0"),
             (self.structured.update_every >= 1, "structured.update_every", "must be >= 1"),
+            (self.train.max_nonfinite_skips >= 0, "train.max_nonfinite_skips",
+             "must be >= 0"),
+            (self.train.collective_timeout_s > 0, "train.collective_timeout_s",
+             "must be > 0 seconds"),
+            (self.checkpoint.every_steps >= 0, "checkpoint.every_steps",
+             "must be >= 0 (0: no checkpoints)"),
+            (self.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1"),
+            (self.report.speed_batches >= 0, "report.speed_batches", "must be >= 0"),
         ]
         for mod in ("prc", "fic", "snc"):
             w: ModuleWeights = getattr(self.cap, mod)
@@ -274,6 +323,10 @@ class Config:
         if self.data.preset is not None and self.data.preset not in DATA_PRESETS:
             raise ConfigError(f"data.preset = {self.data.preset!r}: known presets are "
                               f"{sorted(DATA_PRESETS)}")
+        if self.resume not in (None, "latest") and not Path(self.resume).is_dir():
+            raise ConfigError(f"resume = {self.resume!r}: not a checkpoint directory; give "
+                              "null, latest, or a path such as <output_dir>/checkpoints/"
+                              "step-00000100")
         if self.data.task_type == "regression" and any(
                 getattr(self.cap, m).enabled and getattr(self.cap, m).w_sup > 0
                 for m in ("prc", "fic", "snc")):

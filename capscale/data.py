@@ -198,6 +198,35 @@ def tokenize(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, cfg: Data
     return out.with_format("torch")
 
 
+def check_lengths(data: TaskData, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig
+                  ) -> str | None:
+    """Count texts longer than ``cfg.max_length`` tokens (special tokens included).
+
+    Returns:
+        a note for the log when some will be truncated (``data.truncation: truncate``).
+
+    Raises:
+        DataError: when there are any and ``data.truncation`` is ``error``.
+    """
+    counts, first = {}, None
+    for split, ds in (("train", data.train), ("validation", data.validation)):
+        texts = list(ds[cfg.text_column])
+        pairs = list(ds[cfg.text_pair_column]) if cfg.text_pair_column else None
+        lengths = [len(ids) for ids in tokenizer(texts, pairs, truncation=False)["input_ids"]]
+        over = [i for i, n in enumerate(lengths) if n > cfg.max_length]
+        counts[split] = len(over)
+        if over and first is None:
+            first = f"{split} row {over[0]} has {lengths[over[0]]} tokens"
+    if not any(counts.values()):
+        return None
+    what = (f"{counts['train']} train and {counts['validation']} validation texts are "
+            f"longer than data.max_length = {cfg.max_length} tokens ({first})")
+    if cfg.truncation == "error":
+        raise DataError(f"{what}; raise data.max_length, shorten them, or set "
+                        "data.truncation=truncate")
+    return f"{what}: truncated"
+
+
 class Collator:
     """Pads a list of tokenised examples to the longest in the batch."""
 

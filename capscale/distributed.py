@@ -6,9 +6,12 @@ and ``gather``) and works unchanged with ``world_size == 1`` and no process grou
 
 from __future__ import annotations
 
+import datetime
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -76,10 +79,12 @@ class DistContext:
             dist.barrier()
 
 
-def init_distributed(strategy: str = "single") -> DistContext:
+def init_distributed(strategy: str = "single", timeout_s: float = 600.0) -> DistContext:
     """Join the process group the launcher (torchrun, accelerate, srun) described.
 
     Reads ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK``; uses NCCL on CUDA, gloo otherwise.
+    A collective that waits more than ``timeout_s`` (a peer died or hangs) raises, so
+    the job exits instead of hanging; the launcher then stops the other ranks.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -89,7 +94,8 @@ def init_distributed(strategy: str = "single") -> DistContext:
     if use_cuda:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        dist.init_process_group("nccl" if use_cuda else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout_s))
     if world > 1 and strategy == "single":
         strategy = "ddp"
     return DistContext(rank, world, local_rank, device, strategy)
@@ -134,6 +140,35 @@ class Strategy:
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return unwrap(model)
+
+    # -- checkpoints: called on every rank, into a directory every rank can see --------
+    def save_state(self, path: Path, model: nn.Module, opt: Optimizer, sched: LambdaLR
+                   ) -> list[Path]:
+        """Write the student, optimiser and LR-schedule state under ``path``.
+
+        Replicated strategies write one copy from rank 0; a sharded strategy overrides
+        this to write its shards (e.g. one file per rank) and ``load_state`` to read them.
+
+        Returns:
+            the files this rank wrote (the caller fsyncs them before the commit).
+        """
+        if not self.ctx.is_main:
+            return []
+        files = [path / "model.pt", path / "optimizer.pt"]
+        torch.save(unwrap(model).state_dict(), files[0])
+        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, files[1])
+        return files
+
+    def load_state(self, path: Path, model: nn.Module, opt: Optimizer, sched: LambdaLR
+                   ) -> None:
+        """Restore what ``save_state`` wrote (every rank reads the replicated copy)."""
+        device = self.ctx.device
+        state: dict[str, Any] = torch.load(path / "model.pt", map_location=device,
+                                           weights_only=True)
+        unwrap(model).load_state_dict(state)
+        both = torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
+        opt.load_state_dict(both["optimizer"])
+        sched.load_state_dict(both["scheduler"])
 
 
 STRATEGIES: dict[str, type[Strategy]] = {"single": Strategy, "ddp": Strategy}

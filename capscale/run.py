@@ -6,6 +6,14 @@ One process (CPU or one GPU)::
     python -m capscale.run --config capscale/configs/bert_base_glue.yaml \
         data.dataset_config=qqp pruning.final_sparsity=0.97
 
+The ``capscale`` command wraps the same entry point and its companions::
+
+    capscale prune --config X.yaml [key=value ...]      # = python -m capscale.run
+    capscale prune --config X.yaml resume=latest        # continue a killed run
+    capscale evaluate --config X.yaml [--model DIR]
+    capscale export --config X.yaml --checkpoint latest
+    capscale report outputs/run
+
 Several GPUs on one node (data parallel)::
 
     accelerate launch --multi_gpu --num_processes 8 capscale/run.py \
@@ -15,7 +23,12 @@ Several GPUs on one node (data parallel)::
 Arguments after the config are ``key=value`` overrides of any config field.
 Outputs in ``output_dir``: ``config.yaml``, ``teacher/`` (when fine-tuned here),
 ``pruned/model`` (plain Hugging Face), ``pruned/masks.safetensors``,
-``pruned/sparsity_report.json``, ``history.jsonl``, ``evals.json``, ``results.json``.
+``pruned/sparsity_report.json``, ``history.jsonl``, ``evals.json``, ``results.json``,
+``report/`` (markdown + HTML + plots), ``checkpoints/`` (with ``checkpoint.every_steps``),
+``tracking/`` (TensorBoard, when installed).
+
+Exit codes: 0 done; 2 a config, data or model error (one line on stderr says what to
+change; nothing was loaded); 3 a non-finite loss stopped the run.
 """
 
 from __future__ import annotations
@@ -38,10 +51,12 @@ if not torch.cuda.is_available():  # DeepSpeed (imported by transformers) probes
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import transformers
+from transformers import PreTrainedTokenizerBase
 
-from capscale.config import Config, ConfigError, load_config, save_config
+from capscale.checkpoint import checkpoint_root, list_checkpoints, load_checkpoint, resolve_resume
+from capscale.config import Config, ConfigError, config_to_dict, load_config, save_config
 from capscale.console import Console
-from capscale.data import DataError, load_task_data
+from capscale.data import DataError, TaskData, check_lengths, load_task_data
 from capscale.distributed import DistContext, init_distributed, unwrap
 from capscale.export import export_pruned
 from capscale.metrics import main_metric
@@ -55,6 +70,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def check_inputs(cfg: Config) -> tuple[TaskData, PreTrainedTokenizerBase, Path | None]:
+    """Everything that can be wrong with the inputs, found before any model loads.
+
+    Returns:
+        the validated data, the tokenizer and the checkpoint to resume from (or None).
+
+    Raises:
+        ConfigError, DataError, ModelError: with a message saying what to change.
+    """
+    resume = resolve_resume(cfg)
+    data = load_task_data(cfg.data)
+    m = cfg.model
+    check_encoder(m.name_or_path, m.adapter, m.trust_remote_code)
+    if m.teacher is not None:
+        check_teacher(m.teacher, data.num_labels, m.trust_remote_code)
+    tokenizer = load_tokenizer(m.name_or_path, m.trust_remote_code)
+    note = check_lengths(data, tokenizer, cfg.data)
+    if note:
+        data.notes.append(note)
+    return data, tokenizer, resume
+
+
 def prune(cfg: Config, ctx: DistContext, console: Console, export: bool = True
           ) -> dict[str, Any]:
     """The whole job: data -> teacher -> CAP pruning -> export. Returns the results.
@@ -62,20 +99,16 @@ def prune(cfg: Config, ctx: DistContext, console: Console, export: bool = True
     ``export=False`` skips writing the pruned model (benchmarks that only need metrics).
     """
     from capscale.finetune import finetune_teacher
+    from capscale.report import Trackers, write_report
     from capscale.train import CAPPruner
 
     start = time.perf_counter()
     out = Path(cfg.output_dir)
+    data, tokenizer, resume = check_inputs(cfg)
     if ctx.is_main:
         save_config(cfg, out / "config.yaml")
-    # Everything that can be wrong with the data is found before a model is loaded.
-    data = load_task_data(cfg.data)
     for note in data.notes:
         console.log(note)
-    if cfg.model.teacher is not None:
-        check_teacher(cfg.model.teacher, data.num_labels, cfg.model.trust_remote_code)
-    check_encoder(cfg.model.name_or_path, cfg.model.adapter, cfg.model.trust_remote_code)
-    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
     key = main_metric(data.num_labels)
     teacher_path, teacher_metrics = cfg.model.teacher, None
     t0 = time.perf_counter()
@@ -89,7 +122,22 @@ def prune(cfg: Config, ctx: DistContext, console: Console, export: bool = True
     if teacher_metrics is None and run.teacher is not None:
         from capscale.train import evaluate
         teacher_metrics = evaluate(run.teacher, run.loaders.eval, ctx, data.num_labels)
-    result = run.run()
+    point = load_checkpoint(run, resume) if resume is not None else None
+    if point is not None:
+        console.log(f"resumed from {resume} (step {run.step}, epoch {point.epoch}, "
+                    f"{point.batches_done} batches into it)")
+    trackers = None
+    if ctx.is_main and cfg.report.trackers:
+        trackers = Trackers(cfg.report.trackers, out.name, out / "tracking",
+                            config_to_dict(cfg))
+        for note in trackers.notes:
+            console.log(note)
+        run.record_hooks.append(trackers)
+    try:
+        result = run.run(point)
+    finally:
+        if trackers is not None:
+            trackers.finish()
     results = {
         "task_metric": key,
         "teacher_metrics": teacher_metrics,
@@ -117,6 +165,8 @@ def prune(cfg: Config, ctx: DistContext, console: Console, export: bool = True
     results["seconds"]["total"] = time.perf_counter() - start
     if ctx.is_main:
         (out / "results.json").write_text(json.dumps(results, indent=1))
+        if cfg.report.enabled:
+            console.log(f"report: {write_report(out, cfg.report.speed_batches)}")
     _summary(console, cfg, results)
     return results
 
@@ -158,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    ctx = init_distributed(cfg.strategy)
+    ctx = init_distributed(cfg.strategy, cfg.train.collective_timeout_s)
     console = Console(enabled=ctx.is_main, progress=cfg.train.progress)
     try:
         prune(cfg, ctx, console)
@@ -166,11 +216,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"capscale: {type(err).__name__.replace('Error', '').lower()} error: {err}",
               file=sys.stderr)
         return 2
+    except FloatingPointError as err:
+        found = list_checkpoints(checkpoint_root(cfg))
+        kept = (f"the last good checkpoint is {found[-1]} (resume=latest continues from it)"
+                if found else "no checkpoint was written (see checkpoint.every_steps)")
+        print(f"capscale: {err}; {kept}; or set train.on_nonfinite=skip", file=sys.stderr)
+        return 3
     return 0
 
 
 def cli() -> None:
-    sys.exit(main())
+    """The ``capscale`` command: ``capscale prune|evaluate|export|report ...``."""
+    from capscale.cli import main as cli_main
+
+    sys.exit(cli_main(sys.argv[1:]))
 
 
 if __name__ == "__main__":

@@ -74,21 +74,22 @@ def load_classifier(name: str, num_labels: int, label_names: list[str] | None = 
         path, config=config, ignore_mismatched_sizes=True, trust_remote_code=trust_remote_code)
 
 
-def read_config(name: str, trust_remote_code: bool = False) -> PretrainedConfig:
+def read_config(name: str, trust_remote_code: bool = False, what: str = "model"
+                ) -> PretrainedConfig:
     """A model's config alone (no weights); ModelError when it cannot be read."""
     try:
         return AutoConfig.from_pretrained(resolve_model_path(name),
                                           trust_remote_code=trust_remote_code)
-    except OSError as err:
+    except (OSError, ValueError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ModelError(f"model {name!r} could not be read ({first}); a local folder needs "
+        raise ModelError(f"{what} {name!r} could not be read ({first}); a local folder needs "
                          "a config.json, a hub name needs network access or a local cache"
                          ) from None
 
 
 def check_teacher(name: str, num_labels: int, trust_remote_code: bool = False) -> None:
     """Raise before loading weights if a teacher's head does not fit the task."""
-    config = read_config(name, trust_remote_code)
+    config = read_config(name, trust_remote_code, "model.teacher")
     if config.num_labels != num_labels:
         raise ModelError(f"teacher {name} has {config.num_labels} output labels but the task "
                          f"has {num_labels}; give a teacher fine-tuned on this task, or leave "
@@ -102,7 +103,7 @@ def check_encoder(name: str, adapter: str | None = None, trust_remote_code: bool
     Called before any weights are loaded or a teacher is fine-tuned, so an unsupported
     encoder (or a misspelt ``model.adapter``) fails in seconds, not after the teacher.
     """
-    config = read_config(name, trust_remote_code)
+    config = read_config(name, trust_remote_code, "model.name_or_path")
     try:
         return adapter_for(config, adapter)
     except KeyError as err:

@@ -27,6 +27,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .adapters import EncoderAdapter
 from .cap import CAPObjective
+from .checkpoint import Checkpointer, ResumePoint
 from .config import Config
 from .console import Console, format_losses
 from .data import Collator, TaskData, make_loader, model_inputs, tokenize
@@ -195,7 +196,15 @@ class CAPPruner:
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self.evals: list[dict[str, Any]] = []
-        self._milestones = sorted(cfg.cap.snapshot_milestones)
+        self.milestones = sorted(cfg.cap.snapshot_milestones)
+        # Data position and fault counters, all saved in checkpoints (capscale.checkpoint).
+        self.epoch, self.batches_done, self.batches_drawn = 0, 0, 0
+        self.skipped_steps: list[int] = []
+        self.consecutive_skips = 0
+        self.loader_state: Tensor | None = None  # train generator state at epoch start
+        self.checkpointer = Checkpointer(cfg, ctx)
+        # Called with every step's record (live trackers such as TensorBoard).
+        self.record_hooks: list[Callable[[dict[str, Any]], None]] = []
 
     # -- banks ---------------------------------------------------------------------
     def _encoder(self, model: nn.Module, tap: RepresentationTap) -> Any:
@@ -274,9 +283,16 @@ class CAPPruner:
         """One optimiser step at the scheduled sparsity; returns every loss component."""
         sparsity = self.pruner.update(self.step)
         losses = self.compute_losses(batch)
+        if self.batches_drawn in self.cfg.train.debug_nan_batches:  # test hook (config.py)
+            first = next(iter(losses))
+            losses[first] = losses[first] * float("nan")
+        self.batches_drawn += 1
         total = torch.stack(list(losses.values())).sum()
-        if not torch.isfinite(total):
-            bad = [k for k, v in losses.items() if not torch.isfinite(v)]
+        # Every rank must agree, or one would skip the all-reduce the others wait in.
+        bad_ranks = self.ctx.all_reduce_sum(torch.tensor([float(not torch.isfinite(total))]))
+        if bad_ranks.item() > 0:
+            bad = [k for k, v in losses.items() if not torch.isfinite(v)] or [
+                "on another rank"]
             raise FloatingPointError(f"non-finite loss at step {self.step}: {', '.join(bad)}")
         self.strategy.backward_and_step(total, self.student, self.optimizer, self.scheduler,
                                         self.cfg.train.grad_clip)
@@ -288,25 +304,31 @@ class CAPPruner:
 
     def _maybe_milestone_snapshot(self) -> None:
         final = self.cfg.pruning.final_sparsity
-        while self._milestones and self.pruner.sparsity >= self._milestones[0] * final:
-            m = self._milestones.pop(0)
+        while self.milestones and self.pruner.sparsity >= self.milestones[0] * final:
+            m = self.milestones.pop(0)
             self.snapshot(f"snapshot at {m:.0%} of final sparsity")
 
-    def run(self) -> PruneResult:
+    def run(self, resume: ResumePoint | None = None) -> PruneResult:
+        """Train and prune to the end; ``resume`` continues a restored checkpoint."""
         cfg, ctx = self.cfg, self.ctx
         start = time.perf_counter()
         self.student.train()
         epochs = math.ceil(self.total_steps / len(self.loaders.train))
         with self.console.progress("CAP pruning", self.total_steps) as bar:
-            for epoch in range(epochs):
-                if cfg.cap.snapshot_schedule == "epoch":
+            bar.advance(self.step)
+            for epoch in range(resume.epoch if resume else 0, epochs):
+                resuming = resume is not None and epoch == resume.epoch
+                if cfg.cap.snapshot_schedule == "epoch" and not resuming:
                     self.snapshot(f"snapshot, epoch {epoch}")
-                set_epoch(self.loaders.train, epoch)
+                batches = self._epoch_batches(epoch, resume if resuming else None)
                 t0, seen = time.perf_counter(), 0
-                for batch in self.loaders.train:
+                for batch in batches:
                     if self.step >= self.total_steps:
                         break
-                    rec = self.train_step(batch)
+                    rec = self._guarded_step(batch)
+                    self.batches_done += 1
+                    if rec is None:
+                        continue
                     seen += batch["labels"].shape[0] * ctx.world_size
                     rec.update(step=self.step, epoch=epoch,
                                lr=self.scheduler.get_last_lr()[0],
@@ -316,6 +338,10 @@ class CAPPruner:
                         self._maybe_milestone_snapshot()
                     if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
                         self._eval(epoch)
+                    for hook in self.record_hooks:
+                        hook(rec)
+                    if self.checkpointer.due(self.step):
+                        self.checkpointer.save(self)
                     shown = {k: v for k, v in rec.items() if k not in (
                         "step", "epoch", "lr", "examples_per_s", "sparsity")}
                     bar.advance(1, f"sp={rec['sparsity']:.2f} {format_losses(shown)} "
@@ -324,6 +350,36 @@ class CAPPruner:
         metrics = self.evals[-1]["metrics"]
         return PruneResult(metrics, self.sparsity(), self.history, self.evals,
                            time.perf_counter() - start, self.step)
+
+    def _epoch_batches(self, epoch: int, resume: ResumePoint | None) -> Any:
+        """This epoch's batches: a fresh permutation, or the rest of a resumed one."""
+        self.epoch, loader = epoch, self.loaders.train
+        if resume is not None:
+            self.batches_done = resume.batches_done
+            return resume.batches(loader, set_epoch)
+        set_epoch(loader, epoch)
+        self.batches_done = 0
+        self.loader_state = (loader.generator.get_state() if loader.generator is not None
+                             else None)
+        return iter(loader)
+
+    def _guarded_step(self, batch: dict[str, Tensor]) -> dict[str, float] | None:
+        """``train_step``, or None when a non-finite loss is skipped (train.on_nonfinite)."""
+        try:
+            rec = self.train_step(batch)
+        except FloatingPointError as err:
+            limit = self.cfg.train.max_nonfinite_skips
+            if self.cfg.train.on_nonfinite == "stop":
+                raise
+            if self.consecutive_skips >= limit:
+                raise FloatingPointError(f"{err}; {limit + 1} batches in a row were "
+                                         "non-finite (train.max_nonfinite_skips)") from err
+            self.consecutive_skips += 1
+            self.skipped_steps.append(self.step)
+            self.console.log(f"skipped a batch: {err}")
+            return None
+        self.consecutive_skips = 0
+        return rec
 
     def _eval(self, epoch: int) -> None:
         # The optimiser step after the last update moved the scores: re-derive the masks

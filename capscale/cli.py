@@ -1,0 +1,150 @@
+"""The ``capscale`` command: prune, evaluate, export and report.
+
+::
+
+    capscale prune --config capscale/configs/demo_minilm_tweets.yaml [key=value ...]
+    capscale evaluate --config X.yaml [--model outputs/run/pruned/model] [key=value ...]
+    capscale export --config X.yaml [--checkpoint latest|DIR] [--out DIR] [key=value ...]
+    capscale report outputs/run
+
+With no subcommand the arguments go to ``prune``, so ``capscale --config X.yaml`` and
+``python -m capscale.run --config X.yaml`` keep working. Every subcommand returns 2 with
+a one-line message for a config, data or model error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+SUBCOMMANDS = ("prune", "evaluate", "export", "report")
+
+
+def _parser(name: str, doc: str, config: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"capscale {name}", description=doc)
+    if config:
+        p.add_argument("--config", help="YAML config (a path, or a name in capscale/configs)")
+        p.add_argument("overrides", nargs="*", help="key=value overrides")
+    return p
+
+
+def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Turn the input errors every subcommand can hit into exit code 2 and one line."""
+    def run(args: argparse.Namespace) -> int:
+        from capscale.config import ConfigError
+        from capscale.data import DataError
+        from capscale.teachers import ModelError
+
+        try:
+            return fn(args)
+        except (ConfigError, DataError, ModelError) as err:
+            kind = type(err).__name__.replace("Error", "").lower()
+            print(f"capscale: {kind} error: {err}", file=sys.stderr)
+            return 2
+    return run
+
+
+@_guarded
+def evaluate_cmd(args: argparse.Namespace) -> int:
+    """Task metrics of an exported (or any Hugging Face) model on the config's eval split."""
+    from capscale.config import load_config
+    from capscale.console import Console
+    from capscale.data import Collator, load_task_data, make_loader, tokenize
+    from capscale.distributed import DistContext
+    from capscale.teachers import check_teacher, load_classifier, load_tokenizer
+    from capscale.train import evaluate
+
+    cfg = load_config(args.config, args.overrides)
+    model_dir = args.model or str(Path(cfg.output_dir) / "pruned" / "model")
+    data = load_task_data(cfg.data)
+    check_teacher(model_dir, data.num_labels)  # the same head-size check as a teacher
+    tokenizer = load_tokenizer(model_dir)
+    model = load_classifier(model_dir, data.num_labels, data.label_names)
+    loader = make_loader(tokenize(data.validation, tokenizer, cfg.data),
+                         cfg.train.eval_batch_size, Collator(tokenizer.pad_token_id or 0))
+    metrics = evaluate(model, loader, DistContext(), data.num_labels)
+    Console(progress=False).table(f"evaluation of {model_dir}",
+                                  [(k, f"{v:.4f}") for k, v in metrics.items()])
+    print(json.dumps(metrics))
+    return 0
+
+
+@_guarded
+def export_cmd(args: argparse.Namespace) -> int:
+    """Bake a checkpoint's masks into a plain Hugging Face model directory."""
+    import torch
+
+    from capscale.checkpoint import checkpoint_root, list_checkpoints
+    from capscale.config import ConfigError, load_config
+    from capscale.data import load_task_data
+    from capscale.export import export_pruned
+    from capscale.pruning import attach_masks
+    from capscale.teachers import adapter_for, load_classifier, load_tokenizer
+
+    cfg = load_config(args.config, args.overrides)
+    path = Path(args.checkpoint) if args.checkpoint != "latest" else None
+    if path is None or not (path / "model.pt").is_file():
+        found = list_checkpoints(path or checkpoint_root(cfg))
+        if not found:
+            raise ConfigError(f"--checkpoint {args.checkpoint}: no checkpoint found")
+        path = found[-1]
+    data = load_task_data(cfg.data)
+    model = load_classifier(cfg.model.name_or_path, data.num_labels, data.label_names,
+                            cfg.model.trust_remote_code)
+    adapter = adapter_for(model, cfg.model.adapter)
+    attach_masks(model, adapter, cfg.pruning.method, cfg.pruning.score_init,
+                 cfg.pruning.min_keep)
+    # The keep-fraction / threshold buffers in the state fix each mask as it was saved.
+    model.load_state_dict(torch.load(path / "model.pt", weights_only=True))
+    out = Path(args.out or Path(cfg.output_dir) / f"export-{path.name}")
+    report = export_pruned(model, adapter, out,
+                           load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code),
+                           inplace=True, extra={"checkpoint": str(path)})
+    print(f"exported {path} to {out} (encoder sparsity "
+          f"{100 * report['encoder_sparsity']:.2f}%)")
+    return 0
+
+
+def report_cmd(args: argparse.Namespace) -> int:
+    """(Re)write the markdown / HTML report of a finished run."""
+    from capscale.report import write_report
+
+    if not (Path(args.output_dir) / "results.json").is_file():
+        print(f"capscale: {args.output_dir} has no results.json: is it a finished run's "
+              "output_dir?", file=sys.stderr)
+        return 2
+    print(write_report(args.output_dir, args.speed_batches))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch ``capscale <subcommand> ...``; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    sub = argv.pop(0) if argv and argv[0] in SUBCOMMANDS else "prune"
+    if sub == "prune":
+        from capscale.run import main as prune_main
+
+        return prune_main(argv)
+    if sub == "report":
+        p = _parser("report", report_cmd.__doc__ or "", config=False)
+        p.add_argument("output_dir")
+        p.add_argument("--speed-batches", type=int, default=5)
+        return report_cmd(p.parse_args(argv))
+    if sub == "evaluate":
+        p = _parser("evaluate", evaluate_cmd.__doc__ or "")
+        p.add_argument("--model", help="model directory (default: <output_dir>/pruned/model)")
+        return evaluate_cmd(p.parse_args(argv))
+    p = _parser("export", export_cmd.__doc__ or "")
+    p.add_argument("--checkpoint", default="latest", help="latest, or a checkpoint directory")
+    p.add_argument("--out", help="destination (default: <output_dir>/export-<checkpoint>)")
+    return export_cmd(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
