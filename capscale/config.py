@@ -320,6 +320,10 @@ class Config:
                 "data: give exactly one of data.preset, data.dataset_name or data.train_file "
                 f"(got preset={self.data.preset!r}, dataset_name={self.data.dataset_name!r}, "
                 f"train_file={self.data.train_file!r})")
+        if self.pruning.method == "structured" and (self.resume is not None
+                                                    or self.checkpoint.every_steps > 0):
+            raise ConfigError("resume / checkpoint.every_steps: checkpoints are not supported "
+                              "for pruning.method=structured yet; unset them")
         if self.data.preset is not None and self.data.preset not in DATA_PRESETS:
             raise ConfigError(f"data.preset = {self.data.preset!r}: known presets are "
                               f"{sorted(DATA_PRESETS)}")

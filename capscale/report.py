@@ -114,15 +114,20 @@ def export_figures(model_dir: Path, sparsity: dict[str, Any], batches: int,
     files = list(model_dir.glob("*.safetensors"))
     dense = sum(f.stat().st_size for f in files)
     rows.append(("exported model (dense safetensors)", f"{dense / 2**20:.2f} MiB"))
-    pruned = sparsity.get("pruned_weights", 0)
-    # CSR for the pruned matrices: a float32 value + an int32 column index per kept weight.
-    sparse = dense - 4 * pruned + 4 * (sparsity.get("prunable_weights", 0) - pruned)
-    rows.append(("same with pruned matrices in CSR (estimate)", f"{sparse / 2**20:.2f} MiB"))
+    # A structured export is already physically smaller and needs its loader file.
+    structured = (model_dir.parent / "structure.json").is_file()
+    if not structured:
+        pruned = sparsity.get("pruned_weights", 0)
+        # CSR for the pruned matrices: a float32 value + an int32 column index per kept one.
+        sparse = dense - 4 * pruned + 4 * (sparsity.get("prunable_weights", 0) - pruned)
+        rows.append(("same with pruned matrices in CSR (estimate)",
+                     f"{sparse / 2**20:.2f} MiB"))
     if batches <= 0 or not files:
         return rows
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_dir, trust_remote_code=structured).eval()
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (batch_size, seq_len), generator=torch.Generator()
                         .manual_seed(0))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
@@ -45,7 +46,15 @@ from .pruning.structured import (
     structured_param_counts,
     taylor_importance,
 )
-from .train import CAPPruner, PruneResult, evaluate, linear_warmup_decay, param_groups, set_epoch
+from .train import (
+    CAPPruner,
+    PruneResult,
+    ResumePoint,
+    evaluate,
+    linear_warmup_decay,
+    param_groups,
+    set_epoch,
+)
 
 EPS = 1e-9
 
@@ -169,8 +178,11 @@ class StructuredCAPPruner(CAPPruner):
             self._fill("snc", self.student, self.student_tap, f"snapshot at {level:.0%}")
             self.student.train()
 
-    def run(self) -> PruneResult:
-        import time
+    def run(self, resume: ResumePoint | None = None) -> PruneResult:
+        """Prune along the structured schedule (no resume yet: config validation refuses
+        ``resume`` and checkpoints for this method)."""
+        if resume is not None:
+            raise ValueError("structured pruning cannot resume from a checkpoint yet")
         start = time.perf_counter()
         self.student.train()
         if self.scfg.schedule == "iterative":

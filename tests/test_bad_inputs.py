@@ -68,7 +68,8 @@ CASES = [
      "classification needs at least 2 labels"),
     ({"data.train_file": "@long_text", "data.truncation": "error"},
      "longer than data.max_length = 16 tokens"),
-    ({"model.name_or_path": "/no/such/model"}, "model.name_or_path '/no/such/model' cannot"),
+    ({"model.name_or_path": "/no/such/model"},
+     "model.name_or_path '/no/such/model' could not be read"),
     ({"model.name_or_path": "@gpt2"}, "no encoder adapter for model_type 'gpt2'"),
     ({"model.teacher": "@teacher3"}, "has 3 output labels but the task has 2"),
 ]

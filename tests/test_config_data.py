@@ -126,7 +126,8 @@ def _config_only(path: Path, family: str, num_labels: int = 2, **kw) -> Path:
 
 def test_teacher_with_other_num_labels_is_refused_before_loading(tmp_path, tiny_csv, capsys):
     teacher = _config_only(tmp_path / "teacher", "bert", num_labels=3)
-    code = main([f"model.name_or_path={NO_MODEL}", f"model.teacher={teacher}",
+    student = _config_only(tmp_path / "student", "bert")  # no weights: loading them fails
+    code = main([f"model.name_or_path={student}", f"model.teacher={teacher}",
                  f"data.train_file={tiny_csv[0]}", f"data.validation_file={tiny_csv[1]}",
                  f"output_dir={tmp_path / 'out'}", "train.progress=false"])
     err = capsys.readouterr().err
