@@ -6,11 +6,18 @@ One process (CPU or one GPU)::
     python -m capscale.run --config capscale/configs/bert_base_glue.yaml \
         data.dataset_config=qqp pruning.final_sparsity=0.97
 
-Several GPUs on one node (data parallel)::
+Several GPUs on one node (data parallel, or sharded with ZeRO-3 / FSDP2)::
 
-    accelerate launch --multi_gpu --num_processes 8 capscale/run.py \
+    accelerate launch --config_file ds_configs/ddp.yaml capscale/run.py \
         --config capscale/configs/bert_base_glue.yaml
-    torchrun --nproc_per_node 8 capscale/run.py --config ...
+    accelerate launch --config_file ds_configs/zero3.yaml capscale/run.py \
+        --config capscale/configs/roberta_large_zero3.yaml
+    accelerate launch --config_file ds_configs/fsdp2.yaml capscale/run.py --config ...
+    torchrun --nproc_per_node 8 capscale/run.py --config ... strategy=zero3
+
+Two CPU processes (what CI runs)::
+
+    CAPSCALE_CPU=1 torchrun --nproc_per_node 2 capscale/run.py --config ... strategy=fsdp2
 
 Arguments after the config are ``key=value`` overrides of any config field.
 Outputs in ``output_dir``: ``config.yaml``, ``teacher/`` (when fine-tuned here),
@@ -42,7 +49,7 @@ import transformers
 from capscale.config import Config, ConfigError, load_config, save_config
 from capscale.console import Console
 from capscale.data import DataError, load_task_data
-from capscale.distributed import DistContext, init_distributed, unwrap
+from capscale.distributed import DistContext, init_distributed
 from capscale.export import export_pruned
 from capscale.metrics import main_metric
 from capscale.teachers import ModelError, check_teacher, load_tokenizer
@@ -95,9 +102,10 @@ def prune(cfg: Config, ctx: DistContext, console: Console) -> dict[str, Any]:
         "seconds": {"teacher": teacher_seconds, "pruning": result.seconds},
         "world_size": ctx.world_size,
     }
+    student = run.full_student()  # collective: gathers a sharded student
     if ctx.is_main:
         run.save_history(out)
-        export_pruned(unwrap(run.student), run.adapter, out / "pruned", tokenizer,
+        export_pruned(student, run.adapter, out / "pruned", tokenizer,
                       inplace=True, extra={"results": results})
     results["seconds"]["total"] = time.perf_counter() - start
     if ctx.is_main:

@@ -1,4 +1,4 @@
-"""The one module that touches torch.distributed: process group, gathers, wrapping.
+"""Process group and collectives: :class:`DistContext` and :func:`init_distributed`.
 
 Model math elsewhere takes a :class:`DistContext` (or just its ``rank``, ``world_size``
 and ``gather``) and works unchanged with ``world_size == 1`` and no process group.
@@ -7,14 +7,12 @@ and ``gather``) and works unchanged with ``world_size == 1`` and no process grou
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
-from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LambdaLR
+from torch import Tensor
 
 
 @dataclass
@@ -76,10 +74,43 @@ class DistContext:
             dist.barrier()
 
 
+def launcher_strategy(env: Mapping[str, str]) -> str | None:
+    """The strategy an ``accelerate launch --config_file ds_configs/<x>.yaml`` asked for.
+
+    accelerate exports ``ACCELERATE_USE_DEEPSPEED`` / ``ACCELERATE_USE_FSDP`` (+
+    ``FSDP_VERSION``) for its DeepSpeed / FSDP configs. capscale never builds an
+    ``Accelerator`` (its plugins misbehave on CPU, see ds_configs/README.md), so these
+    variables only select capscale's own wrapping. ``CAPSCALE_STRATEGY`` wins over both.
+    """
+    if env.get("CAPSCALE_STRATEGY"):
+        return env["CAPSCALE_STRATEGY"]
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        return "zero3"
+    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        if env.get("FSDP_VERSION", "1") != "2":
+            raise ValueError("capscale shards with FSDP2 only: set fsdp_version: 2 in the "
+                             "accelerate config (see ds_configs/fsdp2.yaml)")
+        return "fsdp2"
+    return None
+
+
+def resolve_strategy(configured: str, env: Mapping[str, str], world: int) -> str:
+    """Config ``strategy`` vs. the launcher's; ``single`` becomes ``ddp`` on several ranks."""
+    launched = launcher_strategy(env)
+    if launched is not None and configured not in ("single", launched):
+        raise ValueError(f"config says strategy={configured!r} but the launcher asked for "
+                         f"{launched!r}; make them agree (or drop one)")
+    strategy = launched or configured
+    if world > 1 and strategy == "single":
+        strategy = "ddp"
+    return strategy
+
+
 def init_distributed(strategy: str = "single") -> DistContext:
     """Join the process group the launcher (torchrun, accelerate, srun) described.
 
     Reads ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK``; uses NCCL on CUDA, gloo otherwise.
+    The strategy is the config's unless the launcher chose one (:func:`launcher_strategy`).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -88,67 +119,10 @@ def init_distributed(strategy: str = "single") -> DistContext:
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    if world > 1 and strategy == "single":
-        strategy = "ddp"
+    strategy = resolve_strategy(strategy, os.environ, world)
+    # Sharded strategies need a process group even alone (e.g. to measure world 1).
+    if (world > 1 or strategy in ("zero3", "fsdp2")) and not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29511")
+        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
     return DistContext(rank, world, local_rank, device, strategy)
-
-
-class Strategy:
-    """How the student is wrapped and stepped, and how references are frozen.
-
-    ``single`` and ``ddp`` live here; sharded strategies (ZeRO-3, FSDP2) subclass this
-    with the same four methods, so the training loop never branches on the strategy.
-    """
-
-    name = "single"
-
-    def __init__(self, ctx: DistContext) -> None:
-        self.ctx = ctx
-
-    def prepare_student(self, model: nn.Module, param_groups: list[dict],
-                        lr_lambda: Callable[[int], float]) -> tuple[nn.Module, Optimizer,
-                                                                   LambdaLR]:
-        """Wrap the student and build its AdamW optimiser and LR schedule."""
-        opt = torch.optim.AdamW(param_groups)
-        sched = LambdaLR(opt, lr_lambda)
-        if self.ctx.distributed:
-            ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
-            model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        return model, opt, sched
-
-    def prepare_reference(self, model: nn.Module) -> nn.Module:
-        """A frozen reference (already ``freeze``-d) ready for forward passes."""
-        return model.to(self.ctx.device)
-
-    def backward_and_step(self, loss: Tensor, model: nn.Module, opt: Optimizer,
-                          sched: LambdaLR, grad_clip: float) -> None:
-        """Backward, clip, optimiser step, LR step, zero grads."""
-        loss.backward()
-        if grad_clip > 0:
-            nn.utils.clip_grad_norm_(unwrap(model).parameters(), grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-
-    def unwrap(self, model: nn.Module) -> nn.Module:
-        return unwrap(model)
-
-
-STRATEGIES: dict[str, type[Strategy]] = {"single": Strategy, "ddp": Strategy}
-
-
-def make_strategy(ctx: DistContext) -> Strategy:
-    try:
-        return STRATEGIES[ctx.strategy](ctx)
-    except KeyError:
-        raise ValueError(f"unknown strategy {ctx.strategy!r}; known: "
-                         f"{', '.join(sorted(STRATEGIES))}") from None
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The bare model inside a data-parallel wrapper."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model
