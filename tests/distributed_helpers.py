@@ -184,8 +184,12 @@ def _smoke(assets: dict[str, str], out_dir: str, strategy: str) -> None:
     cfg_path = Path(out_dir) / "smoke.yaml"
     out = str(Path(out_dir) / "smoke")
     if dist.get_rank() == 0:
+        extra = {}
+        if strategy == "zero3":  # the shipped DeepSpeed JSON, "auto" values filled
+            extra["distributed.deepspeed_config"] = str(
+                Path(__file__).resolve().parent.parent / "ds_configs" / "zero3.json")
         cfg_path.write_text(yaml.safe_dump(run_config(
-            assets, out, **{"train.max_steps": 2, "train.batch_size": 4})))
+            assets, out, **{"train.max_steps": 2, "train.batch_size": 4, **extra})))
     dist.barrier()
     rc = main(["--config", str(cfg_path), f"strategy={strategy}"])
     if dist.get_rank() == 0:

@@ -71,7 +71,12 @@ class ZeRO3Strategy(Strategy):
             "ACCELERATE_DEEPSPEED_CONFIG_FILE")
         if path:
             with open(path) as f:
-                return json.load(f)
+                cfg = json.load(f)
+            for key in ("bf16", "fp16"):  # "auto": bf16 where the GPU has it, else fp32
+                if isinstance(cfg.get(key), dict) and cfg[key].get("enabled") == "auto":
+                    cfg[key]["enabled"] = key == "bf16" and torch.cuda.is_available() \
+                        and torch.cuda.is_bf16_supported()
+            return cfg
         return {"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto",
                                       "stage3_prefetch_bucket_size": "auto",
                                       "stage3_param_persistence_threshold": "auto"}}
