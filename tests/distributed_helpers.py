@@ -24,7 +24,8 @@ GLOBAL_BATCH = 8
 STEPS = 4
 
 
-def make_assets(root: Path) -> dict[str, str]:
+def make_assets(root: Path, hidden: int = 32, layers: int = 2, n_train: int = 48
+                ) -> dict[str, str]:
     """Write tokenizer + student + teacher dirs and train / validation CSVs under ``root``."""
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
 
@@ -32,8 +33,8 @@ def make_assets(root: Path) -> dict[str, str]:
     vocab = root / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]))
     tok = BertTokenizer(str(vocab), do_lower_case=True)
-    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, vocab_size=len(WORDS) + 5,
+    cfg = BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                     intermediate_size=2 * hidden, vocab_size=len(WORDS) + 5,
                      max_position_embeddings=64, hidden_dropout_prob=0.0,
                      attention_probs_dropout_prob=0.0, num_labels=3)
     paths = {}
@@ -44,7 +45,7 @@ def make_assets(root: Path) -> dict[str, str]:
         tok.save_pretrained(root / name)
         paths[name] = str(root / name)
     rng = random.Random(0)
-    for split, n in (("train", 48), ("validation", 16)):
+    for split, n in (("train", n_train), ("validation", 16)):
         rows = ["sentence,label"]
         for _ in range(n):
             label = rng.randrange(3)
