@@ -124,5 +124,6 @@ def init_distributed(strategy: str = "single") -> DistContext:
     if (world > 1 or strategy in ("zero3", "fsdp2")) and not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29511")
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))  # DeepSpeed asserts on it
         dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
     return DistContext(rank, world, local_rank, device, strategy)

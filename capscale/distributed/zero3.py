@@ -125,10 +125,9 @@ class ZeRO3Strategy(Strategy):
         cfg["gradient_accumulation_steps"] = 1
         cfg["zero_optimization"] = {**cfg.get("zero_optimization", {}), "stage": 3,
                                     **self._zero_values(model)}
-        cfg["zero_optimization"].pop("offload_optimizer", None)
         cfg.setdefault("steps_per_print", 2**31 - 1)
         self._offload(cfg["zero_optimization"])
-        cfg["zero_optimization"].pop("offload_optimizer", None)
+        cfg["zero_optimization"].pop("offload_optimizer", None)  # nothing to optimise
         return cfg
 
     # -- wrapping ----------------------------------------------------------------
