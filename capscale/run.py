@@ -101,6 +101,7 @@ def prune(cfg: Config, ctx: DistContext, console: Console) -> dict[str, Any]:
         "notes": data.notes,
         "seconds": {"teacher": teacher_seconds, "pruning": result.seconds},
         "world_size": ctx.world_size,
+        "strategy": ctx.strategy,
     }
     student = run.full_student()  # collective: gathers a sharded student
     if ctx.is_main:

@@ -116,6 +116,7 @@ def test_entry_point_smoke(strategy, assets, tmp_path_factory):
     out = dist_rec["smoke_dir"]
     results = json.loads((out / "results.json").read_text())
     assert results["world_size"] == 2 and results["steps"] == 2
+    assert results["strategy"] == strategy
     report = json.loads((out / "pruned" / "sparsity_report.json").read_text())
     assert report["linear_sparsity"] > 0.25
     from transformers import AutoModelForSequenceClassification
