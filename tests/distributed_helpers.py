@@ -146,6 +146,12 @@ def train_and_record(run: Any, ctx: Any) -> dict[str, Any]:
                             for m in run.pruner.modules.values()])
         out["thresholds_full"] = [float(scores.topk(round(k * scores.numel())).values.min())
                                   for k in keeps]
+        live = {k: v.cpu().clone() for k, v in run.pruner.masks().items()}
+    plain = run.full_student()  # what export writes: an unsharded copy on rank 0
+    if plain is not None:
+        names = run.adapter.qualified_names(plain)
+        out["export_masks_equal"] = all(torch.equal(
+            plain.get_submodule(names[k]).mask().bool().cpu(), v) for k, v in live.items())
     out["sparsity"] = run.sparsity()["linear_sparsity"]
     return out
 

@@ -86,6 +86,8 @@ def test_masks_follow_shards(strategy, assets, single, tmp_path_factory):
         assert torch.all(w[~mask] == 0), key  # gathered weights exactly masked
         assert torch.all(single["weights"][key][~mask] == 0), key
     assert dist_rec["sparsity"] == pytest.approx(single["sparsity"])
+    # The unsharded copy the export bakes has the live (global-scope) masks.
+    assert dist_rec["export_masks_equal"] and single["export_masks_equal"]
 
 
 @pytest.mark.parametrize("strategy", ["zero3", "fsdp2"])

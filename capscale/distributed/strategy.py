@@ -153,13 +153,23 @@ class Strategy:
         return unwrap(model)
 
 
+@torch.no_grad()
 def load_full_state(target: nn.Module, source: nn.Module) -> nn.Module:
-    """Copy ``source``'s (gathered, full) parameters and buffers into ``target``."""
+    """Copy ``source``'s (gathered, full) parameters and buffers into ``target``.
+
+    Non-persistent buffers and the masks' scope (set by the Pruner, not state) are
+    copied too, so ``target``'s masks are ``source``'s.
+    """
     state = {n: t.detach().cpu().clone() for n, t in itertools.chain(
         source.named_parameters(), source.named_buffers())}
     missing, _ = target.load_state_dict(state, strict=False)
     if missing:
         raise RuntimeError(f"gathered state lacks {missing[:5]}...")
+    for name, buf in source.named_buffers():
+        target.get_buffer(name).copy_(buf)
+    for name, mod in source.named_modules():
+        if isinstance(mod, MaskedLinear):
+            target.get_submodule(name).global_scope = mod.global_scope
     return target
 
 
