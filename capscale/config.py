@@ -98,6 +98,13 @@ class PruningConfig:
     final_threshold: float = 0.1
     final_lambda: float = 100.0
     min_keep: float = 0.005
+    # Zero pruned weights (and their gradients) after every optimiser step, so the
+    # stored weights are exactly masked, under every strategy and sharding. Off by
+    # default: with the functional mask alone, a pruned weight keeps its value and its
+    # score keeps a gradient (dL/dW' * W), so it can regrow, as in movement pruning
+    # (Sanh et al. 2020) and CAP's reference; a zeroed weight has a zero score gradient
+    # and stays pruned. The forward output is the same either way.
+    zero_pruned_weights: bool = False
 
 
 @dataclass
@@ -235,6 +242,22 @@ class ReportConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Sharded strategies (``strategy: zero3`` / ``fsdp2``); see ds_configs/README.md."""
+
+    # DeepSpeed JSON for ``zero3`` (e.g. ds_configs/zero3.json); "auto" values are
+    # filled from the model's hidden size and the train section. None: built-in ZeRO-3
+    # defaults (or the file an accelerate DeepSpeed config names).
+    deepspeed_config: str | None = None
+    # ZeRO-3 CPU offload of the parameters / optimiser states (GPU nodes).
+    offload_params: bool = False
+    offload_optimizer: bool = False
+    # Shard the frozen references (teacher, pre-trained model) like the student, so
+    # their per-rank memory falls as 1 / world; False keeps a full copy per rank.
+    shard_references: bool = True
+
+
+@dataclass
 class Config:
     """A whole capscale run."""
 
@@ -251,8 +274,10 @@ class Config:
     # Continue a killed run: ``latest`` (newest checkpoint in checkpoint.dir; a fresh
     # start when there is none) or a checkpoint directory. None: start fresh.
     resume: str | None = None
-    # ``single`` / ``ddp``: see capscale.distributed.
-    strategy: Literal["single", "ddp"] = "single"
+    # ``single`` / ``ddp`` / ``zero3`` (DeepSpeed ZeRO-3) / ``fsdp2`` (torch
+    # fully_shard); see capscale.distributed. An accelerate config file can choose it.
+    strategy: Literal["single", "ddp", "zero3", "fsdp2"] = "single"
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     output_dir: str = "outputs/run"
 
     def validate(self) -> Config:
@@ -314,12 +339,25 @@ class Config:
         for ok, name, why in checks:
             if not ok:
                 raise ConfigError(f"{name} = {_get(self, name)!r}: {why}")
+        if (self.distributed.deepspeed_config is not None
+                and not Path(self.distributed.deepspeed_config).is_file()):
+            raise ConfigError(f"distributed.deepspeed_config = "
+                              f"{self.distributed.deepspeed_config!r}: no such file")
+        if self.strategy in ("ddp", "fsdp2") and (self.distributed.offload_params
+                                         or self.distributed.offload_optimizer):
+            raise ConfigError(f"distributed.offload_params / offload_optimizer: CPU offload "
+                              f"needs strategy zero3 (got {self.strategy!r})")
         sources = [self.data.preset, self.data.dataset_name, self.data.train_file]
         if sum(s is not None for s in sources) != 1:
             raise ConfigError(
                 "data: give exactly one of data.preset, data.dataset_name or data.train_file "
                 f"(got preset={self.data.preset!r}, dataset_name={self.data.dataset_name!r}, "
                 f"train_file={self.data.train_file!r})")
+        if self.strategy in ("zero3", "fsdp2") and (self.resume is not None
+                                                    or self.checkpoint.every_steps > 0):
+            raise ConfigError(f"resume / checkpoint.every_steps: checkpoints are implemented for "
+                              f"single and ddp only, not strategy={self.strategy} yet; unset "
+                              "them or use ddp")
         if self.pruning.method == "structured" and (self.resume is not None
                                                     or self.checkpoint.every_steps > 0):
             raise ConfigError("resume / checkpoint.every_steps: checkpoints are not supported "

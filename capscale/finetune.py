@@ -49,10 +49,11 @@ def finetune_teacher(cfg: Config, ctx: DistContext, data: TaskData,
     torch.manual_seed(cfg.train.seed)
     model = load_classifier(cfg.model.name_or_path, data.num_labels, data.label_names,
                             cfg.model.trust_remote_code).to(ctx.device)
-    strategy = make_strategy(ctx)
+    strategy = make_strategy(ctx, cfg.distributed)
     wrapped, opt, sched = strategy.prepare_student(
         model, param_groups(model, tcfg.lr, tcfg.weight_decay, [], 0.0),
-        linear_warmup_decay(int(tcfg.warmup_ratio * total), total))
+        linear_warmup_decay(int(tcfg.warmup_ratio * total), total),
+        micro_batch_size=tcfg.batch_size, grad_clip=cfg.train.grad_clip)
     wrapped.train()
     step, start = 0, time.perf_counter()
     with console.progress("fine-tuning the dense teacher", total) as bar:
@@ -73,8 +74,10 @@ def finetune_teacher(cfg: Config, ctx: DistContext, data: TaskData,
     key = main_metric(data.num_labels)
     console.log(f"dense teacher: {key} {metrics[key]:.4f} after {step} steps "
                 f"({time.perf_counter() - start:.0f} s)")
+    plain = strategy.plain_copy(wrapped, lambda: load_classifier(  # collective
+        cfg.model.name_or_path, data.num_labels, data.label_names, cfg.model.trust_remote_code))
     if ctx.is_main:
-        strategy.unwrap(wrapped).save_pretrained(out)
+        plain.save_pretrained(out)
         tokenizer.save_pretrained(out)
         marker.write_text(json.dumps({"fingerprint": _fingerprint(cfg), "metrics": metrics,
                                       "steps": step}, indent=1))

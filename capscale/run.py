@@ -14,11 +14,18 @@ The ``capscale`` command wraps the same entry point and its companions::
     capscale export --config X.yaml --checkpoint latest
     capscale report outputs/run
 
-Several GPUs on one node (data parallel)::
+Several GPUs on one node (data parallel, or sharded with ZeRO-3 / FSDP2)::
 
-    accelerate launch --multi_gpu --num_processes 8 capscale/run.py \
+    accelerate launch --config_file ds_configs/ddp.yaml capscale/run.py \
         --config capscale/configs/bert_base_glue.yaml
-    torchrun --nproc_per_node 8 capscale/run.py --config ...
+    accelerate launch --config_file ds_configs/zero3.yaml capscale/run.py \
+        --config capscale/configs/roberta_large_zero3.yaml
+    accelerate launch --config_file ds_configs/fsdp2.yaml capscale/run.py --config ...
+    torchrun --nproc_per_node 8 capscale/run.py --config ... strategy=zero3
+
+Two CPU processes (what CI runs)::
+
+    CAPSCALE_CPU=1 torchrun --nproc_per_node 2 capscale/run.py --config ... strategy=fsdp2
 
 Arguments after the config are ``key=value`` overrides of any config field.
 Outputs in ``output_dir``: ``config.yaml``, ``teacher/`` (when fine-tuned here),
@@ -57,7 +64,7 @@ from capscale.checkpoint import checkpoint_root, list_checkpoints, load_checkpoi
 from capscale.config import Config, ConfigError, config_to_dict, load_config, save_config
 from capscale.console import Console
 from capscale.data import DataError, TaskData, check_lengths, load_task_data
-from capscale.distributed import DistContext, init_distributed, unwrap
+from capscale.distributed import DistContext, init_distributed
 from capscale.export import export_pruned
 from capscale.metrics import main_metric
 from capscale.teachers import ModelError, check_encoder, check_teacher, load_tokenizer
@@ -150,17 +157,20 @@ def prune(cfg: Config, ctx: DistContext, console: Console, export: bool = True
         "notes": data.notes,
         "seconds": {"teacher": teacher_seconds, "pruning": result.seconds},
         "world_size": ctx.world_size,
+        "strategy": ctx.strategy,
     }
     if structured:  # the accuracy-vs-sparsity curve, one point per milestone
         results["curve"] = [{"level": e["level"], "encoder_sparsity": e["encoder_sparsity"],
                              key: e["metrics"][key]} for e in result.evals]
     if ctx.is_main:
         run.save_history(out)
-    if ctx.is_main and export:
-        if structured:  # physically smaller: heads and FFN neurons sliced away
+    if export and structured:  # physically smaller: heads and FFN neurons sliced away
+        if ctx.is_main:
             run.export(out / "pruned", tokenizer, extra={"results": results})
-        else:
-            export_pruned(unwrap(run.student), run.adapter, out / "pruned", tokenizer,
+    elif export:
+        student = run.full_student()  # collective: gathers a sharded student
+        if ctx.is_main:
+            export_pruned(student, run.adapter, out / "pruned", tokenizer,
                           inplace=True, extra={"results": results})
     results["seconds"]["total"] = time.perf_counter() - start
     if ctx.is_main:

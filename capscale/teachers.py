@@ -125,12 +125,15 @@ class RepresentationTap:
     """Records the input of the classification head's final linear layer on each forward.
 
     Args:
-        model: the task model (unwrapped; wrappers keep the same submodules).
+        model: the task model, bare or wrapped (DDP / DeepSpeed engine: its ``module``;
+            FSDP2 shards in place and keeps the submodule paths).
         adapter: its encoder adapter.
     """
 
     def __init__(self, model: nn.Module, adapter: EncoderAdapter) -> None:
         self.value: Tensor | None = None
+        while isinstance(getattr(model, "module", None), nn.Module):  # DDP / DeepSpeed
+            model = model.module
         self.handle = adapter.head(model).register_forward_pre_hook(self._hook)
 
     def _hook(self, module: nn.Module, args: tuple[Tensor, ...]) -> None:

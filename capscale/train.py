@@ -162,11 +162,12 @@ class CAPPruner:
         self.total_steps = steps_per_epoch * cfg.train.epochs
         if cfg.train.max_steps:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
-        self.strategy = make_strategy(ctx)
+        self.strategy = make_strategy(ctx, cfg.distributed)
         torch.manual_seed(cfg.train.seed)
         init = teacher_path if cfg.model.student_init == "teacher" else cfg.model.name_or_path
         if init is None:
             raise ValueError("model.student_init=teacher needs a teacher")
+        self._student_init = init
         student = load_classifier(init, self.num_labels, data.label_names,
                                   cfg.model.trust_remote_code).to(ctx.device)
         self.adapter: EncoderAdapter = adapter_for(student, cfg.model.adapter)
@@ -186,13 +187,17 @@ class CAPPruner:
         if cfg.pruning.method not in ("none", "structured"):
             masked = attach_masks(student, self.adapter, cfg.pruning.method,
                                   cfg.pruning.score_init, cfg.pruning.min_keep)
+        # Global top-k reads each rank's shard of the scores (exact bisection, no gather).
         self.pruner = Pruner(masked, cfg.pruning, self.total_steps,
-                             all_reduce=ctx.all_reduce_sum if ctx.distributed else None)
+                             all_reduce=ctx.all_reduce_sum if ctx.distributed else None,
+                             local_importance=self.strategy.local_importance)
+        self.strategy.bind_masks(masked.values(), cfg.pruning.zero_pruned_weights)
         groups = param_groups(student, cfg.train.lr, cfg.train.weight_decay,
                               self.pruner.score_parameters(), cfg.pruning.score_lr)
         self.student, self.optimizer, self.scheduler = self.strategy.prepare_student(
             student, groups, linear_warmup_decay(int(cfg.train.warmup_ratio * self.total_steps),
-                                                 self.total_steps))
+                                                 self.total_steps),
+            micro_batch_size=cfg.train.batch_size, grad_clip=cfg.train.grad_clip)
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self.evals: list[dict[str, Any]] = []
@@ -393,8 +398,21 @@ class CAPPruner:
                          f"{self.pruner.sparsity:.3f}")
 
     def sparsity(self) -> dict[str, Any]:
-        return sparsity_report(self.strategy.unwrap(self.student), self.adapter, {
-            k: v.cpu() for k, v in self.pruner.masks().items()})
+        """Sparsity report from masks computed on gathered (full) scores; collective."""
+        with self.strategy.gathered(self.student) as bare:
+            masks = {k: v.cpu() for k, v in self.pruner.masks().items()}
+            return sparsity_report(bare, self.adapter, masks)
+
+    def full_student(self) -> nn.Module | None:
+        """The unsharded masked student on the main rank (None elsewhere); collective."""
+        def build() -> nn.Module:
+            model = load_classifier(self._student_init, self.num_labels,
+                                    self.data.label_names, self.cfg.model.trust_remote_code)
+            if self.cfg.pruning.method != "none":
+                attach_masks(model, self.adapter, self.cfg.pruning.method,
+                             self.cfg.pruning.score_init, self.cfg.pruning.min_keep)
+            return model
+        return self.strategy.plain_copy(self.student, build)
 
     def save_history(self, out_dir: str | Path) -> None:
         out = Path(out_dir)

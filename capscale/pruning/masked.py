@@ -46,6 +46,12 @@ class MaskedLinear(nn.Linear):
         self.method = method
         self.min_keep = min_keep
         self.global_scope = False
+        # Set by a strategy when pruned weights are zeroed after each step: maps the full
+        # (out, in) mask to this rank's part of the weight (its ZeRO-3 / FSDP2 shard).
+        self.mask_slicer: Callable[[Tensor], Tensor] | None = None
+        # This rank's part of the mask of the last training forward (what the optimiser
+        # step must keep zero); None when nobody asked for it.
+        self.step_mask: Tensor | None = None
         # Sizes come from in/out_features, never from weight.shape (ZeRO-3 shows (0,)).
         if method == "magnitude":
             self.mask_scores = None
@@ -107,8 +113,15 @@ class MaskedLinear(nn.Linear):
             return topk_mask(self.weight.detach().abs(), float(self.keep_frac))
         return TopKBinarizer.apply(self.mask_scores, float(self.keep_frac))
 
+    def invalidate_mask_cache(self) -> None:
+        """Drop the no-grad mask cache (its key cannot see a sharded parameter update)."""
+        self._mask_cache = None
+
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight * self.mask().to(self.weight.dtype), self.bias)
+        mask = self.mask()
+        if self.mask_slicer is not None and torch.is_grad_enabled():
+            self.step_mask = self.mask_slicer(mask.detach().bool())
+        return F.linear(x, self.weight * mask.to(self.weight.dtype), self.bias)
 
     def to_linear(self) -> nn.Linear:
         """A plain nn.Linear with the mask baked into its weight."""

@@ -1,0 +1,122 @@
+"""torch FSDP2 (``fully_shard``) for the student and for frozen references.
+
+Every block of a ``ModuleList`` (the encoder layers) and every embedding is sharded on
+its own, then the root. Parameters become DTensors sharded on dim 0 (rows): rank ``r`` holds rows
+``[r * C, min((r + 1) * C, out))``, ``C = ceil(out / world)`` (``torch.chunk``); masks
+are sliced the same way and multiplied into ``p.grad.to_local()`` / ``p.to_local()``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+from ..pruning.masked import MaskedLinear
+from .context import DistContext
+from .strategy import LrLambda, Strategy, load_full_state, unwrap
+
+
+class FSDP2Strategy(Strategy):
+    """FSDP2: sharded student with torch AdamW over DTensors; sharded references."""
+
+    name = "fsdp2"
+
+    def __init__(self, ctx: DistContext, options: Any = None) -> None:
+        super().__init__(ctx, options)
+        self.mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+
+    def shard(self, model: nn.Module) -> nn.Module:
+        """``fully_shard`` every ModuleList block and embedding, then the root (in place).
+
+        FSDP2 keeps the root's own parameters gathered after forward, so the
+        embeddings get their own unit; the root is left with the small head.
+        """
+        for mod in list(model.modules()):
+            if isinstance(mod, nn.ModuleList):
+                for block in mod:
+                    fully_shard(block, mesh=self.mesh)
+            elif isinstance(mod, nn.Embedding):
+                fully_shard(mod, mesh=self.mesh)
+        fully_shard(model, mesh=self.mesh)
+        return model
+
+    def prepare_student(self, model: nn.Module, param_groups: list[dict], lr_lambda: LrLambda,
+                        micro_batch_size: int = 1, grad_clip: float = 0.0
+                        ) -> tuple[nn.Module, Optimizer, LambdaLR]:
+        """Shard, then rebuild the groups on the new DTensor parameters (same names)."""
+        names = {id(p): n for n, p in model.named_parameters()}
+        by_name = [[names[id(p)] for p in g["params"]] for g in param_groups]
+        self.shard(model.to(self.ctx.device))
+        params = dict(model.named_parameters())
+        groups = [{**g, "params": [params[n] for n in group_names]}
+                  for g, group_names in zip(param_groups, by_name)]
+        opt = torch.optim.AdamW(groups)
+        return model, opt, LambdaLR(opt, lr_lambda)
+
+    def prepare_reference(self, model: nn.Module) -> nn.Module:
+        if not getattr(self.options, "shard_references", True):
+            return super().prepare_reference(model)
+        return self.shard(model.to(self.ctx.device)).eval()
+
+    # -- shards --------------------------------------------------------------------
+    def _rows(self, out_features: int) -> slice:
+        size = math.ceil(out_features / self.ctx.world_size)
+        start = min(self.ctx.rank * size, out_features)
+        return slice(start, min(start + size, out_features))
+
+    def local_mask(self, full: Tensor) -> Tensor:
+        return full[self._rows(full.shape[0])]
+
+    def local_importance(self, m: MaskedLinear) -> Tensor:
+        if m.mask_scores is not None:
+            return m.mask_scores.detach().to_local()
+        return m.weight.detach().to_local().abs()
+
+    def mul_local_grad(self, p: Tensor, mask: Tensor) -> None:
+        if p.grad is not None:
+            local = p.grad.to_local()
+            _check(local, mask)
+            local.mul_(mask.to(local.dtype))
+
+    def mul_local_weight(self, p: Tensor, mask: Tensor) -> None:
+        local = p.detach().to_local()
+        _check(local, mask)
+        local.mul_(mask.to(local.dtype))
+
+    def full_grads(self, model: nn.Module) -> dict[str, Tensor]:
+        return {n: p.grad.full_tensor().detach().clone()
+                for n, p in unwrap(model).named_parameters() if p.grad is not None}
+
+    @contextmanager
+    def gathered(self, model: nn.Module) -> Iterator[nn.Module]:
+        bare = unwrap(model)
+        shards = [m for m in bare.modules() if isinstance(m, FSDPModule)]
+        for m in shards:
+            m.unshard()
+        try:
+            yield bare
+        finally:
+            for m in shards:
+                m.reshard()
+
+    def plain_copy(self, model: nn.Module, build: Callable[[], nn.Module]) -> nn.Module | None:
+        target = build() if self.ctx.is_main else None
+        with self.gathered(model) as bare:
+            if target is not None:
+                load_full_state(target, bare)
+        return target
+
+
+def _check(local: Tensor, mask: Tensor) -> None:
+    if local.shape != mask.shape:
+        raise RuntimeError(f"mask shard {tuple(mask.shape)} does not match the local "
+                           f"parameter shard {tuple(local.shape)}")

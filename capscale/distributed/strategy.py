@@ -1,0 +1,221 @@
+"""How the student is wrapped and stepped, and how frozen references are prepared.
+
+:class:`Strategy` implements ``single`` (one process) and ``ddp``; the sharded strategies
+(``zero3``: DeepSpeed ZeRO-3, ``fsdp2``: torch ``fully_shard``) subclass it and override
+the few methods that touch parameter storage, so the training loop never branches on
+the strategy. Masks on shards (SCALE_OUT.md "Masks on sharded parameters"): when pruned
+weights are zeroed, every :class:`MaskedLinear` records this rank's slice of the mask
+of its training forward (``mask_slicer``); the strategy multiplies it into the local
+gradient before the optimiser step and into the local weights after it, so the full
+(gathered) weights are exactly masked after every step, whatever the sharding.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+from ..pruning.masked import MaskedLinear
+from .context import DistContext
+
+LrLambda = Callable[[int], float]
+
+
+class Strategy:
+    """``single`` / ``ddp``: replicated parameters, torch AdamW, optional DDP wrapper.
+
+    Args:
+        ctx: ranks, device and collectives.
+        options: the config's ``distributed`` section (sharded strategies read it).
+    """
+
+    name = "single"
+
+    def __init__(self, ctx: DistContext, options: Any = None) -> None:
+        self.ctx = ctx
+        self.options = options
+        self.masked: list[MaskedLinear] = []
+        self.zero_pruned = False
+
+    # -- wrapping ------------------------------------------------------------------
+    def prepare_student(self, model: nn.Module, param_groups: list[dict], lr_lambda: LrLambda,
+                        micro_batch_size: int = 1, grad_clip: float = 0.0
+                        ) -> tuple[nn.Module, Optimizer, LambdaLR]:
+        """Wrap the student and build its AdamW optimiser and LR schedule.
+
+        Args:
+            model: the bare student (masks attached).
+            param_groups: AdamW groups (their own ``lr`` / ``weight_decay``).
+            lr_lambda: LR factor per optimiser step.
+            micro_batch_size: per-rank batch size (DeepSpeed's config needs it).
+            grad_clip: max gradient norm, 0 for none (DeepSpeed clips in its step).
+        """
+        opt = torch.optim.AdamW(param_groups)
+        sched = LambdaLR(opt, lr_lambda)
+        if self.ctx.distributed:
+            ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
+            model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        return model, opt, sched
+
+    def prepare_reference(self, model: nn.Module) -> nn.Module:
+        """A frozen reference (already ``freeze``-d) ready for forward passes."""
+        return model.to(self.ctx.device)
+
+    def bind_masks(self, modules: Iterable[MaskedLinear], zero_pruned: bool) -> None:
+        """Register the student's masked layers; ``zero_pruned``: keep pruned weights 0."""
+        self.masked = list(modules)
+        self.zero_pruned = zero_pruned
+        for m in self.masked:
+            m.mask_slicer = self.local_mask if zero_pruned else None
+
+    # -- stepping ------------------------------------------------------------------
+    def backward(self, loss: Tensor, model: nn.Module) -> None:
+        loss.backward()
+
+    def step(self, model: nn.Module, opt: Optimizer, sched: LambdaLR, grad_clip: float) -> None:
+        """Mask grads, clip, optimiser step, mask weights, LR step, zero grads."""
+        self._mask_grads()
+        if grad_clip > 0:
+            nn.utils.clip_grad_norm_(unwrap(model).parameters(), grad_clip)
+        opt.step()
+        self._mask_weights()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+
+    def backward_and_step(self, loss: Tensor, model: nn.Module, opt: Optimizer,
+                          sched: LambdaLR, grad_clip: float) -> None:
+        """One optimiser step on ``loss``."""
+        self.backward(loss, model)
+        self.step(model, opt, sched, grad_clip)
+
+    @torch.no_grad()
+    def _mask_grads(self) -> None:
+        for m in self._zeroed():
+            self.mul_local_grad(m.weight, m.step_mask)
+
+    @torch.no_grad()
+    def _mask_weights(self) -> None:
+        for m in self._zeroed():
+            self.mul_local_weight(m.weight, m.step_mask)
+        for m in self.masked:  # scores / weights changed under the no-grad cache's key
+            m.invalidate_mask_cache()
+
+    def _zeroed(self) -> list[MaskedLinear]:
+        if not self.zero_pruned:
+            return []
+        return [m for m in self.masked if m.step_mask is not None]
+
+    # -- storage-specific hooks (overridden by sharded strategies) -------------------
+    def local_mask(self, full: Tensor) -> Tensor:
+        """This rank's part of a full (out, in) mask, laid out like its weight shard."""
+        return full
+
+    def local_importance(self, m: MaskedLinear) -> Tensor:
+        """This rank's part of ``m``'s importance (scores or ``|W|``), padding excluded."""
+        return m.importance()
+
+    def mul_local_grad(self, p: Tensor, mask: Tensor) -> None:
+        if p.grad is not None:
+            p.grad.mul_(mask.to(p.grad.dtype))
+
+    def mul_local_weight(self, p: Tensor, mask: Tensor) -> None:
+        p.data.mul_(mask.to(p.dtype))
+
+    def full_grads(self, model: nn.Module) -> dict[str, Tensor]:
+        """Every trainable parameter's full (averaged) gradient, after ``backward``.
+
+        A collective under sharding: call it on every rank.
+        """
+        return {n: p.grad.detach().clone() for n, p in unwrap(model).named_parameters()
+                if p.grad is not None}
+
+    @contextmanager
+    def gathered(self, model: nn.Module) -> Iterator[nn.Module]:
+        """The bare model with full parameters inside the block (read only; collective)."""
+        yield unwrap(model)
+
+    def plain_copy(self, model: nn.Module, build: Callable[[], nn.Module]) -> nn.Module | None:
+        """An unsharded model with ``model``'s values on the main rank, None elsewhere.
+
+        Collective. Replicated strategies return the bare model itself (no copy);
+        sharded ones load the gathered values into ``build()``, a fresh skeleton.
+        """
+        return unwrap(model) if self.ctx.is_main else None
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return unwrap(model)
+
+    # -- checkpoints (capscale.checkpoint) --------------------------------------------
+    def save_state(self, path: Path, model: nn.Module, opt: Optimizer, sched: LambdaLR
+                   ) -> list[Path]:
+        """Write the student, optimiser and LR-schedule state under ``path``.
+
+        Replicated strategies write one copy from rank 0; a sharded strategy overrides
+        this to write its shards (e.g. one file per rank) and ``load_state`` to read them.
+
+        Returns:
+            the files this rank wrote (the caller fsyncs them before the commit).
+        """
+        if not self.ctx.is_main:
+            return []
+        files = [path / "model.pt", path / "optimizer.pt"]
+        torch.save(unwrap(model).state_dict(), files[0])
+        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, files[1])
+        return files
+
+    def load_state(self, path: Path, model: nn.Module, opt: Optimizer, sched: LambdaLR
+                   ) -> None:
+        """Restore what ``save_state`` wrote (every rank reads the replicated copy)."""
+        device = self.ctx.device
+        state: dict[str, Any] = torch.load(path / "model.pt", map_location=device,
+                                           weights_only=True)
+        unwrap(model).load_state_dict(state)
+        both = torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
+        opt.load_state_dict(both["optimizer"])
+        sched.load_state_dict(both["scheduler"])
+
+
+@torch.no_grad()
+def load_full_state(target: nn.Module, source: nn.Module) -> nn.Module:
+    """Copy ``source``'s (gathered, full) parameters and buffers into ``target``.
+
+    Non-persistent buffers and the masks' scope (set by the Pruner, not state) are
+    copied too, so ``target``'s masks are ``source``'s.
+    """
+    state = {n: t.detach().cpu().clone() for n, t in itertools.chain(
+        source.named_parameters(), source.named_buffers())}
+    missing, _ = target.load_state_dict(state, strict=False)
+    if missing:
+        raise RuntimeError(f"gathered state lacks {missing[:5]}...")
+    for name, buf in source.named_buffers():
+        target.get_buffer(name).copy_(buf)
+    for name, mod in source.named_modules():
+        if isinstance(mod, MaskedLinear):
+            target.get_submodule(name).global_scope = mod.global_scope
+    return target
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model inside a data-parallel wrapper or DeepSpeed engine."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
+
+
+def local_param_bytes(model: nn.Module) -> int:
+    """Parameter bytes resident on this rank (ZeRO-3 partitions, FSDP2 local shards)."""
+    total = 0
+    for p in unwrap(model).parameters():
+        local = getattr(p, "ds_tensor", None)
+        if local is None:
+            local = p.to_local() if hasattr(p, "to_local") else p
+        total += local.numel() * local.element_size()
+    return total

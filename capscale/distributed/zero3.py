@@ -1,0 +1,222 @@
+"""DeepSpeed ZeRO-3 for the student (with its optimiser) and for frozen references.
+
+ZeRO-3 partitions each parameter flat: rank ``r`` holds elements
+``[r * P, (r + 1) * P)`` of the flattened tensor in ``p.ds_tensor``, ``P =
+ceil(numel / world)``, the last rank zero-padded; ``p.shape`` reads ``(0,)`` outside
+forward. Masks are sliced the same way and applied through DeepSpeed's local
+grad / fp32 accessors (made for pruning), plus the low-precision partition itself.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+from ..pruning.masked import MaskedLinear
+from .context import DistContext
+from .strategy import LrLambda, Strategy, load_full_state, unwrap
+
+
+def import_deepspeed() -> Any:
+    """Import DeepSpeed for this machine (CPU accelerator without CUDA; no JIT builds)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    # The shared-memory comm op is JIT-compiled (60-90 s) on first use; gloo is enough.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed
+
+
+def _hidden(model: nn.Module) -> int:
+    cfg = getattr(unwrap(model), "config", None)
+    return int(getattr(cfg, "hidden_size", 0) or 1024)
+
+
+def _fill_auto(node: Any, values: dict[str, Any]) -> Any:
+    """Replace ``"auto"`` leaves by ``values[key]`` (as the HF DeepSpeed integration does)."""
+    if isinstance(node, dict):
+        return {k: (values[k] if v == "auto" and k in values else _fill_auto(v, values))
+                for k, v in node.items()}
+    return node
+
+
+class ZeRO3Strategy(Strategy):
+    """DeepSpeed ZeRO-3: student engine with DeepSpeed's optimiser; sharded references.
+
+    ``options`` (config ``distributed``): ``deepspeed_config`` (JSON path; "auto" values
+    filled from the model and the train section), ``offload_params``,
+    ``offload_optimizer``, ``shard_references``.
+    """
+
+    name = "zero3"
+
+    def __init__(self, ctx: DistContext, options: Any = None) -> None:
+        super().__init__(ctx, options)
+        self.ds = import_deepspeed()
+        self.ds.init_distributed(dist_backend="nccl" if ctx.device.type == "cuda" else "gloo")
+
+    # -- configs -----------------------------------------------------------------
+    def _base_config(self) -> dict[str, Any]:
+        path = getattr(self.options, "deepspeed_config", None) or os.environ.get(
+            "ACCELERATE_DEEPSPEED_CONFIG_FILE")
+        if path:
+            with open(path) as f:
+                cfg = json.load(f)
+            for key in ("bf16", "fp16"):  # "auto": bf16 where the GPU has it, else fp32
+                if isinstance(cfg.get(key), dict) and cfg[key].get("enabled") == "auto":
+                    cfg[key]["enabled"] = key == "bf16" and torch.cuda.is_available() \
+                        and torch.cuda.is_bf16_supported()
+            return cfg
+        return {"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto",
+                                      "stage3_prefetch_bucket_size": "auto",
+                                      "stage3_param_persistence_threshold": "auto"}}
+
+    def _zero_values(self, model: nn.Module) -> dict[str, Any]:
+        h = _hidden(model)
+        # TRL's sizing from the hidden size; small models get small buckets (fast on CPU).
+        return {"reduce_bucket_size": h * h, "stage3_prefetch_bucket_size": int(0.9 * h * h),
+                "stage3_param_persistence_threshold": 10 * h}
+
+    def _offload(self, zero: dict[str, Any]) -> None:
+        if getattr(self.options, "offload_params", False):
+            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+        if getattr(self.options, "offload_optimizer", False):
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+
+    def student_config(self, model: nn.Module, lr: float, micro_batch_size: int,
+                       grad_clip: float) -> dict[str, Any]:
+        """The student's DeepSpeed config: the file (or defaults) with "auto" filled."""
+        values = {**self._zero_values(model), "train_micro_batch_size_per_gpu":
+                  micro_batch_size, "gradient_accumulation_steps": 1,
+                  "train_batch_size": micro_batch_size * self.ctx.world_size,
+                  "gradient_clipping": grad_clip, "lr": lr}
+        cfg = _fill_auto(self._base_config(), values)
+        for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                    "gradient_clipping"):
+            cfg.setdefault(key, values[key])
+        cfg.pop("train_batch_size", None)  # implied; a stale value would only conflict
+        cfg.setdefault("optimizer", {"type": "AdamW", "params": {"lr": lr}})
+        if self.ctx.device.type == "cpu":  # torch's AdamW: no fused-op build on CPU
+            cfg["optimizer"].setdefault("params", {})["torch_adam"] = True
+        cfg.setdefault("steps_per_print", 2**31 - 1)
+        zero = cfg.setdefault("zero_optimization", {})
+        if zero.get("stage") != 3:
+            raise ValueError(f"strategy zero3 needs zero_optimization.stage 3, got "
+                             f"{zero.get('stage')}")
+        self._offload(zero)
+        return cfg
+
+    def reference_config(self, model: nn.Module) -> dict[str, Any]:
+        """A frozen model's config: no optimiser, ZeRO-3 sized from its hidden size."""
+        cfg = _fill_auto(copy.deepcopy(self._base_config()), self._zero_values(model))
+        for key in ("optimizer", "scheduler", "gradient_clipping", "train_batch_size"):
+            cfg.pop(key, None)
+        cfg["train_micro_batch_size_per_gpu"] = 1
+        cfg["gradient_accumulation_steps"] = 1
+        cfg["zero_optimization"] = {**cfg.get("zero_optimization", {}), "stage": 3,
+                                    **self._zero_values(model)}
+        cfg.setdefault("steps_per_print", 2**31 - 1)
+        self._offload(cfg["zero_optimization"])
+        cfg["zero_optimization"].pop("offload_optimizer", None)  # nothing to optimise
+        return cfg
+
+    # -- wrapping ----------------------------------------------------------------
+    def prepare_student(self, model: nn.Module, param_groups: list[dict], lr_lambda: LrLambda,
+                        micro_batch_size: int = 1, grad_clip: float = 0.0
+                        ) -> tuple[nn.Module, Optimizer, LambdaLR]:
+        """A DeepSpeed engine; the groups (scores with their own lr) reach its AdamW."""
+        cfg = self.student_config(model, param_groups[0]["lr"], micro_batch_size, grad_clip)
+        engine, opt, _, sched = self.ds.initialize(
+            model=model, model_parameters=param_groups, config=cfg,
+            lr_scheduler=lambda o: LambdaLR(o, lr_lambda))
+        return engine, opt, sched
+
+    def prepare_reference(self, model: nn.Module) -> nn.Module:
+        if not getattr(self.options, "shard_references", True):
+            return super().prepare_reference(model)
+        engine, *_ = self.ds.initialize(model=model, config=self.reference_config(model))
+        engine.eval()
+        return engine
+
+    # -- stepping ----------------------------------------------------------------
+    def backward(self, loss: Tensor, model: nn.Module) -> None:
+        model.backward(loss)
+
+    def step(self, model: nn.Module, opt: Optimizer, sched: LambdaLR, grad_clip: float) -> None:
+        """DeepSpeed's step clips (config ``gradient_clipping``), steps and schedules."""
+        self._mask_grads()
+        model.step()
+        self._mask_weights()
+
+    # -- shards --------------------------------------------------------------------
+    def _partition(self, numel: int) -> tuple[int, int]:
+        """(start, length) of this rank's partition of a flattened ``numel`` tensor."""
+        size = math.ceil(numel / self.ctx.world_size)
+        return self.ctx.rank * size, size
+
+    def local_mask(self, full: Tensor) -> Tensor:
+        start, size = self._partition(full.numel())
+        flat = full.reshape(-1)[start:start + size]
+        out = torch.zeros(size, dtype=full.dtype, device=full.device)
+        out[:flat.numel()] = flat
+        return out
+
+    def local_importance(self, m: MaskedLinear) -> Tensor:
+        p = m.mask_scores if m.mask_scores is not None else m.weight
+        numel = m.in_features * m.out_features
+        start, size = self._partition(numel)
+        valid = max(0, min(size, numel - start))  # drop the zero padding of the last rank
+        local = p.ds_tensor.detach().reshape(-1)[:valid]
+        return local if m.mask_scores is not None else local.abs()
+
+    def mul_local_grad(self, p: Tensor, mask: Tensor) -> None:
+        grad = self.ds.utils.safe_get_local_grad(p)
+        if grad is not None:
+            self.ds.utils.safe_set_local_grad(p, grad * _fit(mask, grad))
+
+    def mul_local_weight(self, p: Tensor, mask: Tensor) -> None:
+        fp32 = self.ds.utils.safe_get_local_fp32_param(p)
+        if fp32 is not None:
+            self.ds.utils.safe_set_local_fp32_param(p, fp32 * _fit(mask, fp32))
+        # The low-precision partition would only pick the fp32 values up next step.
+        p.ds_tensor.data.mul_(_fit(mask, p.ds_tensor))
+
+    def full_grads(self, model: nn.Module) -> dict[str, Tensor]:
+        out = {}
+        for n, p in unwrap(model).named_parameters():
+            if p.requires_grad:
+                g = self.ds.utils.safe_get_full_grad(p)
+                if g is not None:
+                    out[n] = g.detach().clone()
+        return out
+
+    @contextmanager
+    def gathered(self, model: nn.Module) -> Iterator[nn.Module]:
+        bare = unwrap(model)
+        if hasattr(model, "empty_partition_cache"):  # wait for and release prefetches
+            model.empty_partition_cache()
+        with self.ds.zero.GatheredParameters(list(bare.parameters()), modifier_rank=None):
+            yield bare
+
+    def plain_copy(self, model: nn.Module, build: Callable[[], nn.Module]) -> nn.Module | None:
+        target = build() if self.ctx.is_main else None
+        with self.gathered(model) as bare:
+            if target is not None:
+                load_full_state(target, bare)
+        return target
+
+
+def _fit(mask: Tensor, like: Tensor) -> Tensor:
+    """The flat local mask shaped and typed like a local partition (padding cut off)."""
+    flat = mask.reshape(-1)[: like.numel()]
+    return flat.view(like.shape).to(device=like.device, dtype=like.dtype)

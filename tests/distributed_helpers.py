@@ -1,0 +1,203 @@
+"""Tiny offline assets and the 2-rank worker shared by the distributed tests.
+
+``make_assets`` writes a word-level BERT tokenizer, a tiny pre-trained encoder, a tiny
+"fine-tuned" teacher (random, 3 labels) and a 3-class CSV task. ``worker`` is the body
+of one spawned rank: it runs every check of a strategy in one job (process start-up
+and DeepSpeed initialisation dominate the cost) and rank 0 saves what the parent test
+compares against one process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+WORDS = [f"w{i}" for i in range(200)]
+GLOBAL_BATCH = 8
+STEPS = 4
+
+
+def make_assets(root: Path, hidden: int = 32, layers: int = 2, n_train: int = 48
+                ) -> dict[str, str]:
+    """Write tokenizer + student + teacher dirs and train / validation CSVs under ``root``."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    root.mkdir(parents=True, exist_ok=True)
+    vocab = root / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]))
+    tok = BertTokenizer(str(vocab), do_lower_case=True)
+    cfg = BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                     intermediate_size=2 * hidden, vocab_size=len(WORDS) + 5,
+                     max_position_embeddings=64, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0, num_labels=3)
+    paths = {}
+    for name, seed in (("student", 0), ("teacher", 1)):
+        torch.manual_seed(seed)
+        model = BertForSequenceClassification(cfg)
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        paths[name] = str(root / name)
+    rng = random.Random(0)
+    for split, n in (("train", n_train), ("validation", 16)):
+        rows = ["sentence,label"]
+        for _ in range(n):
+            label = rng.randrange(3)
+            words = [WORDS[rng.randrange(label * 60, label * 60 + 80)]
+                     for _ in range(rng.randrange(4, 12))]
+            rows.append(f"{' '.join(words)},{'abc'[label]}")
+        (root / f"{split}.csv").write_text("\n".join(rows) + "\n")
+        paths[split] = str(root / f"{split}.csv")
+    return paths
+
+
+def run_config(assets: dict[str, str], out: str, **overrides: Any) -> dict[str, Any]:
+    """The test run's config as a dict (YAML-ready)."""
+    cfg: dict[str, Any] = {
+        "model": {"name_or_path": assets["student"], "teacher": assets["teacher"]},
+        "data": {"train_file": assets["train"], "validation_file": assets["validation"],
+                 "max_length": 16},
+        "pruning": {"method": "movement", "scope": "global", "initial_sparsity": 0.3,
+                    "final_sparsity": 0.7, "initial_warmup": 0, "final_warmup": 0.3,
+                    "score_lr": 0.01, "zero_pruned_weights": True},
+        "cap": {"num_negatives": 8, "snapshot_schedule": "epoch", "max_snapshots": 2},
+        "train": {"epochs": 1, "max_steps": 6, "batch_size": GLOBAL_BATCH, "lr": 1e-3,
+                  "eval_batch_size": 8, "grad_clip": 1.0, "progress": False, "seed": 3},
+        "output_dir": out,
+    }
+    for key, value in overrides.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return cfg
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_run(assets: dict[str, str], ctx: Any, batch_size: int, **overrides: Any) -> Any:
+    """A CAPPruner on the tiny assets (banks filled, SnC snapshot taken)."""
+    from capscale.config import config_from_dict
+    from capscale.console import Console
+    from capscale.data import load_task_data
+    from capscale.teachers import load_tokenizer
+    from capscale.train import CAPPruner
+
+    cfg = config_from_dict(run_config(assets, "unused", **{"train.batch_size": batch_size,
+                                                           **overrides}))
+    data = load_task_data(cfg.data)
+    tok = load_tokenizer(assets["student"])
+    run = CAPPruner(cfg, ctx, data, tok, assets["teacher"], Console(enabled=False))
+    run.snapshot("test snapshot")
+    return run
+
+
+def batch_rows(run: Any, start: int, stop: int) -> dict[str, torch.Tensor]:
+    """Rows ``[start, stop)`` of the tokenised training set, collated."""
+    from capscale.data import Collator
+    ds = run.loaders.bank.dataset
+    return Collator(0)([ds[i] for i in range(start, stop)])
+
+
+def local_rows(step: int, rank: int, world: int) -> tuple[int, int]:
+    per = GLOBAL_BATCH // world
+    start = step * GLOBAL_BATCH + rank * per
+    return start, start + per
+
+
+def train_and_record(run: Any, ctx: Any) -> dict[str, Any]:
+    """Step 0 with losses and full grads recorded, then STEPS - 1 more steps; masks etc."""
+    rank, world = ctx.rank, ctx.world_size
+    out: dict[str, Any] = {}
+    run.pruner.update(0)
+    losses = run.compute_losses(batch_rows(run, *local_rows(0, rank, world)))
+    total = torch.stack(list(losses.values())).sum()
+    out["losses"] = {k: float(ctx.all_reduce_sum(v.detach().float())) / world
+                     for k, v in losses.items()}
+    run.strategy.backward(total, run.student)
+    out["grads"] = run.strategy.full_grads(run.student)
+    run.strategy.step(run.student, run.optimizer, run.scheduler, run.cfg.train.grad_clip)
+    run.step = 1
+    for step in range(1, STEPS):
+        if step == STEPS - 1:  # the masks the last step's forward will use
+            run.pruner.update(step)
+            with run.strategy.gathered(run.student):
+                out["masks"] = {k: v.cpu().clone() for k, v in run.pruner.masks().items()}
+        run.train_step(batch_rows(run, *local_rows(step, rank, world)))
+    keeps = (0.05, 0.5, 0.93)
+    # Bisection over this rank's shards (all-reduced counts) ...
+    out["thresholds"] = [run.pruner.global_threshold(k) for k in keeps]
+    with run.strategy.gathered(run.student):
+        out["weights"] = {k: m.weight.detach().cpu().clone()
+                          for k, m in run.pruner.modules.items()}
+        # ... vs. one process' top-k over the very same (gathered) scores.
+        scores = torch.cat([m.importance().detach().flatten()
+                            for m in run.pruner.modules.values()])
+        out["thresholds_full"] = [float(scores.topk(round(k * scores.numel())).values.min())
+                                  for k in keeps]
+        live = {k: v.cpu().clone() for k, v in run.pruner.masks().items()}
+    plain = run.full_student()  # what export writes: an unsharded copy on rank 0
+    if plain is not None:
+        names = run.adapter.qualified_names(plain)
+        out["export_masks_equal"] = all(torch.equal(
+            plain.get_submodule(names[k]).mask().bool().cpu(), v) for k, v in live.items())
+    out["sparsity"] = run.sparsity()["linear_sparsity"]
+    return out
+
+
+def teacher_record(run: Any) -> dict[str, Any]:
+    from capscale.data import model_inputs
+    from capscale.distributed import local_param_bytes
+    with torch.no_grad():
+        logits = run.teacher(**model_inputs(batch_rows(run, 0, GLOBAL_BATCH),
+                                            run.ctx.device)).logits
+    return {"teacher_logits": logits.cpu(), "teacher_bytes": local_param_bytes(run.teacher)}
+
+
+def worker(rank: int, world: int, port: int, strategy: str, assets: dict[str, str],
+           out_dir: str, smoke: bool) -> None:
+    """One rank: parity, masks, threshold and teacher checks, then the real entry point."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), CAPSCALE_CPU="1",
+                      DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
+    torch.set_num_threads(1)
+    from capscale.distributed import init_distributed
+    ctx = init_distributed(strategy)
+    run = build_run(assets, ctx, GLOBAL_BATCH // world)
+    record = {**train_and_record(run, ctx), **teacher_record(run), "strategy": ctx.strategy}
+    if rank == 0:
+        torch.save(record, Path(out_dir) / "record.pt")
+    if smoke:
+        _smoke(assets, out_dir, strategy)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _smoke(assets: dict[str, str], out_dir: str, strategy: str) -> None:
+    import yaml
+
+    from capscale.run import main
+    cfg_path = Path(out_dir) / "smoke.yaml"
+    out = str(Path(out_dir) / "smoke")
+    if dist.get_rank() == 0:
+        extra = {}
+        if strategy == "zero3":  # the shipped DeepSpeed JSON, "auto" values filled
+            extra["distributed.deepspeed_config"] = str(
+                Path(__file__).resolve().parent.parent / "ds_configs" / "zero3.json")
+        cfg_path.write_text(yaml.safe_dump(run_config(
+            assets, out, **{"train.max_steps": 2, "train.batch_size": 4, **extra})))
+    dist.barrier()
+    rc = main(["--config", str(cfg_path), f"strategy={strategy}"])
+    if dist.get_rank() == 0:
+        (Path(out_dir) / "smoke_rc.json").write_text(json.dumps({"rc": rc}))
