@@ -187,9 +187,11 @@ class CAPPruner:
         if cfg.pruning.method not in ("none", "structured"):
             masked = attach_masks(student, self.adapter, cfg.pruning.method,
                                   cfg.pruning.score_init, cfg.pruning.min_keep)
-        # Global top-k reads each rank's shard of the scores (exact bisection, no gather).
+        # Global top-k reads each rank's shard of the scores (exact bisection, no gather);
+        # replicated scores (single / ddp) are counted once, without a sum over ranks.
+        sharded = ctx.distributed and self.strategy.shards_parameters
         self.pruner = Pruner(masked, cfg.pruning, self.total_steps,
-                             all_reduce=ctx.all_reduce_sum if ctx.distributed else None,
+                             all_reduce=ctx.all_reduce_sum if sharded else None,
                              local_importance=self.strategy.local_importance)
         self.strategy.bind_masks(masked.values(), cfg.pruning.zero_pruned_weights)
         groups = param_groups(student, cfg.train.lr, cfg.train.weight_decay,

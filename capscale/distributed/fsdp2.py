@@ -29,6 +29,7 @@ class FSDP2Strategy(Strategy):
     """FSDP2: sharded student with torch AdamW over DTensors; sharded references."""
 
     name = "fsdp2"
+    shards_parameters = True
 
     def __init__(self, ctx: DistContext, options: Any = None) -> None:
         super().__init__(ctx, options)

@@ -38,6 +38,9 @@ class Strategy:
     """
 
     name = "single"
+    # Whether each rank holds only a shard of the parameters (and of the scores): counts
+    # over scores are then summed over ranks; over replicated scores they must not be.
+    shards_parameters = False
 
     def __init__(self, ctx: DistContext, options: Any = None) -> None:
         self.ctx = ctx

@@ -59,6 +59,7 @@ class ZeRO3Strategy(Strategy):
     """
 
     name = "zero3"
+    shards_parameters = True
 
     def __init__(self, ctx: DistContext, options: Any = None) -> None:
         super().__init__(ctx, options)
