@@ -39,7 +39,9 @@ class ReferenceQueue(nn.Module):
     Args:
         size: K, examples kept.
         max_views: R_max; entries of a different R than the stored ones reset the
-            queue (an SnC snapshot was added or evicted, so older entries lack a view).
+            queue (an SnC snapshot was added, so older entries lack a view). Once at
+            R_max, a new snapshot replaces the oldest and queued entries keep views of
+            the evicted one until pushed out: stale keys, as in MoCo's queue.
         hidden: H.
         dtype, device: storage.
     """

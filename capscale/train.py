@@ -181,8 +181,9 @@ class CAPPruner:
         self.student_tap = RepresentationTap(student, self.adapter)
         self.objective: CAPObjective | OnlineObjective
         if cfg.cap.mode == "online":
-            self.objective = OnlineObjective(cfg.cap, hidden_size(student, self.adapter),
-                                             ctx.device)
+            self.objective = OnlineObjective(
+                cfg.cap, hidden_size(student, self.adapter), ctx.device,
+                snapshot_fn=lambda m: self.strategy.prepare_reference(snapshot_copy(m)))
             self._set_online_references(student, cfg.model.student_init == "pretrained")
         else:
             self.objective = CAPObjective(cfg.cap, len(data.train), hidden_size(
@@ -251,7 +252,7 @@ class CAPPruner:
         """Online mode: PrC and FiC references run live on every batch."""
         refs = self.objective.references
         if "prc" in refs:
-            prc = (snapshot_copy(student) if student_is_pretrained  # before any masking
+            prc = (self.objective.snapshot_fn(student) if student_is_pretrained  # unmasked
                    else self.strategy.prepare_reference(freeze(load_classifier(
                        self.cfg.model.name_or_path, self.num_labels, self.data.label_names,
                        self.cfg.model.trust_remote_code))))
