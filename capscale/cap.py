@@ -3,7 +3,9 @@
 Per step and module (CAP_SPEC.md sections 3 and 5): the global batch's current student
 vectors (detached) and their bank views, plus ``floor(num_negatives / R)`` extra examples
 drawn uniformly from the whole training set with a generator seeded by (seed, step,
-module), so every rank draws the same extras as a single process would.
+module), so every rank draws the same extras as a single process would. Because the
+global batch ids and the extras are the same on every rank, a sharded bank can serve
+both with one collective per module and step (see banks.py).
 """
 
 from __future__ import annotations
@@ -16,10 +18,42 @@ from torch import Tensor, nn
 from .banks import RepresentationBank
 from .config import CAPConfig
 from .distributed import DistContext
-from .losses import build_candidates, contrastive_loss
+from .losses import Candidates, build_candidates, contrastive_loss
 
 MODULES = ("prc", "fic", "snc")
 Encoder = Callable[[dict[str, Tensor]], Tensor]  # batch -> (B, H) normalised vectors
+
+
+def module_terms(name: str, cfg: CAPConfig, cands: Candidates, anchors: Tensor, ids: Tensor,
+                 labels: Tensor, g_ids: Tensor, g_labels: Tensor, positions: Tensor,
+                 world_size: int, supervised: bool) -> dict[str, Tensor]:
+    """The weighted unsupervised / supervised terms of one module (PrC, FiC or SnC).
+
+    Args:
+        name: ``prc``, ``fic`` or ``snc`` (its weights are ``cfg.<name>``).
+        cands: the global candidate set (batch first, see :func:`build_candidates`).
+        anchors: (B, H) local student vectors with gradient.
+        ids, labels: (B,) local example ids and labels.
+        g_ids, g_labels: (Bg,) the gathered batch's ids and labels.
+        positions: (B,) positions of the local anchors in the gathered batch.
+        world_size: ranks sharing the global batch (see :func:`contrastive_loss`).
+        supervised: whether every label is a class (no supervised term otherwise).
+    """
+    w = getattr(cfg, name)
+    dev = anchors.device
+    common = {"self_index": cands.self_index(positions), "cands": cands,
+              "temperature": cfg.temperature, "normalization": cfg.normalization,
+              "global_self_index": cands.self_index(torch.arange(g_ids.shape[0], device=dev)),
+              "world_size": world_size}
+    out: dict[str, Tensor] = {}
+    if w.w_unsup > 0:
+        out[f"{name}_unsup"] = w.w_unsup * contrastive_loss(
+            anchors, ids.to(dev), cand_keys=cands.ids, global_keys=g_ids.to(dev), **common)
+    if w.w_sup > 0 and supervised:
+        out[f"{name}_sup"] = w.w_sup * contrastive_loss(
+            anchors, labels.to(dev), cand_keys=cands.labels, global_keys=g_labels.to(dev),
+            **common)
+    return out
 
 
 class CAPObjective(nn.Module):
@@ -31,19 +65,24 @@ class CAPObjective(nn.Module):
         hidden: representation width H.
         train_labels: (N,) label of every training example (-1 for regression).
         seed: base seed of the extra-negative draws.
+        device: where the banks live when ``cfg.bank_device == "accelerator"``.
+        rank, world_size: this rank's share of the rows when ``cfg.bank_sharding`` is
+            ``sharded``; ignored for replicated banks.
     """
 
     def __init__(self, cfg: CAPConfig, num_examples: int, hidden: int, train_labels: Tensor,
-                 seed: int = 0, device: torch.device | str = "cpu") -> None:
+                 seed: int = 0, device: torch.device | str = "cpu", rank: int = 0,
+                 world_size: int = 1) -> None:
         super().__init__()
         self.cfg = cfg
         self.seed = seed
         dtype = torch.bfloat16 if cfg.bank_dtype == "bfloat16" else torch.float32
         bank_device = device if cfg.bank_device == "accelerator" else "cpu"
+        shard = (rank, world_size) if cfg.bank_sharding == "sharded" else (0, 1)
         self.banks = nn.ModuleDict({
             name: RepresentationBank(num_examples, hidden,
                                      cfg.max_snapshots if name == "snc" else 1, dtype,
-                                     bank_device)
+                                     bank_device, *shard)
             for name in MODULES if getattr(cfg, name).enabled})
         self.register_buffer("train_labels", train_labels.long().clone(), persistent=False)
         self.supervised = bool((train_labels >= 0).all())
@@ -56,7 +95,8 @@ class CAPObjective(nn.Module):
         return torch.Generator().manual_seed(self.seed * 1_000_003 + step * 17 + module)
 
     def forward(self, anchors: Tensor, ids: Tensor, labels: Tensor, step: int,
-                ctx: DistContext) -> dict[str, Tensor]:
+                ctx: DistContext, inputs: dict[str, Tensor] | None = None
+                ) -> dict[str, Tensor]:
         """Weighted contrastive terms, e.g. ``{"prc_unsup": ..., "fic_sup": ...}``.
 
         Args:
@@ -65,6 +105,8 @@ class CAPObjective(nn.Module):
             labels: (B,) local labels.
             step: optimiser step (seeds the extra-negative draws).
             ctx: ranks and gathers.
+            inputs: the batch's model inputs; unused here (the views come from the
+                banks), read by the online objective that shares this interface.
         """
         losses: dict[str, Tensor] = {}
         if not self.enabled:
@@ -77,28 +119,19 @@ class CAPObjective(nn.Module):
             if name not in self.banks or self.banks[name].num_views == 0:
                 continue
             bank: RepresentationBank = self.banks[name]
-            w = getattr(self.cfg, name)
             dev, dt = anchors.device, anchors.dtype
-            views = bank.views(g_ids, dtype=dt, device=dev)
             extra = bank.sample_ids(bank.extra_count(self.cfg.num_negatives),
                                     self._generator(step, m_idx))
+            # One lookup (one collective when sharded) for the batch and the extras.
+            both = bank.views(torch.cat([g_ids.cpu(), extra]), dtype=dt, device=dev,
+                              sum_fn=ctx.sum_over_ranks)
+            views, extra_views = both[: g_ids.shape[0]], both[g_ids.shape[0]:]
             cands = build_candidates(current, g_ids.to(dev), g_labels.to(dev), views,
-                                     bank.views(extra, dtype=dt, device=dev), extra.to(dev),
+                                     extra_views, extra.to(dev),
                                      self.train_labels[extra].to(dev))
-            self_idx = cands.self_index(positions)
-            g_self = cands.self_index(torch.arange(g_ids.shape[0], device=dev))
-            common = {"self_index": self_idx, "cands": cands,
-                      "temperature": self.cfg.temperature,
-                      "normalization": self.cfg.normalization,
-                      "global_self_index": g_self, "world_size": ctx.world_size}
-            if w.w_unsup > 0:
-                losses[f"{name}_unsup"] = w.w_unsup * contrastive_loss(
-                    anchors, ids.to(dev), cand_keys=cands.ids, global_keys=g_ids.to(dev),
-                    **common)
-            if w.w_sup > 0 and self.supervised:
-                losses[f"{name}_sup"] = w.w_sup * contrastive_loss(
-                    anchors, labels.to(dev), cand_keys=cands.labels,
-                    global_keys=g_labels.to(dev), **common)
+            losses.update(module_terms(name, self.cfg, cands, anchors, ids, labels, g_ids,
+                                       g_labels, positions, ctx.world_size,
+                                       self.supervised))
         return losses
 
     @torch.no_grad()
@@ -107,7 +140,8 @@ class CAPObjective(nn.Module):
         """Encode the training set into a new view of bank ``name``.
 
         Each rank encodes the batches it is given (e.g. its DistributedSampler shard);
-        ids and vectors are gathered and every rank writes every row by example id.
+        ids and vectors are gathered and every rank writes, by example id, every row
+        (replicated bank) or the rows it owns (sharded bank).
 
         Returns:
             the slot written.
@@ -118,8 +152,10 @@ class CAPObjective(nn.Module):
             vecs = encode(batch)
             bank.write(ctx.gather(batch["example_id"].to(vecs.device)).cpu(),
                        ctx.gather(vecs).to(bank.vectors.device), slot)
-        if not bank.complete(slot):
-            missing = int((~bank.written[:, slot]).sum())
+        missing = bank.missing(slot)
+        if bank.sharded:  # every rank must agree, or one would raise while others wait
+            missing = int(ctx.all_reduce_sum(torch.tensor([missing]))[0])
+        if missing:
             raise RuntimeError(f"bank {name}: {missing} examples were not encoded; the bank "
                                "loader must cover the whole training set")
         return slot

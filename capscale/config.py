@@ -163,6 +163,18 @@ class CAPConfig:
     max_snapshots: int = 8
     # Reference: unstructured snapshots are encoded in train mode (dropout on).
     snapshot_train_mode: bool = True
+    # ``bank``: encode the whole training set into [N, R, H] banks (reference).
+    # ``online``: for data too large to pre-encode: positives from live frozen
+    # references on each batch, negatives from the gathered batch plus a bounded queue
+    # of earlier reference outputs (MoCo-style); memory independent of N.
+    mode: Literal["bank", "online"] = "bank"
+    # Online mode: earlier examples kept per module as negatives (replaces the bank's
+    # ``num_negatives`` extras; each entry brings its R views).
+    queue_size: int = 4096
+    # Bank mode, several ranks: ``replicated`` (every rank holds all N rows) or
+    # ``sharded`` (rank r holds ids with id % world == r: bank memory / world, one
+    # all-reduce per module and step to serve the batch's and the extras' views).
+    bank_sharding: Literal["replicated", "sharded"] = "replicated"
 
 
 @dataclass
@@ -296,6 +308,7 @@ class Config:
             (self.cap.temperature > 0, "cap.temperature", "must be > 0"),
             (self.cap.num_negatives >= 0, "cap.num_negatives", "must be >= 0"),
             (self.cap.max_snapshots >= 1, "cap.max_snapshots", "must be >= 1"),
+            (self.cap.queue_size >= 1, "cap.queue_size", "must be >= 1"),
             (all(0 < m < 1 for m in self.cap.snapshot_milestones), "cap.snapshot_milestones",
              "each milestone is a fraction of the final sparsity, in (0, 1)"),
             (self.loss.kd_temperature > 0, "loss.kd_temperature", "must be > 0"),

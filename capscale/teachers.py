@@ -140,7 +140,17 @@ class RepresentationTap:
         self.value = args[0]
 
     def remove(self) -> None:
-        self.handle.remove()
+        if self.handle is not None:
+            self.handle.remove()
+
+    def __deepcopy__(self, memo: dict) -> RepresentationTap:
+        # Deep-copying a tapped model (a snapshot) copies its hook and so this tap: give
+        # the copy an empty one. The recorded activation may carry autograd history,
+        # which deepcopy refuses, and the copy's hook must not share this tap's state.
+        new = RepresentationTap.__new__(RepresentationTap)
+        new.value, new.handle = None, None
+        memo[id(self)] = new
+        return new
 
 
 def forward_with_representation(model: nn.Module, inputs: dict[str, Tensor],

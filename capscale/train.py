@@ -34,6 +34,7 @@ from .data import Collator, TaskData, make_loader, model_inputs, tokenize
 from .distributed import DistContext, make_strategy
 from .losses import kd_loss, task_loss
 from .metrics import compute_metrics, main_metric
+from .online import OnlineObjective
 from .pruning import Pruner, attach_masks, sparsity_report
 from .teachers import (
     RepresentationTap,
@@ -42,6 +43,7 @@ from .teachers import (
     freeze,
     hidden_size,
     load_classifier,
+    snapshot_copy,
 )
 
 
@@ -178,10 +180,18 @@ class CAPPruner:
         labels = torch.as_tensor(np.asarray(data.train["labels"]))
         if self.num_labels == 1:
             labels = torch.full_like(labels, -1, dtype=torch.long)
-        self.objective = CAPObjective(cfg.cap, len(data.train), hidden_size(student,
-                                      self.adapter), labels, cfg.train.seed, ctx.device)
         self.student_tap = RepresentationTap(student, self.adapter)
-        self._fill_reference_banks(student, cfg.model.student_init == "pretrained")
+        self.objective: CAPObjective | OnlineObjective
+        if cfg.cap.mode == "online":
+            self.objective = OnlineObjective(
+                cfg.cap, hidden_size(student, self.adapter), ctx.device,
+                snapshot_fn=lambda m: self.strategy.prepare_reference(snapshot_copy(m)))
+            self._set_online_references(student, cfg.model.student_init == "pretrained")
+        else:
+            self.objective = CAPObjective(cfg.cap, len(data.train), hidden_size(
+                student, self.adapter), labels, cfg.train.seed, ctx.device, ctx.rank,
+                ctx.world_size)
+            self._fill_reference_banks(student, cfg.model.student_init == "pretrained")
         masked = {}
         # Structured pruning masks activations instead (capscale.structured_train).
         if cfg.pruning.method not in ("none", "structured"):
@@ -254,8 +264,26 @@ class CAPPruner:
             self._fill("fic", self.teacher, tap, "fine-tuned teacher")
             tap.remove()
 
+    def _set_online_references(self, student: PreTrainedModel, student_is_pretrained: bool
+                               ) -> None:
+        """Online mode: PrC and FiC references run live on every batch."""
+        refs = self.objective.references
+        if "prc" in refs:
+            prc = (self.objective.snapshot_fn(student) if student_is_pretrained  # unmasked
+                   else self.strategy.prepare_reference(freeze(load_classifier(
+                       self.cfg.model.name_or_path, self.num_labels, self.data.label_names,
+                       self.cfg.model.trust_remote_code))))
+            self.objective.set_reference("prc", prc, self.adapter)
+        if "fic" in refs:
+            if self.teacher is None:
+                raise ValueError("cap.fic.enabled needs a teacher (model.teacher)")
+            self.objective.set_reference("fic", self.teacher, self.adapter)
+
     def snapshot(self, reason: str) -> None:
         """Append the current student as a new SnC view (CAP_SPEC.md section 5)."""
+        if isinstance(self.objective, OnlineObjective):
+            self.objective.add_snapshot(self.strategy.unwrap(self.student), self.adapter)
+            return
         if "snc" not in self.objective.banks:
             return
         self.student.train(self.cfg.cap.snapshot_train_mode)
@@ -280,7 +308,7 @@ class CAPPruner:
         class_labels = (labels.long() if self.num_labels > 1
                         else torch.full_like(labels, -1, dtype=torch.long))
         losses.update(self.objective(anchors, batch["example_id"].to(ctx.device),
-                                     class_labels, self.step, ctx))
+                                     class_labels, self.step, ctx, inputs=inputs))
         reg = self.pruner.regularization()
         if reg is not None:
             losses["l1"] = reg

@@ -70,6 +70,19 @@ class DistContext:
         dist.all_reduce(t)
         return t.cpu() if t.device.type != "cpu" else t
 
+    def sum_over_ranks(self, t: Tensor) -> Tensor:
+        """Element-wise sum of ``t`` over ranks (no gradient), on ``t``'s own device.
+
+        Used to assemble rows of a sharded bank: each rank fills the rows it owns.
+        """
+        if not self.distributed:
+            return t
+        buf = t.detach().to(self.device).contiguous()
+        if buf is t:
+            buf = buf.clone()
+        dist.all_reduce(buf)
+        return buf.to(t.device)
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
