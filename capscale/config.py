@@ -366,15 +366,18 @@ class Config:
                 "data: give exactly one of data.preset, data.dataset_name or data.train_file "
                 f"(got preset={self.data.preset!r}, dataset_name={self.data.dataset_name!r}, "
                 f"train_file={self.data.train_file!r})")
-        if self.strategy in ("zero3", "fsdp2") and (self.resume is not None
-                                                    or self.checkpoint.every_steps > 0):
-            raise ConfigError(f"resume / checkpoint.every_steps: checkpoints are implemented for "
-                              f"single and ddp only, not strategy={self.strategy} yet; unset "
-                              "them or use ddp")
-        if self.pruning.method == "structured" and (self.resume is not None
-                                                    or self.checkpoint.every_steps > 0):
-            raise ConfigError("resume / checkpoint.every_steps: checkpoints are not supported "
-                              "for pruning.method=structured yet; unset them")
+        # Checkpoints cover single / ddp runs with replicated banks; refuse the rest
+        # rather than write checkpoints that would not resume exactly. ``resume=latest``
+        # with no checkpoint written is a fresh start, so it stays allowed.
+        no_ckpt = [why for bad, why in (
+            (self.strategy in ("zero3", "fsdp2"), f"strategy={self.strategy}"),
+            (self.pruning.method == "structured", "pruning.method=structured"),
+            (self.cap.mode == "online", "cap.mode=online"),
+            (self.cap.bank_sharding == "sharded", "cap.bank_sharding=sharded")) if bad]
+        if no_ckpt and (self.checkpoint.every_steps > 0
+                        or self.resume not in (None, "latest")):
+            raise ConfigError(f"checkpoint.every_steps / resume: checkpoints are not "
+                              f"implemented yet for {', '.join(no_ckpt)}; unset them")
         if self.data.preset is not None and self.data.preset not in DATA_PRESETS:
             raise ConfigError(f"data.preset = {self.data.preset!r}: known presets are "
                               f"{sorted(DATA_PRESETS)}")
