@@ -9,7 +9,7 @@ are sliced the same way and multiplied into ``p.grad.to_local()`` / ``p.to_local
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -22,7 +22,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from ..pruning.masked import MaskedLinear
 from .context import DistContext
-from .strategy import LrLambda, Strategy, load_full_state, unwrap
+from .strategy import LrLambda, Strategy, unwrap
 
 
 class FSDP2Strategy(Strategy):
@@ -108,13 +108,6 @@ class FSDP2Strategy(Strategy):
         finally:
             for m in shards:
                 m.reshard()
-
-    def plain_copy(self, model: nn.Module, build: Callable[[], nn.Module]) -> nn.Module | None:
-        target = build() if self.ctx.is_main else None
-        with self.gathered(model) as bare:
-            if target is not None:
-                load_full_state(target, bare)
-        return target
 
 
 def _check(local: Tensor, mask: Tensor) -> None:

@@ -151,7 +151,13 @@ class Strategy:
         Collective. Replicated strategies return the bare model itself (no copy);
         sharded ones load the gathered values into ``build()``, a fresh skeleton.
         """
-        return unwrap(model) if self.ctx.is_main else None
+        if not self.shards_parameters:
+            return unwrap(model) if self.ctx.is_main else None
+        target = build() if self.ctx.is_main else None
+        with self.gathered(model) as bare:
+            if target is not None:
+                load_full_state(target, bare)
+        return target
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return unwrap(model)

@@ -13,7 +13,7 @@ import copy
 import json
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -24,7 +24,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from ..pruning.masked import MaskedLinear
 from .context import DistContext
-from .strategy import LrLambda, Strategy, load_full_state, unwrap
+from .strategy import LrLambda, Strategy, unwrap
 
 
 def import_deepspeed() -> Any:
@@ -208,13 +208,6 @@ class ZeRO3Strategy(Strategy):
             model.empty_partition_cache()
         with self.ds.zero.GatheredParameters(list(bare.parameters()), modifier_rank=None):
             yield bare
-
-    def plain_copy(self, model: nn.Module, build: Callable[[], nn.Module]) -> nn.Module | None:
-        target = build() if self.ctx.is_main else None
-        with self.gathered(model) as bare:
-            if target is not None:
-                load_full_state(target, bare)
-        return target
 
 
 def _fit(mask: Tensor, like: Tensor) -> Tensor:
