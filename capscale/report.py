@@ -58,15 +58,23 @@ def plot_schedule(history: list[dict[str, Any]], path: Path) -> str:
     return _save(fig, path)
 
 
+def loss_names(history: list[dict[str, Any]]) -> list[str]:
+    """Every loss component logged in the run, in first-seen order, then the total.
+
+    Components can appear mid-run (SnC terms start with the first snapshot).
+    """
+    return [*dict.fromkeys(k for r in history for k in r if k not in NOT_LOSSES), "loss"]
+
+
 def plot_losses(history: list[dict[str, Any]], path: Path) -> str:
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = [r["step"] for r in history]
-    names = [k for k in history[0] if k not in NOT_LOSSES] + ["loss"]
+    names = loss_names(history)
     for name in names:
         ax.plot(steps, [r.get(name, np.nan) for r in history], label=name,
                 lw=2.5 if name == "loss" else 1.2)
     ax.set(xlabel="step", ylabel="weighted loss", title="Loss components")
-    if all(r.get(n, 1) > 0 for r in history for n in names):
+    if all(r.get(n, 1) > 0 for r in history for n in names if r.get(n) is not None):
         ax.set_yscale("log")  # components differ by orders of magnitude
     ax.legend(fontsize=8, ncol=2)
     ax.grid(alpha=0.3)

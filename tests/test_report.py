@@ -67,3 +67,11 @@ def test_missing_or_unknown_trackers_are_skipped_with_a_note(tmp_path):
         t({"step": 1, "loss": 1.0})
         t.finish()
         assert list(tmp_path.rglob("events.out.tfevents*"))
+
+
+def test_loss_plot_includes_components_that_start_mid_run():
+    from capscale.report import loss_names
+    history = [{"step": 1, "ce": 0.5, "prc_unsup": 0.3, "loss": 0.8, "sparsity": 0.0},
+               {"step": 2, "ce": 0.4, "prc_unsup": 0.3, "snc_unsup": 0.2, "loss": 0.9,
+                "sparsity": 0.1}]
+    assert loss_names(history) == ["ce", "prc_unsup", "snc_unsup", "loss"]
