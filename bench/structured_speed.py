@@ -111,9 +111,9 @@ def write_markdown(rows: list[dict], runs: dict[str, dict], path: Path) -> None:
         lines.append(f"- {name}: CPU {meta['cpu']}, torch {meta['torch']}, {meta['threads']} "
                      f"threads, median of {meta['repeats']} forwards (batch: count) after a "
                      f"warm-up; load average at start {meta['loadavg']}.")
-    lines += ["", "Dense and pruned are timed side by side in one process. The machine was "
-              "shared with other jobs while this ran, so absolute times are noisy; the "
-              "speed-ups compare neighbouring measurements.", "",
+    lines += ["", "Dense and pruned are timed side by side in one process (the dense model "
+              "again next to each pruned one), so each speed-up compares neighbouring "
+              "measurements; the load average above says how busy the machine was.", "",
              "| model | sparsity | batch | latency (ms) | dense (ms) | throughput (seq/s) "
              "| speed-up | encoder params | fewer params |",
              "|---|---|---|---|---|---|---|---|---|"]
