@@ -12,6 +12,7 @@ physically smaller model gives the masked student's logits (1e-5) and loads with
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -102,8 +103,27 @@ def worker(rank: int, world: int, port: int, strategy: str, assets: dict[str, st
     record = record_run(build(assets, ctx), Path(out_dir) / "export")
     if rank == 0:
         torch.save({**record, "strategy": ctx.strategy}, Path(out_dir) / "record.pt")
+    if strategy != "ddp":
+        _entry_point(assets, Path(out_dir), strategy)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _entry_point(assets: dict[str, str], out_dir: Path, strategy: str) -> None:
+    """The real entry point, structured, on 2 ranks (its export is collective)."""
+    import yaml
+
+    from capscale.run import main
+    cfg_path = out_dir / "smoke.yaml"
+    if dist.get_rank() == 0:
+        cfg_path.write_text(yaml.safe_dump(run_config(assets, str(out_dir / "smoke"), **{
+            "pruning.method": "structured", "structured.levels": [0.5],
+            "structured.retrain_steps": 1, "structured.importance_fraction": 0.2,
+            "train.batch_size": 4, "report.enabled": False})))
+    dist.barrier()
+    rc = main(["--config", str(cfg_path), f"strategy={strategy}"])
+    if dist.get_rank() == 0:
+        (out_dir / "smoke_rc.txt").write_text(str(rc))
 
 
 @pytest.fixture(scope="module")
@@ -140,3 +160,13 @@ def test_structured_two_ranks_match_one_process(strategy, assets, single, tmp_pa
     torch.testing.assert_close(rec["export_logits"], rec["logits"], rtol=0, atol=1e-5)
     assert rec["export_heads"] == single["export_heads"]
     assert sum(rec["export_heads"]) == round((1 - LEVELS[-1]) * 8)
+    if strategy != "ddp":  # python -m capscale.run, structured, on the 2 ranks
+        assert (tmp_path / "smoke_rc.txt").read_text() == "0"
+        smoke = tmp_path / "smoke" / "pruned"
+        report = json.loads((smoke / "sparsity_report.json").read_text())
+        assert report["head_sparsity"] == pytest.approx(0.5)
+        assert report["results"]["strategy"] == strategy
+        model = AutoModelForSequenceClassification.from_pretrained(
+            smoke / "model", trust_remote_code=True)
+        assert [lay.attention.self.num_attention_heads
+                for lay in model.base_model.encoder.layer] == report["heads_per_layer"]
