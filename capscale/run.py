@@ -165,8 +165,7 @@ def prune(cfg: Config, ctx: DistContext, console: Console, export: bool = True
     if ctx.is_main:
         run.save_history(out)
     if export and structured:  # physically smaller: heads and FFN neurons sliced away
-        if ctx.is_main:
-            run.export(out / "pruned", tokenizer, extra={"results": results})
+        run.export(out / "pruned", tokenizer, extra={"results": results})  # collective
     elif export:
         student = run.full_student()  # collective: gathers a sharded student
         if ctx.is_main:

@@ -29,7 +29,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim.lr_scheduler import LambdaLR
 from transformers import PreTrainedTokenizerBase
 
 from .config import Config
@@ -46,6 +45,7 @@ from .pruning.structured import (
     structured_param_counts,
     taylor_importance,
 )
+from .teachers import load_classifier
 from .train import (
     CAPPruner,
     PruneResult,
@@ -79,7 +79,13 @@ class StructuredCAPPruner(CAPPruner):
     def _bare_student(self) -> Iterator[None]:
         """Run compute_losses on the unwrapped student: a data-parallel wrapper would
         expect a parameter backward after its forward, and importance only
-        differentiates the masks (its all-reduce is done by taylor_importance)."""
+        differentiates the masks (its all-reduce is done by taylor_importance).
+
+        Under the sharded strategies the bare module keeps its gathering hooks (ZeRO-3
+        registers them on the module's submodules, FSDP2 is the module itself): forward
+        and the mask-only backward gather the shards as usual, and since no parameter
+        gradient is produced, no reduce-scatter runs and the optimiser sees nothing.
+        """
         wrapped = self.student
         self.student = self.strategy.unwrap(wrapped)
         try:
@@ -124,17 +130,14 @@ class StructuredCAPPruner(CAPPruner):
 
     # -- training ------------------------------------------------------------------
     def _fresh_optimizer(self, steps: int) -> None:
-        """A new AdamW and LR schedule for one retraining phase (reference recipe).
-
-        Built on the unwrapped student like Strategy.prepare_student does for
-        single / DDP; a sharded strategy needs its own equivalent.
-        """
+        """A new AdamW and LR schedule for one retraining phase (reference recipe), under
+        every strategy (see Strategy.fresh_optimizer)."""
         cfg = self.cfg.train
         groups = param_groups(self.strategy.unwrap(self.student), cfg.lr, cfg.weight_decay,
                               [], 0.0)
-        self.optimizer = torch.optim.AdamW(groups)
-        self.scheduler = LambdaLR(self.optimizer, linear_warmup_decay(
-            int(cfg.warmup_ratio * steps), steps))
+        self.optimizer, self.scheduler = self.strategy.fresh_optimizer(
+            self.student, self.optimizer, groups,
+            linear_warmup_decay(int(cfg.warmup_ratio * steps), steps))
 
     def train_step(self, batch: dict[str, Tensor]) -> dict[str, float]:
         rec = super().train_step(batch)
@@ -234,14 +237,27 @@ class StructuredCAPPruner(CAPPruner):
         counts = structured_param_counts(model, self.adapter, *self.masks.keep())
         prunable = sum(lin.in_features * lin.out_features
                        for lin in self.adapter.prunable_linears(model).values())
-        total = sum(p.numel() for p in model.parameters())
+        total = sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
         return {**counts, **self.masks.sparsity(),
                 "linear_sparsity": counts["pruned_parameters"] / prunable,
                 "total_sparsity": counts["pruned_parameters"] / total}
 
+    def full_student(self) -> torch.nn.Module | None:
+        """The unsharded student on the main rank (None elsewhere); collective.
+
+        Its structured masks stay outside: ``self.masks.keep()`` says what to slice.
+        """
+        return self.strategy.plain_copy(self.student, lambda: load_classifier(
+            self._student_init, self.num_labels, self.data.label_names,
+            self.cfg.model.trust_remote_code))
+
     def export(self, out_dir: str | Path, tokenizer: PreTrainedTokenizerBase | None = None,
-               extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Write the physically smaller student (see export_structured)."""
+               extra: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """Write the physically smaller student (see export_structured) from the main
+        rank; collective (a sharded student is gathered first). None on other ranks."""
+        model = self.full_student()
+        if model is None:
+            return None
         heads, ffn = self.masks.keep()
-        return export_structured(self.strategy.unwrap(self.student), self.adapter, heads, ffn,
-                                 out_dir, tokenizer, inplace=True, extra=extra)
+        return export_structured(model, self.adapter, heads, ffn, out_dir, tokenizer,
+                                 inplace=True, extra=extra)

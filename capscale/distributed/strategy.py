@@ -68,6 +68,23 @@ class Strategy:
             model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         return model, opt, sched
 
+    def fresh_optimizer(self, model: nn.Module, opt: Optimizer, param_groups: list[dict],
+                        lr_lambda: LrLambda) -> tuple[Optimizer, LambdaLR]:
+        """A new optimiser and LR schedule for an already prepared student.
+
+        Structured CAP retrains each level from fresh AdamW moments and a restarted
+        schedule (CAP_SPEC.md section 6). Replicated and FSDP2 students simply get a new
+        torch AdamW over their (possibly DTensor) parameters.
+
+        Args:
+            model: the student as ``prepare_student`` returned it.
+            opt: its current optimiser (dropped here; DeepSpeed resets it in place).
+            param_groups: AdamW groups over the bare student's parameters.
+            lr_lambda: LR factor per optimiser step of the new schedule.
+        """
+        new = torch.optim.AdamW(param_groups)
+        return new, LambdaLR(new, lr_lambda)
+
     def prepare_reference(self, model: nn.Module) -> nn.Module:
         """A frozen reference (already ``freeze``-d) ready for forward passes."""
         return model.to(self.ctx.device)

@@ -142,6 +142,30 @@ class ZeRO3Strategy(Strategy):
             lr_scheduler=lambda o: LambdaLR(o, lr_lambda))
         return engine, opt, sched
 
+    def fresh_optimizer(self, model: nn.Module, opt: Optimizer, param_groups: list[dict],
+                        lr_lambda: LrLambda) -> tuple[Optimizer, LambdaLR]:
+        """Reset the engine's optimiser in place and give it a new LR schedule.
+
+        Rebuilding the engine would re-partition the model and re-register its hooks;
+        instead the AdamW moments over this rank's fp32 partitions are dropped (torch
+        AdamW and DeepSpeedCPUAdam both re-create them, step 0, at the next step) and
+        the groups' lr / weight decay are set from ``param_groups``, one group each, as
+        ``prepare_student`` built them.
+        """
+        inner = opt.optimizer  # the basic optimiser over the flat fp32 partitions
+        if len(inner.param_groups) != len(param_groups):
+            raise ValueError(f"fresh_optimizer: {len(param_groups)} groups given, the "
+                             f"engine's optimiser has {len(inner.param_groups)}")
+        if getattr(opt, "swap_optimizer", False):
+            raise ValueError("fresh_optimizer: NVMe-swapped optimiser states cannot be reset")
+        inner.state.clear()
+        for group, given in zip(inner.param_groups, param_groups):
+            group["lr"] = group["initial_lr"] = given["lr"]
+            group["weight_decay"] = given.get("weight_decay", group["weight_decay"])
+        sched = LambdaLR(inner, lr_lambda)  # what ``prepare_student`` gave the engine
+        model.lr_scheduler = sched  # the engine steps it inside ``model.step()``
+        return opt, sched
+
     def prepare_reference(self, model: nn.Module) -> nn.Module:
         if not getattr(self.options, "shard_references", True):
             return super().prepare_reference(model)
