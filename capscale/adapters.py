@@ -133,7 +133,7 @@ def get_adapter(model_type: str) -> EncoderAdapter:
         return _REGISTRY[model_type]
     except KeyError:
         raise KeyError(f"no encoder adapter for model_type {model_type!r}; supported: "
-                       f"{', '.join(sorted(_REGISTRY))}. Register one with "
+                       f"{', '.join(registered_model_types())}. Register one with "
                        "capscale.adapters.register_adapter(EncoderAdapter(...))") from None
 
 
