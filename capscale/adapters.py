@@ -146,7 +146,7 @@ register_adapter(EncoderAdapter(model_types=("bert",)))
 register_adapter(EncoderAdapter(model_types=("roberta", "xlm-roberta", "camembert",
                                              "electra"),
                                 head_linear="classifier.out_proj"))
-register_adapter(EncoderAdapter(model_types=("deberta-v2", "deberta"),
+register_adapter(EncoderAdapter(model_types=("deberta-v2",),
                                 query="attention.self.query_proj",
                                 key="attention.self.key_proj",
                                 value="attention.self.value_proj",
