@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .banks import RepresentationBank
 from .config import CAPConfig
 from .distributed import DistContext
-from .losses import Candidates, build_candidates, contrastive_loss
+from .losses import Candidates, build_candidates, candidate_log_probs, nce_from_log_probs
 
 MODULES = ("prc", "fic", "snc")
 Encoder = Callable[[dict[str, Tensor]], Tensor]  # batch -> (B, H) normalised vectors
@@ -41,17 +41,20 @@ def module_terms(name: str, cfg: CAPConfig, cands: Candidates, anchors: Tensor, 
     """
     w = getattr(cfg, name)
     dev = anchors.device
-    common = {"self_index": cands.self_index(positions), "cands": cands,
-              "temperature": cfg.temperature, "normalization": cfg.normalization,
-              "global_self_index": cands.self_index(torch.arange(g_ids.shape[0], device=dev)),
-              "world_size": world_size}
     out: dict[str, Tensor] = {}
+    if w.w_unsup <= 0 and not (w.w_sup > 0 and supervised):
+        return out
+    # One (B, C) score matrix serves both terms (contrastive_loss, split in two).
+    logp, is_self = candidate_log_probs(anchors, cands, cands.self_index(positions),
+                                        cfg.temperature)
+    common = {"normalization": cfg.normalization, "world_size": world_size,
+              "global_self_index": cands.self_index(torch.arange(g_ids.shape[0], device=dev))}
     if w.w_unsup > 0:
-        out[f"{name}_unsup"] = w.w_unsup * contrastive_loss(
-            anchors, ids.to(dev), cand_keys=cands.ids, global_keys=g_ids.to(dev), **common)
+        out[f"{name}_unsup"] = w.w_unsup * nce_from_log_probs(
+            logp, is_self, ids.to(dev), cands.ids, global_keys=g_ids.to(dev), **common)
     if w.w_sup > 0 and supervised:
-        out[f"{name}_sup"] = w.w_sup * contrastive_loss(
-            anchors, labels.to(dev), cand_keys=cands.labels, global_keys=g_labels.to(dev),
+        out[f"{name}_sup"] = w.w_sup * nce_from_log_probs(
+            logp, is_self, labels.to(dev), cands.labels, global_keys=g_labels.to(dev),
             **common)
     return out
 

@@ -119,18 +119,42 @@ def contrastive_loss(anchors: Tensor, keys: Tensor, self_index: Tensor, cands: C
     """
     if global_keys is None:
         global_keys, global_self_index = keys, self_index
+    logp, is_self = candidate_log_probs(anchors, cands, self_index, temperature)
+    return nce_from_log_probs(logp, is_self, keys, cand_keys, normalization, global_keys,
+                              global_self_index, world_size)
+
+
+def candidate_log_probs(anchors: Tensor, cands: Candidates, self_index: Tensor,
+                        temperature: float) -> tuple[Tensor, Tensor]:
+    """``log_softmax(a . c / tau)`` over the candidates, each anchor's self copy masked.
+
+    Shared by a module's unsupervised and supervised terms (they differ only in which
+    candidates are positives), so the (B, C) scores are computed once.
+
+    Returns:
+        logp: (B, C) float32 log-probabilities; is_self: (B, C) bool, the masked entries.
+    """
     logits = anchors @ cands.vectors.to(anchors.dtype).T / temperature  # (B, C)
     is_self = torch.zeros_like(logits, dtype=torch.bool)
     is_self.scatter_(1, self_index[:, None], True)
     logits = logits.masked_fill(is_self, MASKED_LOGIT)
-    logp = F.log_softmax(logits.float(), dim=1)
+    return F.log_softmax(logits.float(), dim=1), is_self
+
+
+def nce_from_log_probs(logp: Tensor, is_self: Tensor, keys: Tensor, cand_keys: Tensor,
+                       normalization: Normalization, global_keys: Tensor,
+                       global_self_index: Tensor, world_size: int) -> Tensor:
+    """The multi-positive InfoNCE term from :func:`candidate_log_probs`' output.
+
+    Same arguments and normalisation as :func:`contrastive_loss`.
+    """
     pos = (keys[:, None] == cand_keys[None, :]) & ~is_self
     n_pos = pos.sum(1)
     per_anchor = torch.where(pos, logp, torch.zeros_like(logp)).sum(1) / n_pos.clamp(min=1)
     g_pos = positive_counts(global_keys, cand_keys, global_self_index)
     denom = g_pos.sum() if normalization == "faithful" else (g_pos > 0).sum()
     if int(denom) == 0:
-        return anchors.sum() * 0.0
+        return logp.sum() * 0.0
     return -per_anchor.sum() / denom.to(logp.dtype) * world_size
 
 
