@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from capscale.config import config_from_dict  # noqa: E402
 from capscale.console import Console  # noqa: E402
 from capscale.distributed import init_distributed  # noqa: E402
-from capscale.run import prune  # noqa: E402
+from capscale.run import prune, quiet_libraries  # noqa: E402
 
 # Budgets: data size, steps and contrastive negatives. "cpu" is sized so one run takes
 # about 10 minutes on a 2-core CPU; "full" is the reference's 10 epochs on all data.
@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--work", default=str(ROOT / "bench" / "cache"))
     args = p.parse_args(argv)
+    quiet_libraries()
     budget = BUDGETS[args.budget]
     work, out = Path(args.work) / args.budget, Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -39,6 +39,7 @@ from capscale.console import Console  # noqa: E402
 from capscale.data import load_task_data, model_inputs  # noqa: E402
 from capscale.distributed import init_distributed  # noqa: E402
 from capscale.losses import kd_loss, task_loss  # noqa: E402
+from capscale.run import quiet_libraries  # noqa: E402
 from capscale.teachers import forward_with_representation, load_classifier, load_tokenizer  # noqa: E402
 from capscale.train import CAPPruner  # noqa: E402
 
@@ -191,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args(argv)
+    quiet_libraries()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:

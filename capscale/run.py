@@ -205,11 +205,16 @@ def _summary(console: Console, cfg: Config, r: dict[str, Any]) -> None:
         console.log(f"note: {note}")
 
 
+def quiet_libraries() -> None:
+    """Keep transformers' per-load reports and bars out of capscale's own output."""
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run from the command line; returns the exit code."""
     args = parse_args(argv)
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    quiet_libraries()
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
