@@ -16,8 +16,10 @@ import random
 import time
 
 import pytest
-from _tiny_run import run, setup
+from _tiny_run import overrides, run, setup
 from test_resume import EVERY, _args, _kill, _start, _steps, _wait_for, assert_same_run
+
+from capscale.cli import main
 
 SHARDS = {"zero3": "deepspeed/state/*", "fsdp2": "dcp/*.distcp"}
 
@@ -29,7 +31,8 @@ def assets(tmp_path_factory):
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("strategy", ["zero3", "fsdp2"])
-def test_sigkill_sharded_run_then_resume_matches_uninterrupted(assets, tmp_path, strategy):
+def test_sigkill_sharded_run_then_resume_matches_uninterrupted(assets, tmp_path, strategy,
+                                                               capsys):
     ref = tmp_path / "ref"
     r = run(_args(assets, ref, strategy=strategy), 2)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -50,3 +53,6 @@ def test_sigkill_sharded_run_then_resume_matches_uninterrupted(assets, tmp_path,
     assert f"(step {resumed_at}, epoch" in logged, f"stall {stall}: did not resume there"
     assert not partial.exists(), "the partial checkpoint is cleaned up by the next save"
     assert_same_run(ref, out)
+    # ``capscale export`` reads a model.pt; it refuses shards with a clear message.
+    assert main(["export", *overrides(assets, out, strategy=strategy)]) == 2
+    assert "sharded (zero3 / fsdp2) checkpoint" in capsys.readouterr().err
