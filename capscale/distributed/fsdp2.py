@@ -131,7 +131,7 @@ class FSDP2Strategy(Strategy):
         files = sorted(folder.glob(f"__{self.ctx.rank}_*.distcp"))
         if self.ctx.is_main:
             torch.save(sched.state_dict(), path / SCHED_FILE)
-            files += [folder / ".metadata", path / SCHED_FILE]
+            files += [folder / ".metadata", path / SCHED_FILE, folder]  # + its entries
         return files
 
     def load_state(self, path: Path, model: nn.Module, opt: Optimizer, sched: LambdaLR

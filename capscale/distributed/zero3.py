@@ -252,9 +252,10 @@ class ZeRO3Strategy(Strategy):
         model.save_checkpoint(str(folder), tag=DS_TAG, save_latest=False,
                               client_state={"capscale_scheduler": sched.state_dict()})
         written = sorted(p for p in (folder / DS_TAG).rglob("*") if p.is_file())
-        mine = [p for p in written if f"rank_{self.ctx.rank}_" in p.name]
-        if self.ctx.is_main:  # anything not per-rank (e.g. a replicated model file)
-            mine += [p for p in written if "zero_pp_rank_" not in p.name]
+        mine = [p for p in written if p.name.startswith(f"zero_pp_rank_{self.ctx.rank}_")]
+        if self.ctx.is_main:  # files no rank names, and the folders' entries
+            mine += [p for p in written if not p.name.startswith("zero_pp_rank_")]
+            mine += [folder / DS_TAG, folder]
         return mine
 
     def load_state(self, path: Path, model: nn.Module, opt: Optimizer, sched: LambdaLR
