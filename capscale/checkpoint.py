@@ -4,8 +4,9 @@ A checkpoint is a directory ``<checkpoint.dir>/step-XXXXXXXX`` holding
 
 * ``model.pt`` / ``optimizer.pt``: the student (weights, mask scores, the masks'
   keep-fraction / threshold buffers), AdamW and LR-schedule state, written by the
-  strategy (:meth:`capscale.distributed.Strategy.save_state`; sharded strategies write
-  their shards their own way);
+  strategy (:meth:`capscale.distributed.Strategy.save_state`); sharded strategies have
+  every rank write its own shards instead: ``deepspeed/`` (zero3, the engine's
+  checkpoint) or ``dcp/`` + ``scheduler.pt`` (fsdp2, torch.distributed.checkpoint);
 * ``banks.pt``: the SnC snapshot bank. PrC and FiC banks are not saved: they are encodings
   of frozen models in eval mode, re-encoded bit-exactly when the run is set up again;
 * ``rng_rank{r}.pt``: torch / numpy / python RNG states of rank ``r`` and the train

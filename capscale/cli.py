@@ -77,7 +77,7 @@ def export_cmd(args: argparse.Namespace) -> int:
     """Bake a checkpoint's masks into a plain Hugging Face model directory."""
     import torch
 
-    from capscale.checkpoint import checkpoint_root, list_checkpoints
+    from capscale.checkpoint import STATE_FILE, checkpoint_root, list_checkpoints
     from capscale.config import ConfigError, load_config
     from capscale.data import load_task_data
     from capscale.export import export_pruned
@@ -86,11 +86,14 @@ def export_cmd(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     path = Path(args.checkpoint) if args.checkpoint != "latest" else None
-    if path is None or not (path / "model.pt").is_file():
+    if path is None or not (path / STATE_FILE).is_file():
         found = list_checkpoints(path or checkpoint_root(cfg))
         if not found:
             raise ConfigError(f"--checkpoint {args.checkpoint}: no checkpoint found")
         path = found[-1]
+    if not (path / "model.pt").is_file():  # zero3 / fsdp2 keep the student in rank shards
+        raise ConfigError(f"--checkpoint {path}: a sharded (zero3 / fsdp2) checkpoint has "
+                          "no model.pt to export; resume the run to its end, which exports")
     data = load_task_data(cfg.data)
     model = load_classifier(cfg.model.name_or_path, data.num_labels, data.label_names,
                             cfg.model.trust_remote_code)

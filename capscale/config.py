@@ -366,11 +366,10 @@ class Config:
                 "data: give exactly one of data.preset, data.dataset_name or data.train_file "
                 f"(got preset={self.data.preset!r}, dataset_name={self.data.dataset_name!r}, "
                 f"train_file={self.data.train_file!r})")
-        # Checkpoints cover single / ddp runs with replicated banks; refuse the rest
-        # rather than write checkpoints that would not resume exactly. ``resume=latest``
-        # with no checkpoint written is a fresh start, so it stays allowed.
+        # Checkpoints cover every strategy with unstructured CAP and replicated banks;
+        # refuse the rest rather than write checkpoints that would not resume exactly.
+        # ``resume=latest`` with no checkpoint written is a fresh start: still allowed.
         no_ckpt = [why for bad, why in (
-            (self.strategy in ("zero3", "fsdp2"), f"strategy={self.strategy}"),
             (self.pruning.method == "structured", "pruning.method=structured"),
             (self.cap.mode == "online", "cap.mode=online"),
             (self.cap.bank_sharding == "sharded", "cap.bank_sharding=sharded")) if bad]

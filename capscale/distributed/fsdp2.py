@@ -11,10 +11,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.optim import Optimizer
@@ -23,6 +26,9 @@ from torch.optim.lr_scheduler import LambdaLR
 from ..pruning.masked import MaskedLinear
 from .context import DistContext
 from .strategy import LrLambda, Strategy, unwrap
+
+DCP_DIR = "dcp"  # torch.distributed.checkpoint folder inside a checkpoint
+SCHED_FILE = "scheduler.pt"
 
 
 class FSDP2Strategy(Strategy):
@@ -108,6 +114,37 @@ class FSDP2Strategy(Strategy):
         finally:
             for m in shards:
                 m.reshard()
+
+    # -- checkpoints -----------------------------------------------------------------
+    def save_state(self, path: Path, model: nn.Module, opt: Optimizer, sched: LambdaLR
+                   ) -> list[Path]:
+        """Every rank writes its shards (student + AdamW) with torch.distributed.checkpoint.
+
+        The LR schedule is replicated: rank 0 writes it. Collective.
+
+        Returns:
+            this rank's ``.distcp`` files (and, on rank 0, the metadata and schedule).
+        """
+        model_sd, optim_sd = get_state_dict(model, opt)
+        folder = path / DCP_DIR
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=folder)
+        files = sorted(folder.glob(f"__{self.ctx.rank}_*.distcp"))
+        if self.ctx.is_main:
+            torch.save(sched.state_dict(), path / SCHED_FILE)
+            files += [folder / ".metadata", path / SCHED_FILE, folder]  # + its entries
+        return files
+
+    def load_state(self, path: Path, model: nn.Module, opt: Optimizer, sched: LambdaLR
+                   ) -> None:
+        """Read the shards back into this sharding (collective) and the LR schedule."""
+        model_sd, optim_sd = get_state_dict(model, opt)  # the layout to load into
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=path / DCP_DIR)
+        set_state_dict(model, opt, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+        sched.load_state_dict(torch.load(path / SCHED_FILE, weights_only=True))
+        for m in self.masked:  # weights / scores changed under the no-grad cache's key
+            m.invalidate_mask_cache()
 
 
 def _check(local: Tensor, mask: Tensor) -> None:

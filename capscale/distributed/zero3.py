@@ -15,6 +15,7 @@ import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,6 +49,9 @@ def _fill_auto(node: Any, values: dict[str, Any]) -> Any:
         return {k: (values[k] if v == "auto" and k in values else _fill_auto(v, values))
                 for k, v in node.items()}
     return node
+
+
+DS_DIR, DS_TAG = "deepspeed", "state"  # engine checkpoint folder and fixed tag
 
 
 class ZeRO3Strategy(Strategy):
@@ -232,6 +236,40 @@ class ZeRO3Strategy(Strategy):
             model.empty_partition_cache()
         with self.ds.zero.GatheredParameters(list(bare.parameters()), modifier_rank=None):
             yield bare
+
+    # -- checkpoints -----------------------------------------------------------------
+    def save_state(self, path: Path, model: nn.Module, opt: Optimizer, sched: LambdaLR
+                   ) -> list[Path]:
+        """The engine's own checkpoint: every rank writes its partitions. Collective.
+
+        The LR schedule travels as client state and is restored explicitly, so it
+        round-trips whether or not it is the engine's registered scheduler.
+
+        Returns:
+            this rank's partition files (and, on rank 0, the files no rank names).
+        """
+        folder = path / DS_DIR
+        model.save_checkpoint(str(folder), tag=DS_TAG, save_latest=False,
+                              client_state={"capscale_scheduler": sched.state_dict()})
+        written = sorted(p for p in (folder / DS_TAG).rglob("*") if p.is_file())
+        mine = [p for p in written if p.name.startswith(f"zero_pp_rank_{self.ctx.rank}_")]
+        if self.ctx.is_main:  # files no rank names, and the folders' entries
+            mine += [p for p in written if not p.name.startswith("zero_pp_rank_")]
+            mine += [folder / DS_TAG, folder]
+        return mine
+
+    def load_state(self, path: Path, model: nn.Module, opt: Optimizer, sched: LambdaLR
+                   ) -> None:
+        """Load this rank's partitions (fp32 master weights, AdamW moments), then the
+        LR schedule. Collective; needs the same world size as the save."""
+        loaded, client = model.load_checkpoint(
+            str(path / DS_DIR), tag=DS_TAG, load_optimizer_states=True,
+            load_lr_scheduler_states=False)
+        if loaded is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint under {path / DS_DIR}")
+        sched.load_state_dict(client["capscale_scheduler"])
+        for m in self.masked:  # weights / scores changed under the no-grad cache's key
+            m.invalidate_mask_cache()
 
 
 def _fit(mask: Tensor, like: Tensor) -> Tensor:
