@@ -64,7 +64,7 @@ from capscale.checkpoint import checkpoint_root, list_checkpoints, load_checkpoi
 from capscale.config import Config, ConfigError, config_to_dict, load_config, save_config
 from capscale.console import Console
 from capscale.data import DataError, TaskData, check_lengths, load_task_data
-from capscale.distributed import DistContext, init_distributed
+from capscale.distributed import DistContext, init_distributed, shutdown_distributed
 from capscale.export import export_pruned
 from capscale.metrics import main_metric
 from capscale.teachers import ModelError, check_encoder, check_teacher, load_tokenizer
@@ -224,19 +224,23 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(cfg.train.num_threads)
     ctx = init_distributed(cfg.strategy, cfg.train.collective_timeout_s)
     console = Console(enabled=ctx.is_main, progress=cfg.train.progress)
+    code = 1
     try:
         prune(cfg, ctx, console)
+        code = 0
     except (ConfigError, DataError, ModelError) as err:
         print(f"capscale: {type(err).__name__.replace('Error', '').lower()} error: {err}",
               file=sys.stderr)
-        return 2
+        code = 2
     except FloatingPointError as err:
         found = list_checkpoints(checkpoint_root(cfg))
         kept = (f"the last good checkpoint is {found[-1]} (resume=latest continues from it)"
                 if found else "no checkpoint was written (see checkpoint.every_steps)")
         print(f"capscale: {err}; {kept}; or set train.on_nonfinite=skip", file=sys.stderr)
-        return 3
-    return 0
+        code = 3
+    finally:
+        shutdown_distributed(ctx, ok=code == 0)
+    return code
 
 
 def cli() -> None:

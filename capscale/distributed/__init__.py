@@ -11,7 +11,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from .context import DistContext, init_distributed, launcher_strategy, resolve_strategy
+from .context import (
+    DistContext,
+    init_distributed,
+    launcher_strategy,
+    resolve_strategy,
+    shutdown_distributed,
+)
 from .strategy import Strategy, local_param_bytes, unwrap
 
 STRATEGY_NAMES = ("single", "ddp", "zero3", "fsdp2")
@@ -30,6 +36,15 @@ def make_strategy(ctx: DistContext, options: Any = None) -> Strategy:
     raise ValueError(f"unknown strategy {ctx.strategy!r}; known: {', '.join(STRATEGY_NAMES)}")
 
 
-__all__ = ["STRATEGY_NAMES", "DistContext", "Strategy", "init_distributed",
-           "launcher_strategy", "local_param_bytes", "make_strategy", "resolve_strategy",
-           "unwrap"]
+__all__ = [
+    "STRATEGY_NAMES",
+    "DistContext",
+    "Strategy",
+    "init_distributed",
+    "launcher_strategy",
+    "local_param_bytes",
+    "make_strategy",
+    "resolve_strategy",
+    "shutdown_distributed",
+    "unwrap",
+]

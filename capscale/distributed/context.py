@@ -25,6 +25,8 @@ class DistContext:
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     strategy: str = "single"
+    # Whether init_distributed created the process group (and so should end it).
+    owns_group: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -137,10 +139,27 @@ def init_distributed(strategy: str = "single", timeout_s: float = 600.0) -> Dist
         torch.cuda.set_device(device)
     strategy = resolve_strategy(strategy, os.environ, world)
     # Sharded strategies need a process group even alone (e.g. to measure world 1).
-    if (world > 1 or strategy in ("zero3", "fsdp2")) and not dist.is_initialized():
+    owns_group = (world > 1 or strategy in ("zero3", "fsdp2")) and not dist.is_initialized()
+    if owns_group:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29511")
         os.environ.setdefault("LOCAL_RANK", str(local_rank))  # DeepSpeed asserts on it
         dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s))
-    return DistContext(rank, world, local_rank, device, strategy)
+    return DistContext(rank, world, local_rank, device, strategy, owns_group)
+
+
+def shutdown_distributed(ctx: DistContext, ok: bool) -> None:
+    """Leave the process group before the interpreter exits.
+
+    Exiting with a live gloo/NCCL group lets its threads be torn down mid-flight (a rank
+    can abort with "terminate called without an active exception" after the run has
+    finished). On success the ranks first wait for each other, so none exits while a
+    peer still talks to it; after an error no barrier (a peer may be gone). Only a
+    group that :func:`init_distributed` created is left; a caller's own group stays.
+    """
+    if not (ctx.owns_group and dist.is_initialized()):
+        return
+    if ok:
+        dist.barrier()
+    dist.destroy_process_group()
