@@ -241,8 +241,11 @@ class Trackers:
     def __init__(self, names: list[str], run_name: str, logging_dir: str | Path,
                  config: dict[str, Any] | None = None) -> None:
         import accelerate.utils
-        from accelerate import tracking
+        from accelerate import PartialState, tracking
 
+        # accelerate's trackers ask its process state who the main process is; capscale
+        # owns the process group, so the state just describes it (created on rank 0).
+        PartialState()
         self.trackers: list[Any] = []
         self.notes: list[str] = []
         for name in names:
