@@ -1,23 +1,34 @@
 """Fidelity benchmark: does CAP beat plain pruning at high sparsity?
 
 Task: the packaged all-MiniLM-L6-v2 on the packaged tweets sentiment corpus (3 classes),
-a fixed split (10% of the corpus held out with seed 0, then subsampled with seed 0),
-sequence length 64. The dense teacher is fine-tuned once and cached in
-``bench/cache/teacher``; every pruning run starts from the pre-trained model and uses
-that teacher for KD (and FiC).
+a fixed split (10% of the corpus, 3816 rows, held out with seed 0 as the dev set; the
+train subset drawn from the rest with seed 0), sequence length 64 (dynamic padding).
+The dense teacher is fine-tuned once per budget and cached in
+``bench/cache/<budget>/teacher_run``; every pruning run uses it for KD (and FiC).
 
 Methods at each sparsity: magnitude, movement and soft movement, each with KD, with
 and without CAP (PrC + SnC + FiC); ablation at 90% with movement: CAP without each
 module. All runs of one budget take the same number of optimiser steps.
 
+Budgets (``BUDGETS`` below): ``smoke`` (seconds, what CI runs); ``cpu`` (2000 train
+rows, the whole dev set, 300 steps of batch 16, student started from the teacher: about
+6 to 10 minutes a run on one CPU core); ``full`` (all rows, 10 epochs of batch 32,
+student started from the pre-trained model as in the reference: for a GPU).
+
 Usage::
 
     python bench/fidelity.py --budget smoke            # seconds; what CI runs
-    python bench/fidelity.py --budget cpu --seeds 1     # the CPU protocol (hours on 2 cores)
+    python bench/fidelity.py --budget cpu --seeds 1     # the CPU protocol
     python bench/fidelity.py --budget full --seeds 3    # the full protocol, for a GPU
 
-Writes ``bench/results/fidelity[_<budget>].json``, a markdown table next to it, and a
-plot of accuracy against sparsity when matplotlib is installed.
+    # the CPU protocol on 2 cores: two workers, one thread each, sharing the results
+    python bench/fidelity.py --budget cpu --teacher-only
+    python bench/fidelity.py --budget cpu --worker 0/2 --threads 1 &
+    python bench/fidelity.py --budget cpu --worker 1/2 --threads 1
+
+Writes ``bench/results/fidelity[_<budget>].json`` (resumable: finished runs are kept and
+skipped), a markdown table next to it, and a plot of accuracy against sparsity when
+matplotlib is installed.
 """
 
 from __future__ import annotations
@@ -30,6 +41,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -38,26 +51,29 @@ from capscale.console import Console  # noqa: E402
 from capscale.distributed import init_distributed  # noqa: E402
 from capscale.run import prune, quiet_libraries  # noqa: E402
 
-# Budgets: data size, steps and contrastive negatives. "cpu" is sized so one run takes
-# about 10 minutes on a 2-core CPU; "full" is the reference's 10 epochs on all data.
+# Budgets: data size, steps, contrastive negatives and the student's start. "cpu" fits
+# a run in minutes on one core by starting the student from the fine-tuned teacher;
+# "full" is the reference's protocol (10 epochs on all data, student from pre-trained).
 BUDGETS: dict[str, dict[str, Any]] = {
     "smoke": {"max_train_samples": 96, "max_eval_samples": 64, "epochs": 1, "max_steps": 4,
-              "batch_size": 16, "teacher_steps": 4, "num_negatives": 64, "max_length": 32},
-    "cpu": {"max_train_samples": 4000, "max_eval_samples": 1000, "epochs": 4,
-            "max_steps": 500, "batch_size": 32, "teacher_steps": 250, "num_negatives": 4096,
-            "max_length": 64},
+              "batch_size": 16, "teacher_steps": 4, "num_negatives": 64, "max_length": 32,
+              "student_init": "teacher", "lr": 1e-4},
+    "cpu": {"max_train_samples": 2000, "max_eval_samples": None, "epochs": 3,
+            "max_steps": 300, "batch_size": 16, "teacher_steps": 250, "num_negatives": 4096,
+            "max_length": 64, "student_init": "teacher", "lr": 5e-5},
     "full": {"max_train_samples": None, "max_eval_samples": None, "epochs": 10,
              "max_steps": None, "batch_size": 32, "teacher_steps": None,
-             "num_negatives": 4096, "max_length": 64},
+             "num_negatives": 4096, "max_length": 64, "student_init": "pretrained",
+             "lr": 1e-4},
 }
 # Soft movement reaches its sparsity through the L1 weight (CAP_SPEC.md section 6).
 SOFT_LAMBDA = {0.9: 300.0, 0.97: 700.0}
-METHODS = ("magnitude", "movement", "soft_movement")
+METHODS = ("movement", "magnitude", "soft_movement")
 
 
 def base_config(budget: dict[str, Any], out: Path, seed: int) -> dict[str, Any]:
     return {
-        "model": {"name_or_path": "minilm"},
+        "model": {"name_or_path": "minilm", "student_init": budget["student_init"]},
         "data": {"preset": "tweets", "max_length": budget["max_length"],
                  "max_train_samples": budget["max_train_samples"],
                  "max_eval_samples": budget["max_eval_samples"]},
@@ -65,7 +81,7 @@ def base_config(budget: dict[str, Any], out: Path, seed: int) -> dict[str, Any]:
         "cap": {"num_negatives": budget["num_negatives"], "snapshot_schedule": "milestones",
                 "snapshot_milestones": [0.3, 0.6, 0.9]},
         "train": {"epochs": budget["epochs"], "max_steps": budget["max_steps"],
-                  "batch_size": budget["batch_size"], "lr": 1e-4, "seed": seed,
+                  "batch_size": budget["batch_size"], "lr": budget["lr"], "seed": seed,
                   "num_threads": 0, "progress": False},
         "teacher_training": {"epochs": 2, "max_steps": budget["teacher_steps"]},
         "output_dir": str(out),
@@ -90,18 +106,38 @@ def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 
 def plan(sparsities: list[float], seeds: list[int], ablation: bool) -> list[dict[str, Any]]:
+    """Every run, most informative first: seed by seed, movement (with and without CAP)
+    before the other methods, the highest sparsity first, the ablation after the
+    first seed's main grid; runs that a partial protocol leaves out come last."""
     runs = []
-    for sp in sparsities:
+    for seed in seeds:
         for method in METHODS:
-            for cap in (False, True):
-                for seed in seeds:
+            for sp in sorted(sparsities, reverse=True):
+                for cap in (False, True):
                     runs.append({"method": method, "sparsity": sp, "cap": cap, "drop": None,
                                  "seed": seed})
-    if ablation:
-        for drop in ("prc", "snc", "fic"):
-            for seed in seeds:
+        if ablation:
+            for drop in ("prc", "snc", "fic"):
                 runs.append({"method": "movement", "sparsity": 0.9, "cap": True,
                              "drop": drop, "seed": seed})
+    return runs
+
+
+def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return all(a[k] == b[k] for k in ("method", "sparsity", "cap", "drop", "seed"))
+
+
+def save_run(json_path: Path, header: dict[str, Any], record: dict[str, Any]
+             ) -> list[dict[str, Any]]:
+    """Adds one finished run to the results file under a lock (workers share it)."""
+    import fcntl
+    with open(json_path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        runs = json.loads(json_path.read_text())["runs"] if json_path.is_file() else []
+        runs = [r for r in runs if not _same(r, record)] + [record]
+        tmp = json_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**header, "runs": runs}, indent=1))
+        tmp.replace(json_path)
     return runs
 
 
@@ -162,9 +198,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.9, 0.97])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--no-ablation", action="store_true")
+    p.add_argument("--worker", default="0/1", metavar="K/N",
+                   help="run only the runs with index %% N == K (workers share the json)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    p.add_argument("--teacher-only", action="store_true",
+                   help="fine-tune and cache the dense teacher, then stop")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--work", default=str(ROOT / "bench" / "cache"))
     args = p.parse_args(argv)
+    try:
+        k, n = (int(x) for x in args.worker.split("/"))
+        assert 0 <= k < n
+    except (ValueError, AssertionError):
+        p.error(f"--worker wants K/N with 0 <= K < N, got {args.worker!r}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     quiet_libraries()
     budget = BUDGETS[args.budget]
     work, out = Path(args.work) / args.budget, Path(args.out)
@@ -173,7 +221,6 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(enabled=ctx.is_main, progress=False)
     suffix = "" if args.budget == "cpu" else f"_{args.budget}"
     json_path = out / f"fidelity{suffix}.json"
-    done = json.loads(json_path.read_text())["runs"] if json_path.is_file() else []
     # The dense teacher, trained once and reused by every run (and every invocation).
     teacher_cfg = config_from_dict(merge(base_config(budget, work / "teacher_run", 42),
                                          {"pruning": {"method": "none"},
@@ -187,26 +234,36 @@ def main(argv: list[str] | None = None) -> int:
     teacher_path, teacher_metrics = finetune_teacher(
         teacher_cfg, ctx, data, load_tokenizer("minilm"), console)
     dense = teacher_metrics["accuracy"]
+    if args.teacher_only:
+        console.log(f"dense teacher: accuracy {dense:.4f} ({teacher_path})")
+        return 0
+    header = {"budget": args.budget, "budget_settings": budget, "dense_accuracy": dense,
+              "split": {"dev": "3816 rows held out of the corpus with seed 0",
+                        "train": "subset of the rest, seed 0", "max_length":
+                        budget["max_length"]}}
     runs = [r for r in plan(args.sparsities, list(range(args.seeds)), not args.no_ablation)
             if r["method"] in args.methods]
-    results = [r for r in done if any(all(r[k] == q[k] for k in q) for q in runs)]
-    for r in runs:
-        if any(all(d[k] == r[k] for k in r) for d in results):
-            continue  # resumable: finished runs are kept in the json
+    for i, r in enumerate(runs):
+        done = json.loads(json_path.read_text())["runs"] if json_path.is_file() else []
+        if i % n != k or any(_same(d, r) for d in done):
+            continue  # another worker's, or finished (the json is the resume point)
         name = f"{label(r)} @ {r['sparsity']:.2f} seed {r['seed']}"
-        console.log(f"run: {name}")
+        console.log(f"run {i + 1}/{len(runs)}: {name}")
         cfg = config_from_dict(merge(
-            merge(base_config(budget, work / f"run_{len(results)}", 42 + r["seed"]),
+            merge(base_config(budget, work / f"run_{i}", 42 + r["seed"]),
                   {"model": {"teacher": teacher_path}}),
             run_config(r["method"], r["sparsity"], r["cap"], r["drop"])))
         t0 = time.perf_counter()
         res = prune(cfg, ctx, console, export=False)
-        results.append({**r, "accuracy": res["pruned_metrics"]["accuracy"],
-                        "encoder_sparsity": res["sparsity"]["encoder_sparsity"],
-                        "linear_sparsity": res["sparsity"]["linear_sparsity"],
-                        "steps": res["steps"], "seconds": time.perf_counter() - t0})
-        json_path.write_text(json.dumps({"budget": args.budget, "budget_settings": budget,
-                                         "dense_accuracy": dense, "runs": results}, indent=1))
+        record = {**r, "accuracy": res["pruned_metrics"]["accuracy"],
+                  "encoder_sparsity": res["sparsity"]["encoder_sparsity"],
+                  "linear_sparsity": res["sparsity"]["linear_sparsity"],
+                  "steps": res["steps"], "seconds": time.perf_counter() - t0}
+        save_run(json_path, header, record)
+        console.log(f"{name}: accuracy {record['accuracy']:.4f}, encoder sparsity "
+                    f"{record['encoder_sparsity']:.4f}, {record['seconds']:.0f} s")
+    done = json.loads(json_path.read_text())["runs"] if json_path.is_file() else []
+    results = [d for d in done if any(_same(d, r) for r in runs)]
     md = table(results, dense)
     (out / f"fidelity{suffix}.md").write_text(md)
     plot(results, dense, out / f"fidelity{suffix}.png")

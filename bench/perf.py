@@ -135,23 +135,26 @@ def step_benchmark(steps: int, quick: bool, work: Path) -> dict[str, Any]:
             "cap_over_movement_kd": med["cap"]["total"] / med["movement_kd"]["total"]}
 
 
-def bank_build(n: int, hidden: int, batch: int = 256) -> dict[str, float]:
-    """Seconds to build an [n, 1, hidden] bank: by id (capscale) and by torch.cat."""
+def bank_build(n: int, hidden: int, batch: int = 256, reps: int = 5) -> dict[str, float]:
+    """Seconds to build an [n, 1, hidden] bank: by id (capscale, median of ``reps``
+    builds) and by repeated ``torch.cat`` (the reference's way, built once)."""
     vecs = torch.randn(batch, hidden)
-    bank = RepresentationBank(n, hidden, 1)
-    slot = bank.begin_view()
-    perm = torch.randperm(n)
-    t0 = time.perf_counter()
-    for i in range(0, n, batch):
-        ids = perm[i : i + batch]
-        bank.write(ids, vecs[: len(ids)], slot)
-    by_id = time.perf_counter() - t0
+    by_id = []
+    for _ in range(reps):
+        bank = RepresentationBank(n, hidden, 1)
+        slot = bank.begin_view()
+        perm = torch.randperm(n)
+        t0 = time.perf_counter()
+        for i in range(0, n, batch):
+            ids = perm[i : i + batch]
+            bank.write(ids, vecs[: len(ids)], slot)
+        by_id.append(time.perf_counter() - t0)
     t0 = time.perf_counter()
     acc = torch.empty(0, hidden)
     for i in range(0, n, batch):
         acc = torch.cat([acc, vecs[: min(batch, n - i)]])
     by_cat = time.perf_counter() - t0
-    return {"by_id": by_id, "by_repeated_cat": by_cat}
+    return {"by_id": statistics.median(by_id), "by_repeated_cat": by_cat}
 
 
 def bank_memory(n: int, hidden: int, views: int) -> dict[str, float]:
@@ -186,11 +189,36 @@ def markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def scaleout_markdown(sc: dict[str, Any]) -> str:
+    """The per-rank memory / gather table from ``bench/scaleout_memory.py``'s json."""
+    rows = sc["results"]
+    shapes = list(rows[0].get("gather_negatives_median_s", {}))
+    lines = ["## Scale-out: per-rank memory and the gather of negatives", "",
+             f"{sc['model']}, global batch {sc['global_batch']}, {sc['device']}; from "
+             "`python bench/scaleout_memory.py` (bytes of parameters resident per rank; "
+             "gathers: the collectives of one CAP step, median ms, for local anchors "
+             "rows x hidden)", "",
+             "| " + " | ".join(["world", "strategy", "frozen teacher bytes/rank",
+                                 "fraction of full", "student bytes/rank", "median step s",
+                                 *(f"gather {x} ms" for x in shapes)]) + " |",
+             "|---" * (6 + len(shapes)) + "|"]
+    for r in rows:
+        g = r.get("gather_negatives_median_s", {})
+        lines.append(
+            f"| {r['world']} | {r['strategy']} | {r['teacher_param_bytes_per_rank']:,} | "
+            f"{r['teacher_fraction_of_full']:.3f} | {r['student_param_bytes_per_rank']:,} | "
+            f"{r['median_step_s']:.2f} |"
+            + "".join(f" {1000 * g[x]:.2f} |" if x in g else " - |" for x in shapes))
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--scaleout", default=str(ROOT / "bench" / "results" / "scaleout.json"),
+                   help="bench/scaleout_memory.py's results, folded into the report")
     args = p.parse_args(argv)
     quiet_libraries()
     out = Path(args.out)
@@ -211,9 +239,13 @@ def main(argv: list[str] | None = None) -> int:
             "tweets, MiniLM, 8 SnC views": bank_memory(34_342, 384, 8)},
         "torch": torch.__version__, "threads": torch.get_num_threads(),
     }
+    md = markdown(res)
+    sc_path = Path(args.scaleout)
+    if sc_path.is_file():
+        res["scale_out"] = json.loads(sc_path.read_text())
+        md += "\n" + scaleout_markdown(res["scale_out"])
     name = "perf_quick" if args.quick else "perf"
     (out / f"{name}.json").write_text(json.dumps(res, indent=1))
-    md = markdown(res)
     (out / f"{name}.md").write_text(md)
     print(md)
     return 0

@@ -4,7 +4,10 @@ For every (world, strategy) a job of ``world`` spawned ranks builds a real CAPPr
 (student + frozen teacher, PrC / FiC / SnC banks) on a small BERT (hidden 256, 4 layers;
 the tests' offline assets), then times ``--steps`` training steps on fixed global
 batches. Reported per rank: parameter bytes resident of the frozen teacher and of the
-student (ZeRO-3 partitions / FSDP2 local shards), median step seconds.
+student (ZeRO-3 partitions / FSDP2 local shards), median step seconds, and the cost of
+gathering the contrastive negatives: the collectives the CAP objective issues each step
+(anchors, ids, labels, row offsets) timed alone, for the bench model's local batch and
+for BERT-base / RoBERTa-large sized anchors (local batch 32, hidden 768 / 1024).
 
     PYTHONPATH=. python bench/scaleout_memory.py   # -> bench/results/scaleout.json
 """
@@ -28,10 +31,24 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import distributed_helpers as h  # noqa: E402  (the tests' offline assets and batches)
 
+GATHER_SHAPES = [(32, 768), (32, 1024)]
 JOBS = [(1, "single"), (1, "zero3"), (1, "fsdp2"), (2, "ddp"), (2, "zero3"), (2, "fsdp2")]
 
 
-def job(rank, world, port, strategy, assets, steps, out):
+def gather_cost(ctx, rows: int, hidden: int, reps: int = 30) -> float:
+    """Median seconds of the per-step gathers of the CAP objective (no-ops at world 1)."""
+    anchors = torch.randn(rows, hidden)
+    ids, labels = torch.arange(rows), torch.zeros(rows, dtype=torch.long)
+    times = []
+    for _ in range(reps):
+        ctx.barrier()
+        t0 = time.perf_counter()
+        ctx.gather(anchors), ctx.gather(ids), ctx.gather(labels), ctx.offset(rows)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def job(rank, world, port, strategy, assets, steps, out, hidden):
     import os
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), CAPSCALE_CPU="1",
@@ -48,11 +65,14 @@ def job(rank, world, port, strategy, assets, steps, out):
         t0 = time.perf_counter()
         run.train_step(batch)
         times.append(time.perf_counter() - t0)
+    local = h.GLOBAL_BATCH // world
+    gathers = {f"{rows}x{hidden}": gather_cost(ctx, rows, hidden)
+               for rows, hidden in [(local, hidden), *GATHER_SHAPES]}
     rec = {"world": world, "strategy": ctx.strategy,
            "teacher_param_bytes_per_rank": local_param_bytes(run.teacher),
            "student_param_bytes_per_rank": local_param_bytes(run.student),
            "median_step_s": statistics.median(times[1:] or times),
-           "first_step_s": times[0]}
+           "first_step_s": times[0], "gather_negatives_median_s": gathers}
     if rank == 0:
         Path(out).write_text(json.dumps(rec))
     if dist.is_initialized():
@@ -73,7 +93,8 @@ def main() -> None:
     results = []
     for world, strategy in JOBS:
         out = tmp / f"{world}_{strategy}.json"
-        mp.spawn(job, args=(world, h.free_port(), strategy, assets, args.steps, str(out)),
+        mp.spawn(job, args=(world, h.free_port(), strategy, assets, args.steps, str(out),
+                              args.hidden),
                  nprocs=world)
         results.append(json.loads(out.read_text()))
         print(json.dumps(results[-1]), flush=True)

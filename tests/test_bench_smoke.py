@@ -30,16 +30,26 @@ def test_fidelity_smoke_budget(tmp_path):
     out, work = tmp_path / "results", tmp_path / "work"
     args = ["--budget", "smoke", "--sparsities", "0.9", "--methods", "movement",
             "--no-ablation", "--out", str(out), "--work", str(work)]
-    assert fidelity.main(args) == 0
+    # Two workers split the runs and share one results file.
+    assert fidelity.main([*args, "--worker", "0/2"]) == 0
+    first = json.loads((out / "fidelity_smoke.json").read_text())["runs"]
+    assert [(r["method"], r["cap"]) for r in first] == [("movement", False)]
+    assert fidelity.main([*args, "--worker", "1/2"]) == 0
     res = json.loads((out / "fidelity_smoke.json").read_text())
     assert {(r["method"], r["cap"]) for r in res["runs"]} == {("movement", False),
                                                               ("movement", True)}
     assert all(0 <= r["accuracy"] <= 1 and r["steps"] == 4 for r in res["runs"])
     assert "movement + CAP" in (out / "fidelity_smoke.md").read_text()
-    # Resumable: a second call finds both runs done and trains nothing new.
+    # Resumable: a call without a split finds both runs done and trains nothing new.
     assert fidelity.main(args) == 0
     again = json.loads((out / "fidelity_smoke.json").read_text())
     assert again["runs"] == res["runs"]
+
+
+def test_fidelity_rejects_a_bad_worker_split():
+    fidelity = _bench("fidelity")
+    with pytest.raises(SystemExit):
+        fidelity.main(["--worker", "2/2"])
 
 
 @pytest.mark.slow
