@@ -9,7 +9,7 @@ gathering the contrastive negatives: the collectives the CAP objective issues ea
 (anchors, ids, labels, row offsets) timed alone, for the bench model's local batch and
 for BERT-base / RoBERTa-large sized anchors (local batch 32, hidden 768 / 1024).
 
-    PYTHONPATH=. python bench/scaleout_memory.py   # -> bench/results/scaleout.json
+    python bench/scaleout_memory.py   # -> bench/results/scaleout.json
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import distributed_helpers as h  # noqa: E402  (the tests' offline assets and batches)
