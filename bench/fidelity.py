@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import time
@@ -123,8 +124,32 @@ def plan(sparsities: list[float], seeds: list[int], ablation: bool) -> list[dict
     return runs
 
 
+def run_dir(r: dict[str, Any]) -> str:
+    """A work folder name unique to the run."""
+    name = (f"{r['method']}_{r['sparsity']}_{'cap' if r['cap'] else 'kd'}"
+            f"_{r['drop'] or 'all'}_seed{r['seed']}_{r.get('variant') or 'default'}")
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", name)
+
+
 def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    return all(a[k] == b[k] for k in ("method", "sparsity", "cap", "drop", "seed"))
+    return (all(a[k] == b[k] for k in ("method", "sparsity", "cap", "drop", "seed"))
+            and a.get("variant", "") == b.get("variant", ""))
+
+
+def parse_sets(sets: list[str]) -> dict[str, Any]:
+    """``["train.lr=2e-4", ...]`` -> a nested config dict (values parsed as YAML)."""
+    import yaml
+    out: dict[str, Any] = {}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set wants key=value, got {item!r}")
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return out
 
 
 def save_run(json_path: Path, header: dict[str, Any], record: dict[str, Any] | None
@@ -145,7 +170,8 @@ def save_run(json_path: Path, header: dict[str, Any], record: dict[str, Any] | N
 
 def label(r: dict[str, Any]) -> str:
     name = r["method"] + (" + CAP" if r["cap"] else " + KD")
-    return name + (f" - {r['drop'].upper()}" if r["drop"] else "")
+    name += f" - {r['drop'].upper()}" if r["drop"] else ""
+    return name + (f" [{r['variant']}]" if r.get("variant") else "")
 
 
 def table(results: list[dict[str, Any]], dense: float) -> str:
@@ -168,24 +194,31 @@ def table(results: list[dict[str, Any]], dense: float) -> str:
 
 
 def _mean(results: list[dict[str, Any]], **match: Any) -> float | None:
-    accs = [r["accuracy"] for r in results if all(r[k] == v for k, v in match.items())]
+    accs = [r["accuracy"] for r in results
+            if all(r.get(k, "") == v for k, v in match.items())]
     return statistics.mean(accs) if accs else None
 
 
 def summary(results: list[dict[str, Any]], dense: float) -> str:
     """What CAP adds over KD per method and sparsity, what each module adds, and the
     targets of the benchmark (mean over seeds)."""
-    lines = ["", "| method | sparsity | + KD | + CAP | CAP - KD (points) |",
-             "|---|---|---|---|---|"]
-    for method in METHODS:
-        for sp in sorted({r["sparsity"] for r in results}):
-            kd = _mean(results, method=method, sparsity=sp, cap=False, drop=None)
-            cap = _mean(results, method=method, sparsity=sp, cap=True, drop=None)
-            if kd is not None and cap is not None:
-                lines.append(f"| {method} | {100 * sp:.0f}% | {100 * kd:.2f} | "
-                             f"{100 * cap:.2f} | {100 * (cap - kd):+.2f} |")
-    full = _mean(results, method="movement", sparsity=0.9, cap=True, drop=None)
-    ablations = [(d, _mean(results, method="movement", sparsity=0.9, cap=True, drop=d))
+    variants = sorted({r.get("variant", "") for r in results})
+    lines = ["", "| method | sparsity | variant | + KD | + CAP | CAP - KD (points) |",
+             "|---|---|---|---|---|---|"]
+    for v in variants:
+        for method in METHODS:
+            for sp in sorted({r["sparsity"] for r in results}):
+                kd = _mean(results, method=method, sparsity=sp, cap=False, drop=None,
+                           variant=v)
+                cap = _mean(results, method=method, sparsity=sp, cap=True, drop=None,
+                            variant=v)
+                if kd is not None and cap is not None:
+                    lines.append(f"| {method} | {100 * sp:.0f}% | {v or 'default'} | "
+                                 f"{100 * kd:.2f} | {100 * cap:.2f} | "
+                                 f"{100 * (cap - kd):+.2f} |")
+    full = _mean(results, method="movement", sparsity=0.9, cap=True, drop=None, variant="")
+    ablations = [(d, _mean(results, method="movement", sparsity=0.9, cap=True, drop=d,
+                           variant=""))
                  for d in ("prc", "snc", "fic")]
     if full is not None and any(a is not None for _, a in ablations):
         lines += ["", "| movement + CAP at 90% | accuracy | change from full CAP (points) |",
@@ -193,19 +226,23 @@ def summary(results: list[dict[str, Any]], dense: float) -> str:
         lines += [f"| without {d.upper()} | {100 * a:.2f} | {100 * (a - full):+.2f} |"
                   for d, a in ablations if a is not None]
     checks = []
-    caps90 = [(m, _mean(results, method=m, sparsity=0.9, cap=True, drop=None))
-              for m in METHODS]
-    for m, acc in caps90:
-        if acc is not None:
-            checks.append((f"{m} + CAP retains >= 95% of dense at 90%",
-                           f"{100 * acc / dense:.1f}%", acc / dense >= 0.95))
-    for sp, need in ((0.9, 1.0), (0.97, 2.0)):
-        kd = _mean(results, method="movement", sparsity=sp, cap=False, drop=None)
-        cap = _mean(results, method="movement", sparsity=sp, cap=True, drop=None)
-        if kd is not None and cap is not None:
-            gain = 100 * (cap - kd)
-            checks.append((f"movement + CAP beats movement + KD by >= {need:.0f} point(s) "
-                           f"at {100 * sp:.0f}%", f"{gain:+.2f}", gain >= need))
+    for v in variants:
+        tag = f" [{v}]" if v else ""
+        for m in METHODS:
+            acc = _mean(results, method=m, sparsity=0.9, cap=True, drop=None, variant=v)
+            if acc is not None:
+                checks.append((f"{m} + CAP retains >= 95% of dense at 90%{tag}",
+                               f"{100 * acc / dense:.1f}%", acc / dense >= 0.95))
+        for sp, need in ((0.9, 1.0), (0.97, 2.0)):
+            kd = _mean(results, method="movement", sparsity=sp, cap=False, drop=None,
+                       variant=v)
+            cap = _mean(results, method="movement", sparsity=sp, cap=True, drop=None,
+                        variant=v)
+            if kd is not None and cap is not None:
+                gain = 100 * (cap - kd)
+                checks.append((f"movement + CAP beats movement + KD by >= {need:.0f} "
+                               f"point(s) at {100 * sp:.0f}%{tag}", f"{gain:+.2f}",
+                               gain >= need))
     if checks:
         lines += ["", "| target | measured | reached |", "|---|---|---|"]
         lines += [f"| {t} | {v} | {'yes' if ok else 'no'} |" for t, v, ok in checks]
@@ -248,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker", default="0/1", metavar="K/N",
                    help="run only the runs with index %% N == K (workers share the json)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for every run of this call (e.g. train.lr=2e-4); "
+                        "its runs are a variant, kept and reported apart")
     p.add_argument("--teacher-only", action="store_true",
                    help="fine-tune and cache the dense teacher, then stop")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -290,7 +330,13 @@ def main(argv: list[str] | None = None) -> int:
                         budget["max_length"]},
               "teacher": "fine-tuned once per budget: teacher_training.epochs 2, capped at "
                          "teacher_steps"}
-    runs = [r for r in plan(args.sparsities, list(range(args.seeds)), not args.no_ablation)
+    try:
+        sets = parse_sets(args.set)
+    except ValueError as err:
+        p.error(str(err))
+    variant = ",".join(args.set)
+    runs = [{**r, "variant": variant}
+            for r in plan(args.sparsities, list(range(args.seeds)), not args.no_ablation)
             if r["method"] in args.methods]
     for i, r in enumerate(runs):
         done = json.loads(json_path.read_text())["runs"] if json_path.is_file() else []
@@ -299,9 +345,9 @@ def main(argv: list[str] | None = None) -> int:
         name = f"{label(r)} @ {r['sparsity']:.2f} seed {r['seed']}"
         console.log(f"run {i + 1}/{len(runs)}: {name}")
         cfg = config_from_dict(merge(
-            merge(base_config(budget, work / f"run_{i}", 42 + r["seed"]),
+            merge(base_config(budget, work / run_dir(r), 42 + r["seed"]),
                   {"model": {"teacher": teacher_path}}),
-            run_config(r["method"], r["sparsity"], r["cap"], r["drop"])))
+            merge(run_config(r["method"], r["sparsity"], r["cap"], r["drop"]), sets)))
         t0 = time.perf_counter()
         res = prune(cfg, ctx, console, export=False)
         record = {**r, "accuracy": res["pruned_metrics"]["accuracy"],
@@ -311,8 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         save_run(json_path, header, record)
         console.log(f"{name}: accuracy {record['accuracy']:.4f}, encoder sparsity "
                     f"{record['encoder_sparsity']:.4f}, {record['seconds']:.0f} s")
-    done = save_run(json_path, header, None)
-    results = [d for d in done if any(_same(d, r) for r in runs)]
+    results = save_run(json_path, header, None)  # every run so far, of every call
     md = table(results, dense) + summary(results, dense)
     (out / f"fidelity{suffix}.md").write_text(md)
     plot(results, dense, out / f"fidelity{suffix}.png")

@@ -192,7 +192,7 @@ def markdown(res: dict[str, Any]) -> str:
 def scaleout_markdown(sc: dict[str, Any]) -> str:
     """The per-rank memory / gather table from ``bench/scaleout_memory.py``'s json."""
     rows = sc["results"]
-    shapes = list(rows[0].get("gather_negatives_median_s", {}))
+    shapes = list(dict.fromkeys(x for r in rows for x in r.get("gather_negatives_median_s", {})))
     lines = ["## Scale-out: per-rank memory and the gather of negatives", "",
              f"{sc['model']}, global batch {sc['global_batch']}, {sc['device']}; from "
              "`python bench/scaleout_memory.py` (bytes of parameters resident per rank; "
@@ -212,22 +212,13 @@ def scaleout_markdown(sc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    p.add_argument("--scaleout", default=str(ROOT / "bench" / "results" / "scaleout.json"),
-                   help="bench/scaleout_memory.py's results, folded into the report")
-    args = p.parse_args(argv)
-    quiet_libraries()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+def measure(steps: int, quick: bool) -> dict[str, Any]:
+    """Every figure of the report (minutes on a CPU; seconds with ``quick``)."""
     with tempfile.TemporaryDirectory() as tmp:
-        step = step_benchmark(args.steps, args.quick, Path(tmp))
-    n = 2_000 if args.quick else 20_000
+        step = step_benchmark(steps, quick, Path(tmp))
+    n = 2_000 if quick else 20_000
     times = {str(n): bank_build(n, 768), str(4 * n): bank_build(4 * n, 768)}
-    res = {
+    return {
         "step": step,
         "bank_build": {"hidden": 768, "times": times,
                        "ratio_by_id": times[str(4 * n)]["by_id"] / times[str(n)]["by_id"],
@@ -239,12 +230,32 @@ def main(argv: list[str] | None = None) -> int:
             "tweets, MiniLM, 8 SnC views": bank_memory(34_342, 384, 8)},
         "torch": torch.__version__, "threads": torch.get_num_threads(),
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--render", action="store_true",
+                   help="measure nothing: rewrite the markdown from the existing perf.json "
+                        "(and the scale-out json)")
+    p.add_argument("--scaleout", default=str(ROOT / "bench" / "results" / "scaleout.json"),
+                   help="bench/scaleout_memory.py's results, folded into the report")
+    args = p.parse_args(argv)
+    quiet_libraries()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = "perf_quick" if args.quick else "perf"
+    if args.render:
+        res = json.loads((out / f"{name}.json").read_text())
+    else:
+        res = measure(args.steps, args.quick)
     md = markdown(res)
     sc_path = Path(args.scaleout)
     if sc_path.is_file():
         res["scale_out"] = json.loads(sc_path.read_text())
         md += "\n" + scaleout_markdown(res["scale_out"])
-    name = "perf_quick" if args.quick else "perf"
     (out / f"{name}.json").write_text(json.dumps(res, indent=1))
     (out / f"{name}.md").write_text(md)
     print(md)
