@@ -47,7 +47,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from capscale.config import config_from_dict  # noqa: E402
+from capscale.config import ConfigError, config_from_dict, parse_overrides  # noqa: E402
 from capscale.console import Console  # noqa: E402
 from capscale.distributed import init_distributed  # noqa: E402
 from capscale.run import prune, quiet_libraries  # noqa: E402
@@ -134,22 +134,6 @@ def run_dir(r: dict[str, Any]) -> str:
 def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return (all(a[k] == b[k] for k in ("method", "sparsity", "cap", "drop", "seed"))
             and a.get("variant", "") == b.get("variant", ""))
-
-
-def parse_sets(sets: list[str]) -> dict[str, Any]:
-    """``["train.lr=2e-4", ...]`` -> a nested config dict (values parsed as YAML)."""
-    import yaml
-    out: dict[str, Any] = {}
-    for item in sets:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set wants key=value, got {item!r}")
-        node = out
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
-    return out
 
 
 def save_run(json_path: Path, header: dict[str, Any], record: dict[str, Any] | None
@@ -303,6 +287,11 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     budget = BUDGETS[args.budget]
     work, out = Path(args.work) / args.budget, Path(args.out)
+    try:  # the same parser as the command line's overrides; checked before any training
+        sets = parse_overrides(args.set)
+        config_from_dict(merge(base_config(budget, work / "check", 0), sets))
+    except ConfigError as err:
+        p.error(f"--set: {err}")
     out.mkdir(parents=True, exist_ok=True)
     ctx = init_distributed()
     console = Console(enabled=ctx.is_main, progress=False)
@@ -330,10 +319,6 @@ def main(argv: list[str] | None = None) -> int:
                         budget["max_length"]},
               "teacher": "fine-tuned once per budget: teacher_training.epochs 2, capped at "
                          "teacher_steps"}
-    try:
-        sets = parse_sets(args.set)
-    except ValueError as err:
-        p.error(str(err))
     variant = ",".join(args.set)
     runs = [{**r, "variant": variant}
             for r in plan(args.sparsities, list(range(args.seeds)), not args.no_ablation)
