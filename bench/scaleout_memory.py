@@ -37,14 +37,17 @@ JOBS = [(1, "single"), (1, "zero3"), (1, "fsdp2"), (2, "ddp"), (2, "zero3"), (2,
 
 
 def gather_cost(ctx, rows: int, hidden: int, reps: int = 30) -> float:
-    """Median seconds of the per-step gathers of the CAP objective (no-ops at world 1)."""
+    """Median seconds of the CAP objective's per-step gathers (cap.gather_batch; no
+    collectives at world 1)."""
+    from capscale.cap import gather_batch
+
     anchors = torch.randn(rows, hidden)
     ids, labels = torch.arange(rows), torch.zeros(rows, dtype=torch.long)
     times = []
     for _ in range(reps):
         ctx.barrier()
         t0 = time.perf_counter()
-        ctx.gather(anchors), ctx.gather(ids), ctx.gather(labels), ctx.offset(rows)
+        gather_batch(anchors, ids, labels, ctx)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 

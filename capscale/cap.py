@@ -24,6 +24,23 @@ MODULES = ("prc", "fic", "snc")
 Encoder = Callable[[dict[str, Tensor]], Tensor]  # batch -> (B, H) normalised vectors
 
 
+def gather_batch(anchors: Tensor, ids: Tensor, labels: Tensor, ctx: DistContext
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The global batch that every rank builds its candidates from (the per-step
+    collectives of both objectives).
+
+    Returns:
+        current: (Bg, H) all ranks' anchors, detached, in rank order; g_ids, g_labels:
+        (Bg,) their ids and labels; positions: (B,) where this rank's anchors sit in it.
+        ``g_ids``, ``g_labels`` and ``positions`` are on ``anchors``' device.
+    """
+    dev = anchors.device
+    current = ctx.gather(anchors)
+    g_ids, g_labels = ctx.gather(ids).to(dev), ctx.gather(labels).to(dev)
+    positions = torch.arange(anchors.shape[0], device=dev) + ctx.offset(anchors.shape[0])
+    return current, g_ids, g_labels, positions
+
+
 def module_terms(name: str, cfg: CAPConfig, cands: Candidates, anchors: Tensor, ids: Tensor,
                  labels: Tensor, g_ids: Tensor, g_labels: Tensor, positions: Tensor,
                  world_size: int, supervised: bool) -> dict[str, Tensor]:
@@ -114,10 +131,7 @@ class CAPObjective(nn.Module):
         losses: dict[str, Tensor] = {}
         if not self.enabled:
             return losses
-        current = ctx.gather(anchors)  # (Bg, H), detached
-        g_ids, g_labels = ctx.gather(ids), ctx.gather(labels)
-        positions = torch.arange(anchors.shape[0], device=ids.device) + ctx.offset(
-            anchors.shape[0])
+        current, g_ids, g_labels, positions = gather_batch(anchors, ids, labels, ctx)
         for m_idx, name in enumerate(MODULES):
             if name not in self.banks or self.banks[name].num_views == 0:
                 continue
@@ -129,8 +143,8 @@ class CAPObjective(nn.Module):
             both = bank.views(torch.cat([g_ids.cpu(), extra]), dtype=dt, device=dev,
                               sum_fn=ctx.sum_over_ranks)
             views, extra_views = both[: g_ids.shape[0]], both[g_ids.shape[0]:]
-            cands = build_candidates(current, g_ids.to(dev), g_labels.to(dev), views,
-                                     extra_views, extra.to(dev),
+            cands = build_candidates(current, g_ids, g_labels, views, extra_views,
+                                     extra.to(dev),
                                      self.train_labels[extra].to(dev))
             losses.update(module_terms(name, self.cfg, cands, anchors, ids, labels, g_ids,
                                        g_labels, positions, ctx.world_size,

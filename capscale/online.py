@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .adapters import EncoderAdapter
-from .cap import MODULES, module_terms
+from .cap import MODULES, gather_batch, module_terms
 from .config import CAPConfig
 from .distributed import DistContext
 from .losses import build_candidates
@@ -184,9 +184,7 @@ class OnlineObjective(nn.Module):
         if inputs is None:
             raise ValueError("online mode needs the batch's model inputs (inputs=...)")
         dev, dt = anchors.device, anchors.dtype
-        current = ctx.gather(anchors)  # (Bg, H), detached
-        g_ids, g_labels = ctx.gather(ids).to(dev), ctx.gather(labels).to(dev)
-        positions = torch.arange(anchors.shape[0], device=dev) + ctx.offset(anchors.shape[0])
+        current, g_ids, g_labels, positions = gather_batch(anchors, ids, labels, ctx)
         supervised = bool((g_labels >= 0).all())
         for name, queue in self.queues.items():
             if not self.references[name]:
