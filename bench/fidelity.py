@@ -50,7 +50,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from capscale.config import ConfigError, config_from_dict, parse_overrides  # noqa: E402
+from capscale.config import (  # noqa: E402
+    ConfigError,
+    config_from_dict,
+    merge_dicts,
+    parse_overrides,
+)
 from capscale.console import Console  # noqa: E402
 from capscale.distributed import init_distributed  # noqa: E402
 from capscale.run import prune, quiet_libraries  # noqa: E402
@@ -100,13 +105,6 @@ def run_config(method: str, sparsity: float, cap: bool, drop: str | None = None
         pruning["final_lambda"] = SOFT_LAMBDA.get(sparsity, 300.0)
     modules = {m: {"enabled": cap and m != drop} for m in ("prc", "fic", "snc")}
     return {"pruning": pruning, "cap": modules}
-
-
-def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def plan(sparsities: list[float], seeds: list[int], ablation: bool) -> list[dict[str, Any]]:
@@ -298,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     work, out = Path(args.work) / args.budget, Path(args.out)
     try:  # the same parser as the command line's overrides; checked before any training
         sets = parse_overrides(args.set)
-        config_from_dict(merge(base_config(budget, work / "check", 0), sets))
+        config_from_dict(merge_dicts(base_config(budget, work / "check", 0), sets))
     except ConfigError as err:
         p.error(f"--set: {err}")
     out.mkdir(parents=True, exist_ok=True)
@@ -307,11 +305,10 @@ def main(argv: list[str] | None = None) -> int:
     suffix = "" if args.budget == "cpu" else f"_{args.budget}"
     json_path = out / f"fidelity{suffix}.json"
     # The dense teacher, trained once and reused by every run (and every invocation).
-    teacher_cfg = config_from_dict(merge(base_config(budget, work / "teacher_run", 42),
-                                         {"pruning": {"method": "none"},
-                                          "cap": {m: {"enabled": False}
-                                                  for m in ("prc", "fic", "snc")},
-                                          "train": {"max_steps": 1}}))
+    teacher_cfg = config_from_dict(merge_dicts(
+        base_config(budget, work / "teacher_run", 42),
+        {"pruning": {"method": "none"}, "train": {"max_steps": 1},
+         "cap": {m: {"enabled": False} for m in ("prc", "fic", "snc")}}))
     from capscale.data import load_task_data
     from capscale.finetune import finetune_teacher
     from capscale.teachers import load_tokenizer
@@ -323,9 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         console.log(f"dense teacher: accuracy {dense:.4f} ({teacher_path})")
         return 0
     header = {"budget": args.budget, "budget_settings": budget, "dense_accuracy": dense,
-              "split": {"dev": "3816 rows held out of the corpus with seed 0",
-                        "train": "subset of the rest, seed 0", "max_length":
-                        budget["max_length"]},
+              "split": {"train_rows": len(data.train), "dev_rows": len(data.validation),
+                        "max_length": budget["max_length"], "notes": data.notes},
               "teacher": "fine-tuned once per budget: teacher_training.epochs 2, capped at "
                          "teacher_steps"}
     variant = ",".join(args.set)
@@ -338,10 +334,10 @@ def main(argv: list[str] | None = None) -> int:
             continue  # another worker's, or finished (the json is the resume point)
         name = f"{label(r)} @ {r['sparsity']:.2f} seed {r['seed']}"
         console.log(f"run {i + 1}/{len(runs)}: {name}")
-        cfg = config_from_dict(merge(
-            merge(base_config(budget, work / run_dir(r), 42 + r["seed"]),
+        cfg = config_from_dict(merge_dicts(
+            merge_dicts(base_config(budget, work / run_dir(r), 42 + r["seed"]),
                   {"model": {"teacher": teacher_path}}),
-            merge(run_config(r["method"], r["sparsity"], r["cap"], r["drop"]), sets)))
+            merge_dicts(run_config(r["method"], r["sparsity"], r["cap"], r["drop"]), sets)))
         t0 = time.perf_counter()
         res = prune(cfg, ctx, console, export=False)
         record = {**r, "accuracy": res["pruned_metrics"]["accuracy"],

@@ -511,11 +511,12 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return tree
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge_dicts(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` updated by ``extra``, nested dicts merged key by key (inputs unchanged)."""
     out = dict(base)
     for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k),
-                                                                         dict) else v
+        nested = isinstance(v, dict) and isinstance(out.get(k), dict)
+        out[k] = merge_dicts(out[k], v) if nested else v
     return out
 
 
@@ -524,7 +525,7 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     data = dict(data or {})
     preset = (data.get("data") or {}).get("preset")
     if preset in DATA_PRESETS:  # preset defaults, then the user's own data keys
-        data["data"] = _merge(DATA_PRESETS[preset], data["data"])
+        data["data"] = merge_dicts(DATA_PRESETS[preset], data["data"])
     return _from_dict(Config, data).validate()
 
 
@@ -539,7 +540,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
                 raise ConfigError(f"config file {path} not found")
             p = packaged
         data = _yaml(p.read_text()) or {}
-    data = _merge(data, parse_overrides(overrides or []))
+    data = merge_dicts(data, parse_overrides(overrides or []))
     return config_from_dict(data)
 
 
