@@ -45,7 +45,6 @@ from .pruning.structured import (
     structured_param_counts,
     taylor_importance,
 )
-from .teachers import load_classifier
 from .train import (
     CAPPruner,
     PruneResult,
@@ -241,15 +240,6 @@ class StructuredCAPPruner(CAPPruner):
         return {**counts, **self.masks.sparsity(),
                 "linear_sparsity": counts["pruned_parameters"] / prunable,
                 "total_sparsity": counts["pruned_parameters"] / total}
-
-    def full_student(self) -> torch.nn.Module | None:
-        """The unsharded student on the main rank (None elsewhere); collective.
-
-        Its structured masks stay outside: ``self.masks.keep()`` says what to slice.
-        """
-        return self.strategy.plain_copy(self.student, lambda: load_classifier(
-            self._student_init, self.num_labels, self.data.label_names,
-            self.cfg.model.trust_remote_code))
 
     def export(self, out_dir: str | Path, tokenizer: PreTrainedTokenizerBase | None = None,
                extra: dict[str, Any] | None = None) -> dict[str, Any] | None:

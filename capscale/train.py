@@ -35,7 +35,7 @@ from .distributed import DistContext, make_strategy
 from .losses import kd_loss, task_loss
 from .metrics import compute_metrics, main_metric
 from .online import OnlineObjective
-from .pruning import Pruner, attach_masks, sparsity_report
+from .pruning import MaskedLinear, Pruner, attach_masks, sparsity_report
 from .teachers import (
     RepresentationTap,
     adapter_for,
@@ -192,11 +192,7 @@ class CAPPruner:
                 student, self.adapter), labels, cfg.train.seed, ctx.device, ctx.rank,
                 ctx.world_size)
             self._fill_reference_banks(student, cfg.model.student_init == "pretrained")
-        masked = {}
-        # Structured pruning masks activations instead (capscale.structured_train).
-        if cfg.pruning.method not in ("none", "structured"):
-            masked = attach_masks(student, self.adapter, cfg.pruning.method,
-                                  cfg.pruning.score_init, cfg.pruning.min_keep)
+        masked = self._attach_weight_masks(student)
         # Global top-k reads each rank's shard of the scores (exact bisection, no gather);
         # replicated scores (single / ddp) are counted once, without a sum over ranks.
         sharded = ctx.distributed and self.strategy.shards_parameters
@@ -433,14 +429,22 @@ class CAPPruner:
             masks = {k: v.cpu() for k, v in self.pruner.masks().items()}
             return sparsity_report(bare, self.adapter, masks)
 
+    def _attach_weight_masks(self, model: nn.Module) -> dict[str, MaskedLinear]:
+        """Swap in the MaskedLinear layers of unstructured pruning (none for ``none``;
+        structured pruning masks activations instead, see capscale.structured_train)."""
+        p = self.cfg.pruning
+        if p.method in ("none", "structured"):
+            return {}
+        return attach_masks(model, self.adapter, p.method, p.score_init, p.min_keep)
+
     def full_student(self) -> nn.Module | None:
-        """The unsharded masked student on the main rank (None elsewhere); collective."""
+        """The unsharded student, built like this one, on the main rank (None elsewhere);
+        collective. Structured masks stay outside it (``masks.keep()`` says what to slice).
+        """
         def build() -> nn.Module:
             model = load_classifier(self._student_init, self.num_labels,
                                     self.data.label_names, self.cfg.model.trust_remote_code)
-            if self.cfg.pruning.method != "none":
-                attach_masks(model, self.adapter, self.cfg.pruning.method,
-                             self.cfg.pruning.score_init, self.cfg.pruning.min_keep)
+            self._attach_weight_masks(model)
             return model
         return self.strategy.plain_copy(self.student, build)
 
