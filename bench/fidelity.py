@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
                   {"model": {"teacher": teacher_path}}),
             merge_dicts(run_config(r["method"], r["sparsity"], r["cap"], r["drop"]), sets)))
         t0 = time.perf_counter()
-        res = prune(cfg, ctx, console, export=False)
+        res = prune(cfg, ctx, console, export=False, teacher_metrics=teacher_metrics)
         record = {**r, "accuracy": res["pruned_metrics"]["accuracy"],
                   "encoder_sparsity": res["sparsity"]["encoder_sparsity"],
                   "linear_sparsity": res["sparsity"]["linear_sparsity"],

@@ -99,11 +99,13 @@ def check_inputs(cfg: Config) -> tuple[TaskData, PreTrainedTokenizerBase, Path |
     return data, tokenizer, resume
 
 
-def prune(cfg: Config, ctx: DistContext, console: Console, export: bool = True
-          ) -> dict[str, Any]:
+def prune(cfg: Config, ctx: DistContext, console: Console, export: bool = True,
+          teacher_metrics: dict[str, float] | None = None) -> dict[str, Any]:
     """The whole job: data -> teacher -> CAP pruning -> export. Returns the results.
 
     ``export=False`` skips writing the pruned model (benchmarks that only need metrics).
+    ``teacher_metrics``: the given ``model.teacher``'s dev metrics when already known
+    (a benchmark reusing one teacher), so it is not evaluated again.
     """
     from capscale.finetune import finetune_teacher
     from capscale.report import Trackers, write_report
@@ -117,7 +119,7 @@ def prune(cfg: Config, ctx: DistContext, console: Console, export: bool = True
     for note in data.notes:
         console.log(note)
     key = main_metric(data.num_labels)
-    teacher_path, teacher_metrics = cfg.model.teacher, None
+    teacher_path = cfg.model.teacher
     t0 = time.perf_counter()
     if teacher_path is None:
         teacher_path, teacher_metrics = finetune_teacher(cfg, ctx, data, tokenizer, console)
