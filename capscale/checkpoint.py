@@ -1,46 +1,39 @@
-"""Resumable checkpoints: everything a killed CAP run needs to continue exactly.
+"""Resumable checkpoints of whatever registered itself, written atomically.
 
-A checkpoint is a directory ``<checkpoint.dir>/step-XXXXXXXX`` holding
+A checkpoint is a directory ``<checkpoint.dir>/step-XXXXXXXX``. The checkpointer knows
+no run class: every stateful part of a run registers an entry, and the checkpointer
+saves and restores entries by name, in registration order:
 
-* ``model.pt`` / ``optimizer.pt``: the student (weights, mask scores, the masks'
-  keep-fraction / threshold buffers), AdamW and LR-schedule state, written by the
-  strategy (:meth:`capscale.distributed.Strategy.save_state`); sharded strategies have
-  every rank write its own shards instead: ``deepspeed/`` (zero3, the engine's
-  checkpoint) or ``dcp/`` + ``scheduler.pt`` (fsdp2, torch.distributed.checkpoint);
-* ``banks.pt``: the SnC snapshot bank. PrC and FiC banks are not saved: they are encodings
-  of frozen models in eval mode, re-encoded bit-exactly when the run is set up again;
-* ``rng_rank{r}.pt``: torch / numpy / python RNG states of rank ``r`` and the train
-  loader's generator state at the start of the current epoch;
-* ``trainer_state.json``: step, data position (epoch, batches consumed in it), history,
-  evaluations, pending snapshot milestones, skip counters and the run's config.
+* ``register(name, obj, scope)`` with ``obj.state_dict()`` / ``obj.load_state_dict()``:
+  ``scope="json"`` goes into ``trainer_state.json`` (main rank), ``"main"`` into
+  ``<name>.pt`` written by the main rank and read by every rank, ``"rank"`` into
+  ``<name>_rank{r}.pt``, one per rank. ``state_dict`` is called on every rank for
+  every scope (it may be a collective);
+* ``register_files(name, save, load)``: parts that write their own files, e.g. the
+  student and its optimiser through the strategy (``model.pt`` / ``optimizer.pt``, or
+  each rank's ZeRO-3 / FSDP2 shards under ``deepspeed/`` or ``dcp/``).
 
-Writes are atomic: every file goes into ``.tmp-step-XXXXXXXX``, is fsynced, and the
-directory is renamed into place, so a kill during a save leaves the previous checkpoint
-as the latest one. Resuming restores the state, re-creates the epoch's permutation,
-skips the batches already consumed and only then restores the RNG states, so the
-remaining steps draw the same dropout masks as an uninterrupted run.
+Writes are atomic: everything goes into ``.tmp-step-XXXXXXXX``, is fsynced, and the
+directory is renamed into place once every rank has written its part, so a kill during
+a save leaves the previous checkpoint as the latest one. ``trainer_state.json`` is
+written last and marks a checkpoint as complete.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
-from .config import Config, ConfigError, config_to_dict
-
-if TYPE_CHECKING:
-    from .train import CAPPruner
+from .config import Config, config_to_dict
+from .errors import ConfigError
 
 PREFIX = "step-"
 STATE_FILE = "trainer_state.json"
@@ -106,22 +99,6 @@ def _config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") 
     return out
 
 
-def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-             "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -130,12 +107,21 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+@dataclass
+class _Entry:
+    name: str
+    obj: Any = None
+    scope: str = "main"  # json / main / rank / files
+    save: Callable[[Path], list[Path]] | None = None
+    load: Callable[[Path], None] | None = None
+
+
 class Checkpointer:
-    """Saves the run every ``checkpoint.every_steps`` steps and keeps the newest K.
+    """Saves registered entries every ``checkpoint.every_steps`` steps, keeps the newest K.
 
     Args:
-        cfg: the run config.
-        ctx: the distributed context (every rank calls :meth:`save`).
+        cfg: the run config (saved with the state: a resume must use the same one).
+        ctx: the distributed context (every rank calls :meth:`save` and :meth:`load`).
     """
 
     def __init__(self, cfg: Config, ctx: Any) -> None:
@@ -143,24 +129,56 @@ class Checkpointer:
         self.root = checkpoint_root(cfg)
         self.every = cfg.checkpoint.every_steps
         self.keep_last = cfg.checkpoint.keep_last
+        self.entries: dict[str, _Entry] = {}
+
+    def register(self, name: str, obj: Any, scope: str = "main") -> None:
+        """Save ``obj.state_dict()`` as ``name``; ``scope``: json, main or rank."""
+        if scope not in ("json", "main", "rank"):
+            raise ValueError(f"scope must be json, main or rank, got {scope!r}")
+        self._add(_Entry(name, obj, scope))
+
+    def register_files(self, name: str, save: Callable[[Path], list[Path]],
+                       load: Callable[[Path], None]) -> None:
+        """A part that writes its own files: ``save(dir)`` returns the files this rank
+        wrote (fsynced before the commit), ``load(dir)`` restores them."""
+        self._add(_Entry(name, scope="files", save=save, load=load))
+
+    def _add(self, entry: _Entry) -> None:
+        if entry.name in self.entries:
+            raise ValueError(f"checkpoint entry {entry.name!r} is already registered")
+        self.entries[entry.name] = entry
 
     def due(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
 
-    def save(self, run: CAPPruner) -> Path:
-        """Write the whole run state atomically; returns the checkpoint directory."""
-        ctx, name = self.ctx, f"{PREFIX}{run.step:08d}"
+    def save(self, step: int) -> Path:
+        """Write every entry atomically; returns the checkpoint directory. Collective."""
+        ctx, name = self.ctx, f"{PREFIX}{step:08d}"
         final, tmp = self.root / name, self.root / f".tmp-{name}"
         if ctx.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         ctx.barrier()
-        files = run.strategy.save_state(tmp, run.student, run.optimizer, run.scheduler)
-        rng = {**rng_state(), "loader_epoch_start": run.loader_state}
-        torch.save(rng, tmp / f"rng_rank{ctx.rank}.pt")
-        files.append(tmp / f"rng_rank{ctx.rank}.pt")
+        files: list[Path] = []
+        state: dict[str, Any] = {}
+        for e in self.entries.values():
+            if e.scope == "files":
+                files += e.save(tmp)
+                continue
+            value = e.obj.state_dict()
+            if e.scope == "json":
+                state[e.name] = value
+            elif e.scope == "rank" or ctx.is_main:
+                path = tmp / (f"{e.name}_rank{ctx.rank}.pt" if e.scope == "rank"
+                              else f"{e.name}.pt")
+                torch.save(value, path)
+                files.append(path)
         if ctx.is_main:
-            files += self._write_main(run, tmp)
+            if os.environ.get(STALL_STEP_ENV) == str(step):
+                time.sleep(120)
+            state.update(step=step, world_size=ctx.world_size, config=config_to_dict(self.cfg))
+            (tmp / STATE_FILE).write_text(json.dumps(state))
+            files.append(tmp / STATE_FILE)
         for f in files:
             _fsync(f)
         ctx.barrier()
@@ -169,21 +187,23 @@ class Checkpointer:
         ctx.barrier()
         return final
 
-    def _write_main(self, run: CAPPruner, tmp: Path) -> list[Path]:
-        files = []
-        if "snc" in run.objective.banks:
-            torch.save(run.objective.banks["snc"].state_dict(), tmp / "banks.pt")
-            files.append(tmp / "banks.pt")
-        if os.environ.get(STALL_STEP_ENV) == str(run.step):
-            time.sleep(120)
-        state = {"step": run.step, "epoch": run.epoch, "batches_done": run.batches_done,
-                 "batches_drawn": run.batches_drawn, "skipped_steps": run.skipped_steps,
-                 "consecutive_skips": run.consecutive_skips, "sparsity": run.pruner.sparsity,
-                 "milestones": run.milestones, "world_size": self.ctx.world_size,
-                 "history": run.history, "evals": run.evals,
-                 "config": config_to_dict(self.cfg)}
-        (tmp / STATE_FILE).write_text(json.dumps(state))
-        return [*files, tmp / STATE_FILE]
+    def load(self, path: str | Path) -> dict[str, Any]:
+        """Restore every registered entry from ``path``; returns the JSON state."""
+        path, ctx = Path(path), self.ctx
+        state = json.loads((path / STATE_FILE).read_text())
+        if state["world_size"] != ctx.world_size:
+            raise ConfigError(f"resume = {path}: saved with {state['world_size']} processes, "
+                              f"resumed with {ctx.world_size}; relaunch with the same number")
+        for e in self.entries.values():
+            if e.scope == "files":
+                e.load(path)
+            elif e.scope == "json":
+                e.obj.load_state_dict(state[e.name])
+            else:
+                f = path / (f"{e.name}_rank{ctx.rank}.pt" if e.scope == "rank"
+                            else f"{e.name}.pt")
+                e.obj.load_state_dict(torch.load(f, map_location="cpu", weights_only=False))
+        return state
 
     def _commit(self, tmp: Path, final: Path) -> None:
         _fsync(tmp)
@@ -195,49 +215,3 @@ class Checkpointer:
             shutil.rmtree(old, ignore_errors=True)
         for stale in self.root.glob(f".tmp-{PREFIX}*"):  # left by a kill mid-save
             shutil.rmtree(stale, ignore_errors=True)
-
-
-@dataclass
-class ResumePoint:
-    """Where a resumed run continues: the epoch, batches consumed in it, RNG states."""
-
-    path: Path
-    epoch: int
-    batches_done: int
-    rng: dict[str, Any]
-
-    def batches(self, loader: DataLoader, set_epoch: Any) -> Iterator[Any]:
-        """The rest of the interrupted epoch: same permutation, consumed batches skipped.
-
-        RNG states are restored only after the skip, because creating the loader's
-        iterator draws from the global generator when the loader has none of its own.
-        """
-        if loader.generator is not None and self.rng["loader_epoch_start"] is not None:
-            loader.generator.set_state(self.rng["loader_epoch_start"])
-        else:
-            set_epoch(loader, self.epoch)
-        it = iter(loader)
-        for _ in range(self.batches_done):
-            next(it)
-        set_rng_state(self.rng)
-        return it
-
-
-def load_checkpoint(run: CAPPruner, path: str | Path) -> ResumePoint:
-    """Restore a set-up run from ``path``; returns where its loop continues."""
-    path, ctx = Path(path), run.ctx
-    state = json.loads((path / STATE_FILE).read_text())
-    if state["world_size"] != ctx.world_size:
-        raise ConfigError(f"resume = {path}: saved with {state['world_size']} processes, "
-                          f"resumed with {ctx.world_size}; relaunch with the same number")
-    run.strategy.load_state(path, run.student, run.optimizer, run.scheduler)
-    if "snc" in run.objective.banks:
-        run.objective.banks["snc"].load_state_dict(torch.load(path / "banks.pt",
-                                                              weights_only=True))
-    run.step, run.batches_drawn = state["step"], state["batches_drawn"]
-    run.skipped_steps, run.consecutive_skips = state["skipped_steps"], state["consecutive_skips"]
-    run.pruner.sparsity, run.milestones = state["sparsity"], state["milestones"]
-    run.history, run.evals = state["history"], state["evals"]
-    rng = torch.load(path / f"rng_rank{ctx.rank}.pt", weights_only=False)
-    run.loader_state = rng["loader_epoch_start"]
-    return ResumePoint(path, state["epoch"], state["batches_done"], rng)

@@ -7,20 +7,39 @@
     capscale export --config X.yaml [--checkpoint latest|DIR] [--out DIR] [key=value ...]
     capscale report outputs/run
 
-With no subcommand the arguments go to ``prune``, so ``capscale --config X.yaml`` and
-``python -m capscale.run --config X.yaml`` keep working. Every subcommand returns 2 with
-a one-line message for a config, data or model error.
+With no subcommand the arguments go to ``prune``, so ``capscale --config X.yaml``,
+``python -m capscale.run --config X.yaml`` and ``accelerate launch capscale/run.py
+--config X.yaml`` are the same call of :func:`main`. Every subcommand returns 2 with a
+one-line message for a config, data or model error; ``prune`` returns 3 when a
+non-finite loss stopped the run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from .errors import INPUT_ERRORS, describe
+
 SUBCOMMANDS = ("prune", "evaluate", "export", "report")
+
+
+def _environment() -> None:
+    """Process settings that must precede the heavy imports."""
+    import torch
+
+    if not torch.cuda.is_available():  # DeepSpeed (imported by transformers) probes otherwise
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    # Keep transformers' per-load reports and bars out of capscale's own output.
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def _parser(name: str, doc: str, config: bool = True) -> argparse.ArgumentParser:
@@ -34,17 +53,51 @@ def _parser(name: str, doc: str, config: bool = True) -> argparse.ArgumentParser
 def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Turn the input errors every subcommand can hit into exit code 2 and one line."""
     def run(args: argparse.Namespace) -> int:
-        from capscale.config import ConfigError
-        from capscale.data import DataError
-        from capscale.teachers import ModelError
-
         try:
             return fn(args)
-        except (ConfigError, DataError, ModelError) as err:
-            kind = type(err).__name__.replace("Error", "").lower()
-            print(f"capscale: {kind} error: {err}", file=sys.stderr)
+        except INPUT_ERRORS as err:
+            print(describe(err), file=sys.stderr)
             return 2
     return run
+
+
+def prune_cmd(argv: list[str]) -> int:
+    """``capscale prune``: the whole job (see capscale.recipe.prune)."""
+    import torch
+
+    from capscale.checkpoint import checkpoint_root, list_checkpoints
+    from capscale.config import load_config
+    from capscale.console import Console
+    from capscale.distributed import init_distributed, shutdown_distributed
+    from capscale.recipe import prune
+
+    p = _parser("prune", "Prune an encoder with CAP, evaluate it, export it.")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except INPUT_ERRORS as err:
+        print(describe(err), file=sys.stderr)
+        return 2
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    ctx = init_distributed(cfg.strategy, cfg.train.collective_timeout_s)
+    console = Console(enabled=ctx.is_main, progress=cfg.train.progress)
+    code = 1
+    try:
+        prune(cfg, ctx, console)
+        code = 0
+    except INPUT_ERRORS as err:
+        print(describe(err), file=sys.stderr)
+        code = 2
+    except FloatingPointError as err:
+        found = list_checkpoints(checkpoint_root(cfg))
+        kept = (f"the last good checkpoint is {found[-1]} (resume=latest continues from it)"
+                if found else "no checkpoint was written (see checkpoint.every_steps)")
+        print(f"capscale: {err}; {kept}; or set train.on_nonfinite=skip", file=sys.stderr)
+        code = 3
+    finally:
+        shutdown_distributed(ctx, ok=code == 0)
+    return code
 
 
 @_guarded
@@ -54,18 +107,20 @@ def evaluate_cmd(args: argparse.Namespace) -> int:
     from capscale.console import Console
     from capscale.data import Collator, load_task_data, make_loader, tokenize
     from capscale.distributed import DistContext
-    from capscale.teachers import check_teacher, load_classifier, load_tokenizer
-    from capscale.train import evaluate
+    from capscale.evaluation import evaluate
+    from capscale.models import check_teacher, load_classifier, load_tokenizer
+    from capscale.tasks import get_task
 
     cfg = load_config(args.config, args.overrides)
+    task = get_task(cfg.data.task_type)
     model_dir = args.model or str(Path(cfg.output_dir) / "pruned" / "model")
     data = load_task_data(cfg.data)
     check_teacher(model_dir, data.num_labels)  # the same head-size check as a teacher
     tokenizer = load_tokenizer(model_dir)
-    model = load_classifier(model_dir, data.num_labels, data.label_names)
+    model = load_classifier(model_dir, data.num_labels, data.label_names, task=task)
     loader = make_loader(tokenize(data.validation, tokenizer, cfg.data),
                          cfg.train.eval_batch_size, Collator(tokenizer.pad_token_id or 0))
-    metrics = evaluate(model, loader, DistContext(), data.num_labels)
+    metrics = evaluate(model, loader, DistContext(), task, data.num_labels)
     Console(progress=False).table(f"evaluation of {model_dir}",
                                   [(k, f"{v:.4f}") for k, v in metrics.items()])
     print(json.dumps(metrics))
@@ -78,11 +133,14 @@ def export_cmd(args: argparse.Namespace) -> int:
     import torch
 
     from capscale.checkpoint import STATE_FILE, checkpoint_root, list_checkpoints
-    from capscale.config import ConfigError, load_config
+    from capscale.config import load_config
     from capscale.data import load_task_data
+    from capscale.errors import ConfigError
     from capscale.export import export_pruned
+    from capscale.models import adapter_for, load_classifier, load_tokenizer
     from capscale.pruning import attach_masks
-    from capscale.teachers import adapter_for, load_classifier, load_tokenizer
+    from capscale.pruning.methods import PRUNING_METHODS
+    from capscale.tasks import get_task
 
     cfg = load_config(args.config, args.overrides)
     path = Path(args.checkpoint) if args.checkpoint != "latest" else None
@@ -94,12 +152,17 @@ def export_cmd(args: argparse.Namespace) -> int:
     if not (path / "model.pt").is_file():  # zero3 / fsdp2 keep the student in rank shards
         raise ConfigError(f"--checkpoint {path}: a sharded (zero3 / fsdp2) checkpoint has "
                           "no model.pt to export; resume the run to its end, which exports")
+    if PRUNING_METHODS[cfg.pruning.method].physical_export:
+        raise ConfigError(f"--checkpoint {path}: pruning.method={cfg.pruning.method} "
+                          "exports a physically smaller model at the end of the run; "
+                          "resume the run to its end, which exports")
     data = load_task_data(cfg.data)
     model = load_classifier(cfg.model.name_or_path, data.num_labels, data.label_names,
-                            cfg.model.trust_remote_code)
+                            cfg.model.trust_remote_code, get_task(cfg.data.task_type))
     adapter = adapter_for(model, cfg.model.adapter)
-    attach_masks(model, adapter, cfg.pruning.method, cfg.pruning.score_init,
-                 cfg.pruning.min_keep)
+    if cfg.pruning.method != "none":
+        attach_masks(model, adapter, cfg.pruning.method, cfg.pruning.score_init,
+                     cfg.pruning.min_keep)
     # The keep-fraction / threshold buffers in the state fix each mask as it was saved.
     model.load_state_dict(torch.load(path / "model.pt", weights_only=True))
     out = Path(args.out or Path(cfg.output_dir) / f"export-{path.name}")
@@ -129,11 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
+    _environment()
     sub = argv.pop(0) if argv and argv[0] in SUBCOMMANDS else "prune"
     if sub == "prune":
-        from capscale.run import main as prune_main
-
-        return prune_main(argv)
+        return prune_cmd(argv)
     if sub == "report":
         p = _parser("report", report_cmd.__doc__ or "", config=False)
         p.add_argument("output_dir")
@@ -149,5 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     return export_cmd(p.parse_args(argv))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``capscale`` console script."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

@@ -9,7 +9,6 @@ out-of-range label) raise :class:`DataError` before any model is loaded.
 from __future__ import annotations
 
 import importlib.util
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,16 +16,14 @@ from typing import Any
 import datasets
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from transformers import PreTrainedTokenizerBase
 
 from .config import DataConfig
+from .errors import DataError
+from .tasks import get_task
 
 datasets.disable_progress_bars()
-
-
-class DataError(ValueError):
-    """The task data does not fit the config. The message says what to change."""
 
 
 @dataclass
@@ -110,45 +107,6 @@ def _check_texts(ds: datasets.Dataset, col: str, split: str) -> None:
                             f"({t!r}); clean the data or drop the row")
 
 
-def _label_set(cfg: DataConfig, train: datasets.Dataset) -> list[str] | None:
-    if cfg.task_type == "regression":
-        return None
-    if cfg.label_names:
-        return list(cfg.label_names)
-    feat = train.features.get(cfg.label_column)
-    if isinstance(feat, datasets.ClassLabel):
-        return list(feat.names)
-    values = set(train[cfg.label_column])
-    numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
-    # Numbers in numeric order (0, 1, 2, 10), anything else in string order.
-    return [str(v) for v in sorted(values, key=(lambda v: v) if numeric else str)]
-
-
-def _encode_labels(ds: datasets.Dataset, cfg: DataConfig, names: list[str] | None,
-                   split: str) -> datasets.Dataset:
-    values = ds[cfg.label_column]
-    if names is None:
-        for i, v in enumerate(values):
-            if isinstance(v, bool) or not isinstance(v, int | float) or math.isnan(v):
-                raise DataError(f"{split} row {i}: regression label {v!r} is not a number")
-        return ds.add_column("labels", [float(v) for v in values])
-    index = {n: i for i, n in enumerate(names)}
-    class_label = isinstance(ds.features.get(cfg.label_column), datasets.ClassLabel)
-    out = []
-    for i, v in enumerate(values):
-        if class_label:  # already integer classes: only the range can be wrong
-            ok = isinstance(v, int) and 0 <= v < len(names)
-            idx = v
-        else:
-            idx = index.get(str(v))
-            ok = idx is not None
-        if not ok:
-            raise DataError(f"{split} row {i}: label {v!r} is not in the label set {names}; "
-                            "fix the row or set data.label_names")
-        out.append(int(idx))
-    return ds.add_column("labels", out)
-
-
 def load_task_data(cfg: DataConfig) -> TaskData:
     """Load, split, subsample and validate the task data (no model needed)."""
     raw = load_raw(cfg)
@@ -176,11 +134,12 @@ def load_task_data(cfg: DataConfig) -> TaskData:
         _check_texts(ds, cfg.text_column, name)
         if cfg.text_pair_column:
             _check_texts(ds, cfg.text_pair_column, name)
-    names = _label_set(cfg, train)
-    train = _encode_labels(train, cfg, names, "train")
-    validation = _encode_labels(validation, cfg, names, "validation")
+    task = get_task(cfg.task_type)
+    names = task.label_names(cfg, train)
     if names is not None and len(names) < 2:
         raise DataError(f"classification needs at least 2 labels, found {names}")
+    train = task.encode_labels(train, cfg, names, "train")
+    validation = task.encode_labels(validation, cfg, names, "validation")
     train = train.add_column("example_id", list(range(len(train))))
     return TaskData(train, validation, names, notes)
 
@@ -259,3 +218,36 @@ def make_loader(ds: datasets.Dataset, batch_size: int, collator: Collator,
 def model_inputs(batch: dict[str, Tensor], device: torch.device | str) -> dict[str, Tensor]:
     """The batch's model inputs (no labels / ids) on ``device``."""
     return {k: v.to(device) for k, v in batch.items() if k not in ("labels", "example_id")}
+
+
+@dataclass
+class Loaders:
+    """The loaders of a run; under several ranks each is sharded by a DistributedSampler."""
+
+    train: DataLoader
+    eval: DataLoader
+    bank: DataLoader  # the whole training set in a fixed order (bank encoding)
+    importance: DataLoader  # train order of its own (structured importance draws)
+
+
+def build_loaders(data: TaskData, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig,
+                  batch_size: int, eval_batch_size: int, seed: int, rank: int = 0,
+                  world_size: int = 1) -> Loaders:
+    """Tokenise the splits and wrap them in loaders (sharded when ``world_size > 1``)."""
+    train_tok = tokenize(data.train, tokenizer, cfg)
+    eval_tok = tokenize(data.validation, tokenizer, cfg)
+    coll = Collator(tokenizer.pad_token_id or 0)
+    if world_size > 1:
+        def sampler(ds: Any, shuffle: bool) -> DistributedSampler:
+            return DistributedSampler(ds, world_size, rank, shuffle=shuffle, seed=seed)
+        return Loaders(
+            make_loader(train_tok, batch_size, coll, sampler=sampler(train_tok, True),
+                        drop_last=True),
+            make_loader(eval_tok, eval_batch_size, coll, sampler=sampler(eval_tok, False)),
+            make_loader(train_tok, eval_batch_size, coll, sampler=sampler(train_tok, False)),
+            make_loader(train_tok, batch_size, coll, sampler=sampler(train_tok, True),
+                        drop_last=True))
+    return Loaders(make_loader(train_tok, batch_size, coll, shuffle=True, seed=seed),
+                   make_loader(eval_tok, eval_batch_size, coll),
+                   make_loader(train_tok, eval_batch_size, coll),
+                   make_loader(train_tok, batch_size, coll, shuffle=True, seed=seed))

@@ -16,12 +16,14 @@ from transformers import PreTrainedTokenizerBase
 
 from .config import Config, config_to_dict
 from .console import Console
-from .data import TaskData, model_inputs
+from .data import TaskData, build_loaders, model_inputs
 from .distributed import DistContext, make_strategy
-from .losses import task_loss
-from .metrics import main_metric
-from .teachers import load_classifier
-from .train import build_loaders, evaluate, linear_warmup_decay, param_groups, set_epoch
+from .evaluation import evaluate
+from .loop import Phases, TrainLoop
+from .models import load_classifier
+from .state import RunState
+from .step import Student, Update, linear_warmup_decay, param_groups
+from .tasks import Task
 
 
 def _fingerprint(cfg: Config) -> dict:
@@ -31,9 +33,9 @@ def _fingerprint(cfg: Config) -> dict:
 
 
 def finetune_teacher(cfg: Config, ctx: DistContext, data: TaskData,
-                     tokenizer: PreTrainedTokenizerBase, console: Console
+                     tokenizer: PreTrainedTokenizerBase, task: Task, console: Console
                      ) -> tuple[str, dict[str, float]]:
-    """Return (path, dev metrics) of a dense teacher fine-tuned on the task."""
+    """Return (path, dev metrics) of a dense teacher fine-tuned on the task (cached)."""
     out = Path(cfg.output_dir) / "teacher"
     marker = out / "capscale_teacher.json"
     if marker.is_file():
@@ -42,44 +44,47 @@ def finetune_teacher(cfg: Config, ctx: DistContext, data: TaskData,
             console.log(f"reusing the fine-tuned teacher in {out}")
             return str(out), info["metrics"]
     tcfg = cfg.teacher_training
-    loaders = build_loaders(cfg, ctx, data, tokenizer, tcfg.batch_size)
+    loaders = build_loaders(data, tokenizer, cfg.data, tcfg.batch_size,
+                            cfg.train.eval_batch_size, cfg.train.seed, ctx.rank, ctx.world_size)
     total = len(loaders.train) * tcfg.epochs
     if tcfg.max_steps:
         total = min(total, tcfg.max_steps)
+
+    def load() -> torch.nn.Module:
+        return load_classifier(cfg.model.name_or_path, data.num_labels, data.label_names,
+                               cfg.model.trust_remote_code, task)
+
     torch.manual_seed(cfg.train.seed)
-    model = load_classifier(cfg.model.name_or_path, data.num_labels, data.label_names,
-                            cfg.model.trust_remote_code).to(ctx.device)
+    model = load().to(ctx.device)
     strategy = make_strategy(ctx, cfg.distributed)
     wrapped, opt, sched = strategy.prepare_student(
         model, param_groups(model, tcfg.lr, tcfg.weight_decay, [], 0.0),
         linear_warmup_decay(int(tcfg.warmup_ratio * total), total),
         micro_batch_size=tcfg.batch_size, grad_clip=cfg.train.grad_clip)
+    student = Student(wrapped, opt, sched)
+    phases = Phases()
+    update = Update(strategy, student, ctx, cfg.train.grad_clip, phases)
+    state = RunState()
+
+    def step(batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        with phases("forward"):
+            logits = wrapped(**model_inputs(batch, ctx.device)).logits
+        losses = {"ce": task.loss(logits, batch["labels"].to(ctx.device))}
+        return update(losses, state.step, state.batches_drawn)
+
+    start = time.perf_counter()
     wrapped.train()
-    step, start = 0, time.perf_counter()
-    with console.progress("fine-tuning the dense teacher", total) as bar:
-        epoch = 0
-        while step < total:
-            set_epoch(loaders.train, epoch)
-            for batch in loaders.train:
-                if step >= total:
-                    break
-                loss = task_loss(wrapped(**model_inputs(batch, ctx.device)).logits,
-                                 batch["labels"].to(ctx.device))
-                strategy.backward_and_step(loss, wrapped, opt, sched, cfg.train.grad_clip)
-                loss = loss.detach()
-                step += 1
-                bar.advance(1, f"ce={loss.item():.3f}")
-            epoch += 1
-    metrics = evaluate(wrapped, loaders.eval, ctx, data.num_labels)
-    key = main_metric(data.num_labels)
-    console.log(f"dense teacher: {key} {metrics[key]:.4f} after {step} steps "
+    TrainLoop(state, loaders.train, total, step, console, "fine-tuning the dense teacher",
+              lr_fn=student.lr, world_size=ctx.world_size).run()
+    metrics = evaluate(wrapped, loaders.eval, ctx, task, data.num_labels)
+    key = task.main_metric
+    console.log(f"dense teacher: {key} {metrics[key]:.4f} after {state.step} steps "
                 f"({time.perf_counter() - start:.0f} s)")
-    plain = strategy.plain_copy(wrapped, lambda: load_classifier(  # collective
-        cfg.model.name_or_path, data.num_labels, data.label_names, cfg.model.trust_remote_code))
+    plain = strategy.plain_copy(wrapped, load)  # collective
     if ctx.is_main:
         plain.save_pretrained(out)
         tokenizer.save_pretrained(out)
         marker.write_text(json.dumps({"fingerprint": _fingerprint(cfg), "metrics": metrics,
-                                      "steps": step}, indent=1))
+                                      "steps": state.step}, indent=1))
     ctx.barrier()
     return str(out), metrics

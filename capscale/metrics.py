@@ -54,20 +54,3 @@ def _ranks(x: np.ndarray) -> np.ndarray:
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
     return pearson(_ranks(x), _ranks(y))
-
-
-def compute_metrics(logits: np.ndarray, labels: np.ndarray, num_labels: int
-                    ) -> dict[str, float]:
-    """All metrics of the task; ``logits`` (N, num_labels), ``labels`` (N,)."""
-    if num_labels == 1:
-        pred = logits.reshape(-1).astype(np.float64)
-        gold = labels.astype(np.float64)
-        return {"pearson": pearson(pred, gold), "spearman": spearman(pred, gold)}
-    pred = logits.argmax(-1)
-    gold = labels.astype(np.int64)
-    return {"accuracy": accuracy(pred, gold), "f1": f1(pred, gold, num_labels),
-            "matthews": matthews(pred, gold, num_labels)}
-
-
-def main_metric(num_labels: int) -> str:
-    return "pearson" if num_labels == 1 else "accuracy"

@@ -11,39 +11,41 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..adapters import EncoderAdapter
-from ..config import PruningConfig
-from .binarizers import SigmoidThresholdBinarizer, ThresholdBinarizer, TopKBinarizer, topk_mask
+from .rules import WeightRule, get_weight_rule
 from .schedule import cubic_sparsity, warmup_steps
+
+if TYPE_CHECKING:
+    from ..config import PruningConfig
 
 AllReduceFn = Callable[[Tensor], Tensor]  # sums a tensor over ranks (identity at world 1)
 
 
 class MaskedLinear(nn.Linear):
-    """``y = x (W * M)^T + b`` with ``M`` from learned scores or from ``|W|``.
+    """``y = x (W * M)^T + b`` with ``M`` computed by a weight rule (capscale.pruning.rules)
+    from learned scores or from ``|W|``.
 
-    Methods (CAP_SPEC.md section 6):
-        movement: ``M = TopK(S, keep_frac)`` per matrix, or ``S >= threshold`` (global).
-        soft_movement: ``M = sigmoid(S) > threshold``, at least ``min_keep`` kept.
-        magnitude: ``M = TopK(|W|, keep_frac)`` (no scores).
+    The layer holds the state every rule shares: the scores (when the rule learns
+    them), the keep fraction of a per-matrix top-k, the threshold (global scope, or soft
+    movement's tau), and the tie fraction of a global threshold.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 method: str = "movement", score_init: float = 0.0,
+                 method: str | WeightRule = "movement", score_init: float = 0.0,
                  min_keep: float = 0.005, device: torch.device | None = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._setup(method, score_init, min_keep)
 
-    def _setup(self, method: str, score_init: float, min_keep: float) -> None:
-        if method not in ("movement", "soft_movement", "magnitude"):
-            raise ValueError(f"unknown pruning method {method!r}")
-        self.method = method
+    def _setup(self, method: str | WeightRule, score_init: float, min_keep: float) -> None:
+        self.rule = get_weight_rule(method)
+        self.method = self.rule.name
         self.min_keep = min_keep
         self.global_scope = False
         # Set by a strategy when pruned weights are zeroed after each step: maps the full
@@ -53,7 +55,7 @@ class MaskedLinear(nn.Linear):
         # step must keep zero); None when nobody asked for it.
         self.step_mask: Tensor | None = None
         # Sizes come from in/out_features, never from weight.shape (ZeRO-3 shows (0,)).
-        if method == "magnitude":
+        if not self.rule.has_scores:
             self.mask_scores = None
         else:
             self.mask_scores = nn.Parameter(torch.full(
@@ -66,7 +68,7 @@ class MaskedLinear(nn.Linear):
         self.register_buffer("tie_frac", torch.ones((), dtype=torch.float64), persistent=False)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, method: str, score_init: float = 0.0,
+    def from_linear(cls, linear: nn.Linear, method: str | WeightRule, score_init: float = 0.0,
                     min_keep: float = 0.005) -> MaskedLinear:
         """Wrap ``linear`` without copying: the new module owns the same Parameters."""
         new = cls.__new__(cls)
@@ -80,10 +82,8 @@ class MaskedLinear(nn.Linear):
         return new
 
     def importance(self) -> Tensor:
-        """What the mask ranks: learned scores, or ``|W|`` for magnitude pruning."""
-        if self.mask_scores is not None:
-            return self.mask_scores
-        return self.weight.detach().abs()
+        """What the mask ranks (learned scores, or ``|W|`` for magnitude pruning)."""
+        return self.rule.importance(self)
 
     def mask(self) -> Tensor:
         """The current {0, 1} mask, (out_features, in_features); carries STE gradient.
@@ -102,16 +102,7 @@ class MaskedLinear(nn.Linear):
         return self._mask_cache[1]
 
     def _compute_mask(self) -> Tensor:
-        if self.method == "soft_movement":
-            return SigmoidThresholdBinarizer.apply(self.mask_scores, float(self.threshold),
-                                                   self.min_keep)
-        if self.global_scope:
-            scores = self.importance()
-            return ThresholdBinarizer.apply(scores, self.threshold.to(scores.dtype),
-                                            float(self.tie_frac))
-        if self.method == "magnitude":
-            return topk_mask(self.weight.detach().abs(), float(self.keep_frac))
-        return TopKBinarizer.apply(self.mask_scores, float(self.keep_frac))
+        return self.rule.mask(self)
 
     def invalidate_mask_cache(self) -> None:
         """Drop the no-grad mask cache (its key cannot see a sharded parameter update)."""
@@ -144,7 +135,7 @@ def _replace(model: nn.Module, qualified: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def attach_masks(model: nn.Module, adapter: EncoderAdapter, method: str,
+def attach_masks(model: nn.Module, adapter: EncoderAdapter, method: str | WeightRule,
                  score_init: float = 0.0, min_keep: float = 0.005
                  ) -> dict[str, MaskedLinear]:
     """Swap every prunable encoder linear for a MaskedLinear; return them by ``layer.role``."""
@@ -210,7 +201,7 @@ class Pruner:
     """Owns a model's masked layers and moves them along the sparsity schedule.
 
     Args:
-        modules: ``attach_masks`` output.
+        modules: ``attach_masks`` output (all with the same rule).
         cfg: the pruning section of the config.
         total_steps: optimiser steps of the whole run (for the schedule).
         all_reduce: sums a tensor over ranks; needed for ``scope: global`` when the
@@ -224,41 +215,43 @@ class Pruner:
                  local_importance: Callable[[MaskedLinear], Tensor] | None = None) -> None:
         self.modules = modules
         self.cfg = cfg
+        self.rule = next(iter(modules.values())).rule if modules else None
         self.total_steps = total_steps
         self.t_i = warmup_steps(cfg.initial_warmup, total_steps)
         self.t_f = warmup_steps(cfg.final_warmup, total_steps)
         self.all_reduce = all_reduce
         self.local_importance = local_importance or (lambda m: m.importance())
         self.sparsity = cfg.initial_sparsity
+        self.global_scope = (cfg.scope == "global" and self.rule is not None
+                             and self.rule.supports_global)
         for m in modules.values():
-            m.global_scope = cfg.scope == "global" and cfg.method != "soft_movement"
+            m.global_scope = self.global_scope
 
     def schedule(self, step: int) -> float:
-        """Scheduled target sparsity (movement / magnitude) or threshold fraction (soft)."""
+        """Scheduled target sparsity at ``step`` (the cubic schedule)."""
         return cubic_sparsity(step, self.total_steps, self.cfg.initial_sparsity,
                               self.cfg.final_sparsity, self.t_i, self.t_f)
 
     @torch.no_grad()
     def update(self, step: int) -> float:
-        """Set every mask's keep fraction / threshold for ``step``; return the target."""
+        """Move every mask to the schedule's target for ``step``; return the target."""
         target = self.schedule(step)
         self.sparsity = target
-        if self.cfg.method == "soft_movement":
-            # tau_t follows the same cubic shape from 0 to final_threshold.
-            frac = target / self.cfg.final_sparsity if self.cfg.final_sparsity > 0 else 1.0
-            tau = self.cfg.final_threshold * frac
-            for m in self.modules.values():
-                m.threshold.fill_(tau)
-            return target
+        if self.rule is not None:
+            self.rule.set_target(self, target)
+        return target
+
+    @torch.no_grad()
+    def set_keep_fraction(self, keep_frac: float) -> None:
+        """Keep ``keep_frac`` of every matrix (local scope) or of all of them (global)."""
         for m in self.modules.values():
-            m.keep_frac.fill_(1.0 - target)
-        if self.cfg.scope == "global":
-            thr = self.global_threshold(1.0 - target)
-            tie_frac = self.tie_fraction(thr, 1.0 - target)
+            m.keep_frac.fill_(keep_frac)
+        if self.global_scope:
+            thr = self.global_threshold(keep_frac)
+            tie_frac = self.tie_fraction(thr, keep_frac)
             for m in self.modules.values():
                 m.threshold.fill_(thr)
                 m.tie_frac.fill_(tie_frac)
-        return target
 
     def global_threshold(self, keep_frac: float) -> float:
         """Threshold keeping ``keep_frac`` of all prunable weights (exact, shard-safe)."""
@@ -289,15 +282,8 @@ class Pruner:
         return min(1.0, max(0.0, (round(keep_frac * numel) - above) / ties))
 
     def regularization(self) -> Tensor | None:
-        """Soft movement's L1 penalty, mean over matrices of ``||sigmoid(S)||_1 / numel``,
-        ramped as ``lambda_t = final_lambda * tau_t / tau_final`` (CAP_SPEC.md section 6).
-        """
-        if self.cfg.method != "soft_movement" or not self.modules:
-            return None
-        terms = [torch.sigmoid(m.mask_scores).mean() for m in self.modules.values()]
-        lam = self.cfg.final_lambda * (self.sparsity / self.cfg.final_sparsity
-                                       if self.cfg.final_sparsity > 0 else 1.0)
-        return lam * torch.stack(terms).mean()
+        """The rule's loss term (soft movement's ramped L1 penalty), or None."""
+        return self.rule.regularization(self) if self.rule is not None else None
 
     def score_parameters(self) -> list[nn.Parameter]:
         return [m.mask_scores for m in self.modules.values() if m.mask_scores is not None]

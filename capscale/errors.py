@@ -1,0 +1,24 @@
+"""The errors capscale reports as one line and exit code 2: something the user must
+change in the config, the data or the model, found before heavy work starts."""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, mistyped or impossible. The message names the field."""
+
+
+class DataError(ValueError):
+    """The task data does not fit the config. The message says what to change."""
+
+
+class ModelError(ValueError):
+    """A model could not be resolved or does not fit the task."""
+
+
+INPUT_ERRORS = (ConfigError, DataError, ModelError)
+
+
+def describe(err: Exception) -> str:
+    """``capscale: config error: ...`` (the one line printed for an input error)."""
+    return f"capscale: {type(err).__name__.replace('Error', '').lower()} error: {err}"

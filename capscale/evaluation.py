@@ -1,0 +1,44 @@
+"""Task metrics of a model over a whole evaluation set, on one rank or many."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .data import model_inputs
+
+if TYPE_CHECKING:
+    from .distributed import DistContext
+    from .tasks import Task
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, ctx: DistContext, task: Task,
+             num_labels: int) -> dict[str, float]:
+    """``task``'s metrics over every example of ``loader``'s dataset, each counted once.
+
+    Under several ranks the logits are gathered, and the rows a DistributedSampler adds
+    to even out the shards (repeats of the first examples) are dropped, so the result
+    equals one process on the whole set.
+    """
+    was_training = model.training
+    model.eval()
+    logits, labels = [], []
+    for batch in loader:
+        logits.append(model(**model_inputs(batch, ctx.device)).logits.float())
+        labels.append(batch["labels"].to(ctx.device))
+    model.train(was_training)
+    all_logits = ctx.gather(torch.cat(logits)).cpu().numpy()
+    all_labels = ctx.gather(torch.cat(labels)).cpu().numpy()
+    if ctx.distributed:  # rank r holds examples r, r + world, ... (then the padding)
+        n = len(loader.dataset)
+        per_rank = len(all_labels) // ctx.world_size
+        order = np.concatenate([np.arange(r, per_rank * ctx.world_size, ctx.world_size)
+                                for r in range(ctx.world_size)])
+        keep = np.argsort(order, kind="stable")[:n]
+        all_logits, all_labels = all_logits[keep], all_labels[keep]
+    return task.metrics(all_logits, all_labels, num_labels)

@@ -1,0 +1,223 @@
+"""The one training loop: CAP pruning, structured retraining and teacher fine-tuning.
+
+:class:`TrainLoop` walks epochs and batches to ``total_steps`` optimiser steps, and is
+the only place that knows the data position: it re-creates an interrupted epoch's
+permutation, skips the batches already consumed and only then restores the RNG states,
+so a resumed run draws the same batches and dropout masks as an uninterrupted one.
+Everything else joins through :class:`LoopHook` (pruning schedules, snapshots,
+evaluation, trackers) and the step function.
+
+A step function times its parts with :class:`Phases` (``forward``, ``teacher``,
+``contrastive``, ``backward``, ``optimizer``, ``mask_update``); benchmarks and the
+report listen to the phases instead of copying the step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, DistributedSampler
+
+from .checkpoint import Checkpointer
+from .console import Console, format_losses
+from .state import RunState, set_rng_state
+
+Record = dict[str, Any]
+PHASES = ("mask_update", "forward", "teacher", "contrastive", "backward", "optimizer")
+
+
+class Phases:
+    """Named, timed sections of a step: ``with phases("forward"): ...``.
+
+    Listeners get ``(name, seconds)`` after each section; with none the cost is one
+    ``perf_counter`` pair. ``sync`` (e.g. ``torch.cuda.synchronize``) is called around
+    timed sections when someone listens, so GPU work is counted where it is issued.
+    """
+
+    def __init__(self, sync: Callable[[], None] | None = None) -> None:
+        self.listeners: list[Callable[[str, float], None]] = []
+        self.sync = sync
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        if not self.listeners:
+            yield
+            return
+        if self.sync is not None:
+            self.sync()
+        t0 = time.perf_counter()
+        yield
+        if self.sync is not None:
+            self.sync()
+        dt = time.perf_counter() - t0
+        for fn in self.listeners:
+            fn(name, dt)
+
+
+class LoopHook:
+    """Called by :class:`TrainLoop` at fixed points; every method is optional."""
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """A fresh epoch begins (not called for an epoch resumed mid-way)."""
+
+    def before_step(self, step: int) -> None:
+        """Before the step that takes the run from ``step`` to ``step + 1``."""
+
+    def after_step(self, record: Record) -> None:
+        """After a completed step (not after a skipped one), with its record."""
+
+    def on_epoch_end(self, epoch: int) -> None:
+        """An epoch ended (or the run reached its last step inside it)."""
+
+    def on_end(self) -> None:
+        """The loop finished."""
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    """Seed ``loader``'s order for ``epoch`` (sampler epoch, or its own generator)."""
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+    elif loader.generator is not None:
+        loader.generator.manual_seed(hash((int(loader.generator.initial_seed()), epoch))
+                                     % 2**62)
+
+
+class TrainLoop:
+    """``total_steps`` optimiser steps over as many epochs as they take.
+
+    Args:
+        state: the run's progress (a restored one continues where it stopped).
+        loader: the training batches (re-seeded per epoch by :func:`set_epoch`).
+        total_steps: optimiser steps of the whole run.
+        step_fn: one batch -> its record (loss components, sparsity, ...); raises
+            FloatingPointError for a non-finite loss (nothing was updated then).
+        console: progress and log lines.
+        description: the progress bar's title.
+        hooks: called in order at each point (see :class:`LoopHook`).
+        checkpointer: saves the run when due after a step (None: never).
+        lr_fn: the current learning rate, for the records.
+        on_nonfinite, max_nonfinite_skips: ``stop`` re-raises a non-finite step;
+            ``skip`` drops the batch, up to that many in a row.
+        world_size: ranks sharing each step (examples per second count all of them).
+    """
+
+    def __init__(self, state: RunState, loader: DataLoader, total_steps: int,
+                 step_fn: Callable[[dict[str, Tensor]], Record], console: Console,
+                 description: str, hooks: list[LoopHook] | None = None,
+                 checkpointer: Checkpointer | None = None,
+                 lr_fn: Callable[[], float] | None = None, on_nonfinite: str = "stop",
+                 max_nonfinite_skips: int = 0, world_size: int = 1) -> None:
+        self.state, self.loader, self.total_steps = state, loader, total_steps
+        self.step_fn, self.console, self.description = step_fn, console, description
+        self.hooks = hooks or []
+        self.checkpointer = checkpointer
+        self.lr_fn = lr_fn
+        self.on_nonfinite, self.max_skips = on_nonfinite, max_nonfinite_skips
+        self.world_size = world_size
+
+    def run(self) -> None:
+        st = self.state
+        epochs = math.ceil(self.total_steps / max(len(self.loader), 1))
+        resuming = st.resumed
+        with self.console.progress(self.description, self.total_steps) as bar:
+            bar.advance(st.step)
+            for epoch in range(st.epoch, epochs):
+                if not resuming:
+                    self._call("on_epoch_start", epoch)
+                batches = self._epoch_batches(epoch, resuming)
+                resuming = False
+                t0, seen = time.perf_counter(), 0
+                for batch in batches:
+                    if st.step >= self.total_steps:
+                        break
+                    rec = self._guarded_step(batch)
+                    st.batches_done += 1
+                    if rec is None:
+                        continue
+                    seen += int(batch["input_ids"].shape[0]) * self.world_size
+                    rec.update(step=st.step, epoch=epoch,
+                               examples_per_s=seen / max(time.perf_counter() - t0, 1e-9))
+                    if self.lr_fn is not None:
+                        rec["lr"] = self.lr_fn()
+                    st.history.append(rec)
+                    self._call("after_step", rec)
+                    if self.checkpointer is not None and self.checkpointer.due(st.step):
+                        self.checkpointer.save(st.step)
+                    bar.advance(1, _status(rec))
+                self._call("on_epoch_end", epoch)
+        self._call("on_end")
+
+    def _call(self, point: str, *args: Any) -> None:
+        for hook in self.hooks:
+            getattr(hook, point)(*args)
+
+    def _epoch_batches(self, epoch: int, resuming: bool) -> Iterator[dict[str, Tensor]]:
+        """This epoch's batches: a fresh permutation, or the rest of a resumed one.
+
+        RNG states are restored only after the skip, because creating the loader's
+        iterator draws from the global generator when the loader has none of its own.
+        """
+        st, loader = self.state, self.loader
+        st.epoch = epoch
+        if resuming:
+            if loader.generator is not None and st.loader_state is not None:
+                loader.generator.set_state(st.loader_state)
+            else:
+                set_epoch(loader, epoch)
+            it = iter(loader)
+            for _ in range(st.batches_done):
+                next(it)
+            if st.pending_rng is not None:
+                set_rng_state(st.pending_rng)
+                st.pending_rng = None
+            return it
+        set_epoch(loader, epoch)
+        st.batches_done = 0
+        st.loader_state = loader.generator.get_state() if loader.generator is not None \
+            else None
+        return iter(loader)
+
+    def _guarded_step(self, batch: dict[str, Tensor]) -> Record | None:
+        """One step, or None when a non-finite loss is skipped (train.on_nonfinite)."""
+        st = self.state
+        self._call("before_step", st.step)
+        try:
+            rec = self.step_fn(batch)
+        except FloatingPointError as err:
+            if self.on_nonfinite == "stop":
+                raise
+            if st.consecutive_skips >= self.max_skips:
+                raise FloatingPointError(f"{err}; {self.max_skips + 1} batches in a row were "
+                                         "non-finite (train.max_nonfinite_skips)") from err
+            st.consecutive_skips += 1
+            st.skipped_steps.append(st.step)
+            self.console.log(f"skipped a batch: {err}")
+            return None
+        finally:
+            st.batches_drawn += 1
+        st.consecutive_skips = 0
+        st.step += 1
+        return rec
+
+
+def _status(rec: Record) -> str:
+    shown = {k: v for k, v in rec.items() if k not in (
+        "step", "epoch", "lr", "examples_per_s", "sparsity")}
+    sp = f"sp={rec['sparsity']:.2f} " if "sparsity" in rec else ""
+    return f"{sp}{format_losses(shown)} {rec['examples_per_s']:.0f} ex/s"
+
+
+def finite_or_raise(losses: dict[str, Tensor], total: Tensor, step: int,
+                    all_reduce: Callable[[Tensor], Tensor]) -> None:
+    """Raise FloatingPointError when the loss is non-finite on any rank; every rank
+    agrees, or one would skip the all-reduce the others wait in."""
+    bad_ranks = all_reduce(torch.tensor([float(not torch.isfinite(total))]))
+    if bad_ranks.item() > 0:
+        bad = [k for k, v in losses.items() if not torch.isfinite(v)] or ["on another rank"]
+        raise FloatingPointError(f"non-finite loss at step {step}: {', '.join(bad)}")

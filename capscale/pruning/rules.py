@@ -1,0 +1,161 @@
+"""Weight-mask rules: how an unstructured method turns scores (or weights) into a mask.
+
+A rule is what differs between movement, soft movement and magnitude pruning; the
+:class:`~capscale.pruning.masked.MaskedLinear` layer and the
+:class:`~capscale.pruning.masked.Pruner` that moves the masks along the schedule are
+shared. A rule says
+
+* whether it learns a score per weight (``has_scores``: trained in its own optimiser
+  group at ``pruning.score_lr``, initialised to ``pruning.score_init``),
+* how a layer's mask is computed (:meth:`WeightRule.mask`, with a straight-through
+  gradient to the scores),
+* what it ranks for a global threshold (:meth:`WeightRule.importance`),
+* how the scheduled target reaches the layers (:meth:`WeightRule.set_target`),
+* what regulariser it adds to the loss (:meth:`WeightRule.regularization`).
+
+Formulas (Sanh et al., "Movement Pruning", NeurIPS 2020, eq. 2-4; CAP, Xu et al. 2022):
+
+* movement: ``M = TopK(S, 1 - s_t)`` per matrix (reference), or ``S >= thr`` with one
+  exact threshold over every matrix (``pruning.scope: global``); ``dL/dS = dL/dW' * W``.
+* soft movement: ``M = sigmoid(S) > tau_t`` with ``tau_t = final_threshold * s_t / s_T``,
+  at least ``min_keep`` of each matrix kept; the loss gains
+  ``lambda_t * mean_matrices(mean(sigmoid(S)))`` with ``lambda_t = final_lambda * tau_t /
+  final_threshold``, which is what drives the sparsity (the target is reached
+  indirectly).
+* magnitude: ``M = TopK(|W|, 1 - s_t)`` (no scores; the paper's baseline).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from .binarizers import SigmoidThresholdBinarizer, ThresholdBinarizer, TopKBinarizer, topk_mask
+
+if TYPE_CHECKING:
+    from .masked import MaskedLinear, Pruner
+
+
+@runtime_checkable
+class WeightRule(Protocol):
+    """The per-method part of unstructured pruning (see the module docstring)."""
+
+    name: str
+    has_scores: bool
+    supports_global: bool  # whether ``pruning.scope: global`` applies
+
+    def mask(self, m: MaskedLinear) -> Tensor:
+        """(out_features, in_features) {0, 1} mask; carries the STE gradient to scores."""
+        ...
+
+    def importance(self, m: MaskedLinear) -> Tensor:
+        """What a global threshold ranks (full tensor; strategies slice their shard)."""
+        ...
+
+    def set_target(self, pruner: Pruner, target: float) -> None:
+        """Move every layer of ``pruner`` to the scheduled sparsity ``target``."""
+        ...
+
+    def regularization(self, pruner: Pruner) -> Tensor | None:
+        """A loss term the method adds (None: nothing)."""
+        ...
+
+
+class TopKRule:
+    """Base of the rules that keep the top ``1 - s_t`` of an importance per matrix, or
+    everything above one exact global threshold."""
+
+    name = "topk"
+    has_scores = True
+    supports_global = True
+
+    def importance(self, m: MaskedLinear) -> Tensor:
+        return m.mask_scores
+
+    def mask(self, m: MaskedLinear) -> Tensor:
+        if m.global_scope:
+            scores = self.importance(m)
+            return ThresholdBinarizer.apply(scores, m.threshold.to(scores.dtype),
+                                            float(m.tie_frac))
+        return TopKBinarizer.apply(m.mask_scores, float(m.keep_frac))
+
+    def set_target(self, pruner: Pruner, target: float) -> None:
+        pruner.set_keep_fraction(1.0 - target)
+
+    def regularization(self, pruner: Pruner) -> Tensor | None:
+        return None
+
+
+class MovementRule(TopKRule):
+    """Movement pruning: learned scores, hard top-k (CAP-m)."""
+
+    name = "movement"
+
+
+class MagnitudeRule(TopKRule):
+    """Magnitude pruning: ``|W|`` ranks the weights (no scores)."""
+
+    name = "magnitude"
+    has_scores = False
+
+    def importance(self, m: MaskedLinear) -> Tensor:
+        return m.weight.detach().abs()
+
+    def mask(self, m: MaskedLinear) -> Tensor:
+        if m.global_scope:
+            return super().mask(m)
+        return topk_mask(m.weight.detach().abs(), float(m.keep_frac))
+
+
+class SoftMovementRule(TopKRule):
+    """Soft movement pruning: a sigmoid threshold and an L1 penalty (CAP-soft)."""
+
+    name = "soft_movement"
+    supports_global = False  # the threshold is the schedule's tau_t, not a top-k
+
+    def mask(self, m: MaskedLinear) -> Tensor:
+        return SigmoidThresholdBinarizer.apply(m.mask_scores, float(m.threshold), m.min_keep)
+
+    def set_target(self, pruner: Pruner, target: float) -> None:
+        # tau_t follows the cubic schedule's shape, from 0 to final_threshold.
+        final = pruner.cfg.final_sparsity
+        tau = pruner.cfg.final_threshold * (target / final if final > 0 else 1.0)
+        for m in pruner.modules.values():
+            m.threshold.fill_(tau)
+
+    def regularization(self, pruner: Pruner) -> Tensor | None:
+        if not pruner.modules:
+            return None
+        terms = [torch.sigmoid(m.mask_scores).mean() for m in pruner.modules.values()]
+        final = pruner.cfg.final_sparsity
+        lam = pruner.cfg.final_lambda * (pruner.sparsity / final if final > 0 else 1.0)
+        return lam * torch.stack(terms).mean()
+
+
+WEIGHT_RULES: dict[str, WeightRule] = {}
+
+
+def register_weight_rule(rule: WeightRule, overwrite: bool = False) -> WeightRule:
+    """Make ``rule`` known by name to the masked layers (checkpoints and exports rebuild
+    masks from the rule's name)."""
+    if not isinstance(rule, WeightRule):
+        raise TypeError(f"{rule!r} does not implement capscale.pruning.rules.WeightRule")
+    if rule.name in WEIGHT_RULES and not overwrite:
+        raise ValueError(f"weight rule {rule.name!r} is already registered")
+    WEIGHT_RULES[rule.name] = rule
+    return rule
+
+
+def get_weight_rule(rule: str | WeightRule) -> WeightRule:
+    if not isinstance(rule, str):
+        return rule
+    if rule not in WEIGHT_RULES:
+        raise ValueError(f"unknown pruning method {rule!r} for masked layers; known: "
+                         f"{', '.join(sorted(WEIGHT_RULES))}")
+    return WEIGHT_RULES[rule]
+
+
+for _rule in (MovementRule(), SoftMovementRule(), MagnitudeRule()):
+    register_weight_rule(_rule)

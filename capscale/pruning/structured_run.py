@@ -1,0 +1,258 @@
+"""Structured CAP (CAP-f) as a pruning controller: heads and FFN neurons, level by level.
+
+The controller plugs into the one training loop like any pruning method; what differs
+is what it prunes (activation masks, :class:`~capscale.pruning.structured.StructuredMasks`)
+and its schedule (Xu et al., AAAI 2022, section 4; Michel et al., NeurIPS 2019):
+
+* ``iterative`` (reference): for each level in ``structured.levels`` (default 10% ->
+  90% in 10% steps, the same fraction of heads and of FFN neurons), compute Taylor
+  importance with the full CAP loss in eval mode, prune the least important units
+  (ranked globally after per-layer L2 normalisation, at least ``min_heads_per_layer``
+  heads per layer), retrain ``retrain_epochs`` epochs (or ``retrain_steps``) with a
+  fresh optimiser and LR schedule, then evaluate and append one SnC snapshot (eval
+  mode). One run yields the whole accuracy-vs-sparsity curve.
+* ``cubic``: one training run; every ``update_every`` steps the target
+  ``cubic_sparsity(step)`` is recomputed and, when it grew, importance and masks too.
+  Each level of ``structured.levels`` is evaluated and snapshotted just before the
+  first update that prunes past it (and at the end).
+
+Every decision is a function of the step, so a run resumed from any checkpoint (inside
+a level or between two) takes the same decisions as an uninterrupted one; the masks,
+the current level and the milestones still due are the controller's checkpoint state.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from itertools import islice
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from ..loop import LoopHook, set_epoch
+from .schedule import cubic_sparsity, warmup_steps
+from .structured import (
+    Importance,
+    StructuredMasks,
+    select_structure,
+    structured_param_counts,
+    taylor_importance,
+)
+
+if TYPE_CHECKING:
+    from torch.utils.data import DataLoader
+
+    from .methods import PruningRun
+
+EPS = 1e-9
+LossFn = Callable[[nn.Module, dict[str, Tensor]], Tensor]  # (bare model, batch) -> loss
+
+
+class StructuredController(LoopHook):
+    """CAP-f's schedule on the shared loop (see the module docstring).
+
+    The run must provide, beyond :class:`~capscale.pruning.methods.PruningRun`:
+    ``importance_loader`` (train batches of this rank), ``loss_fn`` (the full CAP loss
+    of a batch on a given model), ``fresh_optimizer(first_step, length)`` and
+    ``objective`` (whose updates are paused while importance is measured).
+    """
+
+    def __init__(self, run: PruningRun) -> None:
+        self.run = run
+        self.scfg = run.cfg.structured
+        self._masks: StructuredMasks | None = None
+        self.level = 0.0  # fraction of heads and of FFN neurons currently pruned
+        self.pending: list[float] = []  # milestones still to evaluate and snapshot
+
+    # -- the controller protocol -----------------------------------------------------
+    def attach(self, model: nn.Module) -> None:
+        """Structured masks stay outside the model (``masks.keep()`` says what to slice)."""
+
+    @property
+    def masks(self) -> StructuredMasks:
+        """The head and neuron masks, hooked into the student as the strategy prepared
+        it (made on first use, after the wrapping)."""
+        if self._masks is None:
+            self._masks = StructuredMasks(self.run.strategy.unwrap(self.run.student_module()),
+                                          self.run.adapter)
+        return self._masks
+
+    def setup(self, model: nn.Module) -> None:
+        if self.scfg.schedule == "iterative":
+            self.pending = list(self.scfg.levels)
+        else:
+            final = self.run.cfg.pruning.final_sparsity
+            self.pending = [v for v in self.scfg.levels if v <= final + EPS]
+
+    @property
+    def steps_per_level(self) -> int:
+        return self.scfg.retrain_steps or self.scfg.retrain_epochs * len(
+            self.run.loaders.train)
+
+    def total_steps(self, steps_per_epoch: int, default: int) -> int:
+        """Steps of the whole run: every level's retraining (iterative), else ``default``."""
+        if self.scfg.schedule != "iterative":
+            return default
+        per = self.scfg.retrain_steps or self.scfg.retrain_epochs * steps_per_epoch
+        return per * len(self.scfg.levels)
+
+    def score_parameters(self) -> list[nn.Parameter]:
+        return []
+
+    def lr_segment(self, step: int) -> tuple[int, int]:
+        if self.scfg.schedule != "iterative":
+            return 0, self.run.total_steps
+        per = self.steps_per_level
+        return (step // per) * per, per
+
+    def current_sparsity(self) -> float:
+        return self.level
+
+    def regularization(self) -> Tensor | None:
+        return None
+
+    # -- schedule --------------------------------------------------------------------
+    def before_step(self, step: int) -> None:
+        if self.scfg.schedule == "iterative":
+            per = self.steps_per_level
+            if step % per == 0:
+                index = step // per
+                if index > 0:
+                    self._milestone(self.scfg.levels[index - 1])
+                with self.run.phases("mask_update"):
+                    self.prune_to(self.scfg.levels[index])
+                self.run.fresh_optimizer(step, per)
+            return
+        if step % self.scfg.update_every:
+            return
+        p = self.run.cfg.pruning
+        total = self.run.total_steps
+        target = cubic_sparsity(step, total, p.initial_sparsity, p.final_sparsity,
+                                warmup_steps(p.initial_warmup, total),
+                                warmup_steps(p.final_warmup, total))
+        if target > self.level + EPS:
+            self._flush(target)
+            with self.run.phases("mask_update"):
+                self.prune_to(target)
+
+    def on_end(self) -> None:
+        if self.scfg.schedule == "iterative":
+            if self.pending:
+                self._milestone(self.pending[-1])
+            return
+        final = self.run.cfg.pruning.final_sparsity
+        if self.level < final - EPS:  # the last update may fall between steps
+            self.prune_to(final)
+        self._flush(math.inf)
+        if not self.run.state.evals:
+            self._milestone(self.level)
+
+    def _flush(self, upto: float) -> None:
+        while self.pending and self.level >= self.pending[0] - EPS \
+                and upto > self.pending[0] + EPS:
+            self._milestone(self.pending[0])
+
+    def _milestone(self, level: float) -> None:
+        """Evaluate at a sparsity milestone and append an SnC snapshot (eval mode)."""
+        if level in self.pending:
+            self.pending.remove(level)
+        run = self.run
+        metrics = run.evaluate()
+        sp = self.masks.sparsity()
+        counts = structured_param_counts(run.strategy.unwrap(run.student_module()),
+                                         run.adapter, *self.masks.keep())
+        run.state.evals.append({"step": run.state.step, "level": level,
+                                "sparsity": self.level, **sp,
+                                "encoder_sparsity": counts["encoder_sparsity"],
+                                "metrics": metrics})
+        key = run.task.main_metric
+        run.console.log(f"milestone {level:.0%} (step {run.state.step}): {key} "
+                        f"{metrics[key]:.4f}, encoder sparsity "
+                        f"{counts['encoder_sparsity']:.3f}")
+        run.snapshot(False, f"snapshot at {level:.0%}")
+
+    # -- importance and masks --------------------------------------------------------
+    def importance(self) -> Importance:
+        """Taylor importance over ``importance_fraction`` of the training set, with the
+        full CAP loss, in eval mode (identical on every rank).
+
+        It differentiates the masks only, on the bare student: a data-parallel wrapper
+        would expect a parameter backward after its forward. Under the sharded
+        strategies the bare module keeps its gathering hooks (ZeRO-3 registers them on
+        the submodules, FSDP2 is the module itself), and since no parameter gradient
+        is produced, no reduce-scatter runs and the optimiser sees nothing.
+        """
+        run = self.run
+        loader: DataLoader = run.loaders.importance
+        n = max(1, math.ceil(self.scfg.importance_fraction * len(loader)))
+        set_epoch(loader, 10_000 + run.state.epoch)  # a fixed, seeded draw per epoch
+        wrapped = run.student_module()
+        bare = run.strategy.unwrap(wrapped)
+        wrapped.eval()
+        try:
+            with run.console.progress("importance", n) as bar, \
+                    run.objective.updates_paused():
+                def batches() -> Iterator[dict[str, Tensor]]:
+                    for b in islice(loader, n):
+                        yield b
+                        bar.advance()
+                return taylor_importance(
+                    self.masks, lambda batch: run.loss_fn(bare, batch), batches(),
+                    run.ctx.all_reduce_sum if run.ctx.distributed else None,
+                    run.ctx.world_size)
+        finally:
+            wrapped.train()
+
+    def prune_to(self, level: float) -> None:
+        """Recompute importance and prune to ``level`` (monotone: pruned stays pruned)."""
+        imp = self.importance()
+        heads, ffn = select_structure(imp, level, self.scfg.min_heads_per_layer,
+                                      current=self.masks.keep())
+        self.masks.set(heads, ffn)
+        self.level = level
+        sp = self.masks.sparsity()
+        self.run.console.log(f"pruned to {level:.0%}: heads {sp['head_sparsity']:.1%}, "
+                             f"FFN neurons {sp['ffn_sparsity']:.1%}")
+
+    # -- results ---------------------------------------------------------------------
+    def report(self) -> dict[str, Any]:
+        """Structured sparsity in the keys of sparsity_report, plus head / FFN fractions."""
+        model = self.run.strategy.unwrap(self.run.student_module())
+        counts = structured_param_counts(model, self.run.adapter, *self.masks.keep())
+        prunable = sum(lin.in_features * lin.out_features
+                       for lin in self.run.adapter.prunable_linears(model).values())
+        total = sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
+        return {**counts, **self.masks.sparsity(),
+                "linear_sparsity": counts["pruned_parameters"] / prunable,
+                "total_sparsity": counts["pruned_parameters"] / total}
+
+    def curve(self) -> list[dict[str, Any]]:
+        """The accuracy-vs-sparsity curve, one point per milestone."""
+        key = self.run.task.main_metric
+        return [{"level": e["level"], "encoder_sparsity": e["encoder_sparsity"],
+                 key: e["metrics"][key]} for e in self.run.state.evals]
+
+    def export(self, out_dir: Path, extra: dict[str, Any]) -> None:
+        """Write the physically smaller student (heads and FFN neurons sliced away) from
+        the main rank; collective (a sharded student is gathered first)."""
+        from ..export import export_structured
+
+        model = self.run.full_student()
+        if model is None:
+            return
+        heads, ffn = self.masks.keep()
+        export_structured(model, self.run.adapter, heads, ffn, out_dir, self.run.tokenizer,
+                          inplace=True, extra=extra)
+
+    def state_dict(self) -> dict[str, Any]:
+        heads, ffn = self.masks.keep()
+        return {"level": self.level, "pending": self.pending,
+                "heads": [h.tolist() for h in heads], "ffn": [f.tolist() for f in ffn]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.level, self.pending = state["level"], list(state["pending"])
+        self.masks.set([torch.tensor(h) for h in state["heads"]],
+                       [torch.tensor(f) for f in state["ffn"]])

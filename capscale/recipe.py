@@ -1,0 +1,312 @@
+"""The pruning recipe: build -> setup -> train -> finish, read top to bottom.
+
+* :meth:`CAPRecipe.build` (the constructor): checks every input (config, data, model
+  configs, tokenizer, text lengths, the checkpoint to resume) and picks the parts from
+  their tables (task, pruning method, contrastive objective). No model is loaded.
+* :meth:`CAPRecipe.setup`: fine-tunes the teacher when none is given (cached), loads
+  the student and the frozen references, encodes what the fixed contrastive modules
+  need (PrC / FiC banks: frozen models in eval mode, so they are encoded again on a
+  resume rather than saved), attaches the pruning method's masks, lets the strategy
+  wrap the student, registers every stateful part with the checkpointer and restores
+  the checkpoint when resuming.
+* :meth:`CAPRecipe.train`: the one loop (capscale.loop) with the pruning controller,
+  the snapshot and evaluation schedules and the trackers as hooks.
+* :meth:`CAPRecipe.finish`: sparsity report, export, results, report, summary.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .checkpoint import Checkpointer
+from .config import Config
+from .console import Console
+from .contrastive.modules import CONTRASTIVE_MODULES
+from .contrastive.objectives import build_objective
+from .data import build_loaders, check_lengths, load_task_data
+from .distributed import DistContext, make_strategy
+from .evaluation import evaluate
+from .export import export_pruned
+from .hooks import EvalSchedule, RecordHook, SnapshotSchedule
+from .loop import Phases, TrainLoop
+from .models import (
+    RepresentationTap,
+    adapter_for,
+    check_encoder,
+    check_teacher,
+    freeze,
+    hidden_size,
+    load_classifier,
+    load_tokenizer,
+)
+from .pruning.masked import MaskedLinear
+from .pruning.methods import PRUNING_METHODS
+from .references import RunReferences
+from .results import build_results, print_summary
+from .state import RankPart, RunState
+from .step import CAPLoss, Student, Update, linear_warmup_decay, param_groups
+from .tasks import get_task
+
+
+class CAPRecipe:
+    """One CAP pruning run: ``r = CAPRecipe(cfg, ctx, console); r.setup(); r.train();
+    results = r.finish()``.
+
+    Args:
+        cfg: the run config (validated).
+        ctx: ranks, device, collectives.
+        console: progress and logs (silent on non-main ranks).
+        teacher_metrics: the given teacher's dev metrics when already known.
+    """
+
+    def __init__(self, cfg: Config, ctx: DistContext, console: Console,
+                 teacher_metrics: dict[str, float] | None = None) -> None:
+        from .checkpoint import resolve_resume
+
+        self.cfg, self.ctx, self.console = cfg, ctx, console
+        self.resume_from = resolve_resume(cfg)
+        self.task = get_task(cfg.data.task_type)
+        self.method = PRUNING_METHODS[cfg.pruning.method]
+        self.data = load_task_data(cfg.data)
+        m = cfg.model
+        check_encoder(m.name_or_path, m.adapter, m.trust_remote_code)
+        if m.teacher is not None:
+            check_teacher(m.teacher, self.data.num_labels, m.trust_remote_code)
+        self.tokenizer = load_tokenizer(m.name_or_path, m.trust_remote_code)
+        note = check_lengths(self.data, self.tokenizer, cfg.data)
+        if note:
+            self.data.notes.append(note)
+        self.teacher_metrics = teacher_metrics
+        self.state = RunState()
+        self.phases = Phases(torch.cuda.synchronize if ctx.device.type == "cuda" else None)
+        self.seconds: dict[str, float] = {}
+
+    # -- setup -------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Load models, encode the fixed references, wrap, restore (see module doc)."""
+        from .finetune import finetune_teacher
+
+        cfg, ctx, data = self.cfg, self.ctx, self.data
+        t0 = time.perf_counter()
+        teacher_path = cfg.model.teacher
+        if teacher_path is None:
+            teacher_path, self.teacher_metrics = finetune_teacher(
+                cfg, ctx, data, self.tokenizer, self.task, self.console)
+        self.seconds["teacher"] = time.perf_counter() - t0
+        self.loaders = build_loaders(data, self.tokenizer, cfg.data, cfg.train.batch_size,
+                                     cfg.train.eval_batch_size, cfg.train.seed, ctx.rank,
+                                     ctx.world_size)
+        self.strategy = make_strategy(ctx, cfg.distributed)
+        self.controller = self.method.controller(self)
+        steps = len(self.loaders.train) * cfg.train.epochs
+        if cfg.train.max_steps:
+            steps = min(steps, cfg.train.max_steps)
+        total = getattr(self.controller, "total_steps", None)
+        self.total_steps = total(len(self.loaders.train), steps) if total else steps
+        torch.manual_seed(cfg.train.seed)
+        self.student_init = (teacher_path if cfg.model.student_init == "teacher"
+                             else cfg.model.name_or_path)
+        bare = self._load(self.student_init).to(ctx.device)
+        self.adapter = adapter_for(bare, cfg.model.adapter)
+        self.teacher = None
+        wants_teacher = cfg.loss.w_kd > 0 or any(
+            CONTRASTIVE_MODULES[n].source == "teacher" for n in cfg.cap.enabled_modules())
+        if teacher_path is not None and wants_teacher:
+            self.teacher = self.strategy.prepare_reference(freeze(self._load(teacher_path)))
+        if self.teacher_metrics is None and self.teacher is not None:
+            self.teacher_metrics = self.evaluate(self.teacher)
+        refs = RunReferences(ctx, self.strategy, self.adapter, cfg.cap.representation,
+                             self._load, cfg.model.name_or_path,
+                             cfg.model.student_init == "pretrained", self.teacher, bare,
+                             self.loaders.bank, self.console)
+        labels = self.task.contrastive_labels(torch.as_tensor(np.asarray(data.train["labels"])))
+        self.objective = build_objective(cfg.cap, len(data.train),
+                                         hidden_size(bare, self.adapter), labels,
+                                         cfg.train.seed, ctx)
+        self.objective.setup(refs)
+        self.controller.setup(bare)
+        self.student = self._prepare(bare)
+        refs.bind(self.student, self._skeleton)
+        self.refs = refs
+        self.loss = CAPLoss(cfg, self.task, ctx, self.teacher, self.objective,
+                            self.controller.regularization, self.phases)
+        self.update = Update(self.strategy, self.student, ctx, cfg.train.grad_clip,
+                             self.phases, cfg.train.debug_nan_batches)
+        self.snapshots = SnapshotSchedule(cfg, self.controller.current_sparsity, self.snapshot)
+        self.checkpointer = self._register_state()
+        if self.resume_from is not None:
+            self.checkpointer.load(self.resume_from)
+            self.console.log(f"resumed from {self.resume_from} (step {self.state.step}, "
+                             f"epoch {self.state.epoch}, {self.state.batches_done} "
+                             "batches into it)")
+
+    def _load(self, path: str) -> nn.Module:
+        m = self.cfg.model
+        return load_classifier(path, self.data.num_labels, self.data.label_names,
+                               m.trust_remote_code, self.task)
+
+    def _prepare(self, bare: nn.Module) -> Student:
+        """Wrap the student and build its optimiser for the LR segment it resumes in."""
+        cfg = self.cfg
+        start = self.resume_step()
+        _, length = self.controller.lr_segment(start)
+        tap = RepresentationTap(bare, self.adapter)
+        groups = param_groups(bare, cfg.train.lr, cfg.train.weight_decay,
+                              self.controller.score_parameters(), cfg.pruning.score_lr)
+        model, opt, sched = self.strategy.prepare_student(
+            bare, groups, linear_warmup_decay(int(cfg.train.warmup_ratio * length), length),
+            micro_batch_size=cfg.train.batch_size, grad_clip=cfg.train.grad_clip)
+        return Student(model, opt, sched, tap)
+
+    def resume_step(self) -> int:
+        """The step the run continues from (0 for a fresh start)."""
+        if self.resume_from is None:
+            return 0
+        import json
+        return int(json.loads((self.resume_from / "trainer_state.json").read_text())["step"])
+
+    def _register_state(self) -> Checkpointer:
+        ckpt = Checkpointer(self.cfg, self.ctx)
+        s = self.student
+        ckpt.register("run", self.state, "json")
+        ckpt.register("rng", RankPart(self.state), "rank")
+        ckpt.register_files(
+            "student",
+            lambda d: self.strategy.save_state(d, s.model, s.optimizer, s.scheduler),
+            lambda d: self.strategy.load_state(d, s.model, s.optimizer, s.scheduler))
+        ckpt.register("pruning", self.controller, "json")
+        ckpt.register("snapshots", self.snapshots, "json")
+        ckpt.register("objective", self.objective, self.objective.checkpoint_scope)
+        return ckpt
+
+    # -- services the parts use (capscale.pruning.methods.PruningRun) --------------------
+    def student_module(self) -> nn.Module:
+        return self.student.model
+
+    def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
+        return evaluate(model if model is not None else self.student.model,
+                        self.loaders.eval, self.ctx, self.task, self.data.num_labels)
+
+    def snapshot(self, train_mode: bool, what: str) -> None:
+        self.objective.add_snapshot(self.refs, train_mode, what)
+        self.student.model.train()
+
+    def loss_fn(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        """The full objective of ``batch`` on ``model`` (structured importance)."""
+        return torch.stack(list(self.loss(model, self.student.tap, batch,
+                                          self.state.step).values())).sum()
+
+    def fresh_optimizer(self, first_step: int, length: int) -> None:
+        """A new AdamW and LR schedule for ``length`` steps (structured levels)."""
+        cfg = self.cfg.train
+        s = self.student
+        groups = param_groups(self.strategy.unwrap(s.model), cfg.lr, cfg.weight_decay, [], 0.0)
+        s.optimizer, s.scheduler = self.strategy.fresh_optimizer(
+            s.model, s.optimizer, groups,
+            linear_warmup_decay(int(cfg.warmup_ratio * length), length))
+
+    def _skeleton(self) -> nn.Module:
+        """A bare student of the same structure, masks attached (values not loaded)."""
+        model = self._load(self.student_init)
+        self.controller.attach(model)
+        scope = getattr(getattr(self.controller, "pruner", None), "global_scope", False)
+        for mod in model.modules():
+            if isinstance(mod, MaskedLinear):
+                mod.global_scope = scope
+        return model
+
+    def full_student(self) -> nn.Module | None:
+        return self.strategy.plain_copy(self.student.model, self._skeleton)
+
+    def export_dense(self, model: nn.Module, out_dir: Path, extra: dict[str, Any]) -> None:
+        export_pruned(model, self.adapter, out_dir, self.tokenizer, inplace=True, extra=extra)
+
+    # -- train -------------------------------------------------------------------------
+    def train(self, extra_hooks: list[Any] | None = None) -> None:
+        """Prune to the end of the schedule (or continue a restored run)."""
+        t0 = time.perf_counter()
+        hooks = [self.controller]
+        if not self.method.evaluates_itself:
+            hooks += [self.snapshots, EvalSchedule(self.cfg.train.eval_every, self._eval)]
+        hooks += list(extra_hooks or [])
+        self.student.model.train()
+        TrainLoop(self.state, self.loaders.train, self.total_steps, self._step,
+                  self.console, "CAP pruning", hooks, self.checkpointer,
+                  self.student.lr, self.cfg.train.on_nonfinite,
+                  self.cfg.train.max_nonfinite_skips, self.ctx.world_size).run()
+        self.seconds["pruning"] = time.perf_counter() - t0
+
+    def _step(self, batch: dict[str, Tensor]) -> dict[str, Any]:
+        losses = self.loss(self.student.model, self.student.tap, batch, self.state.step)
+        rec = self.update(losses, self.state.step, self.state.batches_drawn)
+        rec["sparsity"] = self.controller.current_sparsity()
+        return rec
+
+    def _eval(self, epoch: int) -> None:
+        self.controller.sync_masks()
+        metrics = self.evaluate()
+        sp = self.controller.current_sparsity()
+        self.state.evals.append({"step": self.state.step, "epoch": epoch, "sparsity": sp,
+                                 "metrics": metrics})
+        key = self.task.main_metric
+        self.console.log(f"step {self.state.step}: {key} {metrics[key]:.4f} at target "
+                         f"sparsity {sp:.3f}")
+
+    # -- finish ------------------------------------------------------------------------
+    def finish(self, export: bool = True) -> dict[str, Any]:
+        """Report sparsity, export the pruned model, write results (collective)."""
+        out = Path(self.cfg.output_dir)
+        results = build_results(self, self.controller.report())
+        if self.ctx.is_main:
+            from .results import save_history
+            save_history(out, self.state)
+        if export:
+            self.controller.export(out / "pruned", {"results": results})
+        return results
+
+
+def prune(cfg: Config, ctx: DistContext, console: Console, export: bool = True,
+          teacher_metrics: dict[str, float] | None = None) -> dict[str, Any]:
+    """The whole job: build -> setup -> train -> finish. Returns the results.
+
+    ``export=False`` skips writing the pruned model (benchmarks that only need metrics).
+    ``teacher_metrics``: the given ``model.teacher``'s dev metrics when already known.
+    """
+    from .report import Trackers, write_report
+    from .results import write_results
+
+    start = time.perf_counter()
+    recipe = CAPRecipe(cfg, ctx, console, teacher_metrics)
+    if ctx.is_main:
+        from .config import save_config
+        save_config(cfg, Path(cfg.output_dir) / "config.yaml")
+    for note in recipe.data.notes:
+        console.log(note)
+    recipe.setup()
+    trackers = None
+    if ctx.is_main and cfg.report.trackers:
+        from .config import config_to_dict
+        out = Path(cfg.output_dir)
+        trackers = Trackers(cfg.report.trackers, out.name, out / "tracking",
+                            config_to_dict(cfg))
+        for note in trackers.notes:
+            console.log(note)
+    try:
+        recipe.train([RecordHook(trackers)] if trackers is not None else None)
+    finally:
+        if trackers is not None:
+            trackers.finish()
+    results = recipe.finish(export)
+    results["seconds"]["total"] = time.perf_counter() - start
+    if ctx.is_main:
+        write_results(cfg, results)
+        if cfg.report.enabled:
+            console.log(f"report: {write_report(cfg.output_dir, cfg.report.speed_batches)}")
+    print_summary(console, cfg, results)
+    return results

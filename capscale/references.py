@@ -1,0 +1,172 @@
+"""The run's frozen references and student views, as the contrastive objectives see them.
+
+:class:`RunReferences` implements :class:`~capscale.contrastive.objectives.ReferenceProvider`:
+it resolves a module's source (the pre-trained model, the fine-tuned teacher, a custom
+loader) to a frozen model prepared for the strategy, encodes the training set in the
+bank loader's order (gathered over ranks), and makes frozen copies of the student for
+online snapshots (gathered first when the student is sharded).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from .contrastive.modules import ContrastiveModule
+from .data import model_inputs
+from .models import (
+    RepresentationTap,
+    forward_with_representation,
+    freeze,
+    set_dropout,
+    snapshot_copy,
+)
+
+if TYPE_CHECKING:
+    from .adapters import EncoderAdapter
+    from .console import Console
+    from .distributed import DistContext, Strategy
+    from .step import Student
+
+
+class RunReferences:
+    """Frozen models and encodings for one run.
+
+    Args:
+        ctx, strategy: ranks and how references are prepared (sharded or not).
+        adapter: the encoder adapter (where the representation is read).
+        representation: ``cap.representation``.
+        load: ``path -> bare model with the task head`` (fresh heads seeded as the run).
+        pretrained: the pre-trained encoder's path.
+        student_is_pretrained: whether the student starts as the pre-trained model (then
+            PrC encodes the student itself before any pruning, loading nothing).
+        teacher: the prepared frozen teacher, or None.
+        student: the prepared student (its model and tap).
+        skeleton: builds a bare student of the same structure (sharded snapshots).
+        bank_loader: the whole training set, sharded over ranks.
+        console: progress bars.
+    """
+
+    def __init__(self, ctx: DistContext, strategy: Strategy, adapter: EncoderAdapter,
+                 representation: str, load: Callable[[str], nn.Module], pretrained: str,
+                 student_is_pretrained: bool, teacher: nn.Module | None,
+                 bare_student: nn.Module, bank_loader: Any, console: Console) -> None:
+        self.ctx, self.strategy, self.adapter = ctx, strategy, adapter
+        self.kind, self.load = representation, load
+        self.pretrained, self.student_is_pretrained = pretrained, student_is_pretrained
+        self.teacher = teacher
+        self.bare_student = bare_student  # until the strategy wraps it (see bind)
+        self.live: Student | None = None
+        self.skeleton: Callable[[], nn.Module] | None = None
+        self.bank_loader, self.console = bank_loader, console
+        self.taps: dict[int, RepresentationTap] = {}
+
+    def bind(self, student: Student, skeleton: Callable[[], nn.Module]) -> None:
+        """The student as the strategy prepared it (snapshots are taken from it)."""
+        self.live, self.skeleton = student, skeleton
+
+    # -- fixed modules -------------------------------------------------------------
+    def load_frozen(self, path: str) -> nn.Module:
+        return self.strategy.prepare_reference(freeze(self.load(path)))
+
+    def frozen(self, module: ContrastiveModule, persistent: bool) -> nn.Module:
+        if callable(module.source):
+            return module.source(self)
+        if module.source == "teacher":
+            if self.teacher is None:
+                raise ValueError(f"cap.modules.{module.name} needs a teacher (model.teacher)")
+            return self.teacher
+        if self.student_is_pretrained:  # the student before any pruning
+            if persistent:
+                return self.strategy.prepare_reference(snapshot_copy(self.bare_student))
+            self.bare_student.eval()
+            return self.bare_student
+        return self.load_frozen(self.pretrained)
+
+    def release(self, model: nn.Module) -> None:
+        tap = self.taps.pop(id(model), None)
+        if tap is not None:
+            tap.remove()
+        if model is self.bare_student:
+            model.train()
+
+    # -- encodings -----------------------------------------------------------------
+    def reader(self, model: nn.Module) -> Callable[[dict[str, Tensor]], Tensor]:
+        if self.live is not None and model is self.live.model:
+            tap = self.live.tap
+        else:
+            tap = self.taps.setdefault(id(model), RepresentationTap(model, self.adapter))
+        kind = self.kind
+
+        def read(inputs: dict[str, Tensor]) -> Tensor:
+            return forward_with_representation(model, inputs, tap, kind)[1]
+        return read
+
+    @torch.no_grad()
+    def encode_training_set(self, model: nn.Module, what: str
+                            ) -> Iterator[tuple[Tensor, Tensor]]:
+        read = self.reader(model)
+        with self.console.progress(what, len(self.bank_loader)) as bar:
+            for batch in self.bank_loader:
+                vecs = read(model_inputs(batch, self.ctx.device))
+                ids = batch["example_id"].to(vecs.device)
+                yield self.ctx.gather(ids), self.ctx.gather(vecs)
+                bar.advance()
+        if self.live is not None and model is self.live.model:
+            model.train()
+        else:
+            self.release(model)
+
+    # -- the student ---------------------------------------------------------------
+    def student(self, train_mode: bool) -> nn.Module:
+        assert self.live is not None
+        self.live.model.train(train_mode)
+        return self.live.model
+
+    def student_copy(self, train_mode: bool) -> nn.Module:
+        assert self.live is not None
+        if self.strategy.shards_parameters:
+            target = self.skeleton()
+            with self.strategy.gathered(self.live.model) as bare:
+                _copy_state(target, full_state(bare))
+            out = self.strategy.prepare_reference(freeze(target))
+        else:
+            out = self.strategy.prepare_reference(
+                snapshot_copy(self.strategy.unwrap(self.live.model)))
+        if train_mode:  # the reference encodes unstructured snapshots with dropout on
+            set_dropout(out, True)
+        return out
+
+    def model_state(self, model: nn.Module) -> dict[str, Tensor]:
+        with self.strategy.gathered(model) as bare:
+            return full_state(bare)
+
+    def restore_copy(self, state: dict[str, Tensor], train_mode: bool) -> nn.Module:
+        if self.strategy.shards_parameters:
+            target = self.skeleton()
+            _copy_state(target, state)
+            out = self.strategy.prepare_reference(freeze(target))
+        else:
+            out = copy.deepcopy(self.strategy.unwrap(self.live.model))
+            _copy_state(out, state)
+            out = self.strategy.prepare_reference(freeze(out))
+        if train_mode:
+            set_dropout(out, True)
+        return out
+
+
+def full_state(model: nn.Module) -> dict[str, Tensor]:
+    """Every parameter and buffer (non-persistent ones too), detached CPU copies."""
+    return {n: t.detach().cpu().clone() for n, t in itertools.chain(
+        model.named_parameters(), model.named_buffers())}
+
+
+@torch.no_grad()
+def _copy_state(model: nn.Module, state: dict[str, Tensor]) -> None:
+    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+        t.copy_(state[name].to(t.device, t.dtype))

@@ -1,0 +1,157 @@
+"""One optimisation step of CAP: the objective's components, then the update.
+
+The full objective of a batch (Xu et al., AAAI 2022, eq. 7)::
+
+    L = w_ce * CE + w_kd * KD(teacher, student)
+        + sum over enabled modules m of (w_u^m * L_unsup^m + w_s^m * L_sup^m)
+        [+ the pruning method's regulariser, e.g. soft movement's lambda_t * L1]
+
+:class:`CAPLoss` returns every component by name (they are logged separately);
+:class:`Update` checks that the total is finite on every rank, then backward, optimiser
+step and LR step through the strategy. Both time their parts through
+:class:`capscale.loop.Phases`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+from .data import model_inputs
+from .loop import Phases, finite_or_raise
+from .models import RepresentationTap, forward_with_representation
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .distributed import DistContext, Strategy
+    from .tasks import Task
+
+
+@dataclass
+class Student:
+    """The model being trained, as the strategy prepared it, with its optimiser."""
+
+    model: nn.Module  # wrapped (DDP / DeepSpeed engine / FSDP2 module)
+    optimizer: Optimizer
+    scheduler: LambdaLR
+    tap: RepresentationTap | None = None  # reads the contrastive representation
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+
+class CAPLoss:
+    """Every weighted component of the objective on one batch.
+
+    Args:
+        cfg: the run config (``loss``, ``cap.representation``).
+        task: the task (supervised loss, distillation, contrastive labels).
+        ctx: ranks and device.
+        teacher: the frozen fine-tuned teacher (KD logits), or None.
+        objective: the contrastive objective, or None.
+        regularizer: returns the pruning method's loss term (or None) at each call.
+        phases: where the parts are timed.
+    """
+
+    def __init__(self, cfg: Config, task: Task, ctx: DistContext, teacher: nn.Module | None,
+                 objective: Any, regularizer: Callable[[], Tensor | None],
+                 phases: Phases) -> None:
+        self.cfg, self.task, self.ctx = cfg, task, ctx
+        self.teacher, self.objective = teacher, objective
+        self.regularizer, self.phases = regularizer, phases
+
+    def __call__(self, model: nn.Module, tap: RepresentationTap, batch: dict[str, Tensor],
+                 step: int) -> dict[str, Tensor]:
+        """Components by name (``ce``, ``kd``, ``prc_unsup``, ..., ``l1``)."""
+        cfg, ctx = self.cfg, self.ctx
+        inputs = model_inputs(batch, ctx.device)
+        labels = batch["labels"].to(ctx.device)
+        with self.phases("forward"):
+            logits, anchors = forward_with_representation(model, inputs, tap,
+                                                          cfg.cap.representation)
+        losses: dict[str, Tensor] = {}
+        if cfg.loss.w_ce > 0:
+            losses["ce"] = cfg.loss.w_ce * self.task.loss(logits, labels)
+        if self.teacher is not None and cfg.loss.w_kd > 0:
+            with self.phases("teacher"), torch.no_grad():
+                t_logits = self.teacher(**inputs).logits
+            losses["kd"] = cfg.loss.w_kd * self.task.distill(logits, t_logits,
+                                                             cfg.loss.kd_temperature)
+        if self.objective is not None:
+            with self.phases("contrastive"):
+                losses.update(self.objective(
+                    anchors, batch["example_id"].to(ctx.device),
+                    self.task.contrastive_labels(labels), step, ctx, inputs=inputs))
+        reg = self.regularizer()
+        if reg is not None:
+            losses["l1"] = reg
+        return losses
+
+
+class Update:
+    """Finite check, backward, optimiser and LR step of one batch's losses.
+
+    Args:
+        strategy: how the student is stepped (masks on shards included).
+        student: the model and its optimiser (read at each call: structured pruning
+            swaps in a fresh optimiser per level).
+        ctx: ranks (the finite check is agreed on by all).
+        grad_clip: max gradient norm (0: none).
+        phases: where backward and the optimiser step are timed.
+        nan_batches: test hook, batches (by count drawn) whose loss is made NaN.
+    """
+
+    def __init__(self, strategy: Strategy, student: Student, ctx: DistContext,
+                 grad_clip: float, phases: Phases, nan_batches: list[int] | None = None
+                 ) -> None:
+        self.strategy, self.student, self.ctx = strategy, student, ctx
+        self.grad_clip, self.phases = grad_clip, phases
+        self.nan_batches = set(nan_batches or [])
+
+    def __call__(self, losses: dict[str, Tensor], step: int, batch_number: int
+                 ) -> dict[str, float]:
+        """Apply the update; returns the components and their sum as floats."""
+        if batch_number in self.nan_batches:
+            first = next(iter(losses))
+            losses[first] = losses[first] * float("nan")
+        total = torch.stack(list(losses.values())).sum()
+        finite_or_raise(losses, total, step, self.ctx.all_reduce_sum)
+        s = self.student
+        with self.phases("backward"):
+            self.strategy.backward(total, s.model)
+        with self.phases("optimizer"):
+            self.strategy.step(s.model, s.optimizer, s.scheduler, self.grad_clip)
+        out = {k: float(v.detach()) for k, v in losses.items()}
+        out["loss"] = float(total.detach())
+        return out
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float,
+                 scores: list[nn.Parameter], score_lr: float) -> list[dict[str, Any]]:
+    """AdamW groups: matrices (decayed), 1-D params (biases, norms), scores (own lr)."""
+    score_ids = {id(p) for p in scores}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in score_ids:
+            continue
+        (no_decay if len(getattr(p, "ds_shape", p.shape)) <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "lr": lr},
+              {"params": no_decay, "weight_decay": 0.0, "lr": lr}]
+    if scores:
+        groups.append({"params": scores, "weight_decay": 0.0, "lr": score_lr})
+    return [g for g in groups if g["params"]]
+
+
+def linear_warmup_decay(warmup: int, total: int) -> Callable[[int], float]:
+    """LR factor: linear warm-up over ``warmup`` steps, then linear decay to 0 at ``total``."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(warmup, 1)
+        return max(0.0, (total - step) / max(total - warmup, 1))
+    return factor

@@ -1,0 +1,23 @@
+"""Tasks: what the labels are, which head the model gets, and how it is scored.
+
+A task is an entry of :data:`TASKS` (``data.task_type`` names it). It owns everything
+that differs between, say, classification and regression: reading the label column
+(:meth:`Task.label_names`, :meth:`Task.encode_labels`), the Hugging Face head class the
+student, references and export use, the supervised loss, logit distillation, the
+metrics and the main one, and which labels the supervised contrastive terms may use.
+A new task (extractive QA, token classification, ...) is one more entry::
+
+    from capscale.tasks import register_task
+    register_task(MyTask())
+"""
+
+from __future__ import annotations
+
+from .base import TASKS, Task, get_task, register_task
+from .sequence import ClassificationTask, RegressionTask
+
+register_task(ClassificationTask())
+register_task(RegressionTask())
+
+__all__ = ["TASKS", "ClassificationTask", "RegressionTask", "Task", "get_task",
+           "register_task"]
