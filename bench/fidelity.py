@@ -104,7 +104,7 @@ def run_config(method: str, sparsity: float, cap: bool, drop: str | None = None
     if method == "soft_movement":
         pruning["final_lambda"] = SOFT_LAMBDA.get(sparsity, 300.0)
     modules = {m: {"enabled": cap and m != drop} for m in ("prc", "fic", "snc")}
-    return {"pruning": pruning, "cap": modules}
+    return {"pruning": pruning, "cap": {"modules": modules}}
 
 
 def plan(sparsities: list[float], seeds: list[int], ablation: bool) -> list[dict[str, Any]]:

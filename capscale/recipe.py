@@ -242,6 +242,17 @@ class CAPRecipe:
                   self.cfg.train.max_nonfinite_skips, self.ctx.world_size).run()
         self.seconds["pruning"] = time.perf_counter() - t0
 
+    def train_step(self, batch: dict[str, Tensor]) -> dict[str, Any]:
+        """One step outside the loop (tests, benchmarks): the controller's schedule,
+        the objective and the update, as the loop runs them."""
+        self.controller.before_step(self.state.step)
+        try:
+            rec = self._step(batch)
+        finally:
+            self.state.batches_drawn += 1
+        self.state.step += 1
+        return rec
+
     def _step(self, batch: dict[str, Tensor]) -> dict[str, Any]:
         losses = self.loss(self.student.model, self.student.tap, batch, self.state.step)
         rec = self.update(losses, self.state.step, self.state.batches_drawn)

@@ -91,7 +91,7 @@ def build_run(assets: dict[str, str], ctx: Any, batch_size: int, **overrides: An
     from capscale.config import config_from_dict
     from capscale.console import Console
     from capscale.data import load_task_data
-    from capscale.teachers import load_tokenizer
+    from capscale.models import load_tokenizer
     from capscale.train import CAPPruner
 
     cfg = config_from_dict(run_config(assets, "unused", **{"train.batch_size": batch_size,

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from capscale.banks import RepresentationBank
+from capscale.contrastive.banks import RepresentationBank
 from capscale.cap import CAPObjective
 from capscale.config import CAPConfig
 from capscale.distributed import DistContext

@@ -10,12 +10,12 @@ import torch
 from scale_helpers import run_ranks, tiny_bert, write_csv
 from torch.utils.data import DistributedSampler
 
-from capscale.banks import RepresentationBank
+from capscale.contrastive.banks import RepresentationBank
 from capscale.cap import CAPObjective
 from capscale.config import CAPConfig, DataConfig
 from capscale.data import Collator, load_task_data, make_loader, model_inputs, tokenize
 from capscale.distributed import DistContext
-from capscale.teachers import (
+from capscale.models import (
     RepresentationTap,
     adapter_for,
     forward_with_representation,

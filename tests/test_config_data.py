@@ -26,11 +26,11 @@ def test_yaml_then_overrides(tmp_path):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("data:\n  preset: tweets\ntrain:\n  lr: 2e-5\n  epochs: 3\n"
                         "pruning:\n  final_sparsity: 0.8\n")
-    cfg = load_config(cfg_file, ["train.lr=1e-4", "cap.snc.w_sup=3", "cap.prc.enabled=false",
+    cfg = load_config(cfg_file, ["train.lr=1e-4", "cap.modules.snc.w_sup=3", "cap.modules.prc.enabled=false",
                                  "cap.snapshot_milestones=[0.5, 0.9]"])
     assert cfg.train.lr == 1e-4 and isinstance(cfg.train.lr, float)
     assert cfg.train.epochs == 3 and cfg.pruning.final_sparsity == 0.8
-    assert cfg.cap.snc.w_sup == 3.0 and not cfg.cap.prc.enabled
+    assert cfg.cap.modules["snc"].w_sup == 3.0 and not cfg.cap.modules["prc"].enabled
     assert cfg.cap.snapshot_milestones == [0.5, 0.9]
     assert cfg.data.text_column == "text"  # the preset's defaults apply
     assert load_config(cfg_file).train.lr == 2e-5  # 2e-5 in YAML is a float too
@@ -59,8 +59,8 @@ def _error_data(tmp: Path) -> dict[str, list[str]]:
                                      f"data.validation_file={tmp / 'cl_val.parquet'}",
                                      "data.label_names=[a, b]"],
         "regression label not a number": [
-            *files, "data.task_type=regression", "cap.prc.w_sup=0", "cap.fic.w_sup=0",
-            "cap.snc.w_sup=0"],
+            *files, "data.task_type=regression", "cap.modules.prc.w_sup=0", "cap.modules.fic.w_sup=0",
+            "cap.modules.snc.w_sup=0"],
         "missing file": [f"data.train_file={tmp / 'missing.csv'}"],
         "unsupported extension": [f"data.train_file={tmp / 'train.txt'}"],
     }
@@ -80,7 +80,7 @@ CASES = [
     ("wrong choice", ["pruning.method=random"], "config", ["pruning.method", "'movement'"]),
     ("not key=value", ["train.lr"], "config", ["expected key=value"]),
     ("regression with supervised terms", ["data.task_type=regression"], "config",
-     ["cap.<module>.w_sup", "regression"]),
+     ["cap.modules.prc.w_sup = 10.0", "regression"]),
     ("two data sources", ["data.preset=tweets"], "config", ["exactly one of data.preset"]),
     ("no label column", "no label column", "data", ["no column 'sentiment'",
                                                     "data.label_column"]),

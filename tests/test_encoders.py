@@ -27,7 +27,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from capscale.adapters import ROLES, EncoderAdapter, register_adapter
 from capscale.export import export_pruned
 from capscale.pruning import MaskedLinear
-from capscale.teachers import resolve_model_path
+from capscale.models import resolve_model_path
 
 
 class TinyEncConfig(PretrainedConfig):
@@ -143,25 +143,25 @@ def test_family_prunes_and_exports_with_parity(family, tiny_model_factory, custo
     model_dir = custom_model if family == "custom" else tiny_model_factory(family)
     pruner = run_cap(model_dir, tiny_csv, tmp_path / "run", "cap.representation=head")
     # six CAP steps with every loss component, at the final sparsity at the end
-    assert pruner.result.steps == 6
-    last = pruner.history[-1]
+    assert pruner.state.step == 6
+    last = pruner.state.history[-1]
     for name in ("ce", "kd", "prc_unsup", "prc_sup", "fic_unsup", "fic_sup", "snc_unsup",
                  "snc_sup"):
         assert math.isfinite(last[name]), name
-    masked = {n: m for n, m in pruner.student.named_modules() if isinstance(m, MaskedLinear)}
+    masked = {n: m for n, m in pruner.student.model.named_modules() if isinstance(m, MaskedLinear)}
     assert len(masked) == 2 * len(ROLES)  # every prunable linear, no other
-    report = pruner.sparsity()
+    report = pruner.controller.report()
     for key, entry in report["per_matrix"].items():
         assert abs(entry["sparsity"] - 0.9) < 0.005, key
-    scores = pruner.pruner.score_parameters()
+    scores = pruner.controller.pruner.score_parameters()
     assert any(float(s.detach().abs().max()) > 0 for s in scores)  # the scores learned
 
-    export_pruned(pruner.student, pruner.adapter, tmp_path / "pruned")
+    export_pruned(pruner.student.model, pruner.adapter, tmp_path / "pruned")
     inputs = eval_inputs(pruner)
-    pruner.student.eval()
+    pruner.student.model.eval()
     reloaded = AutoModelForSequenceClassification.from_pretrained(
         tmp_path / "pruned" / "model").eval()
-    assert type(reloaded).__name__ == type(pruner.student).__name__
+    assert type(reloaded).__name__ == type(pruner.student.model).__name__
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(**inputs).logits, pruner.student(**inputs).logits,
+        torch.testing.assert_close(reloaded(**inputs).logits, pruner.student.model(**inputs).logits,
                                    rtol=0, atol=1e-5)

@@ -34,25 +34,25 @@ def pruned(tiny_bert, tiny_csv, tmp_path_factory):
     """A tiny BERT after 6 CAP-m steps at 90% sparsity, and its export (a copy)."""
     out = tmp_path_factory.mktemp("export")
     pruner = run_cap(tiny_bert, tiny_csv, out / "run")
-    report = export_pruned(pruner.student, pruner.adapter, out / "pruned")
+    report = export_pruned(pruner.student.model, pruner.adapter, out / "pruned")
     return pruner, report, out / "pruned"
 
 
 def test_export_logits_equal_masked_model(pruned):
     pruner, _, out = pruned
     inputs = eval_inputs(pruner)
-    pruner.student.eval()
+    pruner.student.model.eval()
     with torch.no_grad():
-        masked = pruner.student(**inputs).logits
+        masked = pruner.student.model(**inputs).logits
         plain = AutoModelForSequenceClassification.from_pretrained(out / "model").eval()
         exported = plain(**inputs).logits
     assert not any(isinstance(m, MaskedLinear) for m in plain.modules())
     torch.testing.assert_close(exported, masked, rtol=0, atol=1e-5)
     # the student still carries its masks (the export baked a copy), and they matter
-    assert any(isinstance(m, MaskedLinear) for m in pruner.student.modules())
+    assert any(isinstance(m, MaskedLinear) for m in pruner.student.model.modules())
     dense = AutoModelForSequenceClassification.from_pretrained(
         pruner.cfg.model.name_or_path).eval()
-    for name, mod in pruner.student.named_modules():
+    for name, mod in pruner.student.model.named_modules():
         if isinstance(mod, MaskedLinear):
             dense.get_submodule(name).weight.data.copy_(mod.weight)
     with torch.no_grad():
@@ -69,23 +69,23 @@ def test_export_reloads_without_capscale(pruned, tmp_path):
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     logits = torch.tensor(json.loads(proc.stdout.strip().splitlines()[-1]))
-    pruner.student.eval()
+    pruner.student.model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(logits, pruner.student(**inputs).logits, rtol=0, atol=1e-5)
+        torch.testing.assert_close(logits, pruner.student.model(**inputs).logits, rtol=0, atol=1e-5)
 
 
 def test_masks_and_report_files(pruned):
     pruner, report, out = pruned
     saved = json.loads((out / "sparsity_report.json").read_text())
     masks = load_file(str(out / "masks.safetensors"))
-    qualified = pruner.adapter.qualified_names(pruner.student)
+    qualified = pruner.adapter.qualified_names(pruner.student.model)
     assert set(masks) == set(qualified.values())  # 2 layers x 6 roles, by module name
     kept = sum(int(m.sum()) for m in masks.values())
     numel = sum(m.numel() for m in masks.values())
     assert saved["linear_sparsity"] == pytest.approx(1 - kept / numel)
     assert saved["linear_sparsity"] == pytest.approx(report["linear_sparsity"])
     assert abs(saved["linear_sparsity"] - 0.9) < 0.005
-    assert saved["linear_sparsity"] == pytest.approx(pruner.sparsity()["linear_sparsity"])
+    assert saved["linear_sparsity"] == pytest.approx(pruner.controller.report()["linear_sparsity"])
     assert 0 < saved["encoder_sparsity"] < saved["linear_sparsity"]
     assert saved["total_sparsity"] < saved["encoder_sparsity"]
     # the baked weights are zero exactly where the saved masks say pruned
@@ -105,21 +105,21 @@ def test_masks_and_report_files(pruned):
 ], ids=["movement-global", "soft-movement-cls", "magnitude-mean"])
 def test_other_methods_export_with_parity(overrides, tiny_bert, tiny_csv, tmp_path):
     pruner = run_cap(tiny_bert, tiny_csv, tmp_path / "run", *overrides)
-    last = pruner.history[-1]
+    last = pruner.state.history[-1]
     assert all(torch.isfinite(torch.tensor(v)) for k, v in last.items()
                if isinstance(v, float)), last
-    sparsity = pruner.sparsity()["linear_sparsity"]
+    sparsity = pruner.controller.report()["linear_sparsity"]
     if "pruning.method=soft_movement" in overrides:
         assert last["l1"] > 0  # the L1 penalty is on; sparsity is reached indirectly
         assert sparsity > 0.0
     else:
         assert abs(sparsity - 0.9) < 0.005
-    export_pruned(pruner.student, pruner.adapter, tmp_path / "pruned")
+    export_pruned(pruner.student.model, pruner.adapter, tmp_path / "pruned")
     inputs = eval_inputs(pruner)
-    pruner.student.eval()
+    pruner.student.model.eval()
     plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "pruned" / "model")
     with torch.no_grad():
         torch.testing.assert_close(plain.eval()(**inputs).logits,
-                                   pruner.student(**inputs).logits, rtol=0, atol=1e-5)
+                                   pruner.student.model(**inputs).logits, rtol=0, atol=1e-5)
     saved = json.loads((tmp_path / "pruned" / "sparsity_report.json").read_text())
     assert saved["linear_sparsity"] == pytest.approx(sparsity)

@@ -40,7 +40,7 @@ def test_nan_stops_with_diagnostic_and_keeps_last_good_checkpoint(assets, tmp_pa
     assert not (out / "results.json").exists()
     state = json.loads((out / "checkpoints" / "step-00000006" / "trainer_state.json")
                        .read_text())
-    assert state["step"] == 6 and all(r["loss"] == r["loss"] for r in state["history"])
+    assert state["step"] == 6 and all(r["loss"] == r["loss"] for r in state["run"]["history"])
 
 
 def test_nan_batch_is_skipped_when_configured(assets, tmp_path):
@@ -53,7 +53,7 @@ def test_nan_batch_is_skipped_when_configured(assets, tmp_path):
     assert all(r["loss"] == r["loss"] for r in history)
     state = json.loads((out / "checkpoints" / "step-00000021" / "trainer_state.json")
                        .read_text())
-    assert state["skipped_steps"] == [5] and state["batches_drawn"] == 22
+    assert state["run"]["skipped_steps"] == [5] and state["run"]["batches_drawn"] == 22
 
 
 def test_consecutive_skips_are_limited(assets, tmp_path, capsys):

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from capscale.losses import build_candidates, contrastive_loss, kd_loss, task_loss
+from capscale.contrastive.nce import build_candidates, contrastive_loss, kd_loss, task_loss
 
 
 def reference_cap_loss(anchors, ids, labels, views, extra_views, extra_ids, extra_labels,

@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from capscale.metrics import accuracy, compute_metrics, f1, matthews, pearson, spearman
+from capscale.metrics import accuracy, f1, matthews, pearson, spearman
+from capscale.tasks import get_task
 
 BIN_PRED = np.array([1, 1, 0, 1, 0, 0])
 BIN_GOLD = np.array([1, 0, 0, 1, 1, 0])  # TP 2, TN 2, FP 1, FN 1
@@ -44,11 +45,12 @@ def test_pearson_and_spearman_with_ties():
     assert pearson(np.ones(4), y) == 0.0
 
 
-def test_compute_metrics_by_task():
+def test_task_metrics():
     logits = np.array([[2.0, 1.0], [0.0, 3.0], [1.0, 0.0], [0.0, 1.0], [5.0, 1.0],
                        [1.0, 2.0]])
-    got = compute_metrics(logits, BIN_GOLD, 2)  # argmax [0, 1, 0, 1, 0, 1]: 2 right
+    got = get_task("classification").metrics(logits, BIN_GOLD, 2)  # argmax [0, 1, 0, 1, 0, 1]: 2 right
     assert got["accuracy"] == pytest.approx(2 / 6)
     assert set(got) == {"accuracy", "f1", "matthews"}
-    reg = compute_metrics(np.array([[1.0], [2.0], [3.0], [4.0]]), np.array([2.0, 4, 5, 9]), 1)
+    reg = get_task("regression").metrics(np.array([[1.0], [2.0], [3.0], [4.0]]),
+                                        np.array([2.0, 4, 5, 9]), 1)
     assert reg["pearson"] == pytest.approx(11 / math.sqrt(130)) and reg["spearman"] == 1.0

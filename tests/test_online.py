@@ -14,7 +14,7 @@ from capscale.console import Console
 from capscale.data import Collator, load_task_data, make_loader, model_inputs, tokenize
 from capscale.distributed import DistContext
 from capscale.online import OnlineObjective, ReferenceQueue
-from capscale.teachers import (
+from capscale.models import (
     RepresentationTap,
     adapter_for,
     forward_with_representation,

@@ -41,7 +41,7 @@ def test_sigkill_sharded_run_then_resume_matches_uninterrupted(assets, tmp_path,
     proc = _start(_args(assets, out, strategy=strategy), log, nproc=2,
                   extra_env={"CAPSCALE_TEST_STALL_CHECKPOINT_STEP": str(stall)})
     partial = out / "checkpoints" / f".tmp-step-{stall:08d}"
-    _wait_for(proc, lambda: (partial / "banks.pt").is_file(), log)
+    _wait_for(proc, lambda: (partial / "objective.pt").is_file(), log)
     time.sleep(0.2)
     _kill(proc)
     assert len(list(partial.glob(SHARDS[strategy]))) >= 2, "every rank writes its shards"

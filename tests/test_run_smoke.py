@@ -67,8 +67,8 @@ def test_main_regression_task(tiny_model_factory, tmp_path, capsys):
     train, val = write_csv(tmp_path / "t.csv", rows[:40]), write_csv(tmp_path / "v.csv", rows[40:])
     out = tmp_path / "run"
     code = main([*_common(model, train, val, out), f"model.teacher={model}",
-                 "data.task_type=regression", "cap.prc.w_sup=0", "cap.fic.w_sup=0",
-                 "cap.snc.w_sup=0", "pruning.method=magnitude"])
+                 "data.task_type=regression", "cap.modules.prc.w_sup=0", "cap.modules.fic.w_sup=0",
+                 "cap.modules.snc.w_sup=0", "pruning.method=magnitude"])
     assert code == 0, capsys.readouterr().err[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["task_metric"] == "pearson"

@@ -38,7 +38,7 @@ def build(assets: dict[str, str], ctx: Any) -> Any:
     from capscale.console import Console
     from capscale.data import Collator, load_task_data
     from capscale.structured_train import StructuredCAPPruner
-    from capscale.teachers import load_tokenizer
+    from capscale.models import load_tokenizer
 
     world, rank = ctx.world_size, ctx.rank
     cfg = config_from_dict(run_config(assets, "unused", **{
@@ -73,9 +73,9 @@ def record_run(run: Any, export_dir: Path) -> dict[str, Any]:
 
     run.importance, run.prune_to = recorded_importance, recorded_prune_to
     result = run.run()
-    losses = torch.tensor([h["loss"] for h in run.history], dtype=torch.float64)
+    losses = torch.tensor([h["loss"] for h in run.state.history], dtype=torch.float64)
     out["losses"] = (ctx.all_reduce_sum(losses) / ctx.world_size).tolist()
-    out["lrs"] = [h["lr"] for h in run.history]
+    out["lrs"] = [h["lr"] for h in run.state.history]
     out["accuracy"] = [e["metrics"]["accuracy"] for e in result.evals]
     out["head_sparsity"] = result.sparsity["head_sparsity"]
     batch = model_inputs(batch_rows(run, 0, GLOBAL_BATCH), ctx.device)

@@ -19,7 +19,7 @@ from capscale.pruning.structured import (
     select_structure,
     taylor_importance,
 )
-from capscale.teachers import adapter_for
+from capscale.models import adapter_for
 
 
 def _batches(n: int, size: int, seed: int = 5) -> list[dict[str, torch.Tensor]]:

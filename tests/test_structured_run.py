@@ -12,7 +12,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Bert
 
 from capscale.config import ConfigError, load_config
 from capscale.run import main
-from capscale.teachers import resolve_model_path
+from capscale.models import resolve_model_path
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import torch
 import transformers
 from transformers import AutoTokenizer
 
-from capscale.teachers import resolve_model_path
+from capscale.models import resolve_model_path
 
 MINILM_VOCAB = 30522  # the packaged tokenizer's vocabulary; token ids index the embeddings
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -91,24 +91,17 @@ def fast_overrides(model_dir: Path, data: tuple[Path, Path], out: Path) -> list[
 
 
 def run_cap(model_dir: Path, data: tuple[Path, Path], out: Path, *extra: str) -> Any:
-    """Build and run the real CAPPruner; return it (its student still masked).
-
-    ``pruner.result`` holds the run's :class:`capscale.train.PruneResult`.
-    """
+    """Set up and train the real CAPRecipe; return it (its student still masked)."""
     from capscale.config import load_config
     from capscale.console import Console
-    from capscale.data import load_task_data
     from capscale.distributed import DistContext
-    from capscale.teachers import load_tokenizer
-    from capscale.train import CAPPruner
+    from capscale.recipe import CAPRecipe
 
     cfg = load_config(None, [*fast_overrides(model_dir, data, out), *extra])
-    task = load_task_data(cfg.data)
-    tok = load_tokenizer(cfg.model.name_or_path)
-    pruner = CAPPruner(cfg, DistContext(), task, tok, cfg.model.teacher,
-                       Console(enabled=False, progress=False))
-    pruner.result = pruner.run()
-    return pruner
+    recipe = CAPRecipe(cfg, DistContext(), Console(enabled=False, progress=False))
+    recipe.setup()
+    recipe.train()
+    return recipe
 
 
 def eval_inputs(pruner: Any) -> dict[str, torch.Tensor]:

@@ -411,7 +411,8 @@ class Config:
 def _table_name(value: str, table: dict[str, Any], key: str) -> str | None:
     if value in table:
         return None
-    return f"{key} = {value!r}: not a registered name; known: {', '.join(sorted(table))}"
+    known = ", ".join(repr(n) for n in sorted(table))
+    return f"{key} = {value!r}: expected one of {known} (the registered names)"
 
 
 def cross_section_rules(cfg: Config) -> list[str]:
@@ -449,10 +450,11 @@ def cross_section_rules(cfg: Config) -> list[str]:
         out.append(f"resume = {cfg.resume!r}: not a checkpoint directory; give null, "
                    "latest, or a path such as <output_dir>/checkpoints/step-00000100")
     task = TASKS[cfg.data.task_type]
-    if not task.class_labels and any(cfg.cap.modules[m].w_sup > 0
-                                     for m in cfg.cap.enabled_modules()):
-        out.append(f"cap.modules.<name>.w_sup: supervised contrastive terms need class "
-                   f"labels; set them to 0 for a {cfg.data.task_type} task")
+    supervised = [m for m in cfg.cap.enabled_modules() if cfg.cap.modules[m].w_sup > 0]
+    if not task.class_labels and supervised:
+        out.append(f"cap.modules.{supervised[0]}.w_sup = {cfg.cap.modules[supervised[0]].w_sup}"
+                   f": supervised contrastive terms need class labels; set w_sup to 0 for "
+                   f"every module ({', '.join(supervised)}) of a {cfg.data.task_type} task")
     method = PRUNING_METHODS[cfg.pruning.method]
     objective = OBJECTIVES[cfg.cap.mode]
     refusal = method.refuses(objective.name)
