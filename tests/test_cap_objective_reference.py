@@ -103,7 +103,7 @@ def test_objective_matches_loop_reference(normalization, supervised):
                                                        normalization)
     assert set(got) == set(want)
     for k in want:
-        assert float(got[k]) == pytest.approx(float(want[k]), rel=1e-5), k
+        assert float(got[k].detach()) == pytest.approx(float(want[k].detach()), rel=1e-5), k
     g_got, = torch.autograd.grad(torch.stack(list(got.values())).sum(), anchors)
     g_want, = torch.autograd.grad(sum(want.values()), anchors)
     torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-6)
