@@ -50,6 +50,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from capscale.cli import setup_environment  # noqa: E402
 from capscale.config import (  # noqa: E402
     ConfigError,
     config_from_dict,
@@ -58,7 +59,7 @@ from capscale.config import (  # noqa: E402
 )
 from capscale.console import Console  # noqa: E402
 from capscale.distributed import init_distributed  # noqa: E402
-from capscale.run import prune, quiet_libraries  # noqa: E402
+from capscale.recipe import prune  # noqa: E402
 
 # Budgets: data size, steps, contrastive negatives and the student's start. "cpu" fits
 # a run in minutes on one core by starting the student from the fine-tuned teacher;
@@ -291,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--worker wants K/N with 0 <= K < N, got {args.worker!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    quiet_libraries()
+    setup_environment()
     budget = BUDGETS[args.budget]
     work, out = Path(args.work) / args.budget, Path(args.out)
     try:  # the same parser as the command line's overrides; checked before any training
@@ -308,13 +309,15 @@ def main(argv: list[str] | None = None) -> int:
     teacher_cfg = config_from_dict(merge_dicts(
         base_config(budget, work / "teacher_run", 42),
         {"pruning": {"method": "none"}, "train": {"max_steps": 1},
-         "cap": {m: {"enabled": False} for m in ("prc", "fic", "snc")}}))
+         "cap": {"modules": {m: {"enabled": False} for m in ("prc", "fic", "snc")}}}))
     from capscale.data import load_task_data
     from capscale.finetune import finetune_teacher
-    from capscale.teachers import load_tokenizer
+    from capscale.models import load_tokenizer
+    from capscale.tasks import get_task
     data = load_task_data(teacher_cfg.data)
     teacher_path, teacher_metrics = finetune_teacher(
-        teacher_cfg, ctx, data, load_tokenizer("minilm"), console)
+        teacher_cfg, ctx, data, load_tokenizer("minilm"),
+        get_task(teacher_cfg.data.task_type), console)
     dense = teacher_metrics["accuracy"]
     if args.teacher_only:
         console.log(f"dense teacher: accuracy {dense:.4f} ({teacher_path})")

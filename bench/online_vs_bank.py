@@ -36,14 +36,14 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+
 from capscale.config import load_config  # noqa: E402
 from capscale.console import Console  # noqa: E402
-from capscale.data import load_task_data  # noqa: E402
+from capscale.contrastive.objectives import OnlineObjective  # noqa: E402
 from capscale.distributed import DistContext  # noqa: E402
-from capscale.finetune import finetune_teacher  # noqa: E402
-from capscale.online import OnlineObjective  # noqa: E402
-from capscale.teachers import load_tokenizer  # noqa: E402
-from capscale.train import CAPPruner  # noqa: E402
+from capscale.loop import LoopHook  # noqa: E402
+from capscale.models import load_tokenizer  # noqa: E402
+from capscale.recipe import CAPRecipe  # noqa: E402
 
 CACHE = ROOT / "bench" / "cache" / "online_vs_bank"
 COMMON = ["pruning.method=movement", "pruning.final_sparsity=0.8", "cap.num_negatives=1024",
@@ -91,47 +91,57 @@ def _model_bytes(model: nn.Module) -> int:
     return sum(_bytes(p) for p in model.parameters()) + sum(_bytes(b) for b in model.buffers())
 
 
+class StepTimer(LoopHook):
+    """Seconds of each step's phases (capscale.loop.Phases), summed per step."""
+
+    def __init__(self) -> None:
+        self.current = 0.0
+        self.durations: list[float] = []
+
+    def listen(self, name: str, seconds: float) -> None:
+        self.current += seconds
+
+    def before_step(self, step: int) -> None:
+        self.current = 0.0
+
+    def after_step(self, record: dict[str, Any]) -> None:
+        self.durations.append(self.current)
+
+
 def run_mode(overrides: list[str], mode: str, out_dir: Path) -> dict[str, Any]:
     cfg = load_config(None, [*COMMON, *overrides, f"cap.mode={mode}",
                              f"output_dir={out_dir}"])
     cfg.train.epochs = 1_000  # max_steps decides; epochs only set the snapshot points
     ctx, console = DistContext(), Console(enabled=False, progress=False)
-    data = load_task_data(cfg.data)
-    tokenizer = load_tokenizer(cfg.model.name_or_path)
-    teacher, teacher_metrics = finetune_teacher(cfg, ctx, data, tokenizer, console)
-    torch.manual_seed(cfg.train.seed)
+    run = CAPRecipe(cfg, ctx, console)
     t0 = time.perf_counter()
-    run = CAPPruner(cfg, ctx, data, tokenizer, teacher, console)
-    setup_s = time.perf_counter() - t0
-    durations: list[float] = []
-    step = run.train_step
-
-    def timed(batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        s = time.perf_counter()
-        out = step(batch)
-        durations.append(time.perf_counter() - s)
-        return out
-    run.train_step = timed  # type: ignore[method-assign]
-    result = run.run()
+    run.setup()  # fine-tunes (or reuses) the teacher, then the mode's own set-up
+    setup_s = time.perf_counter() - t0 - run.seconds["teacher"]
+    timer = StepTimer()
+    run.phases.listeners.append(timer.listen)
+    run.train([timer])
+    durations = timer.durations
     obj = run.objective
     if isinstance(obj, OnlineObjective):
         state = obj.memory_bytes()
-        copies = [r.model for name in ("prc", "snc") for r in obj.references.get(name, [])
-                  if r.model is not run.teacher]
+        copies = [m for name in ("prc", "snc") for m, _ in obj.references.get(name, [])
+                  if m is not run.teacher]
         copies_bytes = sum(_model_bytes(m) for m in copies)
     else:
         state = sum(_bytes(b) for b in obj.buffers() if b.dim() >= 2)  # the bank tensors
         copies_bytes = 0
+    data, teacher_metrics = run.data, run.teacher_metrics
+    metrics, sparsity = run.state.evals[-1]["metrics"], run.controller.report()
     n = len(data.train)
     rec: dict[str, Any] = {
-        "mode": mode, "train_examples": n, "steps": result.steps,
+        "mode": mode, "train_examples": n, "steps": run.state.step,
         "setup_s": round(setup_s, 2),
         "step_s_median": round(statistics.median(durations), 4),
         "step_s_mean": round(statistics.fmean(durations), 4),
         "state_bytes_per_rank": state, "frozen_copies_bytes_per_rank": copies_bytes,
-        "accuracy": result.metrics["accuracy"],
+        "accuracy": metrics["accuracy"],
         "teacher_accuracy": (teacher_metrics or {}).get("accuracy"),
-        "linear_sparsity": result.sparsity["linear_sparsity"],
+        "linear_sparsity": sparsity["linear_sparsity"],
     }
     if mode == "bank":
         rec["sharded_bytes_per_rank"] = {str(w): math.ceil(state * math.ceil(n / w) / n)

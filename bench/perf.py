@@ -2,8 +2,9 @@
 
 1. Step time of a CAP step (movement + KD + PrC/FiC/SnC, bank mode) against a movement
    + KD step on the same model and batches, measured interleaved in the same run
-   (ratio of medians), with a breakdown: student forward, teacher KD forward, bank
-   sampling, contrastive losses, backward, optimiser step.
+   (ratio of medians): both are the recipe's real step, timed through the training
+   loop's phases (mask update, student forward, teacher KD forward, contrastive terms
+   with the bank lookups, backward, optimiser step).
 2. Bank build time at N and 4N examples (ratio; linear means ~4), next to the
    reference's build by repeated ``torch.cat`` (quadratic).
 3. Bank memory per rank: fp32, bf16, and sharded over 2 ranks.
@@ -28,70 +29,39 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from capscale.banks import RepresentationBank  # noqa: E402
+from capscale.cli import setup_environment  # noqa: E402
 from capscale.config import config_from_dict  # noqa: E402
 from capscale.console import Console  # noqa: E402
-from capscale.data import load_task_data, model_inputs  # noqa: E402
+from capscale.contrastive.banks import RepresentationBank  # noqa: E402
 from capscale.distributed import init_distributed  # noqa: E402
-from capscale.losses import kd_loss, task_loss  # noqa: E402
-from capscale.run import quiet_libraries  # noqa: E402
-from capscale.teachers import forward_with_representation, load_classifier, load_tokenizer  # noqa: E402
-from capscale.train import CAPPruner  # noqa: E402
+from capscale.models import load_classifier, load_tokenizer  # noqa: E402
+from capscale.recipe import CAPRecipe  # noqa: E402
 
 
-def _now() -> float:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter()
+def timed_step(run: CAPRecipe, batch: dict[str, torch.Tensor], cap: bool) -> dict[str, float]:
+    """One real optimiser step (``CAPRecipe.train_step``), each phase timed through the
+    loop's phase hooks; ``cap=False`` drops the contrastive objective for this step
+    (movement + KD)."""
+    phases: dict[str, float] = {}
 
+    def listen(name: str, seconds: float) -> None:
+        phases[name] = phases.get(name, 0.0) + seconds
 
-def timed_step(run: CAPPruner, batch: dict[str, torch.Tensor], cap: bool) -> dict[str, float]:
-    """One optimiser step with each phase timed (same math as CAPPruner.train_step)."""
-    cfg, ctx = run.cfg, run.ctx
-    t: dict[str, float] = {}
-    run.pruner.update(run.step)
-    t0 = _now()
-    inputs = model_inputs(batch, ctx.device)
-    labels = batch["labels"].to(ctx.device)
-    logits, anchors = forward_with_representation(run.student, inputs, run.student_tap,
-                                                  cfg.cap.representation)
-    t1 = _now()
-    with torch.no_grad():
-        t_logits = run.teacher(**inputs).logits
-    t2 = _now()
-    loss = cfg.loss.w_ce * task_loss(logits, labels) + cfg.loss.w_kd * kd_loss(
-        logits, t_logits, cfg.loss.kd_temperature)
-    sample = 0.0
-    if cap:
-        # Bank sampling alone (the objective repeats it, so it is subtracted below).
-        s0 = _now()
-        for m_idx, bank in enumerate(run.objective.banks.values()):
-            ids = bank.sample_ids(bank.extra_count(cfg.cap.num_negatives),
-                                  run.objective._generator(run.step, m_idx))
-            bank.views(ids, dtype=anchors.dtype, device=anchors.device)
-        sample = _now() - s0
-        c0 = _now()
-        terms = run.objective(anchors, batch["example_id"].to(ctx.device), labels.long(),
-                              run.step, ctx)
-        loss = loss + torch.stack(list(terms.values())).sum()
-        t["contrastive"] = _now() - c0 - sample
-    t3 = _now()
-    loss.backward()
-    t4 = _now()
-    nn.utils.clip_grad_norm_(run.student.parameters(), cfg.train.grad_clip)
-    run.optimizer.step()
-    run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    run.step += 1
-    t5 = _now()
-    t.update(student_forward=t1 - t0, teacher_forward=t2 - t1, bank_sampling=sample,
-             backward=t4 - t3, optimizer=t5 - t4, total=t5 - t0)
-    return t
+    objective = run.loss.objective
+    run.loss.objective = objective if cap else None
+    run.phases.listeners.append(listen)
+    try:
+        t0 = time.perf_counter()
+        run.train_step(batch)
+        phases["total"] = time.perf_counter() - t0
+    finally:
+        run.phases.listeners.remove(listen)
+        run.loss.objective = objective
+    return phases
 
 
 def step_benchmark(steps: int, quick: bool, work: Path) -> dict[str, Any]:
@@ -111,11 +81,9 @@ def step_benchmark(steps: int, quick: bool, work: Path) -> dict[str, Any]:
         "output_dir": str(work / "run"),
     })
     ctx = init_distributed()
-    data = load_task_data(cfg.data)
-    run = CAPPruner(cfg, ctx, data, load_tokenizer("minilm"), str(teacher_dir),
-                    Console(enabled=False))
-    run.snapshot("perf snapshot")
-    run.student.train()
+    run = CAPRecipe(cfg, ctx, Console(enabled=False))
+    run.setup()
+    run.snapshot(True, "perf snapshot")
     batches = iter(run.loaders.train)
     rows: dict[str, list[dict[str, float]]] = {"cap": [], "movement_kd": []}
     timed_step(run, next(batches), cap=True)  # warm-up
@@ -127,7 +95,8 @@ def step_benchmark(steps: int, quick: bool, work: Path) -> dict[str, Any]:
             batch = next(batches)
         cap = i % 2 == 0
         rows["cap" if cap else "movement_kd"].append(timed_step(run, batch, cap))
-    med = {k: {p: statistics.median(r[p] for r in v) for p in v[0]} for k, v in rows.items()}
+    med = {k: {p: statistics.median(r.get(p, 0.0) for r in v) for p in v[0]}
+           for k, v in rows.items()}
     return {"model": "all-MiniLM-L6-v2", "batch_size": 32, "max_length": 64,
             "num_negatives": cfg.cap.num_negatives, "steps_each": steps,
             "views": {k: b.num_views for k, b in run.objective.banks.items()},
@@ -243,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scaleout", default=str(ROOT / "bench" / "results" / "scaleout.json"),
                    help="bench/scaleout_memory.py's results, folded into the report")
     args = p.parse_args(argv)
-    quiet_libraries()
+    setup_environment()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = "perf_quick" if args.quick else "perf"

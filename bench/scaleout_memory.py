@@ -1,6 +1,6 @@
 """Per-rank reference memory and step time of each strategy at world 1 and 2 (CPU, gloo).
 
-For every (world, strategy) a job of ``world`` spawned ranks builds a real CAPPruner
+For every (world, strategy) a job of ``world`` spawned ranks builds a real CAPRecipe
 (student + frozen teacher, PrC / FiC / SnC banks) on a small BERT (hidden 256, 4 layers;
 the tests' offline assets), then times ``--steps`` training steps on fixed global
 batches. Reported per rank: parameter bytes resident of the frozen teacher and of the
@@ -37,9 +37,9 @@ JOBS = [(1, "single"), (1, "zero3"), (1, "fsdp2"), (2, "ddp"), (2, "zero3"), (2,
 
 
 def gather_cost(ctx, rows: int, hidden: int, reps: int = 30) -> float:
-    """Median seconds of the CAP objective's per-step gathers (cap.gather_batch; no
+    """Median seconds of the CAP objective's per-step gathers (objectives.gather_batch; no
     collectives at world 1)."""
-    from capscale.cap import gather_batch
+    from capscale.contrastive.objectives import gather_batch
 
     anchors = torch.randn(rows, hidden)
     ids, labels = torch.arange(rows), torch.zeros(rows, dtype=torch.long)
@@ -74,7 +74,7 @@ def job(rank, world, port, strategy, assets, steps, out, hidden):
                for rows, hidden in [(local, hidden), *GATHER_SHAPES]}
     rec = {"world": world, "strategy": ctx.strategy,
            "teacher_param_bytes_per_rank": local_param_bytes(run.teacher),
-           "student_param_bytes_per_rank": local_param_bytes(run.student),
+           "student_param_bytes_per_rank": local_param_bytes(run.student.model),
            "median_step_s": statistics.median(times[1:] or times),
            "first_step_s": times[0], "gather_negatives_median_s": gathers}
     if rank == 0:

@@ -30,8 +30,8 @@ import torch
 from transformers import AutoModelForSequenceClassification, BertConfig
 
 from capscale.export import export_structured
+from capscale.models import adapter_for, resolve_model_path
 from capscale.pruning.structured import Importance, StructuredMasks, select_structure
-from capscale.teachers import adapter_for, resolve_model_path
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -28,7 +28,7 @@ from .errors import INPUT_ERRORS, describe
 SUBCOMMANDS = ("prune", "evaluate", "export", "report")
 
 
-def _environment() -> None:
+def setup_environment() -> None:
     """Process settings that must precede the heavy imports."""
     import torch
 
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
-    _environment()
+    setup_environment()
     sub = argv.pop(0) if argv and argv[0] in SUBCOMMANDS else "prune"
     if sub == "prune":
         return prune_cmd(argv)

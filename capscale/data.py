@@ -8,6 +8,7 @@ out-of-range label) raise :class:`DataError` before any model is loaded.
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,7 +72,31 @@ def _read_files(files: dict[str, str], encoding: str) -> datasets.DatasetDict:
     kwargs: dict[str, Any] = {}
     if builder == "csv":
         kwargs = {"encoding": encoding, "sep": "\t" if ext == ".tsv" else ","}
+    for f in files.values():  # datasets fails on these with an unhelpful traceback
+        if not _has_rows(Path(f), builder, encoding, kwargs.get("sep", ",")):
+            raise DataError(f"data file {f} has no rows (nothing after the header, or "
+                            "nothing at all)")
     return datasets.load_dataset(builder, data_files=files, **kwargs)
+
+
+def _has_rows(path: Path, builder: str, encoding: str, sep: str) -> bool:
+    """Whether a data file holds at least one row; reads only up to the first one."""
+    # Unreadable files and decoding problems are left to the real reader to report.
+    if builder == "parquet":
+        import pyarrow.parquet as pq
+        try:
+            return pq.ParquetFile(path).metadata.num_rows > 0
+        except Exception:
+            return True
+    with open(path, encoding=encoding, errors="replace", newline="") as f:
+        if builder == "csv":  # the header, then any non-blank line
+            rows = (r for r in csv.reader(f, delimiter=sep) if r)
+            return next(rows, None) is not None and next(rows, None) is not None
+        # json / jsonl: anything but whitespace, other than an empty list ``[]``
+        head = ""
+        while len(head) < 2 and (chunk := f.read(4096)):
+            head += "".join(chunk.split())
+        return bool(head) and not head.startswith("[]")
 
 
 def load_raw(cfg: DataConfig) -> datasets.DatasetDict:

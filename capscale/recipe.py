@@ -224,8 +224,10 @@ class CAPRecipe:
     def full_student(self) -> nn.Module | None:
         return self.strategy.plain_copy(self.student.model, self._skeleton)
 
-    def export_dense(self, model: nn.Module, out_dir: Path, extra: dict[str, Any]) -> None:
-        export_pruned(model, self.adapter, out_dir, self.tokenizer, inplace=True, extra=extra)
+    def export_dense(self, model: nn.Module, out_dir: Path, extra: dict[str, Any] | None
+                     ) -> dict[str, Any]:
+        return export_pruned(model, self.adapter, out_dir, self.tokenizer, inplace=True,
+                             extra=extra)
 
     # -- train -------------------------------------------------------------------------
     def train(self, extra_hooks: list[Any] | None = None) -> None:

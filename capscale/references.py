@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .contrastive.modules import ContrastiveModule
+from .contrastive.objectives import gathered_pairs
 from .data import model_inputs
 from .models import (
     RepresentationTap,
@@ -111,11 +112,11 @@ class RunReferences:
     def encode_training_set(self, model: nn.Module, what: str
                             ) -> Iterator[tuple[Tensor, Tensor]]:
         read = self.reader(model)
+        device = self.ctx.device
         with self.console.progress(what, len(self.bank_loader)) as bar:
-            for batch in self.bank_loader:
-                vecs = read(model_inputs(batch, self.ctx.device))
-                ids = batch["example_id"].to(vecs.device)
-                yield self.ctx.gather(ids), self.ctx.gather(vecs)
+            for pair in gathered_pairs(lambda b: read(model_inputs(b, device)),
+                                       self.bank_loader, self.ctx):
+                yield pair
                 bar.advance()
         if self.live is not None and model is self.live.model:
             model.train()

@@ -87,19 +87,16 @@ def free_port() -> int:
 
 
 def build_run(assets: dict[str, str], ctx: Any, batch_size: int, **overrides: Any) -> Any:
-    """A CAPPruner on the tiny assets (banks filled, SnC snapshot taken)."""
+    """A set-up CAPRecipe on the tiny assets (banks filled, SnC snapshot taken)."""
     from capscale.config import config_from_dict
     from capscale.console import Console
-    from capscale.data import load_task_data
-    from capscale.models import load_tokenizer
-    from capscale.train import CAPPruner
+    from capscale.recipe import CAPRecipe
 
     cfg = config_from_dict(run_config(assets, "unused", **{"train.batch_size": batch_size,
                                                            **overrides}))
-    data = load_task_data(cfg.data)
-    tok = load_tokenizer(assets["student"])
-    run = CAPPruner(cfg, ctx, data, tok, assets["teacher"], Console(enabled=False))
-    run.snapshot("test snapshot")
+    run = CAPRecipe(cfg, ctx, Console(enabled=False))
+    run.setup()
+    run.snapshot(cfg.cap.snapshot_train_mode, "test snapshot")
     return run
 
 
@@ -120,39 +117,43 @@ def train_and_record(run: Any, ctx: Any) -> dict[str, Any]:
     """Step 0 with losses and full grads recorded, then STEPS - 1 more steps; masks etc."""
     rank, world = ctx.rank, ctx.world_size
     out: dict[str, Any] = {}
-    run.pruner.update(0)
-    losses = run.compute_losses(batch_rows(run, *local_rows(0, rank, world)))
+    pruner = run.controller.pruner
+    pruner.update(0)
+    model = run.student.model
+    losses = run.loss(model, run.student.tap, batch_rows(run, *local_rows(0, rank, world)),
+                      0)
     total = torch.stack(list(losses.values())).sum()
     out["losses"] = {k: float(ctx.all_reduce_sum(v.detach().float())) / world
                      for k, v in losses.items()}
-    run.strategy.backward(total, run.student)
-    out["grads"] = run.strategy.full_grads(run.student)
-    run.strategy.step(run.student, run.optimizer, run.scheduler, run.cfg.train.grad_clip)
-    run.step = 1
+    run.strategy.backward(total, model)
+    out["grads"] = run.strategy.full_grads(model)
+    run.strategy.step(model, run.student.optimizer, run.student.scheduler,
+                      run.cfg.train.grad_clip)
+    run.state.step = 1
     for step in range(1, STEPS):
         if step == STEPS - 1:  # the masks the last step's forward will use
-            run.pruner.update(step)
-            with run.strategy.gathered(run.student):
-                out["masks"] = {k: v.cpu().clone() for k, v in run.pruner.masks().items()}
+            pruner.update(step)
+            with run.strategy.gathered(model):
+                out["masks"] = {k: v.cpu().clone() for k, v in pruner.masks().items()}
         run.train_step(batch_rows(run, *local_rows(step, rank, world)))
     keeps = (0.05, 0.5, 0.93)
     # Bisection over this rank's shards (all-reduced counts) ...
-    out["thresholds"] = [run.pruner.global_threshold(k) for k in keeps]
-    with run.strategy.gathered(run.student):
+    out["thresholds"] = [pruner.global_threshold(k) for k in keeps]
+    with run.strategy.gathered(model):
         out["weights"] = {k: m.weight.detach().cpu().clone()
-                          for k, m in run.pruner.modules.items()}
+                          for k, m in pruner.modules.items()}
         # ... vs. one process' top-k over the very same (gathered) scores.
         scores = torch.cat([m.importance().detach().flatten()
-                            for m in run.pruner.modules.values()])
+                            for m in pruner.modules.values()])
         out["thresholds_full"] = [float(scores.topk(round(k * scores.numel())).values.min())
                                   for k in keeps]
-        live = {k: v.cpu().clone() for k, v in run.pruner.masks().items()}
+        live = {k: v.cpu().clone() for k, v in pruner.masks().items()}
     plain = run.full_student()  # what export writes: an unsharded copy on rank 0
     if plain is not None:
         names = run.adapter.qualified_names(plain)
         out["export_masks_equal"] = all(torch.equal(
             plain.get_submodule(names[k]).mask().bool().cpu(), v) for k, v in live.items())
-    out["sparsity"] = run.sparsity()["linear_sparsity"]
+    out["sparsity"] = run.controller.report()["linear_sparsity"]
     return out
 
 

@@ -98,3 +98,50 @@ def test_overlong_text_is_truncated_with_a_count(assets, tmp_path):
                          cfg.data)
     assert note.startswith("1 train and 0 validation texts are longer")
     assert note.endswith("truncated")
+
+
+NO_ROWS = [
+    # (file name, content, which file it is; the other is a good file of the same format)
+    ("header_only.csv", "sentence,label\n", "train"),
+    ("header_only_dev.csv", "sentence,label\n\n", "validation"),
+    ("empty.jsonl", "", "train"),
+    ("blank.jsonl", "\n  \n", "validation"),
+]
+
+
+@pytest.mark.parametrize(("name", "content", "which"), NO_ROWS, ids=[c[0] for c in NO_ROWS])
+def test_data_file_without_rows_exits_2_naming_the_file(assets, tmp_path, capsys, name,
+                                                        content, which):
+    bad = tmp_path / name
+    bad.write_text(content)
+    good = assets["train"]
+    if bad.suffix == ".jsonl":
+        good = tmp_path / "good.jsonl"
+        good.write_text("".join(json.dumps({"sentence": s, "label": lab}) + "\n"
+                                for s, lab in [("the movie was good", "pos"),
+                                               ("the film was bad", "neg")] * 4))
+    files = {"data.train_file": bad, "data.validation_file": good}
+    if which == "validation":
+        files = {"data.train_file": good, "data.validation_file": bad}
+    out = tmp_path / "run"
+    assert main(["prune", *overrides(assets, out, **files)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("capscale: "), err
+    assert f"data file {bad} has no rows" in err, err
+    assert not (out / "config.yaml").exists()
+
+
+def test_json_empty_list_and_parquet_without_rows_are_data_errors(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from capscale.config import DataConfig
+    from capscale.data import DataError
+
+    (tmp_path / "empty.json").write_text(" [\n ] \n")
+    pq.write_table(pa.table({"sentence": pa.array([], pa.string()),
+                             "label": pa.array([], pa.string())}), tmp_path / "empty.parquet")
+    for name in ("empty.json", "empty.parquet"):
+        f = str(tmp_path / name)
+        with pytest.raises(DataError, match=f"data file {f} has no rows"):
+            load_task_data(DataConfig(train_file=f, validation_file=f))

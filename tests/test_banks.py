@@ -7,9 +7,9 @@ import time
 import pytest
 import torch
 
-from capscale.contrastive.banks import RepresentationBank
-from capscale.cap import CAPObjective
 from capscale.config import CAPConfig
+from capscale.contrastive.banks import RepresentationBank
+from capscale.contrastive.objectives import BankObjective, gathered_pairs
 from capscale.distributed import DistContext
 
 
@@ -86,16 +86,16 @@ def test_bank_build_is_linear_and_never_reallocates():
 
 def test_fill_raises_when_the_loader_misses_examples():
     n, h = 20, 4
-    obj = CAPObjective(CAPConfig(), n, h, torch.zeros(n, dtype=torch.long))
+    obj = BankObjective(CAPConfig(), n, h, torch.zeros(n, dtype=torch.long))
 
     def encode(batch):
         return torch.nn.functional.normalize(torch.randn(len(batch["example_id"]), h), dim=-1)
 
     full = [{"example_id": torch.arange(i, min(i + 8, n))} for i in range(0, n, 8)]
-    assert obj.fill("prc", encode, full, DistContext()) == 0
+    assert obj.fill("prc", gathered_pairs(encode, full, DistContext())) == 0
     missing = [{"example_id": torch.arange(0, 8)}, {"example_id": torch.arange(8, 18)}]
     with pytest.raises(RuntimeError, match="2 examples were not encoded"):
-        obj.fill("fic", encode, missing, DistContext())
+        obj.fill("fic", gathered_pairs(encode, missing, DistContext()))
 
 
 def test_objective_terms_use_bank_views_by_id():
@@ -105,13 +105,12 @@ def test_objective_terms_use_bank_views_by_id():
     torch.manual_seed(0)
     table = torch.nn.functional.normalize(torch.randn(n, h), dim=-1)
     cfg = CAPConfig(num_negatives=8, temperature=0.05)
-    cfg.snc.enabled = False
-    obj = CAPObjective(cfg, n, h, torch.arange(n) % 2)
-    obj.fill("fic", lambda b: table[b["example_id"]], [{"example_id": torch.arange(n)}],
-             DistContext())
-    obj.fill("prc", lambda b: torch.nn.functional.normalize(
-        torch.randn(len(b["example_id"]), h), dim=-1), [{"example_id": torch.arange(n)}],
-        DistContext())
+    cfg.modules["snc"].enabled = False
+    obj = BankObjective(cfg, n, h, torch.arange(n) % 2)
+    everything = [{"example_id": torch.arange(n)}]
+    obj.fill("fic", gathered_pairs(lambda b: table[b["example_id"]], everything, DistContext()))
+    obj.fill("prc", gathered_pairs(lambda b: torch.nn.functional.normalize(
+        torch.randn(len(b["example_id"]), h), dim=-1), everything, DistContext()))
     ids = torch.tensor([17, 3, 29, 8])
     losses = obj(table[ids].clone().requires_grad_(), ids, ids % 2, step=0, ctx=DistContext())
     assert set(losses) == {"prc_unsup", "prc_sup", "fic_unsup", "fic_sup"}

@@ -10,9 +10,9 @@ import torch
 from scale_helpers import run_ranks, tiny_bert, write_csv
 from torch.utils.data import DistributedSampler
 
-from capscale.contrastive.banks import RepresentationBank
-from capscale.cap import CAPObjective
 from capscale.config import CAPConfig, DataConfig
+from capscale.contrastive.banks import RepresentationBank
+from capscale.contrastive.objectives import BankObjective, gathered_pairs
 from capscale.data import Collator, load_task_data, make_loader, model_inputs, tokenize
 from capscale.distributed import DistContext
 from capscale.models import (
@@ -53,14 +53,14 @@ def _cfg(**kw) -> CAPConfig:
     return CAPConfig(num_negatives=16, **kw)
 
 
-def _fill_all(obj: CAPObjective, ds, coll, encoders, ctx: DistContext, epoch: int) -> None:
+def _fill_all(obj: BankObjective, ds, coll, encoders, ctx: DistContext, epoch: int) -> None:
     """PrC from model a, FiC from model b, SnC: two views (a then b), each from a
     freshly shuffled DistributedSampler epoch."""
     plan = [("prc", 0), ("fic", 1), ("snc", 0), ("snc", 1)]
     for i, (name, e) in enumerate(plan):
         sampler = DistributedSampler(ds, ctx.world_size, ctx.rank, shuffle=True, seed=3)
         sampler.set_epoch(epoch + i)
-        obj.fill(name, encoders[e], make_loader(ds, 4, coll, sampler=sampler), ctx)
+        obj.fill(name, gathered_pairs(encoders[e], make_loader(ds, 4, coll, sampler=sampler), ctx))
 
 
 def _bank_worker(rank: int, world: int, csv: Path, a: Path, b: Path) -> None:
@@ -71,7 +71,7 @@ def _bank_worker(rank: int, world: int, csv: Path, a: Path, b: Path) -> None:
     objs = {}
     for kind in ("replicated", "sharded"):
         for dtype in ("float32", "bfloat16"):
-            obj = CAPObjective(_cfg(bank_sharding=kind, bank_dtype=dtype), n, 32, labels,
+            obj = BankObjective(_cfg(bank_sharding=kind, bank_dtype=dtype), n, 32, labels,
                                seed=5, rank=rank, world_size=world)
             _fill_all(obj, ds, coll, encoders, ctx, epoch=1)
             objs[kind, dtype] = obj

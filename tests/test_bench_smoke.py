@@ -38,7 +38,11 @@ def test_fidelity_smoke_budget(tmp_path):
     res = json.loads((out / "fidelity_smoke.json").read_text())
     assert {(r["method"], r["cap"]) for r in res["runs"]} == {("movement", False),
                                                               ("movement", True)}
-    assert all(0 <= r["accuracy"] <= 1 and r["steps"] == 4 for r in res["runs"])
+    assert res["split"]["dev_rows"] == 64  # the smoke budget's max_eval_samples
+    assert all(r["steps"] == 4 for r in res["runs"])
+    for acc in [res["dense_accuracy"], *(r["accuracy"] for r in res["runs"])]:
+        # a share of the 64 dev rows: not a fraction of a padded or truncated eval set
+        assert acc * 64 == pytest.approx(round(acc * 64), abs=1e-9), acc
     assert "movement + CAP" in (out / "fidelity_smoke.md").read_text()
     # Resumable: a call without a split finds both runs done and trains nothing new.
     assert fidelity.main(args) == 0
@@ -46,10 +50,12 @@ def test_fidelity_smoke_budget(tmp_path):
     assert again["runs"] == res["runs"]
 
 
-def test_fidelity_rejects_a_bad_worker_split():
+def test_fidelity_rejects_a_bad_worker_split(capsys):
     fidelity = _bench("fidelity")
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exc:
         fidelity.main(["--worker", "2/2"])
+    assert exc.value.code == 2  # argparse's usage error, not a crash
+    assert "--worker wants K/N with 0 <= K < N, got '2/2'" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -57,6 +63,12 @@ def test_perf_quick(tmp_path):
     perf = _bench("perf")
     assert perf.main(["--steps", "2", "--quick", "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "perf_quick.json").read_text())
-    assert res["step"]["cap_over_movement_kd"] > 0
-    assert set(res["step"]["median_seconds"]) == {"cap", "movement_kd"}
-    assert res["bank_build"]["ratio_by_id"] > 0
+    med = res["step"]["median_seconds"]
+    assert set(med) == {"cap", "movement_kd"}
+    assert med["cap"]["total"] > 0 and med["movement_kd"]["total"] > 0
+    assert res["step"]["cap_over_movement_kd"] == pytest.approx(
+        med["cap"]["total"] / med["movement_kd"]["total"])
+    times = res["bank_build"]["times"]
+    assert set(times) == {"2000", "8000"}  # quick: N and 4N
+    assert res["bank_build"]["ratio_by_id"] == pytest.approx(
+        times["8000"]["by_id"] / times["2000"]["by_id"])

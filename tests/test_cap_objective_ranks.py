@@ -8,20 +8,20 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from capscale.cap import CAPObjective
 from capscale.config import CAPConfig
+from capscale.contrastive.objectives import BankObjective, gathered_pairs
 from capscale.distributed import DistContext
 
 N, H, BATCH = 30, 8, 8  # training-set size, width, global batch (4 per rank)
 
 
-def _problem() -> tuple[CAPObjective, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _problem() -> tuple[BankObjective, torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     table = F.normalize(torch.randn(3, N, H, generator=g), dim=-1)  # prc, fic, snc views
     anchors = F.normalize(torch.randn(BATCH, H, generator=g), dim=-1)
     ids = torch.randperm(N, generator=g)[:BATCH]
     cfg = CAPConfig(num_negatives=10, temperature=0.2)
-    obj = CAPObjective(cfg, N, H, torch.arange(N) % 3, seed=5)
+    obj = BankObjective(cfg, N, H, torch.arange(N) % 3, seed=5)
     return obj, table, anchors, ids
 
 
@@ -32,10 +32,10 @@ def _fill_and_loss(ctx: DistContext, rows: slice) -> tuple[dict[str, float], tor
         # each rank encodes its DistributedSampler-like shard (every world_size-th id)
         shard = torch.arange(ctx.rank, N, ctx.world_size)
         batches = [{"example_id": chunk} for chunk in shard.split(4)]
-        obj.fill(name, lambda b, v=v: table[v][b["example_id"]], batches, ctx)
-    obj.fill("snc", lambda b: table[0][b["example_id"]].flip(-1),
-             [{"example_id": c} for c in torch.arange(ctx.rank, N, ctx.world_size).split(4)],
-             ctx)  # a second snapshot: R = 2
+        obj.fill(name, gathered_pairs(lambda b, v=v: table[v][b["example_id"]], batches, ctx))
+    mine = [{"example_id": c} for c in torch.arange(ctx.rank, N, ctx.world_size).split(4)]
+    obj.fill("snc", gathered_pairs(lambda b: table[0][b["example_id"]].flip(-1), mine,
+                                   ctx))  # a second snapshot: R = 2
     local = anchors[rows].clone().requires_grad_()
     losses = obj(local, ids[rows], ids[rows] % 3, step=3, ctx=ctx)
     torch.stack(list(losses.values())).sum().backward()

@@ -26,7 +26,8 @@ def test_yaml_then_overrides(tmp_path):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("data:\n  preset: tweets\ntrain:\n  lr: 2e-5\n  epochs: 3\n"
                         "pruning:\n  final_sparsity: 0.8\n")
-    cfg = load_config(cfg_file, ["train.lr=1e-4", "cap.modules.snc.w_sup=3", "cap.modules.prc.enabled=false",
+    cfg = load_config(cfg_file, ["train.lr=1e-4", "cap.modules.snc.w_sup=3",
+                                 "cap.modules.prc.enabled=false",
                                  "cap.snapshot_milestones=[0.5, 0.9]"])
     assert cfg.train.lr == 1e-4 and isinstance(cfg.train.lr, float)
     assert cfg.train.epochs == 3 and cfg.pruning.final_sparsity == 0.8
@@ -59,8 +60,8 @@ def _error_data(tmp: Path) -> dict[str, list[str]]:
                                      f"data.validation_file={tmp / 'cl_val.parquet'}",
                                      "data.label_names=[a, b]"],
         "regression label not a number": [
-            *files, "data.task_type=regression", "cap.modules.prc.w_sup=0", "cap.modules.fic.w_sup=0",
-            "cap.modules.snc.w_sup=0"],
+            *files, "data.task_type=regression", "cap.modules.prc.w_sup=0",
+            "cap.modules.fic.w_sup=0", "cap.modules.snc.w_sup=0"],
         "missing file": [f"data.train_file={tmp / 'missing.csv'}"],
         "unsupported extension": [f"data.train_file={tmp / 'train.txt'}"],
     }

@@ -26,8 +26,8 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from capscale.adapters import ROLES, EncoderAdapter, register_adapter
 from capscale.export import export_pruned
-from capscale.pruning import MaskedLinear
 from capscale.models import resolve_model_path
+from capscale.pruning import MaskedLinear
 
 
 class TinyEncConfig(PretrainedConfig):

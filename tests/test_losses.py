@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from capscale.contrastive.nce import build_candidates, contrastive_loss, kd_loss, task_loss
+from capscale.contrastive.nce import build_candidates, contrastive_loss
+from capscale.tasks import get_task
 
 
 def reference_cap_loss(anchors, ids, labels, views, extra_views, extra_ids, extra_labels,
@@ -161,15 +162,17 @@ def test_kd_loss_is_t_squared_kl(temperature):
         pt = [p / sum(pt) for p in pt]
         want += sum(q * math.log(q / p) for p, q in zip(ps, pt))
     want = temperature**2 * want / 5
-    assert kd_loss(s, t, temperature).item() == pytest.approx(want, rel=1e-5)
-    assert kd_loss(t, t, temperature).item() == pytest.approx(0.0, abs=1e-6)
+    kd = get_task("classification").distill
+    assert kd(s, t, temperature).item() == pytest.approx(want, rel=1e-5)
+    assert kd(t, t, temperature).item() == pytest.approx(0.0, abs=1e-6)
 
 
-def test_kd_and_task_loss_regression_are_mse():
+def test_task_losses_regression_mse_classification_ce():
+    reg, cls = get_task("regression"), get_task("classification")
     s, t = torch.tensor([[0.5], [1.0], [-2.0]]), torch.tensor([[1.5], [1.0], [0.0]])
-    assert kd_loss(s, t, 2.0).item() == pytest.approx((1.0 + 0.0 + 4.0) / 3)
+    assert reg.distill(s, t, 2.0).item() == pytest.approx((1.0 + 0.0 + 4.0) / 3)
     labels = torch.tensor([1.0, 3.0, -2.0])
-    assert task_loss(s, labels).item() == pytest.approx((0.25 + 4.0 + 0.0) / 3)
+    assert reg.loss(s, labels).item() == pytest.approx((0.25 + 4.0 + 0.0) / 3)
     logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
     ce = -(math.log(math.exp(2) / (math.exp(2) + 1)) + math.log(math.e / (1 + math.e))) / 2
-    assert task_loss(logits, torch.tensor([0, 1])).item() == pytest.approx(ce, rel=1e-6)
+    assert cls.loss(logits, torch.tensor([0, 1])).item() == pytest.approx(ce, rel=1e-6)

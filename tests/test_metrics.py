@@ -48,7 +48,8 @@ def test_pearson_and_spearman_with_ties():
 def test_task_metrics():
     logits = np.array([[2.0, 1.0], [0.0, 3.0], [1.0, 0.0], [0.0, 1.0], [5.0, 1.0],
                        [1.0, 2.0]])
-    got = get_task("classification").metrics(logits, BIN_GOLD, 2)  # argmax [0, 1, 0, 1, 0, 1]: 2 right
+    # argmax [0, 1, 0, 1, 0, 1]: 2 right
+    got = get_task("classification").metrics(logits, BIN_GOLD, 2)
     assert got["accuracy"] == pytest.approx(2 / 6)
     assert set(got) == {"accuracy", "f1", "matthews"}
     reg = get_task("regression").metrics(np.array([[1.0], [2.0], [3.0], [4.0]]),

@@ -1,4 +1,4 @@
-"""Online CAP: bounded FIFO queue, live references, a CAPPruner run, 2-rank parity."""
+"""Online CAP: bounded FIFO queue, live references, a recipe run, 2-rank parity."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from scale_helpers import run_ranks, tiny_bert, write_csv
 
 from capscale.config import CAPConfig, DataConfig, load_config
 from capscale.console import Console
+from capscale.contrastive.objectives import OnlineObjective
+from capscale.contrastive.queue import ReferenceQueue
 from capscale.data import Collator, load_task_data, make_loader, model_inputs, tokenize
 from capscale.distributed import DistContext
-from capscale.online import OnlineObjective, ReferenceQueue
 from capscale.models import (
     RepresentationTap,
     adapter_for,
@@ -22,7 +23,7 @@ from capscale.models import (
     load_classifier,
     load_tokenizer,
 )
-from capscale.train import CAPPruner
+from capscale.recipe import CAPRecipe
 
 
 @pytest.fixture(scope="module")
@@ -40,16 +41,35 @@ def _batches(csv: Path, model_dir: Path, batch_size: int) -> list[dict[str, torc
     return list(make_loader(ds, batch_size, Collator(tok.pad_token_id)))
 
 
+class FixedReferences:
+    """A reference provider with fixed models: the objective needs no run to test."""
+
+    def __init__(self, fixed: dict, snapshots: list) -> None:
+        self.fixed, self.snapshots = fixed, list(snapshots)
+
+    def frozen(self, module, persistent: bool):
+        return self.fixed[module.name]
+
+    def student_copy(self, train_mode: bool):
+        return self.snapshots.pop(0)
+
+    def reader(self, model):
+        tap = RepresentationTap(model, adapter_for(model))
+        return lambda inputs: forward_with_representation(model, inputs, tap)[1]
+
+    def release(self, model) -> None:
+        pass
+
+
 def _objective(a: Path, b: Path, queue_size: int = 8, **kw) -> OnlineObjective:
     """PrC = model a, FiC = model b, SnC = a frozen copy of b then of a."""
     cfg = CAPConfig(queue_size=queue_size, max_snapshots=2, snapshot_train_mode=False, **kw)
     obj = OnlineObjective(cfg, 32)
     ma, mb = (freeze(load_classifier(str(p), 3)) for p in (a, b))
-    adapter = adapter_for(ma)
-    obj.set_reference("prc", ma, adapter)
-    obj.set_reference("fic", mb, adapter)
-    obj.add_snapshot(mb, adapter)
-    obj.add_snapshot(ma, adapter)
+    refs = FixedReferences({"prc": ma, "fic": mb}, [mb, ma])
+    obj.setup(refs)
+    obj.add_snapshot(refs, False, "first")
+    obj.add_snapshot(refs, False, "second")
     return obj
 
 
@@ -142,17 +162,18 @@ def test_cap_pruner_online_mode_trains(assets, tmp_path: Path) -> None:
         "cap.mode=online", "cap.queue_size=16", "cap.max_snapshots=2",
         "train.epochs=3", "train.batch_size=8", "train.lr=0.001", "train.progress=false",
         "pruning.final_sparsity=0.5", f"output_dir={tmp_path}"])
-    data = load_task_data(cfg.data)
-    run = CAPPruner(cfg, DistContext(), data, load_tokenizer(str(a)), str(b),
-                    Console(enabled=False, progress=False))
+    run = CAPRecipe(cfg, DistContext(), Console(enabled=False, progress=False))
+    run.setup()
     assert isinstance(run.objective, OnlineObjective)
-    before = {k: v.clone() for k, v in run.student.state_dict().items()}
-    result = run.run()
-    assert result.steps == 3 * len(run.loaders.train)
-    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.history)
-    assert {"prc_unsup", "fic_sup", "snc_unsup", "kd", "ce"} <= set(result.history[-1])
+    before = {k: v.clone() for k, v in run.student.model.state_dict().items()}
+    run.train()
+    history = run.state.history
+    assert run.state.step == 3 * len(run.loaders.train)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in history)
+    assert {"prc_unsup", "fic_sup", "snc_unsup", "kd", "ce"} <= set(history[-1])
     assert len(run.objective.references["snc"]) == 2  # 3 epoch snapshots, at most 2 kept
     assert all(len(q) == 16 for q in run.objective.queues.values())
-    after = run.student.state_dict()
+    after = run.student.model.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
-    assert result.sparsity["linear_sparsity"] > 0.4
+    sparsity = run.controller.report()["linear_sparsity"]
+    assert sparsity == pytest.approx(0.5, abs=0.005)  # final

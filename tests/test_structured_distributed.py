@@ -1,6 +1,6 @@
 """Structured CAP (iterative, 2 levels) under ddp / zero3 / fsdp2 equals one process.
 
-One spawned 2-rank job per strategy runs the real StructuredCAPPruner on a tiny BERT
+One spawned 2-rank job per strategy runs the real structured recipe on a tiny BERT
 (dropout off) with the training set read in a fixed order, so that global batch ``k``
 is the same rows for one process and for the two ranks (4 rows each). Checked against
 one process: the Taylor importance at every level (1e-4 relative), the heads and
@@ -33,25 +33,24 @@ LEVELS = [0.25, 0.5]
 
 
 def build(assets: dict[str, str], ctx: Any) -> Any:
-    """The real StructuredCAPPruner, reading the training set in a fixed order."""
+    """The real recipe, structured, reading the training set in a fixed order."""
     from capscale.config import config_from_dict
     from capscale.console import Console
-    from capscale.data import Collator, load_task_data
-    from capscale.structured_train import StructuredCAPPruner
-    from capscale.models import load_tokenizer
+    from capscale.data import Collator
+    from capscale.recipe import CAPRecipe
 
     world, rank = ctx.world_size, ctx.rank
     cfg = config_from_dict(run_config(assets, "unused", **{
         "pruning.method": "structured", "structured.levels": LEVELS,
         "structured.retrain_steps": 2, "structured.importance_fraction": 0.5,
         "train.batch_size": GLOBAL_BATCH // world}))
-    run = StructuredCAPPruner(cfg, ctx, load_task_data(cfg.data),
-                              load_tokenizer(assets["student"]), assets["teacher"],
-                              Console(enabled=False))
+    run = CAPRecipe(cfg, ctx, Console(enabled=False))
+    run.setup()
     ds, per = run.loaders.bank.dataset, GLOBAL_BATCH // world
     order = [i for b in range(len(ds) // GLOBAL_BATCH)
              for i in range(b * GLOBAL_BATCH + rank * per, b * GLOBAL_BATCH + (rank + 1) * per)]
-    run.loaders.train = DataLoader(ds, batch_size=per, sampler=order, collate_fn=Collator(0))
+    run.loaders.train = run.loaders.importance = DataLoader(
+        ds, batch_size=per, sampler=order, collate_fn=Collator(0))
     return run
 
 
@@ -60,7 +59,8 @@ def record_run(run: Any, export_dir: Path) -> dict[str, Any]:
     from capscale.data import model_inputs
 
     ctx, out = run.ctx, {"importance": [], "keep": []}
-    importance, prune_to = run.importance, run.prune_to
+    ctl = run.controller
+    importance, prune_to = ctl.importance, ctl.prune_to
 
     def recorded_importance() -> Any:
         imp = importance()
@@ -69,20 +69,20 @@ def record_run(run: Any, export_dir: Path) -> dict[str, Any]:
 
     def recorded_prune_to(level: float) -> None:
         prune_to(level)
-        out["keep"].append(run.masks.keep())
+        out["keep"].append(ctl.masks.keep())
 
-    run.importance, run.prune_to = recorded_importance, recorded_prune_to
-    result = run.run()
+    ctl.importance, ctl.prune_to = recorded_importance, recorded_prune_to
+    run.train()
     losses = torch.tensor([h["loss"] for h in run.state.history], dtype=torch.float64)
     out["losses"] = (ctx.all_reduce_sum(losses) / ctx.world_size).tolist()
     out["lrs"] = [h["lr"] for h in run.state.history]
-    out["accuracy"] = [e["metrics"]["accuracy"] for e in result.evals]
-    out["head_sparsity"] = result.sparsity["head_sparsity"]
+    out["accuracy"] = [e["metrics"]["accuracy"] for e in run.state.evals]
+    out["head_sparsity"] = ctl.report()["head_sparsity"]
     batch = model_inputs(batch_rows(run, 0, GLOBAL_BATCH), ctx.device)
-    run.student.eval()
+    run.student.model.eval()
     with torch.no_grad():
-        out["logits"] = run.student(**batch).logits.cpu()
-    report = run.export(export_dir)  # collective; slices in place on one process
+        out["logits"] = run.student.model(**batch).logits.cpu()
+    report = ctl.export(export_dir)  # collective; slices in place on one process
     if ctx.is_main:
         model = AutoModelForSequenceClassification.from_pretrained(
             export_dir / "model", trust_remote_code=True).eval()

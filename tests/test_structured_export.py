@@ -12,8 +12,8 @@ import torch
 from structured_models import CONFIGS, tiny_inputs, tiny_model
 
 from capscale.export import export_structured
-from capscale.pruning.structured import StructuredMasks
 from capscale.models import adapter_for
+from capscale.pruning.structured import StructuredMasks
 
 
 def _keep_masks(masks: StructuredMasks) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -13,13 +13,13 @@ import torch.nn.functional as F
 from structured_models import tiny_inputs, tiny_model
 
 from capscale.distributed import DistContext
+from capscale.models import adapter_for
 from capscale.pruning.structured import (
     Importance,
     StructuredMasks,
     select_structure,
     taylor_importance,
 )
-from capscale.models import adapter_for
 
 
 def _batches(n: int, size: int, seed: int = 5) -> list[dict[str, torch.Tensor]]:

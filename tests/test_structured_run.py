@@ -11,8 +11,8 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel
 
 from capscale.config import ConfigError, load_config
-from capscale.run import main
 from capscale.models import resolve_model_path
+from capscale.run import main
 
 
 @pytest.fixture(scope="module")

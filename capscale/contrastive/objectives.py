@@ -21,7 +21,7 @@ models, encodings of the training set and snapshots of the student.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -76,6 +76,17 @@ class ReferenceProvider(Protocol):
     def restore_copy(self, state: dict[str, Tensor], train_mode: bool) -> nn.Module:
         """A frozen student copy holding ``state`` (inverse of :meth:`model_state`)."""
         ...
+
+
+@torch.no_grad()
+def gathered_pairs(encode: Reader, batches: Iterable[dict[str, Tensor]], ctx: DistContext
+                   ) -> Iterator[tuple[Tensor, Tensor]]:
+    """(ids, vectors) of each rank's batches, gathered over ranks: every rank sees every
+    pair, whatever sampler split the data. ``encode``: batch -> (B, H) vectors."""
+    for batch in batches:
+        vecs = encode(batch)
+        ids = batch["example_id"].to(vecs.device)
+        yield ctx.gather(ids), ctx.gather(vecs)
 
 
 def gather_batch(anchors: Tensor, ids: Tensor, labels: Tensor, ctx: DistContext
@@ -207,7 +218,7 @@ class BankObjective(nn.Module):
         for m in self.modules_:
             if not m.snapshots:
                 model = refs.frozen(m, persistent=False)
-                self._fill(m.name, refs.encode_training_set(model, f"bank {m.name}"))
+                self.fill(m.name, refs.encode_training_set(model, f"bank {m.name}"))
                 refs.release(model)
 
     def add_snapshot(self, refs: ReferenceProvider, train_mode: bool, what: str) -> None:
@@ -215,10 +226,10 @@ class BankObjective(nn.Module):
             if m.snapshots:
                 pairs = refs.encode_training_set(refs.student(train_mode),
                                                  f"bank {m.name} ({what})")
-                self._fill(m.name, pairs)
+                self.fill(m.name, pairs)
 
     @torch.no_grad()
-    def _fill(self, name: str, pairs: Iterator[tuple[Tensor, Tensor]]) -> int:
+    def fill(self, name: str, pairs: Iterator[tuple[Tensor, Tensor]]) -> int:
         """Write a new view of bank ``name`` by example id; every rank is handed the
         same gathered pairs and keeps every row (replicated) or the rows it owns."""
         bank: RepresentationBank = self.banks[name]

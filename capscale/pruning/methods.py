@@ -64,7 +64,8 @@ class PruningRun(Protocol):
         """The unsharded student (masks attached) on the main rank; collective."""
         ...
 
-    def export_dense(self, model: nn.Module, out_dir: Path, extra: dict[str, Any]) -> None:
+    def export_dense(self, model: nn.Module, out_dir: Path, extra: dict[str, Any] | None
+                     ) -> dict[str, Any]:
         """Write ``model`` (masks baked in) as a Hugging Face checkpoint (main rank)."""
         ...
 
@@ -97,8 +98,10 @@ class PruningController(Protocol):
         """Sparsity of the student in the keys of ``sparsity_report`` (collective)."""
         ...
 
-    def export(self, out_dir: Path, extra: dict[str, Any]) -> None:
-        """Write the pruned model (collective; the main rank writes)."""
+    def export(self, out_dir: Path, extra: dict[str, Any] | None = None
+               ) -> dict[str, Any] | None:
+        """Write the pruned model (collective; the main rank writes and gets the
+        export's report, other ranks None)."""
         ...
 
     def state_dict(self) -> dict[str, Any]: ...
@@ -171,10 +174,10 @@ class WeightMaskController(LoopHook):
             masks = {k: v.cpu() for k, v in self.pruner.masks().items()}
             return sparsity_report(bare, run.adapter, masks)
 
-    def export(self, out_dir: Path, extra: dict[str, Any]) -> None:
+    def export(self, out_dir: Path, extra: dict[str, Any] | None = None
+               ) -> dict[str, Any] | None:
         model = self.run.full_student()  # collective: gathers a sharded student
-        if model is not None:
-            self.run.export_dense(model, out_dir, extra)
+        return None if model is None else self.run.export_dense(model, out_dir, extra)
 
     def state_dict(self) -> dict[str, Any]:
         return {"sparsity": self.pruner.sparsity}

@@ -235,16 +235,17 @@ class StructuredController(LoopHook):
         return [{"level": e["level"], "encoder_sparsity": e["encoder_sparsity"],
                  key: e["metrics"][key]} for e in self.run.state.evals]
 
-    def export(self, out_dir: Path, extra: dict[str, Any]) -> None:
+    def export(self, out_dir: Path, extra: dict[str, Any] | None = None
+               ) -> dict[str, Any] | None:
         """Write the physically smaller student (heads and FFN neurons sliced away) from
         the main rank; collective (a sharded student is gathered first)."""
         from ..export import export_structured
 
         model = self.run.full_student()
         if model is None:
-            return
+            return None
         heads, ffn = self.masks.keep()
-        export_structured(model, self.run.adapter, heads, ffn, out_dir, self.run.tokenizer,
+        return export_structured(model, self.run.adapter, heads, ffn, out_dir, self.run.tokenizer,
                           inplace=True, extra=extra)
 
     def state_dict(self) -> dict[str, Any]:
