@@ -80,8 +80,14 @@ def assert_same_run(a: Path, b: Path) -> None:
     ra, rb = (json.loads((d / "results.json").read_text()) for d in (a, b))
     assert ra["pruned_metrics"] == rb["pruned_metrics"]
     assert ra["sparsity"] == rb["sparsity"] and ra["steps"] == rb["steps"]
-    ma, mb = (load_file(d / "pruned" / "masks.safetensors") for d in (a, b))
-    assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)
+    if (a / "pruned" / "masks.safetensors").is_file():  # unstructured: the weight masks
+        ma, mb = (load_file(d / "pruned" / "masks.safetensors") for d in (a, b))
+        assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)
+    else:  # structured: the heads and neurons kept, per layer
+        sa, sb = (json.loads((d / "pruned" / "sparsity_report.json").read_text())
+                  for d in (a, b))
+        assert sa["heads_per_layer"] == sb["heads_per_layer"]
+        assert sa["intermediate_per_layer"] == sb["intermediate_per_layer"]
     wa, wb = (load_file(d / "pruned" / "model" / "model.safetensors") for d in (a, b))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     ha, hb = ([json.loads(line) for line in (d / "history.jsonl").read_text().splitlines()]

@@ -314,6 +314,7 @@ class OnlineObjective(nn.Module):
         # Not submodules: references are not trained, moved or saved with the objective.
         self.references: dict[str, list[tuple[nn.Module, Reader]]] = {
             m.name: [] for m in self.modules_}
+        self.snapshot_modes: dict[str, list[bool]] = {}  # train mode of each snapshot
         self.refs: ReferenceProvider | None = None
         self.enqueue = True
 
@@ -337,14 +338,16 @@ class OnlineObjective(nn.Module):
         oldest beyond ``cap.max_snapshots``."""
         for m in self.modules_:
             if m.snapshots:
-                self._push(m.name, refs.student_copy(train_mode))
+                self._push(m.name, refs.student_copy(train_mode), train_mode)
 
-    def _push(self, name: str, copy: nn.Module) -> None:
+    def _push(self, name: str, copy: nn.Module, train_mode: bool) -> None:
         assert self.refs is not None
-        held = self.references[name]
+        held, modes = self.references[name], self.snapshot_modes.setdefault(name, [])
         held.append((copy, self.refs.reader(copy)))
+        modes.append(train_mode)
         while len(held) > self.cfg.max_snapshots:
             self.refs.release(held.pop(0)[0])
+            modes.pop(0)
 
     @torch.no_grad()
     def encode(self, name: str, inputs: dict[str, Tensor]) -> Tensor:
@@ -385,7 +388,9 @@ class OnlineObjective(nn.Module):
         """The queues and the snapshot copies' full states (collective under sharding:
         every rank calls it)."""
         assert self.refs is not None
-        snaps = {m.name: [self.refs.model_state(model) for model, _ in self.references[m.name]]
+        snaps = {m.name: [{"state": self.refs.model_state(model), "train_mode": mode}
+                          for (model, _), mode in zip(self.references[m.name],
+                                                      self.snapshot_modes.get(m.name, []))]
                  for m in self.modules_ if m.snapshots}
         return {"queues": {n: q.state_dict() for n, q in self.queues.items()},
                 "snapshots": snaps}
@@ -397,9 +402,10 @@ class OnlineObjective(nn.Module):
         for name, states in state["snapshots"].items():
             for model, _ in self.references[name]:
                 self.refs.release(model)
-            self.references[name] = []
-            for s in states:
-                self._push(name, self.refs.restore_copy(s, self.cfg.snapshot_train_mode))
+            self.references[name], self.snapshot_modes[name] = [], []
+            for s in states:  # each in the mode it was taken in (dropout on or off)
+                self._push(name, self.refs.restore_copy(s["state"], s["train_mode"]),
+                           s["train_mode"])
 
     def memory_bytes(self) -> int:
         """Bytes held by the queues (the references are models, counted elsewhere)."""
