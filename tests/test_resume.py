@@ -99,26 +99,32 @@ def assert_same_run(a: Path, b: Path) -> None:
                                                                     .read_text())
 
 
-def _kill_and_resume(assets, tmp_path: Path, nproc: int, ref: Path | None = None) -> None:
+def _kill_and_resume(assets, tmp_path: Path, nproc: int, ref: Path | None = None,
+                     **extra) -> None:
+    """SIGKILL a run after a random checkpoint (seeded; the seed is in every failure),
+    resume it, and compare it with the uninterrupted run ``ref``."""
     if ref is None:
         ref = tmp_path / "ref"
-        r = run(_args(assets, ref), nproc)
+        r = run(_args(assets, ref, **extra), nproc)
         assert r.returncode == 0, r.stderr[-3000:]
     seed = random.randrange(10**6)
     rng = random.Random(seed)
     kill_after = rng.choice(range(EVERY, 13, EVERY))
     out = tmp_path / "killed"
-    proc = _start(_args(assets, out), tmp_path / "killed.log", nproc)
+    proc = _start(_args(assets, out, **extra), tmp_path / "killed.log", nproc)
     _wait_for(proc, lambda: any(s >= kill_after for s in _steps(out)), tmp_path / "killed.log")
     time.sleep(rng.uniform(0, 0.2))  # land anywhere in the next steps, mid-step included
     _kill(proc)
     assert not (out / "results.json").exists(), f"seed {seed}: run finished before the kill"
     killed_at = max(_steps(out))
-    r = run(_args(assets, out, resume="latest"), nproc)
+    r = run(_args(assets, out, resume="latest", **extra), nproc)
     assert r.returncode == 0, r.stderr[-3000:]
     logged = " ".join(r.stdout.split())
     assert f"(step {killed_at}, epoch" in logged, f"seed {seed}: did not resume at {killed_at}"
-    assert_same_run(ref, out)
+    try:
+        assert_same_run(ref, out)
+    except AssertionError as err:
+        raise AssertionError(f"seed {seed}, killed after step {killed_at}: {err}") from err
 
 
 def test_sigkill_single_process_then_resume_matches_uninterrupted(assets, reference,

@@ -188,7 +188,12 @@ class StructuredController(LoopHook):
         run = self.run
         loader: DataLoader = run.loaders.importance
         n = max(1, math.ceil(self.scfg.importance_fraction * len(loader)))
-        set_epoch(loader, 10_000 + run.state.epoch)  # a fixed, seeded draw per epoch
+        # A fixed, seeded draw per epoch: a pure function of (seed, epoch), so a resumed
+        # run draws what the uninterrupted one did (set_epoch alone chains from the
+        # generator's last seed, which only the train loader's checkpoint restores).
+        if loader.generator is not None:
+            loader.generator.manual_seed(run.cfg.train.seed)
+        set_epoch(loader, 10_000 + run.state.epoch)
         wrapped = run.student_module()
         bare = run.strategy.unwrap(wrapped)
         wrapped.eval()
