@@ -55,6 +55,10 @@ SHARDS = {"zero3": "deepspeed/state/*", "fsdp2": "dcp/*.distcp"}
 # Records this node's launcher pid, then becomes the real launcher (same pid).
 WRAPPER = """#!/usr/bin/env bash
 echo $$ > "$CAPSCALE_TEST_JOB_DIR/launcher-$SLURMD_NODENAME.pid"
+# Both "nodes" share one host: a non-head launcher that binds the rendezvous port first
+# (it takes n1 for a local name) makes accelerate's port check on the head node fail.
+# On a real cluster the port on the head node is the head's alone.
+if [[ "$SLURM_NODEID" != 0 && "$(basename "$0")" == accelerate ]]; then sleep 3; fi
 if [[ -e "$CAPSCALE_TEST_JOB_DIR/stall" ]]; then
   export CAPSCALE_TEST_STALL_CHECKPOINT_STEP=$(<"$CAPSCALE_TEST_JOB_DIR/stall")
 fi
@@ -118,16 +122,20 @@ class Job:
             (self.dir / "stall").write_text(str(stall))
         cfg = load_config(None, overrides(
             assets, self.out, **{"checkpoint.every_steps": EVERY, "report.enabled": False,
-                                 "train.collective_timeout_s": 120, **extra}))
+                                 "train.collective_timeout_s": 120, "train.progress": True,
+                                 **extra}))
         save_config(cfg, self.dir / "tiny.yaml")
         job_env = dict(
             slurm, PATH=f"{self.dir / 'bin'}:{slurm['PATH']}", PYTHONPATH=str(ROOT),
             CAPSCALE_TEST_JOB_DIR=str(self.dir), CONFIG=str(self.dir / "tiny.yaml"),
             OUTPUT_DIR=str(self.out), STRATEGY=strategy, LAUNCHER=launcher,
-            GPUS_PER_NODE="1", MAIN_PORT=str(_free_port()), REPO_DIR=str(ROOT),
+            MAIN_PORT=str(_free_port()), REPO_DIR=str(ROOT),
             CAPSCALE_CPU="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
             DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
-        job_env.pop("CAPSCALE_TEST_STALL_CHECKPOINT_STEP", None)
+        # Ranks per node come from the allocation (--gpus-per-node=0: one CPU rank).
+        for name in ("CAPSCALE_TEST_STALL_CHECKPOINT_STEP", "GPUS_PER_NODE", "PYTHONWARNINGS",
+                     "CAPSCALE_PROGRESS_INTERVAL_S"):
+            job_env.pop(name, None)
         # Command-line options override the script's #SBATCH lines: no GPUs, one core
         # per node; append, so the output of a requeued run follows the first one's.
         r = subprocess.run(["sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=1",
@@ -188,11 +196,29 @@ class Job:
     def launcher_pid(self, node: str) -> int:
         return int((self.dir / f"launcher-{node}.pid").read_text())
 
+    def assert_no_processes_left(self, timeout: float = 15) -> None:
+        """No launcher or rank of this job survives it (found by their environment)."""
+        mark = f"CAPSCALE_TEST_JOB_DIR={self.dir}".encode()
+        end = time.monotonic() + timeout
+        while True:
+            left = []
+            for proc in Path("/proc").iterdir():
+                with contextlib.suppress(OSError):
+                    if proc.name.isdigit() and mark in (proc / "environ").read_bytes().split(
+                            b"\0"):
+                        left.append(f"{proc.name}: {(proc / 'cmdline').read_bytes()[:200]!r}")
+            if not left:
+                return
+            if time.monotonic() > end:
+                pytest.fail(f"job {self.id} left processes behind: {left}")
+            time.sleep(0.2)
+
 
 def _assert_completed(job: Job, info: dict[str, str]) -> None:
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", \
         f"{info['JobState']} {info['ExitCode']}:\n{job.log()[-3000:]}"
     assert (job.out / "results.json").is_file()
+    job.assert_no_processes_left()
 
 
 @pytest.fixture(scope="module")
@@ -216,6 +242,12 @@ def test_two_node_job_exports_a_loadable_model(finished, strategy):
     job = finished(strategy)
     log = job.log()
     assert "capscale: 2 node(s) x 1 GPU(s) = 2 ranks; head node n1:" in log
+    # Plain progress lines in the output file (not a terminal): the first, the last with
+    # its status; and no per-collective deprecation warnings burying them.
+    assert re.search(r"^\[[\d: -]+\] CAP pruning 0/12 \(0\.0%\)", log, re.M), log[-3000:]
+    assert re.search(r"^\[[\d: -]+\] CAP pruning 12/12 \(100\.0%\) \| sp=0\.50 .* ex/s \| "
+                     r".* \| elapsed \d:\d\d:\d\d$", log, re.M), log[-3000:]
+    assert "FutureWarning" not in log
     for node in ("n1", "n2"):  # each node started its own launcher
         assert job.launcher_pid(node) > 0
     ckpt = list_checkpoints(job.out / "checkpoints")[-1]
@@ -277,6 +309,7 @@ def test_dead_node_fails_the_job_without_hanging(slurm, assets, tmp_path):
     assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", info
     assert took < TIMEOUT_S + 30, f"ended {took:.0f} s after the node died"
     assert not (job.out / "results.json").exists()
+    job.assert_no_processes_left()
     # The last complete checkpoint is whole: state, every rank's shards and RNG, loadable.
     last = list_checkpoints(ckpts)[-1]
     state = json.loads((last / STATE_FILE).read_text())
