@@ -22,6 +22,8 @@
 #                      ($SLURM_GPUS_ON_NODE, else --gpus-per-node), 1 when it has none
 #   MAIN_PORT          rendezvous port on the head node (default 29500)
 #   RESUME             1 (default): pass resume=latest, so a requeued job continues; 0: off
+#                      (it continues from checkpoints: set checkpoint.every_steps, or a
+#                      requeued job starts over)
 #   REPO_DIR           capscale checkout to run from (default: the submission directory)
 #   DRY_RUN            1: print the exact per-node command instead of running it
 #   CAPSCALE_PROGRESS_INTERVAL_S  seconds between progress lines in the output file (30)
@@ -33,8 +35,11 @@
 #SBATCH --cpus-per-task=64
 #SBATCH --time=24:00:00
 #SBATCH --output=%x-%j.out
+#SBATCH --open-mode=append
 #SBATCH --requeue
 #SBATCH --signal=B:USR1@300
+# (append: a requeued job runs again into the same output file, which Slurm would
+# otherwise truncate, losing the interrupted run's log)
 #
 # --- cluster specifics: uncomment and edit for your site ------------------------------
 ##SBATCH --partition=gpu

@@ -53,6 +53,7 @@ def test_script_syntax() -> None:
     text = SCRIPT.read_text()
     assert "#SBATCH --requeue" in text and "#SBATCH --ntasks-per-node=1" in text
     assert "trap requeue USR1" in text
+    assert "#SBATCH --open-mode=append" in text  # a requeue must not truncate the log
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")

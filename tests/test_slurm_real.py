@@ -137,9 +137,10 @@ class Job:
                      "CAPSCALE_PROGRESS_INTERVAL_S"):
             job_env.pop(name, None)
         # Command-line options override the script's #SBATCH lines: no GPUs, one core
-        # per node; append, so the output of a requeued run follows the first one's.
+        # per node. The script's --open-mode=append keeps a requeued run's output after
+        # the first one's (the usr1 test reads the first run's lines).
         r = subprocess.run(["sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=1",
-                            f"--output={self.dir / 'job.out'}", "--open-mode=append",
+                            f"--output={self.dir / 'job.out'}",
                             f"--chdir={ROOT}", str(SCRIPT)],
                            env=job_env, capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
