@@ -58,7 +58,7 @@ class Console:
         self.rich = RichConsole(stderr=False, force_terminal=None,
                                 width=None if sys.stdout.isatty() else 120)
         if progress_interval_s is None:
-            progress_interval_s = float(os.environ.get(INTERVAL_ENV, DEFAULT_INTERVAL_S))
+            progress_interval_s = _interval_from_env()
         self.progress_interval_s = progress_interval_s
         self.clock = clock
         if enabled and not logger.handlers:
@@ -180,6 +180,15 @@ class PlainProgress:
             parts.append(f"elapsed {_hms(elapsed)}")
         self.write(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] " + " | ".join(parts))
         self.last_line_at, self.shown = now, self.completed
+
+
+def _interval_from_env() -> float:
+    # A typo in a job script's environment must not stop the run: fall back to 30 s.
+    try:
+        value = float(os.environ.get(INTERVAL_ENV, DEFAULT_INTERVAL_S))
+    except ValueError:
+        return DEFAULT_INTERVAL_S
+    return value if value >= 0 else DEFAULT_INTERVAL_S
 
 
 def _hms(seconds: float) -> str:

@@ -69,6 +69,8 @@ def test_interval_from_environment_and_quiet_cases(capsys, monkeypatch):
             clock.t += 1
             bar.advance()
     assert len(_lines(capsys.readouterr().out)) == 3  # interval 0: every update
+    monkeypatch.setenv("CAPSCALE_PROGRESS_INTERVAL_S", "soon")
+    assert Console().progress_interval_s == 30.0  # a bad value falls back, no crash
     for console in (Console(enabled=False, clock=clock), Console(progress=False, clock=clock)):
         with console.progress("x", 3) as bar:
             bar.advance(3, "status")
