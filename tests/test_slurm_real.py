@@ -216,8 +216,13 @@ class Job:
 
 
 def _assert_completed(job: Job, info: dict[str, str]) -> None:
+    log = job.log()
+    # Seen once in ~15 jobs: the run finished and exported, then a rank aborted while its
+    # process exited (C++ thread torn down), failing the job. Say so, but still fail.
+    teardown = ("; the run had finished: a rank aborted at exit ('terminate called')"
+                if (job.out / "results.json").is_file() and "terminate called" in log else "")
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", \
-        f"{info['JobState']} {info['ExitCode']}:\n{job.log()[-3000:]}"
+        f"{info['JobState']} {info['ExitCode']}{teardown}:\n{log[-3000:]}"
     assert (job.out / "results.json").is_file()
     job.assert_no_processes_left()
 
