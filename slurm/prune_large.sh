@@ -6,6 +6,9 @@
 #   CONFIG=capscale/configs/roberta_large_zero3.yaml EXTRA="train.lr=2.0e-5" \
 #       sbatch --nodes 4 slurm/prune_large.sh
 #   DRY_RUN=1 sbatch --nodes 2 slurm/prune_large.sh   # print each node's command only
+#   # CPU nodes (e.g. scripts/slurm_local.sh): command-line options override the #SBATCH
+#   # lines below; no GPUs means one rank per node unless GPUS_PER_NODE says otherwise.
+#   CAPSCALE_CPU=1 sbatch --gpus-per-node=0 --cpus-per-task=1 slurm/prune_large.sh
 #
 # Everything is set by environment variables (no positional arguments):
 #   CONFIG             capscale YAML (path, or a name in capscale/configs)
@@ -14,11 +17,16 @@
 #   STRATEGY           override the config's strategy (single/ddp/zero3/fsdp2); empty: keep
 #   LAUNCHER           accelerate (default) or torchrun
 #   ACCELERATE_CONFIG  optional accelerate YAML passed as --config_file
-#   NNODES             default $SLURM_NNODES;  GPUS_PER_NODE  default $SLURM_GPUS_ON_NODE or 8
+#   NNODES             default $SLURM_NNODES
+#   GPUS_PER_NODE      ranks per node; default the allocation's GPUs per node
+#                      ($SLURM_GPUS_ON_NODE, else --gpus-per-node), 1 when it has none
 #   MAIN_PORT          rendezvous port on the head node (default 29500)
 #   RESUME             1 (default): pass resume=latest, so a requeued job continues; 0: off
+#                      (it continues from checkpoints: set checkpoint.every_steps, or a
+#                      requeued job starts over)
 #   REPO_DIR           capscale checkout to run from (default: the submission directory)
 #   DRY_RUN            1: print the exact per-node command instead of running it
+#   CAPSCALE_PROGRESS_INTERVAL_S  seconds between progress lines in the output file (30)
 #
 #SBATCH --job-name=capscale-prune
 #SBATCH --nodes=2
@@ -27,8 +35,11 @@
 #SBATCH --cpus-per-task=64
 #SBATCH --time=24:00:00
 #SBATCH --output=%x-%j.out
+#SBATCH --open-mode=append
 #SBATCH --requeue
 #SBATCH --signal=B:USR1@300
+# (append: a requeued job runs again into the same output file, which Slurm would
+# otherwise truncate, losing the interrupted run's log)
 #
 # --- cluster specifics: uncomment and edit for your site ------------------------------
 ##SBATCH --partition=gpu
@@ -48,7 +59,17 @@ fi
 
 CONFIG=${CONFIG:-capscale/configs/demo_minilm_tweets.yaml}
 NNODES=${NNODES:-${SLURM_NNODES:-1}}
-GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
+# --gpus-per-node=0 leaves SLURM_GPUS_ON_NODE unset and SLURM_GPUS_PER_NODE=0 (a typed
+# request reads "a100:4": keep the count).
+ALLOC_GPUS=${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-8}}
+GPUS_PER_NODE=${GPUS_PER_NODE:-${ALLOC_GPUS##*:}}
+if [[ "$GPUS_PER_NODE" == 0 ]]; then
+  GPUS_PER_NODE=1  # no GPUs in the allocation: one (CPU) rank per node
+fi
+if ! [[ "$GPUS_PER_NODE" =~ ^[1-9][0-9]*$ ]]; then
+  echo "prune_large.sh: GPUS_PER_NODE=$GPUS_PER_NODE; set it to the ranks per node" >&2
+  exit 2
+fi
 OUTPUT_DIR=${OUTPUT_DIR:-outputs/${SLURM_JOB_NAME:-capscale}-${SLURM_JOB_ID:-0}}
 EXTRA=${EXTRA:-}
 STRATEGY=${STRATEGY:-}
@@ -69,6 +90,9 @@ WORLD_SIZE=$((NNODES * GPUS_PER_NODE))
 export TORCH_DIST_INIT_BARRIER=1  # all ranks wait for the store before the first collective
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export TOKENIZERS_PARALLELISM=false
+# DeepSpeed calls collectives torch deprecates; torch then warns (two lines) on every call,
+# burying the progress lines of the output file. Set PYTHONWARNINGS to see them again.
+export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore::FutureWarning:torch.distributed.c10d_logger}
 
 # capscale's own arguments: the config, then key=value overrides (later ones win).
 run_args=(capscale/run.py --config "$CONFIG" "output_dir=$OUTPUT_DIR")

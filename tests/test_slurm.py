@@ -53,6 +53,7 @@ def test_script_syntax() -> None:
     text = SCRIPT.read_text()
     assert "#SBATCH --requeue" in text and "#SBATCH --ntasks-per-node=1" in text
     assert "trap requeue USR1" in text
+    assert "#SBATCH --open-mode=append" in text  # a requeue must not truncate the log
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
@@ -113,3 +114,20 @@ def test_refuses_outside_an_allocation_and_bad_launcher(fake_slurm: dict[str, st
     out = subprocess.run(["bash", str(SCRIPT)], env={**fake_slurm, "LAUNCHER": "mpirun"},
                          capture_output=True, text=True)
     assert out.returncode == 2 and "LAUNCHER" in out.stderr
+
+
+@pytest.mark.parametrize(("alloc", "expected"), [
+    ({"SLURM_GPUS_ON_NODE": "4"}, "4"),
+    ({"SLURM_GPUS_PER_NODE": "a100:2"}, "2"),  # --gpus-per-node=a100:2
+    ({"SLURM_GPUS_PER_NODE": "0"}, "1"),  # --gpus-per-node=0 (CPU nodes): one rank each
+])
+def test_ranks_per_node_follow_the_allocation(fake_slurm: dict[str, str], alloc, expected):
+    lines = _run({**fake_slurm, "GPUS_PER_NODE": "", **alloc}, LAUNCHER="torchrun")
+    assert len(lines) == 2
+    assert all(f"--nproc_per_node {expected} " in line for line in lines), lines
+
+
+def test_refuses_a_bad_ranks_per_node(fake_slurm: dict[str, str]) -> None:
+    out = subprocess.run(["bash", str(SCRIPT)], env={**fake_slurm, "GPUS_PER_NODE": "x"},
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "GPUS_PER_NODE" in out.stderr
