@@ -76,7 +76,7 @@ BUDGETS: dict[str, dict[str, Any]] = {
              "num_negatives": 4096, "max_length": 64, "student_init": "pretrained",
              "lr": 3e-5},
 }
-# Soft movement reaches its sparsity through the L1 weight (CAP_SPEC.md section 6).
+# Soft movement reaches its sparsity through the L1 weight (docs/algorithm.md section 6).
 SOFT_LAMBDA = {0.9: 300.0, 0.97: 700.0}
 METHODS = ("movement", "magnitude", "soft_movement")
 

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from capscale.config import load_config  # noqa: E402
 from capscale.console import Console  # noqa: E402
-from capscale.contrastive.objectives import OnlineObjective  # noqa: E402
+from capscale.contrastive.online import OnlineObjective  # noqa: E402
 from capscale.distributed import DistContext  # noqa: E402
 from capscale.loop import LoopHook  # noqa: E402
 from capscale.models import load_tokenizer  # noqa: E402

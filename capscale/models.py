@@ -146,7 +146,7 @@ def forward_with_representation(model: nn.Module, inputs: dict[str, Tensor],
                                 ) -> tuple[Tensor, Tensor]:
     """Run ``model``; return ``(logits (B, L), representation (B, H) L2-normalised)``.
 
-    ``kind``: ``head`` (CAP_SPEC.md section 2: pooler output after the classifier's
+    ``kind``: ``head`` (docs/algorithm.md section 2: pooler output after the classifier's
     dropout for BERT), ``cls`` (last-layer first token) or ``mean`` (masked mean).
     """
     out = model(**inputs, output_hidden_states=kind != "head")

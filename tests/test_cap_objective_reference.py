@@ -3,7 +3,7 @@
 The reference below shares nothing with ``capscale.losses``: it looks every view and
 label up by example id in Python dicts filled alongside the banks, builds each anchor's
 candidate list with loops, and writes the multi-positive InfoNCE out term by term
-(CAP_SPEC.md section 3). ``num_negatives`` is large enough that the extras are the whole
+(docs/algorithm.md section 3). ``num_negatives`` is large enough that the extras are the whole
 training set, so the reference needs no copy of the random draw.
 """
 

@@ -14,7 +14,7 @@ from capscale.tasks import get_task
 
 def reference_cap_loss(anchors, ids, labels, views, extra_views, extra_ids, extra_labels,
                        tau, supervised, normalization):
-    """CAP_SPEC.md section 3, written out with Python loops over plain floats.
+    """docs/algorithm.md section 3, written out with Python loops over plain floats.
 
     Candidates: for each batch item j, stopgrad(a_j) then its R views; then each extra
     example's R views. Anchor i's own stop-grad copy is masked (-1e6); log-softmax over

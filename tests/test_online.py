@@ -11,7 +11,7 @@ from scale_helpers import run_ranks, tiny_bert, write_csv
 
 from capscale.config import CAPConfig, DataConfig, load_config
 from capscale.console import Console
-from capscale.contrastive.objectives import OnlineObjective
+from capscale.contrastive.online import OnlineObjective
 from capscale.contrastive.queue import ReferenceQueue
 from capscale.data import Collator, load_task_data, make_loader, model_inputs, tokenize
 from capscale.distributed import DistContext

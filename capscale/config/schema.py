@@ -1,8 +1,8 @@
 """capscale's configuration schema: one dataclass per section, each checking itself.
 
 Every section has a ``check()`` that lists its own impossible values; rules that tie
-several sections together (a method that needs a checkpointable objective, supervised
-terms on a regression task, ...) live in :func:`cross_section_rules`, the one place for
+several sections together (supervised terms on a regression task, offload without
+ZeRO-3, a method an objective refuses, ...) live in ``rules.py``, the one place for
 them. Names that come from extension tables (``pruning.method``, ``data.task_type``,
 ``cap.mode``, ``cap.modules``) are checked against those tables, so an entry
 registered from outside the package is accepted like a built-in one.
@@ -403,62 +403,8 @@ class Config:
             for ok, name, why in getattr(self, section).check():
                 if not ok:
                     raise ConfigError(f"{name} = {get_dotted(self, name)!r}: {why}")
+        from .rules import cross_section_rules
+
         for rule in cross_section_rules(self):
             raise ConfigError(rule)
         return self
-
-
-def _table_name(value: str, table: dict[str, Any], key: str) -> str | None:
-    if value in table:
-        return None
-    known = ", ".join(repr(n) for n in sorted(table))
-    return f"{key} = {value!r}: expected one of {known} (the registered names)"
-
-
-def cross_section_rules(cfg: Config) -> list[str]:
-    """Every rule that involves more than one section, or an extension table; returns
-    the messages of the broken ones (empty: the config is consistent)."""
-    # Function-level imports: the tables import no config at module level, so this is
-    # the only direction of the dependency.
-    from ..contrastive.modules import CONTRASTIVE_MODULES
-    from ..contrastive.objectives import OBJECTIVES
-    from ..pruning.methods import PRUNING_METHODS
-    from ..tasks import TASKS
-
-    out = [msg for msg in (
-        _table_name(cfg.pruning.method, PRUNING_METHODS, "pruning.method"),
-        _table_name(cfg.data.task_type, TASKS, "data.task_type"),
-        _table_name(cfg.cap.mode, OBJECTIVES, "cap.mode")) if msg]
-    out += [f"cap.modules.{name}: no such contrastive module; registered: "
-            f"{', '.join(sorted(CONTRASTIVE_MODULES))}"
-            for name in cfg.cap.modules if name not in CONTRASTIVE_MODULES]
-    if out:
-        return out
-    if cfg.strategy in ("ddp", "fsdp2") and (cfg.distributed.offload_params
-                                             or cfg.distributed.offload_optimizer):
-        out.append(f"distributed.offload_params / offload_optimizer: CPU offload needs "
-                   f"strategy zero3 (got {cfg.strategy!r})")
-    sources = [cfg.data.preset, cfg.data.dataset_name, cfg.data.train_file]
-    if sum(s is not None for s in sources) != 1:
-        out.append("data: give exactly one of data.preset, data.dataset_name or "
-                   f"data.train_file (got preset={cfg.data.preset!r}, dataset_name="
-                   f"{cfg.data.dataset_name!r}, train_file={cfg.data.train_file!r})")
-    if cfg.data.preset is not None and cfg.data.preset not in DATA_PRESETS:
-        out.append(f"data.preset = {cfg.data.preset!r}: known presets are "
-                   f"{sorted(DATA_PRESETS)}")
-    if cfg.resume not in (None, "latest") and not Path(cfg.resume).is_dir():
-        out.append(f"resume = {cfg.resume!r}: not a checkpoint directory; give null, "
-                   "latest, or a path such as <output_dir>/checkpoints/step-00000100")
-    task = TASKS[cfg.data.task_type]
-    supervised = [m for m in cfg.cap.enabled_modules() if cfg.cap.modules[m].w_sup > 0]
-    if not task.class_labels and supervised:
-        out.append(f"cap.modules.{supervised[0]}.w_sup = {cfg.cap.modules[supervised[0]].w_sup}"
-                   f": supervised contrastive terms need class labels; set w_sup to 0 for "
-                   f"every module ({', '.join(supervised)}) of a {cfg.data.task_type} task")
-    method = PRUNING_METHODS[cfg.pruning.method]
-    objective = OBJECTIVES[cfg.cap.mode]
-    refusal = method.refuses(objective.name)
-    if refusal:
-        out.append(f"pruning.method={cfg.pruning.method} with cap.mode={cfg.cap.mode}: "
-                   f"{refusal}")
-    return out

@@ -1,2 +1,7 @@
 """CAP's contrastive half: InfoNCE math (nce), representation banks (banks), the
-online queue (queue), the module table (modules) and the objectives (objectives)."""
+module table (modules), the objectives and their table (objectives: bank mode; online:
+live references and the queue of queue.py)."""
+
+from . import objectives, online
+
+__all__ = ["objectives", "online"]

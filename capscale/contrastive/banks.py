@@ -13,7 +13,7 @@ zeros; the sum has exactly one non-zero contributor per row, so it is exact and 
 the replicated bank's answer bit for bit). Nothing here calls torch.distributed.
 
 Reference behaviour and its flaws (repeated ``torch.cat``, fp32 only, rows that drift
-from ids under a distributed sampler) are described in CAP_SPEC.md section 5.
+from ids under a distributed sampler) are described in docs/algorithm.md section 5.
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ class RepresentationBank(nn.Module):
         return sum_fn(part)
 
     def extra_count(self, num_negatives: int) -> int:
-        """E = floor(num_negatives / R): extra examples per step (CAP_SPEC.md section 3)."""
+        """E = floor(num_negatives / R): extra examples per step (docs/algorithm.md section 3)."""
         return min(num_negatives // max(self.num_views, 1), self.num_examples)
 
     def sample_ids(self, count: int, generator: torch.Generator) -> Tensor:

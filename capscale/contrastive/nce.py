@@ -6,7 +6,8 @@ each rank scores only its local anchors. See :func:`contrastive_loss` for the gr
 convention that makes N ranks equal one process on the concatenated batch.
 
 Reference: Xu et al., "From Dense to Sparse: Contrastive Pruning for Better Pre-trained
-Language Model Compression", AAAI 2022, eq. 1-6; CAP_SPEC.md section 3.
+Language Model Compression", AAAI 2022, eq. 1-6; docs/algorithm.md section 3 (with the
+reference's double normalisation).
 """
 
 from __future__ import annotations

@@ -3,11 +3,11 @@
 :class:`Strategy` implements ``single`` (one process) and ``ddp``; the sharded strategies
 (``zero3``: DeepSpeed ZeRO-3, ``fsdp2``: torch ``fully_shard``) subclass it and override
 the few methods that touch parameter storage, so the training loop never branches on
-the strategy. Masks on shards (SCALE_OUT.md "Masks on sharded parameters"): when pruned
-weights are zeroed, every :class:`MaskedLinear` records this rank's slice of the mask
-of its training forward (``mask_slicer``); the strategy multiplies it into the local
-gradient before the optimiser step and into the local weights after it, so the full
-(gathered) weights are exactly masked after every step, whatever the sharding.
+the strategy. Masks on shards: when pruned weights are zeroed, every
+:class:`MaskedLinear` records this rank's slice of the mask of its training forward
+(``mask_slicer``); the strategy multiplies it into the local gradient before the
+optimiser step and into the local weights after it, so the full (gathered) weights are
+exactly masked after every step, whatever the sharding.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class Strategy:
         """A new optimiser and LR schedule for an already prepared student.
 
         Structured CAP retrains each level from fresh AdamW moments and a restarted
-        schedule (CAP_SPEC.md section 6). Replicated and FSDP2 students simply get a new
+        schedule (docs/algorithm.md section 6). Replicated and FSDP2 students simply get a new
         torch AdamW over their (possibly DTensor) parameters.
 
         Args:

@@ -1,6 +1,6 @@
 """Sparsity accounting by the paper's convention and over all parameters.
 
-Paper convention (CAP_SPEC.md section 6): sparsity over encoder weights only; biases and
+Paper convention (docs/algorithm.md section 6): sparsity over encoder weights only; biases and
 LayerNorm inside the encoder layers count as kept; embeddings, pooler and classifier are
 excluded. ``linear_sparsity`` is the same count over the prunable matrices alone.
 """

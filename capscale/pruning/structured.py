@@ -8,7 +8,7 @@ each multiplies that input by a mask, which removes a head's or a neuron's whole
 contribution exactly, with no forked modeling code.
 
 Importance is first-order Taylor (Michel et al., "Are Sixteen Heads Really Better than
-One?", NeurIPS 2019; Molchanov et al., 2017), as CAP-f uses it (CAP_SPEC.md section 6):
+One?", NeurIPS 2019; Molchanov et al., 2017), as CAP-f uses it (docs/algorithm.md section 6):
 ``I = sum_batches |dL/dmask|`` with ``L`` the full CAP loss, normalised per layer by its
 L2 norm (heads and neurons separately), then ranked globally.
 """
@@ -228,7 +228,7 @@ def _select(scores: list[Tensor], sparsity: float, min_per_layer: int,
 
 def structured_param_counts(model: nn.Module, adapter: EncoderAdapter,
                             heads: list[Tensor], ffn: list[Tensor]) -> dict[str, float]:
-    """Encoder weights removed by the keep masks (paper convention, CAP_SPEC.md s. 6).
+    """Encoder weights removed by the keep masks (paper convention, docs/algorithm.md section 6).
 
     A pruned head removes its ``d`` rows of Q, K, V (weights and biases) and its ``d``
     columns of attn_out; a pruned neuron its row (and bias) of ffn_in and column of
