@@ -16,7 +16,6 @@ from capscale.contrastive.modules import (
     ContrastiveModule,
     register_contrastive_module,
 )
-from capscale.pruning.binarizers import TopKBinarizer
 from capscale.pruning.methods import PRUNING_METHODS, WeightPruning, register_pruning_method
 from capscale.pruning.rules import WEIGHT_RULES, MagnitudeRule
 from capscale.run import main
@@ -40,9 +39,6 @@ class SmallestMagnitudeRule(MagnitudeRule):
 
     def importance(self, m):
         return -m.weight.detach().abs()
-
-    def mask(self, m):
-        return TopKBinarizer.apply(self.importance(m), float(m.keep_frac))
 
 
 @pytest.fixture

@@ -106,7 +106,7 @@ class MagnitudeRule(TopKRule):
     def mask(self, m: MaskedLinear) -> Tensor:
         if m.global_scope:
             return super().mask(m)
-        return topk_mask(m.weight.detach().abs(), float(m.keep_frac))
+        return topk_mask(self.importance(m), float(m.keep_frac))  # no gradient to rank
 
 
 class SoftMovementRule(TopKRule):
