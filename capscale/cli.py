@@ -211,9 +211,28 @@ def main(argv: list[str] | None = None) -> int:
     return export_cmd(p.parse_args(argv))
 
 
+def exit_program(code: int) -> None:
+    """End a capscale *program* (the console script, ``python -m capscale.run``) with
+    ``code``, without the interpreter's teardown.
+
+    By then every result is written and the process group left; what remains are
+    threads of the communication libraries (gloo, NCCL, DeepSpeed), which the
+    interpreter's teardown can destroy mid-flight, so that a rank whose run succeeded
+    aborts with "terminate called without an active exception" and the launcher or
+    Slurm reports the job as failed. Output is flushed first. ``main`` itself returns
+    normally, for callers that embed it.
+    """
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def cli() -> None:
     """The ``capscale`` console script."""
-    sys.exit(main())
+    exit_program(main())
 
 
 if __name__ == "__main__":

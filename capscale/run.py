@@ -47,9 +47,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python capscale/run.py` / `accelerate launch capscale/run.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from capscale.cli import main
+from capscale.cli import exit_program, main
 
 __all__ = ["main"]
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_program(main())
