@@ -60,6 +60,24 @@ class Phases:
             fn(name, dt)
 
 
+class PhaseTotals:
+    """A :class:`Phases` listener: seconds and count of each phase over a run."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def __call__(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+        self.counts[name] = self.counts.get(name, 0) + 1
+
+    def mean_ms(self) -> dict[str, float]:
+        """Mean milliseconds per occurrence, by phase, in ``PHASES`` order."""
+        order = [p for p in PHASES if p in self.seconds] + sorted(
+            p for p in self.seconds if p not in PHASES)
+        return {p: 1000 * self.seconds[p] / self.counts[p] for p in order}
+
+
 class LoopHook:
     """Called by :class:`TrainLoop` at fixed points; every method is optional."""
 

@@ -34,7 +34,7 @@ from .distributed import DistContext, make_strategy
 from .evaluation import evaluate
 from .export import export_pruned
 from .hooks import EvalSchedule, RecordHook, SnapshotSchedule
-from .loop import Phases, TrainLoop
+from .loop import Phases, PhaseTotals, TrainLoop
 from .models import (
     RepresentationTap,
     adapter_for,
@@ -86,6 +86,7 @@ class CAPRecipe:
         self.state = RunState()
         self.phases = Phases(torch.cuda.synchronize if ctx.device.type == "cuda" else None)
         self.seconds: dict[str, float] = {}
+        self.phase_totals = PhaseTotals()  # the report's time per step, by phase
 
     # -- setup -------------------------------------------------------------------------
     def setup(self) -> None:
@@ -238,6 +239,7 @@ class CAPRecipe:
             hooks += [self.snapshots, EvalSchedule(self.cfg.train.eval_every, self._eval)]
         hooks += list(extra_hooks or [])
         self.student.model.train()
+        self.phases.listeners.append(self.phase_totals)
         TrainLoop(self.state, self.loaders.train, self.total_steps, self._step,
                   self.console, "CAP pruning", hooks, self.checkpointer,
                   self.student.lr, self.cfg.train.on_nonfinite,

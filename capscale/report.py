@@ -158,6 +158,8 @@ def _results_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
     rows += [(k.replace("_", " "), f"{100 * v:.2f}%") for k, v in results["sparsity"].items()]
     rows += [("steps", str(results.get("steps"))),
              ("pruning time", f"{results.get('seconds', {}).get('pruning', 0):.0f} s")]
+    rows += [(f"{phase.replace('_', ' ')} per step", f"{ms:.1f} ms")
+             for phase, ms in results.get("phase_ms", {}).items()]
     return rows
 
 

@@ -32,6 +32,8 @@ def build_results(recipe: CAPRecipe, sparsity: dict[str, Any]) -> dict[str, Any]
         "world_size": recipe.ctx.world_size,
         "strategy": recipe.ctx.strategy,
         "method": cfg.pruning.method,
+        # mean milliseconds per step of each phase (capscale.loop.Phases), this rank
+        "phase_ms": recipe.phase_totals.mean_ms(),
     }
     curve = getattr(recipe.controller, "curve", None)
     if curve is not None:  # the accuracy-vs-sparsity curve, one point per milestone

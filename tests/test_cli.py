@@ -75,3 +75,16 @@ def test_no_subcommand_means_prune_and_help(capsys):
     assert main(["--config", "/no/such.yaml"]) == 2
     assert "config file /no/such.yaml not found" in capsys.readouterr().err
     assert main(["--help"]) == 0 and "capscale prune" in capsys.readouterr().out
+
+
+def test_one_entry_point():
+    """``capscale``, ``python -m capscale.run`` and ``accelerate launch capscale/run.py``
+    reach the same ``main``: the console script is capscale.cli:cli, run.py re-exports it."""
+    from pathlib import Path
+
+    import capscale.cli
+    import capscale.run
+
+    assert capscale.run.main is capscale.cli.main
+    pyproject = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    assert 'capscale = "capscale.cli:cli"' in pyproject.splitlines()

@@ -44,6 +44,13 @@ def test_markdown_and_html_reference_every_plot_and_the_export(run_dir):
     assert f"| pruned student accuracy | {results['pruned_metrics']['accuracy']:.4f} |" in md
     assert "exported model (dense safetensors)" in md and "forward latency" in md
     assert html.startswith("<!doctype html>")
+    # the loop's phases, timed through its hooks: every phase of a CAP step, in order
+    phases = results["phase_ms"]
+    assert list(phases) == ["mask_update", "forward", "teacher", "contrastive", "backward",
+                            "optimizer"]
+    assert all(ms > 0 for ms in phases.values())
+    for phase, ms in phases.items():
+        assert f"| {phase.replace('_', ' ')} per step | {ms:.1f} ms |" in md
 
 
 def test_report_is_rewritten_from_the_run_files(run_dir, tmp_path):
