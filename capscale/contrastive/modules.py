@@ -29,6 +29,8 @@ from typing import Protocol
 
 from torch import nn
 
+from ..registry import add_entry
+
 
 class ReferenceLoader(Protocol):
     """What a custom module's ``source`` may use to obtain its frozen model."""
@@ -74,10 +76,8 @@ def register_contrastive_module(module: ContrastiveModule, overwrite: bool = Fal
     if isinstance(module.source, str) and module.source not in BUILTIN_SOURCES:
         raise ValueError(f"module {module.name}: source must be one of {BUILTIN_SOURCES} "
                          "or a callable")
-    if module.name in CONTRASTIVE_MODULES and not overwrite:
-        raise ValueError(f"contrastive module {module.name!r} is already registered")
-    CONTRASTIVE_MODULES[module.name] = module
-    return module
+    return add_entry(CONTRASTIVE_MODULES, module.name, module, "contrastive module",
+                     overwrite)
 
 
 for _m in (ContrastiveModule("prc", "pretrained"), ContrastiveModule("fic", "teacher"),

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from ..registry import add_entry
 from .banks import RepresentationBank
 from .modules import CONTRASTIVE_MODULES, ContrastiveModule, module_index
 from .nce import Candidates, build_candidates, candidate_log_probs, nce_from_log_probs
@@ -296,10 +297,7 @@ OBJECTIVES: dict[str, Any] = {"bank": BankObjective}
 def register_objective(name: str, cls: Any, overwrite: bool = False) -> Any:
     """Add an objective class (``cap.mode`` selects it); it is built like
     :class:`BankObjective` or :class:`OnlineObjective` (see ``build_objective``)."""
-    if name in OBJECTIVES and not overwrite:
-        raise ValueError(f"objective {name!r} is already registered")
-    OBJECTIVES[name] = cls
-    return cls
+    return add_entry(OBJECTIVES, name, cls, "objective", overwrite)
 
 
 def build_objective(cfg: CAPConfig, num_examples: int, hidden: int, train_labels: Tensor,

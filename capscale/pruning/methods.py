@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from torch import Tensor, nn
 
 from ..loop import LoopHook
+from ..registry import add_entry
 from .masked import MaskedLinear, Pruner, attach_masks
 from .report import sparsity_report
 from .rules import WEIGHT_RULES, WeightRule, register_weight_rule
@@ -250,13 +251,12 @@ PRUNING_METHODS: dict[str, Any] = {}
 def register_pruning_method(method: PruningMethod, overwrite: bool = False) -> PruningMethod:
     """Add ``method`` to the table (``pruning.method`` selects it by name). A
     :class:`WeightPruning` entry also makes its rule known to the masked layers."""
-    if method.name in PRUNING_METHODS and not overwrite:
-        raise ValueError(f"pruning method {method.name!r} is already registered")
+    if method.name in PRUNING_METHODS and not overwrite:  # refused before the rule joins
+        add_entry(PRUNING_METHODS, method.name, method, "pruning method")
     if (isinstance(method, WeightPruning) and not isinstance(method, NoPruning)
             and WEIGHT_RULES.get(method.rule.name) is not method.rule):
         register_weight_rule(method.rule, overwrite=overwrite)
-    PRUNING_METHODS[method.name] = method
-    return method
+    return add_entry(PRUNING_METHODS, method.name, method, "pruning method", overwrite)
 
 
 for _name in ("movement", "soft_movement", "magnitude"):

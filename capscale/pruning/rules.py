@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from ..registry import add_entry
 from .binarizers import SigmoidThresholdBinarizer, ThresholdBinarizer, TopKBinarizer, topk_mask
 
 if TYPE_CHECKING:
@@ -142,10 +143,7 @@ def register_weight_rule(rule: WeightRule, overwrite: bool = False) -> WeightRul
     masks from the rule's name)."""
     if not isinstance(rule, WeightRule):
         raise TypeError(f"{rule!r} does not implement capscale.pruning.rules.WeightRule")
-    if rule.name in WEIGHT_RULES and not overwrite:
-        raise ValueError(f"weight rule {rule.name!r} is already registered")
-    WEIGHT_RULES[rule.name] = rule
-    return rule
+    return add_entry(WEIGHT_RULES, rule.name, rule, "weight rule", overwrite)
 
 
 def get_weight_rule(rule: str | WeightRule) -> WeightRule:

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import numpy as np
 from torch import Tensor, nn
 
+from ..registry import add_entry
+
 if TYPE_CHECKING:
     import datasets
 
@@ -69,10 +71,7 @@ def register_task(task: Task, overwrite: bool = False) -> Task:
     """Add ``task`` to the table under ``task.name`` (``data.task_type`` selects it)."""
     if not isinstance(task, Task):
         raise TypeError(f"{task!r} does not implement capscale.tasks.Task")
-    if task.name in TASKS and not overwrite:
-        raise ValueError(f"task {task.name!r} is already registered (overwrite=True)")
-    TASKS[task.name] = task
-    return task
+    return add_entry(TASKS, task.name, task, "task", overwrite)
 
 
 def get_task(name: str) -> Task:
