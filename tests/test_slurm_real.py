@@ -278,7 +278,7 @@ def test_preempted_job_requeues_resumes_and_matches_uninterrupted(finished, slur
     reference = finished("zero3")
     job = Job(slurm, assets, tmp_path, "zero3", stall=STALL)
     partial = job.out / "checkpoints" / f".tmp-step-{STALL:08d}"
-    job.wait_until(lambda: (partial / "banks.pt").is_file(), f"checkpoint {STALL} half written")
+    job.wait_until(lambda: (partial / "objective.pt").is_file(), f"checkpoint {STALL} half written")
     (job.dir / "stall").unlink()  # the requeued run must not stall again
     if how == "requeue":  # what a preempting scheduler does
         cmd = ["scontrol", "requeue", str(job.id)]
