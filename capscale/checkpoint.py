@@ -60,6 +60,11 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
+def saved_step(path: str | Path) -> int:
+    """The optimiser step a complete checkpoint was written at."""
+    return int(json.loads((Path(path) / STATE_FILE).read_text())["step"])
+
+
 def resolve_resume(cfg: Config) -> Path | None:
     """The checkpoint ``cfg.resume`` names (None: start fresh).
 

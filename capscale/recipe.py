@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import Checkpointer
+from .checkpoint import Checkpointer, resolve_resume, saved_step
 from .config import Config
 from .console import Console
 from .contrastive.modules import CONTRASTIVE_MODULES
@@ -67,8 +67,6 @@ class CAPRecipe:
 
     def __init__(self, cfg: Config, ctx: DistContext, console: Console,
                  teacher_metrics: dict[str, float] | None = None) -> None:
-        from .checkpoint import resolve_resume
-
         self.cfg, self.ctx, self.console = cfg, ctx, console
         self.resume_from = resolve_resume(cfg)
         self.task = get_task(cfg.data.task_type)
@@ -108,8 +106,7 @@ class CAPRecipe:
         steps = len(self.loaders.train) * cfg.train.epochs
         if cfg.train.max_steps:
             steps = min(steps, cfg.train.max_steps)
-        total = getattr(self.controller, "total_steps", None)
-        self.total_steps = total(len(self.loaders.train), steps) if total else steps
+        self.total_steps = self.controller.planned_steps(steps)
         torch.manual_seed(cfg.train.seed)
         self.student_init = (teacher_path if cfg.model.student_init == "teacher"
                              else cfg.model.name_or_path)
@@ -167,10 +164,7 @@ class CAPRecipe:
 
     def resume_step(self) -> int:
         """The step the run continues from (0 for a fresh start)."""
-        if self.resume_from is None:
-            return 0
-        import json
-        return int(json.loads((self.resume_from / "trainer_state.json").read_text())["step"])
+        return 0 if self.resume_from is None else saved_step(self.resume_from)
 
     def _register_state(self) -> Checkpointer:
         ckpt = Checkpointer(self.cfg, self.ctx)

@@ -87,6 +87,10 @@ class PruningController(Protocol):
         """Parameters trained in their own optimiser group (``pruning.score_lr``)."""
         ...
 
+    def planned_steps(self, default: int) -> int:
+        """Optimiser steps of the run; ``default`` is what the train section asks for."""
+        ...
+
     def lr_segment(self, step: int) -> tuple[int, int]:
         """(first step, length) of the LR schedule that ``step`` falls in."""
         ...
@@ -150,6 +154,9 @@ class WeightMaskController(LoopHook):
 
     def score_parameters(self) -> list[nn.Parameter]:
         return self.pruner.score_parameters()
+
+    def planned_steps(self, default: int) -> int:
+        return default
 
     def lr_segment(self, step: int) -> tuple[int, int]:
         return 0, self.run.total_steps

@@ -89,15 +89,16 @@ class StructuredController(LoopHook):
 
     @property
     def steps_per_level(self) -> int:
+        """Retraining steps after each iterative level."""
         return self.scfg.retrain_steps or self.scfg.retrain_epochs * len(
             self.run.loaders.train)
 
-    def total_steps(self, steps_per_epoch: int, default: int) -> int:
-        """Steps of the whole run: every level's retraining (iterative), else ``default``."""
+    def planned_steps(self, default: int) -> int:
+        """Steps of the whole run: every level's retraining (iterative), else ``default``
+        (the train section's epochs / max_steps)."""
         if self.scfg.schedule != "iterative":
             return default
-        per = self.scfg.retrain_steps or self.scfg.retrain_epochs * steps_per_epoch
-        return per * len(self.scfg.levels)
+        return self.steps_per_level * len(self.scfg.levels)
 
     def score_parameters(self) -> list[nn.Parameter]:
         return []
