@@ -52,22 +52,31 @@ class SnapshotSchedule(LoopHook):
 
 
 class EvalSchedule(LoopHook):
-    """Evaluate every ``train.eval_every`` steps and at the end of every epoch.
+    """Evaluate every ``train.eval_every`` steps and at the end of every epoch, once per
+    step (an epoch that ends on an ``eval_every`` step is evaluated once).
 
     Args:
         every: steps between evaluations (0: epoch ends only).
         evaluate: ``(epoch)`` -> evaluates and records.
+        step: the run's current step.
+        last_evaluated: the step of the run's last evaluation (None: none yet).
     """
 
-    def __init__(self, every: int, evaluate: Callable[[int], None]) -> None:
+    def __init__(self, every: int, evaluate: Callable[[int], None],
+                 step: Callable[[], int], last_evaluated: Callable[[], int | None]) -> None:
         self.every, self.evaluate = every, evaluate
+        self.step, self.last_evaluated = step, last_evaluated
+
+    def _evaluate(self, epoch: int) -> None:
+        if self.last_evaluated() != self.step():  # read from the run: survives a resume
+            self.evaluate(epoch)
 
     def after_step(self, record: Record) -> None:
         if self.every and record["step"] % self.every == 0:
-            self.evaluate(record["epoch"])
+            self._evaluate(record["epoch"])
 
     def on_epoch_end(self, epoch: int) -> None:
-        self.evaluate(epoch)
+        self._evaluate(epoch)
 
 
 class RecordHook(LoopHook):

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import Checkpointer, resolve_resume, saved_step
-from .config import Config
+from .config import Config, config_to_dict, save_config
 from .console import Console
 from .contrastive.modules import CONTRASTIVE_MODULES
 from .contrastive.objectives import build_objective
@@ -33,6 +33,7 @@ from .data import build_loaders, check_lengths, load_task_data
 from .distributed import DistContext, make_strategy
 from .evaluation import evaluate
 from .export import export_pruned
+from .finetune import finetune_teacher
 from .hooks import EvalSchedule, RecordHook, SnapshotSchedule
 from .loop import Phases, PhaseTotals, TrainLoop
 from .models import (
@@ -48,7 +49,7 @@ from .models import (
 from .pruning.masked import MaskedLinear
 from .pruning.methods import PRUNING_METHODS
 from .references import RunReferences
-from .results import build_results, print_summary
+from .results import build_results, print_summary, save_history, write_results
 from .state import RankPart, RunState
 from .step import CAPLoss, Student, Update, linear_warmup_decay, param_groups
 from .tasks import get_task
@@ -89,8 +90,6 @@ class CAPRecipe:
     # -- setup -------------------------------------------------------------------------
     def setup(self) -> None:
         """Load models, encode the fixed references, wrap, restore (see module doc)."""
-        from .finetune import finetune_teacher
-
         cfg, ctx, data = self.cfg, self.ctx, self.data
         t0 = time.perf_counter()
         teacher_path = cfg.model.teacher
@@ -230,7 +229,9 @@ class CAPRecipe:
         t0 = time.perf_counter()
         hooks = [self.controller]
         if not self.method.evaluates_itself:
-            hooks += [self.snapshots, EvalSchedule(self.cfg.train.eval_every, self._eval)]
+            hooks += [self.snapshots, EvalSchedule(
+                self.cfg.train.eval_every, self._eval, lambda: self.state.step,
+                lambda: self.state.evals[-1]["step"] if self.state.evals else None)]
         hooks += list(extra_hooks or [])
         self.student.model.train()
         self.phases.listeners.append(self.phase_totals)
@@ -273,7 +274,6 @@ class CAPRecipe:
         out = Path(self.cfg.output_dir)
         results = build_results(self, self.controller.report())
         if self.ctx.is_main:
-            from .results import save_history
             save_history(out, self.state)
         if export:
             self.controller.export(out / "pruned", {"results": results})
@@ -287,20 +287,17 @@ def prune(cfg: Config, ctx: DistContext, console: Console, export: bool = True,
     ``export=False`` skips writing the pruned model (benchmarks that only need metrics).
     ``teacher_metrics``: the given ``model.teacher``'s dev metrics when already known.
     """
-    from .report import Trackers, write_report
-    from .results import write_results
+    from .report import Trackers, write_report  # matplotlib: loaded only when reporting
 
     start = time.perf_counter()
     recipe = CAPRecipe(cfg, ctx, console, teacher_metrics)
     if ctx.is_main:
-        from .config import save_config
         save_config(cfg, Path(cfg.output_dir) / "config.yaml")
     for note in recipe.data.notes:
         console.log(note)
     recipe.setup()
     trackers = None
     if ctx.is_main and cfg.report.trackers:
-        from .config import config_to_dict
         out = Path(cfg.output_dir)
         trackers = Trackers(cfg.report.trackers, out.name, out / "tracking",
                             config_to_dict(cfg))

@@ -95,8 +95,10 @@ def assert_same_run(a: Path, b: Path) -> None:
     drop = ("examples_per_s",)  # wall-clock throughput is the one thing that may differ
     assert [{k: v for k, v in r.items() if k not in drop} for r in ha] == \
         [{k: v for k, v in r.items() if k not in drop} for r in hb]
-    assert json.loads((a / "evals.json").read_text()) == json.loads((b / "evals.json")
-                                                                    .read_text())
+    ea = json.loads((a / "evals.json").read_text())
+    assert ea == json.loads((b / "evals.json").read_text())
+    steps = [e["step"] for e in ea]
+    assert len(set(steps)) == len(steps), f"a step evaluated twice: {steps}"
 
 
 def _kill_and_resume(assets, tmp_path: Path, nproc: int, ref: Path | None = None,
