@@ -1,0 +1,708 @@
+"""Real-size CAP scale-out on this CPU machine: a RoBERTa-large-shaped encoder, one
+process per rank, per-rank memory of every component, step and gather times.
+
+What runs: ``capscale.recipe.CAPRecipe`` (movement pruning, PrC + FiC + SnC in bank
+mode, KD) built with ``recipe.setup()`` and stepped with ``recipe.train_step``, on a
+RobertaConfig(hidden 1024, 24 layers, 16 heads, FFN 4096, vocab 50265, 514 positions)
+with random weights (355.4 M parameters with the 3-way classification head), saved to a
+temp folder with the packaged MiniLM WordPiece tokenizer (30522 ids; the embedding
+keeps RoBERTa's 50265 rows so the parameter count is RoBERTa-large's; ``pad_token_id``
+is the tokenizer's [PAD], 0). The teacher (``model.teacher``) is the same saved
+encoder, so no teacher is fine-tuned; ``model.student_init: pretrained`` makes PrC
+encode the student itself before pruning (no third model). Jobs: world 1 (single,
+zero3, fsdp2) and world 2 (ddp, zero3, fsdp2); each rank is a process started here
+with RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT / CAPSCALE_CPU=1 /
+DS_ACCELERATOR=cpu, one torch thread. A job whose estimated memory (``estimate``)
+exceeds the guard is not started and is reported as skipped with the estimate; a
+running job whose ranks' summed RSS passes ``--guard-gib`` (or whose machine
+MemAvailable drops under 1 GiB) is killed and reported as killed.
+
+Then ``--largest`` tries RoBERTa-large-width encoders with more layers under ZeRO-3
+with ``offload_params`` / ``offload_optimizer`` at world 2, the largest first among those
+whose estimate (from the measured zero3 bytes per parameter) fits, and writes the
+single-process breakdown: which component's bytes take one process past the machine.
+
+Commands (cd /work/wt13b):
+
+    PYTHONPATH=. python bench/scale_real.py --largest     # -> bench/results/scale_real.{json,md}
+    PYTHONPATH=. python bench/scale_real.py --quick --out /tmp/sr   # smoke: 2 layers, hidden 64
+
+The GPU plan in the markdown is arithmetic on the measured bytes per parameter, not a
+measurement: no GPU was used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+GIB = 1024 ** 3
+JOBS: list[tuple[int, str]] = [(1, "single"), (1, "zero3"), (1, "fsdp2"),
+                               (2, "ddp"), (2, "zero3"), (2, "fsdp2")]
+NUM_LABELS = 3
+
+
+@dataclass(frozen=True)
+class Shape:
+    """An encoder shape (RoBERTa layout)."""
+
+    hidden: int = 1024
+    layers: int = 24
+    heads: int = 16
+    intermediate: int = 4096
+    vocab: int = 50265
+    positions: int = 514
+
+    @property
+    def name(self) -> str:
+        return f"roberta h{self.hidden} L{self.layers} ffn{self.intermediate}"
+
+    def params(self) -> int:
+        """Parameters of RobertaForSequenceClassification (3 labels), no pooler."""
+        h, f = self.hidden, self.intermediate
+        emb = (self.vocab + self.positions + 1) * h + 2 * h
+        layer = 4 * (h * h + h) + 2 * h + (h * f + f) + (f * h + h) + 2 * h
+        head = h * h + h + h * NUM_LABELS + NUM_LABELS
+        return emb + self.layers * layer + head
+
+    def scored(self) -> int:
+        """Weights that carry movement scores: the encoder's linear layers."""
+        h, f = self.hidden, self.intermediate
+        return self.layers * (4 * h * h + 2 * h * f)
+
+
+LARGE = Shape()
+QUICK = Shape(hidden=64, layers=2, heads=4, intermediate=128, vocab=50265, positions=64)
+
+
+# -- memory model (for skipping and for the plan; measured figures replace it) ---------
+def estimate(shape: Shape, strategy: str, world: int, offload: bool = False) -> dict[str, float]:
+    """Bytes per rank by component (fp32 everywhere; a rough model, not a measurement).
+
+    single / ddp: student + scores + their grads + AdamW moments + teacher (ddp adds
+    its gradient buckets). zero3: bf16-free fp32 partitions, a fp32 master copy, AdamW
+    moments and a gradient partition of student + scores, the teacher's partition.
+    fsdp2: shards of parameters, grads and moments; the teacher's shard. All: the
+    full student + teacher each rank loads before it shards them (setup transient).
+    """
+    n, s = shape.params(), shape.scored()
+    t = n + s  # trainable values
+    w = world if strategy in ("zero3", "fsdp2") else 1
+    comp = {"student": 4 * n / w, "scores": 4 * s / w, "grads": 4 * t / w,
+            "optimizer": (12 if strategy == "zero3" else 8) * t / w, "teacher": 4 * n / w}
+    if strategy == "ddp":
+        comp["ddp_buckets"] = 4 * t
+    comp["base"] = 0.7 * GIB
+    steady = sum(comp.values())
+    transient = 4 * (n + s + n) + 0.7 * GIB  # full student + scores + teacher, unsharded
+    comp["peak_estimate"] = max(steady, transient)
+    return comp
+
+
+# -- assets ------------------------------------------------------------------------------
+def build_assets(root: Path, shape: Shape, n_train: int) -> dict[str, str]:
+    """Encoder folder (random weights + MiniLM tokenizer) and train / validation CSVs."""
+    root.mkdir(parents=True, exist_ok=True)
+    enc = root / "encoder"
+    if not (enc / "config.json").exists() and shape.params() < 20e6:
+        _build_encoder(shape, enc)  # tiny: in this process
+    elif not (enc / "config.json").exists():  # a child process: its memory is given back
+        subprocess.run([sys.executable, __file__, "--_build", json.dumps(asdict(shape)),
+                        str(enc)], check=True, env=_child_env())
+    from capscale.models import load_tokenizer
+    tok = load_tokenizer("minilm")
+    words = [w for w, i in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+             if w.isalpha() and len(w) > 3 and 2000 <= i < 12000]
+    import random
+    rng = random.Random(0)
+    paths = {"encoder": str(enc)}
+    for split, n in (("train", n_train), ("validation", 16)):
+        rows = ["sentence,label"]
+        for _ in range(n):
+            label = rng.randrange(NUM_LABELS)
+            third = len(words) // NUM_LABELS
+            pool = words[label * third:(label + 1) * third]
+            rows.append(f"{' '.join(rng.choice(pool) for _ in range(40))},{'abc'[label]}")
+        (root / f"{split}.csv").write_text("\n".join(rows) + "\n")
+        paths[split] = str(root / f"{split}.csv")
+    return paths
+
+
+def _build_encoder(shape: Shape, out: Path) -> None:
+    import torch
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    from capscale.models import load_tokenizer
+    torch.set_num_threads(1)
+    tok = load_tokenizer("minilm")
+    cfg = RobertaConfig(hidden_size=shape.hidden, num_hidden_layers=shape.layers,
+                        num_attention_heads=shape.heads, intermediate_size=shape.intermediate,
+                        vocab_size=max(shape.vocab, len(tok)),
+                        max_position_embeddings=shape.positions, type_vocab_size=1,
+                        pad_token_id=tok.pad_token_id, num_labels=NUM_LABELS)
+    torch.manual_seed(0)
+    model = RobertaForSequenceClassification(cfg)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+# -- one rank --------------------------------------------------------------------------
+def _status(field: str) -> int:
+    """A VmXXX line of /proc/self/status, in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _local_bytes(t: Any) -> int:
+    local = getattr(t, "ds_tensor", None)
+    if local is None:
+        local = t.to_local() if hasattr(t, "to_local") else t
+    return local.numel() * local.element_size()
+
+
+def _state_bytes(state: Any) -> int:
+    import torch
+    total = 0
+    for per_param in state.values():
+        for v in per_param.values():
+            if isinstance(v, torch.Tensor) and v.dim() > 0:
+                total += _local_bytes(v)
+    return total
+
+
+def optimizer_bytes(opt: Any) -> dict[str, int]:
+    """This rank's optimiser state: AdamW moments (+ ZeRO-3's fp32 master partitions
+    and its flat gradient partition buffer, reported apart)."""
+    if hasattr(opt, "fp32_partitioned_groups_flat"):  # DeepSpeed ZeRO-3
+        master = sum(t.numel() * t.element_size() for t in opt.fp32_partitioned_groups_flat)
+        buf = getattr(opt, "grad_partitions_flat_buffer", None)
+        return {"optimizer": master + _state_bytes(opt.optimizer.state),
+                "optimizer_master": master,
+                "optimizer_moments": _state_bytes(opt.optimizer.state),
+                "grad_buffer": 0 if buf is None else buf.numel() * buf.element_size()}
+    moments = _state_bytes(opt.state)
+    return {"optimizer": moments, "optimizer_master": 0, "optimizer_moments": moments,
+            "grad_buffer": 0}
+
+
+def worker(spec: dict[str, Any]) -> None:
+    """One rank: set up the recipe, time the steps, record bytes; writes its JSON."""
+    import torch
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    from capscale.config import config_from_dict
+    from capscale.console import Console
+    from capscale.data import Collator
+    from capscale.distributed import init_distributed, local_param_bytes
+    from capscale.recipe import CAPRecipe
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from scaleout_memory import gather_cost
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    t_start = time.perf_counter()
+    ctx = init_distributed(spec["strategy"])
+    a, gb = spec["assets"], spec["global_batch"]
+    cfg = config_from_dict({
+        "model": {"name_or_path": a["encoder"], "teacher": a["encoder"],
+                  "student_init": "pretrained"},
+        "data": {"train_file": a["train"], "validation_file": a["validation"],
+                 "max_length": spec["length"]},
+        "pruning": {"method": "movement", "scope": "global", "initial_sparsity": 0.3,
+                    "final_sparsity": 0.7, "initial_warmup": 0, "final_warmup": 0.3,
+                    "zero_pruned_weights": True},
+        "cap": {"mode": "bank", "num_negatives": 8, "snapshot_schedule": "epoch",
+                "max_snapshots": 2},
+        "train": {"epochs": 1, "max_steps": spec["steps"], "batch_size": gb // world,
+                  "lr": 1e-4, "eval_batch_size": 8, "grad_clip": 1.0, "progress": False,
+                  "seed": 3},
+        "distributed": {"offload_params": spec["offload"],
+                        "offload_optimizer": spec["offload"]},
+        "output_dir": spec["workdir"],
+    })
+    recipe = CAPRecipe(cfg, ctx, Console(enabled=False))
+    recipe.setup()
+    recipe.snapshot(cfg.cap.snapshot_train_mode, "bench snapshot")  # SnC bank: one view
+    setup_s = time.perf_counter() - t_start
+    setup_hwm = _status("VmHWM")
+    ds = recipe.loaders.bank.dataset
+    per = gb // world
+    times = []
+    for step in range(spec["steps"]):
+        start = (step * gb) % max(1, len(ds) - gb + 1) + rank * per
+        batch = Collator(0)([ds[i] for i in range(start, start + per)])
+        ctx.barrier()
+        t0 = time.perf_counter()
+        recipe.train_step(batch)
+        times.append(time.perf_counter() - t0)
+    student = recipe.student.model
+    scores = sum(_local_bytes(p) for p in recipe.controller.pruner.score_parameters())
+    hidden = spec["hidden"]
+    gathers = {"local": gather_cost(ctx, per, hidden), "32": gather_cost(ctx, 32, hidden),
+               "shapes": {"local": [per, hidden], "32": [32, hidden]}}
+    rec = {"rank": rank, "world": world, "strategy": ctx.strategy, "offload": spec["offload"],
+           "peak_rss": _status("VmHWM"), "setup_peak_rss": setup_hwm,
+           "rss_end": _status("VmRSS"),
+           "student": local_param_bytes(student) - scores, "scores": scores,
+           **optimizer_bytes(recipe.student.optimizer),
+           "teacher": local_param_bytes(recipe.teacher) if recipe.teacher is not None else 0,
+           "prc": 0,  # student_init pretrained: PrC encodes the student itself
+           "step_s": times, "median_step_s": statistics.median(times[1:] or times),
+           "setup_s": setup_s, "gather_s": gathers}
+    Path(spec["out"]).with_suffix(f".rank{rank}.json").write_text(json.dumps(rec))
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+# -- the parent: jobs with a memory guard -----------------------------------------------
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", CAPSCALE_CPU="1",
+               DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(
+        os.pathsep)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rss(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _available() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def run_job(spec: dict[str, Any], world: int, guard: float, timeout: float
+            ) -> dict[str, Any]:
+    """Start ``world`` rank processes; poll their RSS; kill them past the guard."""
+    port = _free_port()
+    spec_path = Path(spec["out"]).with_suffix(".spec.json")
+    spec_path.write_text(json.dumps(spec))
+    procs = []
+    for rank in range(world):
+        env = dict(_child_env(), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        with open(Path(spec["out"]).with_suffix(f".rank{rank}.log"), "w") as log:
+            procs.append(subprocess.Popen(
+                [sys.executable, __file__, "--_worker", str(spec_path)], env=env, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True))
+    t0, peak_sum, why = time.time(), 0, None
+    while any(p.poll() is None for p in procs):
+        total = sum(_rss(p.pid) for p in procs if p.poll() is None)
+        peak_sum = max(peak_sum, total)
+        if total > guard:
+            why = f"killed: ranks' RSS {total / GIB:.1f} GiB passed the {guard / GIB:.1f} GiB guard"
+        elif _available() < GIB:
+            why = f"killed: MemAvailable under 1 GiB (ranks' RSS {total / GIB:.1f} GiB)"
+        elif time.time() - t0 > timeout:
+            why = f"killed: over the {timeout:.0f} s timeout"
+        if why:
+            for p in procs:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)
+            break
+        time.sleep(0.25)
+    for p in procs:
+        p.wait()
+    ranks = []
+    for rank in range(world):
+        f = Path(spec["out"]).with_suffix(f".rank{rank}.json")
+        if f.exists():
+            ranks.append(json.loads(f.read_text()))
+    rc = [p.returncode for p in procs]
+    if why is None and (len(ranks) < world or any(rc)):
+        tail = Path(spec["out"]).with_suffix(".rank0.log").read_text()[-2000:]
+        why = f"failed: return codes {rc}; rank 0 log tail: {tail}"
+    return {"world": world, "strategy": spec["strategy"], "offload": spec["offload"],
+            "status": why or "ok", "wall_s": time.time() - t0,
+            "ranks_rss_sum_peak_polled": peak_sum, "ranks": ranks}
+
+
+def load_avg() -> list[float]:
+    return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+
+
+# -- analysis --------------------------------------------------------------------------
+COMPONENTS = ("student", "scores", "optimizer", "grad_buffer", "teacher", "prc")
+
+
+def per_rank_max(job: dict[str, Any], key: str) -> float:
+    return max(r[key] for r in job["ranks"]) if job["ranks"] else float("nan")
+
+
+def ratios(jobs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """World 2 / world 1 of each reference's and of student+scores+optimiser bytes per rank."""
+    out = {}
+    by = {(j["world"], j["strategy"], j["offload"]): j for j in jobs if j["status"] == "ok"}
+    for strat in ("zero3", "fsdp2"):
+        one, two = by.get((1, strat, False)), by.get((2, strat, False))
+        if one is None or two is None:
+            continue
+        r: dict[str, Any] = {}
+        for key in ("teacher",):
+            r[key] = per_rank_max(two, key) / per_rank_max(one, key)
+        train = ("student", "scores", "optimizer")
+        r["student+scores+optimizer"] = (max(sum(x[k] for k in train) for x in two["ranks"])
+                                         / max(sum(x[k] for k in train) for x in one["ranks"]))
+        r["peak_rss"] = per_rank_max(two, "peak_rss") / per_rank_max(one, "peak_rss")
+        r["meets_0.55"] = all(r[k] <= 0.55 for k in ("teacher", "student+scores+optimizer"))
+        out[strat] = r
+    return out
+
+
+def bytes_per_param(job: dict[str, Any], shape: Shape) -> dict[str, float]:
+    """Summed over ranks, per model parameter, of each component."""
+    n = shape.params()
+    out = {k: sum(r[k] for r in job["ranks"]) / n for k in COMPONENTS}
+    out["peak_rss_sum"] = sum(r["peak_rss"] for r in job["ranks"]) / n
+    return out
+
+
+def gpu_plan(jobs: list[dict[str, Any]], shape: Shape) -> list[dict[str, Any]]:
+    """GPUs of 80 GiB needed per strategy for a few model sizes (arithmetic, not measured).
+
+    Model state bytes per parameter come from the measured world-1 jobs (student +
+    scores + optimiser + grads + teacher); activations / buffers are budgeted at 10 GiB
+    per GPU. Replicated strategies need the whole state on one GPU; ZeRO-3 / FSDP2
+    divide it by the GPU count.
+    """
+    by = {j["strategy"]: j for j in jobs if j["world"] == 1 and j["status"] == "ok"}
+    plan = []
+    for label, n in (("RoBERTa-large 355M", 355e6), ("encoder 1.3B", 1.3e9),
+                     ("encoder 3B", 3e9)):
+        for strat, src in (("ddp", "single"), ("zero3", "zero3"), ("fsdp2", "fsdp2")):
+            if src not in by:
+                continue
+            b = bytes_per_param(by[src], shape)
+            # grads: torch frees them after the step (set_to_none) but they are live
+            # between backward and step: 4 B per trainable value (params + scores).
+            grads = 0.0 if strat == "zero3" else 4 * (b["student"] + b["scores"]) / 4
+            per_param = b["student"] + b["scores"] + b["optimizer"] + b["grad_buffer"] \
+                + b["teacher"] + grads
+            state = per_param * n
+            usable = (80 - 10) * GIB
+            if strat == "ddp":
+                gpus = 1 if state <= usable else None
+            else:
+                gpus = max(1, -(-int(state) // int(usable)))
+            plan.append({"model": label, "params": n, "strategy": strat,
+                         "bytes_per_param": per_param, "state_gib": state / GIB,
+                         "gpus_80gib": gpus,
+                         "arithmetic": f"{per_param:.1f} B/param x {n / 1e9:.2f}e9 = "
+                                       f"{state / GIB:.1f} GiB; / 70 GiB usable per GPU"})
+    return plan
+
+
+def single_process_breakdown(job: dict[str, Any], shape: Shape, machine: float
+                             ) -> dict[str, Any]:
+    """For one process (world 1, zero3 bytes per parameter), the model size at which the
+    cumulative components (in the order setup allocates them) pass the machine."""
+    b = bytes_per_param(job, shape)
+    order = [("student", b["student"]), ("teacher", b["teacher"]), ("scores", b["scores"]),
+             ("optimizer (fp32 master + AdamW moments)", b["optimizer"]),
+             ("grad partition buffer", b["grad_buffer"])]
+    base = job["ranks"][0]["peak_rss"] - sum(job["ranks"][0][k] for k in COMPONENTS)
+    rows, cum = [], 0.0
+    total = sum(v for _, v in order)
+    for name, v in order:
+        cum += v
+        rows.append({"component": name, "bytes_per_param": v, "cumulative": cum})
+    n_max = (machine - max(base, 0)) / total
+    return {"rows": rows, "bytes_per_param_total": total, "other_bytes": base,
+            "max_params_one_process": n_max}
+
+
+def cumulative_at(sp: dict[str, Any], params: int, machine: float) -> dict[str, Any]:
+    """The one-process cumulative GiB of each component for a ``params`` model, and the
+    first component that takes it past ``machine``."""
+    rows, cum, first = [], sp["other_bytes"], None
+    for row in sp["rows"]:
+        cum += row["bytes_per_param"] * params
+        rows.append({"component": row["component"], "gib": row["bytes_per_param"] * params
+                     / GIB, "cumulative_gib": cum / GIB})
+        if first is None and cum > machine:
+            first = row["component"]
+    return {"params": params, "rows": rows, "first_over": first}
+
+
+def layers_for(params: float, hidden: int = 1024, intermediate: int = 4096) -> int:
+    base = replace(LARGE, hidden=hidden, intermediate=intermediate, layers=0)
+    per = replace(base, layers=1).params() - base.params()
+    return int((params - base.params()) // per)
+
+
+# -- markdown --------------------------------------------------------------------------
+def _g(x: float) -> str:
+    return f"{x / GIB:.2f}"
+
+
+def write_md(res: dict[str, Any], path: Path) -> None:
+    L = [f"# Real-size CAP scale-out on CPU ({res['model']['name']}, "
+         f"{res['model']['params'] / 1e6:.1f} M parameters)", "",
+         f"Command: `{res['command']}`  ", f"torch {res['torch']}, deepspeed "
+         f"{res['deepspeed']}, {res['threads_per_rank']} thread per rank, "
+         f"{res['cpu_count']} CPUs, {res['mem_total_gib']:.1f} GiB RAM, no GPU.  ",
+         f"Global batch {res['global_batch']}, length {res['length']}, "
+         f"{res['train_rows']} train rows, {res['steps']} steps (median of steps 2..). "
+         f"Load average at start {res['load_start']}, end {res['load_end']}; wall "
+         f"{res['wall_s'] / 60:.1f} min.", "",
+         f"Tokenizer: {res['tokenizer']}", "",
+         "Bytes in GiB per rank (max over ranks); optimiser = AdamW moments (+ ZeRO-3's "
+         "fp32 master partition); grad buf = ZeRO-3's flat fp32 gradient partition; "
+         "PrC = 0 because the student is the pre-trained model (no extra copy).", "",
+         "| world | strategy | status | peak RSS / rank | setup peak | student | scores | "
+         "optimiser | grad buf | teacher | PrC | step s (median) | gather (local x H) | "
+         "gather (32 x H) |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for j in res["jobs"]:
+        if j["status"] != "ok":
+            est = j.get("estimate", {})
+            L.append(f"| {j['world']} | {j['strategy']} | {j['status']} | est. "
+                     f"{_g(est.get('peak_estimate', 0))} |  |  |  |  |  |  |  |  |  |  |")
+            continue
+        rks = j["ranks"]
+        peak = " / ".join(_g(r["peak_rss"]) for r in rks)
+        setup = " / ".join(_g(r["setup_peak_rss"]) for r in rks)
+        g_local = max(r["gather_s"]["local"] for r in rks) * 1e3
+        g_32 = max(r["gather_s"]["32"] for r in rks) * 1e3
+        L.append(f"| {j['world']} | {j['strategy']}{' +offload' if j['offload'] else ''} | ok "
+                 f"| {peak} | {setup} | " + " | ".join(_g(per_rank_max(j, k)) for k in COMPONENTS)
+                 + f" | {max(r['median_step_s'] for r in rks):.2f} | "
+                 f"{g_local:.2f} ms | {g_32:.2f} ms |")
+    L += ["", "## World 2 / world 1, bytes per rank (target <= 0.55)", "",
+          "| strategy | teacher | student+scores+optimiser | peak RSS | meets 0.55 |",
+          "|---|---|---|---|---|"]
+    for s, r in res["ratios"].items():
+        L.append(f"| {s} | {r['teacher']:.3f} | {r['student+scores+optimizer']:.3f} | "
+                 f"{r['peak_rss']:.3f} | {r['meets_0.55']} |")
+    if res.get("largest"):
+        lg = res["largest"]
+        L += ["", "## Largest encoder pruned (ZeRO-3)", "", lg["summary"], ""]
+        L += ["| model | params | world | offload | status | peak RSS per rank GiB | "
+              "student | scores | optimiser | grad buf | teacher | step s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for t in lg["tries"]:
+            if t["status"] == "ok":
+                L.append(f"| {t['model']} | {t['params'] / 1e6:.0f} M | {t['world']} | "
+                         f"{t['offload']} | ok | "
+                         + " / ".join(_g(r["peak_rss"]) for r in t["ranks"]) + " | "
+                         + " | ".join(_g(per_rank_max(t, k)) for k in COMPONENTS[:-1])
+                         + f" | {max(r['median_step_s'] for r in t['ranks']):.2f} |")
+            else:
+                L.append(f"| {t['model']} | {t['params'] / 1e6:.0f} M | {t['world']} | "
+                         f"{t['offload']} | {t['status'][:160]} |  |  |  |  |  |  |  |")
+    if res.get("single_process"):
+        sp = res["single_process"]
+        L += ["", "## Where one process runs out (measured bytes per parameter, zero3 "
+              "world 1)", "",
+              "| component (setup order) | bytes / param | cumulative |", "|---|---|---|"]
+        for row in sp["rows"]:
+            L.append(f"| {row['component']} | {row['bytes_per_param']:.2f} | "
+                     f"{row['cumulative']:.2f} |")
+        L += ["", sp["text"]]
+        at = sp.get("at_largest")
+        if at:
+            L += ["", f"One process holding the largest model found ({at['params'] / 1e6:.0f} M "
+                  "parameters), cumulative GiB in setup order:", "",
+                  "| component | GiB | cumulative GiB |", "|---|---|---|"]
+            L += [f"| {r['component']} | {r['gib']:.2f} | {r['cumulative_gib']:.2f} |"
+                  for r in at["rows"]]
+            L += ["", f"First component past the machine: {at['first_over'] or 'none'}."]
+    L += ["", "## GPU plan on paper (arithmetic, not a measurement: no GPU was available)",
+          "", "State bytes per parameter from the world-1 jobs above (single for ddp), "
+          "plus fp32 gradients for torch optimisers; 10 GiB of each 80 GiB GPU kept for "
+          "activations and buffers. ddp replicates the state: it fits one GPU or none.", "",
+          "| model | strategy | B / param | state GiB | 80 GiB GPUs | arithmetic |",
+          "|---|---|---|---|---|---|"]
+    for p in res["gpu_plan"]:
+        gp = p["gpus_80gib"] if p["gpus_80gib"] is not None else "does not fit one GPU"
+        L.append(f"| {p['model']} | {p['strategy']} | {p['bytes_per_param']:.1f} | "
+                 f"{p['state_gib']:.1f} | {gp} | {p['arithmetic']} |")
+    path.write_text("\n".join(L) + "\n")
+
+
+# -- main ------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="2 layers, hidden 64 (smoke)")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--global-batch", type=int, default=4)
+    p.add_argument("--length", type=int, default=32)
+    p.add_argument("--train-rows", type=int, default=16)
+    p.add_argument("--guard-gib", type=float, default=20.5)
+    p.add_argument("--timeout", type=float, default=900)
+    p.add_argument("--jobs", default="all", help="'all' or e.g. 1:zero3,2:zero3")
+    p.add_argument("--largest", action="store_true", help="also search the largest encoder")
+    p.add_argument("--largest-layers", default="",
+                   help="comma list of layer counts to try (default: from the estimate)")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="jobs run at once (smoke test only: timings then mean nothing)")
+    p.add_argument("--work", default=None, help="assets folder (kept between calls)")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = p.parse_args(argv)
+    import torch
+
+    wall0, load_start = time.time(), load_avg()
+    shape = QUICK if args.quick else LARGE
+    work = Path(args.work or tempfile.mkdtemp(prefix="scale_real_"))
+    assets = build_assets(work / shape.name.replace(" ", "_"), shape, args.train_rows)
+    guard = args.guard_gib * GIB
+    jobs_wanted = JOBS if args.jobs == "all" else [
+        (int(w), s) for w, s in (x.split(":") for x in args.jobs.split(","))]
+    base_spec = {"assets": assets, "global_batch": args.global_batch, "length": args.length,
+                 "steps": args.steps, "hidden": shape.hidden, "offload": False}
+
+    def one(world: int, strategy: str) -> dict[str, Any]:
+        est = estimate(shape, strategy, world)
+        spec = {**base_spec, "strategy": strategy,
+                "out": str(work / f"job_{world}_{strategy}.json"),
+                "workdir": str(work / f"run_{world}_{strategy}")}
+        if est["peak_estimate"] * world > guard:
+            job = {"world": world, "strategy": strategy, "offload": False, "ranks": [],
+                   "status": f"skipped: estimated {est['peak_estimate'] / GIB:.1f} GiB per "
+                             f"rank x {world} > {args.guard_gib} GiB guard"}
+        else:  # concurrent jobs (--parallel, smoke only) share the guard
+            job = run_job(spec, world, guard / args.parallel, args.timeout)
+        job["estimate"] = est
+        print(json.dumps({k: v for k, v in job.items() if k != "ranks"}), flush=True)
+        return job
+
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        jobs = list(pool.map(lambda ws: one(*ws), jobs_wanted))
+    res: dict[str, Any] = {
+        "command": "PYTHONPATH=. python bench/scale_real.py " + " ".join(
+            sys.argv[1:] if argv is None else argv),
+        "model": {"name": shape.name, "params": shape.params(), "scored": shape.scored(),
+                  "shape": asdict(shape)},
+        "tokenizer": "packaged MiniLM WordPiece (capscale.models.load_tokenizer('minilm'), "
+                     "30522 ids); the embedding keeps 50265 rows (RoBERTa-large's vocab) "
+                     "so the parameter count is RoBERTa-large's; pad_token_id 0, "
+                     "type_vocab_size 1",
+        "torch": torch.__version__, "deepspeed": _ds_version(), "threads_per_rank": 1,
+        "cpu_count": os.cpu_count(), "mem_total_gib": _meminfo("MemTotal") / GIB,
+        "global_batch": args.global_batch, "length": args.length,
+        "train_rows": args.train_rows, "steps": args.steps, "guard_gib": args.guard_gib,
+        "load_start": load_start, "jobs": jobs}
+    res["ratios"] = ratios(jobs)
+    res["gpu_plan"] = gpu_plan(jobs, shape)
+    z1 = next((j for j in jobs if j["world"] == 1 and j["strategy"] == "zero3"
+               and j["status"] == "ok"), None)
+    machine = _meminfo("MemTotal")
+    if z1 is not None:
+        sp = single_process_breakdown(z1, shape, machine)
+        n_max = sp["max_params_one_process"]
+        sp["text"] = (f"One process needs {sp['bytes_per_param_total']:.1f} B per parameter "
+                      f"of model state plus {_g(sp['other_bytes'])} GiB of other memory, so "
+                      f"{machine / GIB:.1f} GiB holds at most {n_max / 1e6:.0f} M parameters "
+                      f"(about {layers_for(n_max)} RoBERTa-large-width layers). In setup "
+                      "order, the student and the teacher come first; the component "
+                      "that takes it past the machine is the first whose cumulative bytes "
+                      "x parameters exceed it (see the search below).")
+        res["single_process"] = sp
+    if args.largest and z1 is not None:
+        res["largest"] = search_largest(args, work, guard, z1, shape)
+        best = res["largest"].get("best_params")
+        if best:
+            res["single_process"]["at_largest"] = cumulative_at(sp, best, machine)
+    res["load_end"], res["wall_s"] = load_avg(), time.time() - wall0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "scale_real_quick" if args.quick else "scale_real"
+    (out / f"{stem}.json").write_text(json.dumps(res, indent=1))
+    write_md(res, out / f"{stem}.md")
+    print(f"wrote {out / stem}.json and .md")
+    if args.work is None:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def search_largest(args: argparse.Namespace, work: Path, guard: float,
+                   z1: dict[str, Any], shape: Shape) -> dict[str, Any]:
+    """ZeRO-3 (+ offload where it works) at world 2 on wider-than-24-layer encoders."""
+    b = bytes_per_param(z1, shape)
+    per_param = b["peak_rss_sum"]  # measured world-1 peak RSS per parameter (all included)
+    if args.largest_layers:
+        layers = [int(x) for x in args.largest_layers.split(",")]
+    else:
+        fit = layers_for(guard / per_param, shape.hidden, shape.intermediate)
+        layers = [fit]
+    tries = []
+    best = None
+    for nl in layers:
+        big = replace(shape, layers=nl)
+        assets = build_assets(work / big.name.replace(" ", "_"), big, args.train_rows)
+        spec = {"assets": assets, "global_batch": args.global_batch, "length": args.length,
+                "steps": 2, "hidden": big.hidden, "offload": True, "strategy": "zero3",
+                "out": str(work / f"largest_{nl}.json"), "workdir": str(work / f"run_big_{nl}")}
+        t = run_job(spec, 2, guard, args.timeout)
+        t.update(model=big.name, params=big.params(), layers=nl)
+        tries.append(t)
+        print(json.dumps({k: v for k, v in t.items() if k != "ranks"}), flush=True)
+        if t["status"] == "ok" and (best is None or big.params() > best["params"]):
+            best = t
+        shutil.rmtree(Path(assets["encoder"]), ignore_errors=True)
+    if best is None:
+        summary = "No candidate finished (see the statuses)."
+    else:
+        peak = sum(r["peak_rss"] for r in best["ranks"])
+        summary = (f"Largest pruned: {best['model']} ({best['params'] / 1e6:.0f} M "
+                   f"parameters), ZeRO-3 + offload at world 2: peak RSS "
+                   + " + ".join(_g(r["peak_rss"]) for r in best["ranks"])
+                   + f" = {_g(peak)} GiB of {_meminfo('MemTotal') / GIB:.1f} GiB.")
+    return {"tries": tries, "summary": summary, "estimate_bytes_per_param": per_param,
+            "best_params": best["params"] if best else None}
+
+
+def _meminfo(field: str) -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _ds_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("deepspeed")
+    except Exception:
+        return "not installed"
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--_build":
+        _build_encoder(Shape(**json.loads(sys.argv[2])), Path(sys.argv[3]))
+    elif len(sys.argv) > 1 and sys.argv[1] == "--_worker":
+        worker(json.loads(Path(sys.argv[2]).read_text()))
+    else:
+        sys.exit(main())
