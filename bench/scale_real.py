@@ -406,7 +406,9 @@ def gpu_plan(jobs: list[dict[str, Any]], shape: Shape) -> list[dict[str, Any]]:
             b = bytes_per_param(by[src], shape)
             # grads: torch frees them after the step (set_to_none) but they are live
             # between backward and step: 4 B per trainable value (params + scores).
-            grads = 0.0 if strat == "zero3" else 4 * (b["student"] + b["scores"]) / 4
+            grads = 0.0 if strat == "zero3" else b["student"] + b["scores"]
+            if strat == "ddp":  # its gradient buckets: one more fp32 copy of the grads
+                grads *= 2
             per_param = b["student"] + b["scores"] + b["optimizer"] + b["grad_buffer"] \
                 + b["teacher"] + grads
             state = per_param * n
@@ -419,27 +421,42 @@ def gpu_plan(jobs: list[dict[str, Any]], shape: Shape) -> list[dict[str, Any]]:
                          "bytes_per_param": per_param, "state_gib": state / GIB,
                          "gpus_80gib": gpus,
                          "arithmetic": f"{per_param:.1f} B/param x {n / 1e9:.2f}e9 = "
-                                       f"{state / GIB:.1f} GiB; / 70 GiB usable per GPU"})
+                                       f"{state / GIB:.1f} GiB; "
+                                       + (f"<= 70 GiB: {'yes' if gpus else 'no'}"
+                                          if strat == "ddp" else
+                                          f"ceil({state / GIB:.1f} / 70) = {gpus}")})
     return plan
 
 
 def single_process_breakdown(job: dict[str, Any], shape: Shape, machine: float
                              ) -> dict[str, Any]:
-    """For one process (world 1, zero3 bytes per parameter), the model size at which the
-    cumulative components (in the order setup allocates them) pass the machine."""
+    """One process (a world-1 job): measured bytes per parameter of each component in
+    the order setup allocates them, its other memory (peak RSS less the components)
+    and the largest model the machine holds at these rates.
+
+    torch optimisers free the gradients at every step (``set_to_none``), so they are
+    not resident at the end; they are live between backward and step: counted as
+    4 B per trainable value (student + scores), inferred, not read.
+    """
     b = bytes_per_param(job, shape)
     order = [("student", b["student"]), ("teacher", b["teacher"]), ("scores", b["scores"]),
-             ("optimizer (fp32 master + AdamW moments)", b["optimizer"]),
-             ("grad partition buffer", b["grad_buffer"])]
-    base = job["ranks"][0]["peak_rss"] - sum(job["ranks"][0][k] for k in COMPONENTS)
+             ("optimizer" + (" (fp32 master + AdamW moments)" if b["grad_buffer"] else
+                             " (AdamW moments)"), b["optimizer"])]
+    if b["grad_buffer"]:
+        order.append(("grad partition buffer", b["grad_buffer"]))
+    else:
+        order.append(("grads (live in backward..step; inferred)", b["student"] + b["scores"]))
+    r0 = job["ranks"][0]
     rows, cum = [], 0.0
-    total = sum(v for _, v in order)
     for name, v in order:
         cum += v
         rows.append({"component": name, "bytes_per_param": v, "cumulative": cum})
-    n_max = (machine - max(base, 0)) / total
-    return {"rows": rows, "bytes_per_param_total": total, "other_bytes": base,
-            "max_params_one_process": n_max}
+    other = r0["peak_rss"] - sum(r0[k] for k in COMPONENTS)
+    if not b["grad_buffer"]:
+        other -= (r0["student"] + r0["scores"])  # the grads are inside the peak
+    total = cum
+    return {"strategy": job["strategy"], "rows": rows, "bytes_per_param_total": total,
+            "other_bytes": other, "max_params_one_process": (machine - max(other, 0)) / total}
 
 
 def cumulative_at(sp: dict[str, Any], params: int, machine: float) -> dict[str, Any]:
@@ -472,6 +489,8 @@ def write_md(res: dict[str, Any], path: Path) -> None:
          f"Command: `{res['command']}`  ", f"torch {res['torch']}, deepspeed "
          f"{res['deepspeed']}, {res['threads_per_rank']} thread per rank, "
          f"{res['cpu_count']} CPUs, {res['mem_total_gib']:.1f} GiB RAM, no GPU.  ",
+         ("" if res.get("complete") else "**Partial: the run had not finished when this "
+          "was written.**  "),
          f"Global batch {res['global_batch']}, length {res['length']}, "
          f"{res['train_rows']} train rows, {res['steps']} steps (median of steps 2..). "
          f"Load average at start {res['load_start']}, end {res['load_end']}; wall "
@@ -505,7 +524,7 @@ def write_md(res: dict[str, Any], path: Path) -> None:
     for s, r in res["ratios"].items():
         L.append(f"| {s} | {r['teacher']:.3f} | {r['student+scores+optimizer']:.3f} | "
                  f"{r['peak_rss']:.3f} | {r['meets_0.55']} |")
-    if res.get("largest"):
+    if res.get("largest") and res["largest"].get("tries"):
         lg = res["largest"]
         L += ["", "## Largest encoder pruned (ZeRO-3)", "", lg["summary"], ""]
         L += ["| model | params | world | offload | status | peak RSS per rank GiB | "
@@ -522,26 +541,29 @@ def write_md(res: dict[str, Any], path: Path) -> None:
                 L.append(f"| {t['model']} | {t['params'] / 1e6:.0f} M | {t['world']} | "
                          f"{t['offload']} | {t['status'][:160]} |  |  |  |  |  |  |  |")
     if res.get("single_process"):
-        sp = res["single_process"]
-        L += ["", "## Where one process runs out (measured bytes per parameter, zero3 "
-              "world 1)", "",
-              "| component (setup order) | bytes / param | cumulative |", "|---|---|---|"]
-        for row in sp["rows"]:
+        L += ["", "## Where one process runs out (measured bytes per parameter, world 1)", ""]
+    for sp in res.get("single_process", []):
+        L += [f"### {sp['strategy']}", "",
+              "| component (setup order) | B / param | cumulative B / param | "
+              + " | ".join(f"GiB cumulative, {a['label']} ({a['params'] / 1e6:.0f} M)"
+                           for a in sp["at"]) + " |",
+              "|---|---|---|" + "---|" * len(sp["at"])]
+        for i, row in enumerate(sp["rows"]):
             L.append(f"| {row['component']} | {row['bytes_per_param']:.2f} | "
-                     f"{row['cumulative']:.2f} |")
-        L += ["", sp["text"]]
-        at = sp.get("at_largest")
-        if at:
-            L += ["", f"One process holding the largest model found ({at['params'] / 1e6:.0f} M "
-                  "parameters), cumulative GiB in setup order:", "",
-                  "| component | GiB | cumulative GiB |", "|---|---|---|"]
-            L += [f"| {r['component']} | {r['gib']:.2f} | {r['cumulative_gib']:.2f} |"
-                  for r in at["rows"]]
-            L += ["", f"First component past the machine: {at['first_over'] or 'none'}."]
+                     f"{row['cumulative']:.2f} | "
+                     + " | ".join(f"{a['rows'][i]['cumulative_gib']:.1f}" for a in sp["at"])
+                     + " |")
+        L += ["", sp["text"] + " Cumulative GiB include the other memory. First component "
+              "past the machine: " + "; ".join(f"{a['label']}: {a['first_over'] or 'none (fits)'}"
+                                               for a in sp["at"]) + ".", ""]
     L += ["", "## GPU plan on paper (arithmetic, not a measurement: no GPU was available)",
-          "", "State bytes per parameter from the world-1 jobs above (single for ddp), "
-          "plus fp32 gradients for torch optimisers; 10 GiB of each 80 GiB GPU kept for "
-          "activations and buffers. ddp replicates the state: it fits one GPU or none.", "",
+          "", "State bytes per parameter from the world-1 jobs above (single for ddp; the bench "
+          "model's share of scored weights), "
+          "plus fp32 gradients for torch optimisers (ddp: twice, its buckets) "
+          "(all fp32, as measured here; bf16 "
+          "weights with fp32 master copies would change the figures); 10 GiB of each "
+          "80 GiB GPU kept for activations and buffers. ddp replicates the state: it "
+          "fits one GPU or none.", "",
           "| model | strategy | B / param | state GiB | 80 GiB GPUs | arithmetic |",
           "|---|---|---|---|---|---|"]
     for p in res["gpu_plan"]:
@@ -565,6 +587,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--largest", action="store_true", help="also search the largest encoder")
     p.add_argument("--largest-layers", default="",
                    help="comma list of layer counts to try (default: from the estimate)")
+    p.add_argument("--largest-tries", type=int, default=2)
+    p.add_argument("--largest-budget-s", type=float, default=900,
+                   help="no further candidate after this long in the search")
     p.add_argument("--parallel", type=int, default=1,
                    help="jobs run at once (smoke test only: timings then mean nothing)")
     p.add_argument("--work", default=None, help="assets folder (kept between calls)")
@@ -581,25 +606,8 @@ def main(argv: list[str] | None = None) -> int:
         (int(w), s) for w, s in (x.split(":") for x in args.jobs.split(","))]
     base_spec = {"assets": assets, "global_batch": args.global_batch, "length": args.length,
                  "steps": args.steps, "hidden": shape.hidden, "offload": False}
-
-    def one(world: int, strategy: str) -> dict[str, Any]:
-        est = estimate(shape, strategy, world)
-        spec = {**base_spec, "strategy": strategy,
-                "out": str(work / f"job_{world}_{strategy}.json"),
-                "workdir": str(work / f"run_{world}_{strategy}")}
-        if est["peak_estimate"] * world > guard:
-            job = {"world": world, "strategy": strategy, "offload": False, "ranks": [],
-                   "status": f"skipped: estimated {est['peak_estimate'] / GIB:.1f} GiB per "
-                             f"rank x {world} > {args.guard_gib} GiB guard"}
-        else:  # concurrent jobs (--parallel, smoke only) share the guard
-            job = run_job(spec, world, guard / args.parallel, args.timeout)
-        job["estimate"] = est
-        print(json.dumps({k: v for k, v in job.items() if k != "ranks"}), flush=True)
-        return job
-
-    from concurrent.futures import ThreadPoolExecutor
-    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
-        jobs = list(pool.map(lambda ws: one(*ws), jobs_wanted))
+    done: dict[str, dict[str, Any]] = {}
+    jobs: list[dict[str, Any]] = []
     res: dict[str, Any] = {
         "command": "PYTHONPATH=. python bench/scale_real.py " + " ".join(
             sys.argv[1:] if argv is None else argv),
@@ -613,75 +621,136 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_count": os.cpu_count(), "mem_total_gib": _meminfo("MemTotal") / GIB,
         "global_batch": args.global_batch, "length": args.length,
         "train_rows": args.train_rows, "steps": args.steps, "guard_gib": args.guard_gib,
-        "load_start": load_start, "jobs": jobs}
-    res["ratios"] = ratios(jobs)
-    res["gpu_plan"] = gpu_plan(jobs, shape)
-    z1 = next((j for j in jobs if j["world"] == 1 and j["strategy"] == "zero3"
-               and j["status"] == "ok"), None)
-    machine = _meminfo("MemTotal")
-    if z1 is not None:
-        sp = single_process_breakdown(z1, shape, machine)
-        n_max = sp["max_params_one_process"]
-        sp["text"] = (f"One process needs {sp['bytes_per_param_total']:.1f} B per parameter "
-                      f"of model state plus {_g(sp['other_bytes'])} GiB of other memory, so "
-                      f"{machine / GIB:.1f} GiB holds at most {n_max / 1e6:.0f} M parameters "
-                      f"(about {layers_for(n_max)} RoBERTa-large-width layers). In setup "
-                      "order, the student and the teacher come first; the component "
-                      "that takes it past the machine is the first whose cumulative bytes "
-                      "x parameters exceed it (see the search below).")
-        res["single_process"] = sp
-    if args.largest and z1 is not None:
-        res["largest"] = search_largest(args, work, guard, z1, shape)
-        best = res["largest"].get("best_params")
-        if best:
-            res["single_process"]["at_largest"] = cumulative_at(sp, best, machine)
-    res["load_end"], res["wall_s"] = load_avg(), time.time() - wall0
+        "load_start": load_start, "jobs": jobs, "complete": False}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "scale_real_quick" if args.quick else "scale_real"
-    (out / f"{stem}.json").write_text(json.dumps(res, indent=1))
-    write_md(res, out / f"{stem}.md")
+
+    def save() -> None:  # after every job: an interrupted run keeps what it measured
+        finish(res, jobs, shape, wall0)
+        (out / f"{stem}.json").write_text(json.dumps(res, indent=1))
+        write_md(res, out / f"{stem}.md")
+
+    def one(world: int, strategy: str) -> dict[str, Any]:
+        est = estimate(shape, strategy, world)
+        spec = {**base_spec, "strategy": strategy,
+                "out": str(work / f"job_{world}_{strategy}.json"),
+                "workdir": str(work / f"run_{world}_{strategy}")}
+        single = done.get("single")
+        if strategy == "ddp" and single is not None and single["status"] == "ok":
+            # measured one-process peak + DDP's gradient buckets (a copy of every grad)
+            est["peak_estimate"] = single["ranks"][0]["peak_rss"] + 4 * (
+                shape.params() + shape.scored())
+            est["basis"] = "measured single peak RSS + 4 B x (params + scores) of buckets"
+        if est["peak_estimate"] * world > guard:
+            job = {"world": world, "strategy": strategy, "offload": False, "ranks": [],
+                   "status": f"skipped: estimated {est['peak_estimate'] / GIB:.1f} GiB per "
+                             f"rank x {world} > {args.guard_gib} GiB guard"}
+        else:  # concurrent jobs (--parallel, smoke only) share the guard
+            job = run_job(spec, world, guard / args.parallel, args.timeout)
+        job["estimate"] = est
+        done[strategy if world == 1 else f"{strategy}@{world}"] = job
+        print(json.dumps({k: v for k, v in job.items() if k != "ranks"}), flush=True)
+        return job
+
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        for job in pool.map(lambda ws: one(*ws), jobs_wanted):
+            jobs.append(job)
+            save()
+    z1 = next((j for j in jobs if j["world"] == 1 and j["strategy"] == "zero3"
+               and j["status"] == "ok"), None)
+    if args.largest and z1 is not None:
+        res["largest"] = search_largest(args, work, guard, z1, shape, save, res)
+    res["complete"] = True
+    save()
     print(f"wrote {out / stem}.json and .md")
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
+def finish(res: dict[str, Any], jobs: list[dict[str, Any]], shape: Shape, wall0: float
+           ) -> None:
+    """Derived figures from the jobs so far (ratios, plan, one-process breakdown)."""
+    machine = _meminfo("MemTotal")
+    res["ratios"] = ratios(jobs)
+    res["gpu_plan"] = gpu_plan(jobs, shape)
+    sizes = [("bench model", shape.params())]
+    if res.get("largest", {}).get("best_params"):
+        sizes.append(("largest found", res["largest"]["best_params"]))
+    sizes.append(("1.3B encoder", int(1.3e9)))
+    res["single_process"] = []
+    for j in jobs:
+        if j["world"] == 1 and j["strategy"] in ("single", "zero3") and j["status"] == "ok":
+            sp = single_process_breakdown(j, shape, machine)
+            n_max = sp["max_params_one_process"]
+            sp["text"] = (f"{j['strategy']}, one process: {sp['bytes_per_param_total']:.1f} B "
+                          f"per parameter + {_g(sp['other_bytes'])} GiB other memory; "
+                          f"{machine / GIB:.1f} GiB holds at most {n_max / 1e6:.0f} M "
+                          f"parameters (about "
+                          f"{layers_for(n_max, shape.hidden, shape.intermediate)} layers of "
+                          f"this width).")
+            sp["at"] = [{"label": label, **cumulative_at(sp, n, machine)} for label, n in sizes]
+            res["single_process"].append(sp)
+    res["load_end"], res["wall_s"] = load_avg(), time.time() - wall0
+
+
 def search_largest(args: argparse.Namespace, work: Path, guard: float,
-                   z1: dict[str, Any], shape: Shape) -> dict[str, Any]:
-    """ZeRO-3 (+ offload where it works) at world 2 on wider-than-24-layer encoders."""
-    b = bytes_per_param(z1, shape)
-    per_param = b["peak_rss_sum"]  # measured world-1 peak RSS per parameter (all included)
-    if args.largest_layers:
-        layers = [int(x) for x in args.largest_layers.split(",")]
-    else:
-        fit = layers_for(guard / per_param, shape.hidden, shape.intermediate)
-        layers = [fit]
-    tries = []
+                   z1: dict[str, Any], shape: Shape, save: Any, res: dict[str, Any]
+                   ) -> dict[str, Any]:
+    """ZeRO-3 + offload at world 2 on RoBERTa-large-width encoders with more layers.
+
+    The first candidate is the largest whose estimate fits the guard: the measured
+    world-1 ZeRO-3 state bytes per parameter times the parameters, plus each rank's other
+    memory (the world-1 peak RSS less its components) and 1 GiB of margin. A candidate
+    killed at the guard is followed by one 15 % smaller (``--largest-tries`` in all).
+    """
+    r0 = z1["ranks"][0]
+    other = r0["peak_rss"] - sum(r0[k] for k in COMPONENTS)
+    state_pp = (r0["peak_rss"] - other) / shape.params()
+    fit = layers_for((guard - 2 * other - GIB) / state_pp, shape.hidden, shape.intermediate)
+    layers = ([int(x) for x in args.largest_layers.split(",")] if args.largest_layers
+              else [fit])
+    tries: list[dict[str, Any]] = []
+    found: dict[str, Any] = {"tries": tries, "summary": "search under way",
+                             "best_params": None, "first_candidate_layers": fit}
+    res["largest"] = found
     best = None
-    for nl in layers:
+    t0 = time.time()
+    while layers and len(tries) < args.largest_tries:
+        nl = layers.pop(0)
         big = replace(shape, layers=nl)
         assets = build_assets(work / big.name.replace(" ", "_"), big, args.train_rows)
         spec = {"assets": assets, "global_batch": args.global_batch, "length": args.length,
                 "steps": 2, "hidden": big.hidden, "offload": True, "strategy": "zero3",
                 "out": str(work / f"largest_{nl}.json"), "workdir": str(work / f"run_big_{nl}")}
         t = run_job(spec, 2, guard, args.timeout)
-        t.update(model=big.name, params=big.params(), layers=nl)
+        t.update(model=big.name, params=big.params(), layers=nl,
+                 estimate_gib=(big.params() * state_pp + 2 * other) / GIB)
         tries.append(t)
+        save()
         print(json.dumps({k: v for k, v in t.items() if k != "ranks"}), flush=True)
-        if t["status"] == "ok" and (best is None or big.params() > best["params"]):
-            best = t
         shutil.rmtree(Path(assets["encoder"]), ignore_errors=True)
+        if t["status"] == "ok":
+            if best is None or big.params() > best["params"]:
+                best = t
+        elif not args.largest_layers and time.time() - t0 < args.largest_budget_s:
+            layers.append(max(shape.layers, int(nl * 0.85)))
     if best is None:
         summary = "No candidate finished (see the statuses)."
     else:
         peak = sum(r["peak_rss"] for r in best["ranks"])
         summary = (f"Largest pruned: {best['model']} ({best['params'] / 1e6:.0f} M "
-                   f"parameters), ZeRO-3 + offload at world 2: peak RSS "
+                   f"parameters), ZeRO-3 + offload_params + offload_optimizer at world 2 "
+                   f"(CPU DeepSpeed: the offload target is the same RAM): peak RSS "
                    + " + ".join(_g(r["peak_rss"]) for r in best["ranks"])
-                   + f" = {_g(peak)} GiB of {_meminfo('MemTotal') / GIB:.1f} GiB.")
-    return {"tries": tries, "summary": summary, "estimate_bytes_per_param": per_param,
-            "best_params": best["params"] if best else None}
+                   + f" = {_g(peak)} GiB of {_meminfo('MemTotal') / GIB:.1f} GiB; "
+                   f"{max(r['median_step_s'] for r in best['ranks']):.1f} s per step. "
+                   f"Estimate before the run: {best['estimate_gib']:.1f} GiB.")
+    found.update(summary=summary, state_bytes_per_param=state_pp, other_bytes_per_rank=other,
+                 best_params=best["params"] if best else None)
+    return found
 
 
 def _meminfo(field: str) -> int:
