@@ -714,6 +714,8 @@ def search_largest(args: argparse.Namespace, work: Path, guard: float,
     other = r0["peak_rss"] - sum(r0[k] for k in COMPONENTS)
     state_pp = (r0["peak_rss"] - other) / shape.params()
     fit = layers_for((guard - 2 * other - GIB) / state_pp, shape.hidden, shape.intermediate)
+    cap = 4 if args.quick else 200  # the quick shape's "fit" would be thousands of layers
+    fit = max(1, min(fit, cap))
     layers = ([int(x) for x in args.largest_layers.split(",")] if args.largest_layers
               else [fit])
     tries: list[dict[str, Any]] = []
@@ -741,12 +743,13 @@ def search_largest(args: argparse.Namespace, work: Path, guard: float,
                 best = t
             # room left: one larger candidate at the rate this one measured
             rate = sum(r["peak_rss"] for r in t["ranks"]) / big.params()
-            up = layers_for((guard - GIB) / rate, shape.hidden, shape.intermediate)
+            up = min(cap, layers_for((guard - GIB) / rate, shape.hidden, shape.intermediate))
             if (not args.largest_layers and up >= nl + 2
                     and time.time() - t0 < args.largest_budget_s):
                 layers.append(up)
-        elif not args.largest_layers and time.time() - t0 < args.largest_budget_s:
-            layers.append(max(shape.layers, int(nl * 0.85)))
+        elif (not args.largest_layers and time.time() - t0 < args.largest_budget_s
+              and int(nl * 0.85) >= 1):
+            layers.append(int(nl * 0.85))
     if best is None:
         summary = "No candidate finished (see the statuses)."
     else:
