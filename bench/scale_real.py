@@ -521,6 +521,16 @@ def write_md(res: dict[str, Any], path: Path) -> None:
                  f"| {peak} | {setup} | " + " | ".join(_g(per_rank_max(j, k)) for k in COMPONENTS)
                  + f" | {max(r['median_step_s'] for r in rks):.2f} | "
                  f"{g_local:.2f} ms | {g_32:.2f} ms |")
+    for j in res["jobs"]:
+        if j["status"] != "ok":
+            est = j.get("estimate", {})
+            L += ["", f"World {j['world']} {j['strategy']}: {j['status']}. Estimate basis: "
+                  f"{est.get('basis', 'the fp32 memory model (estimate())')}; components "
+                  + ", ".join(f"{k} {_g(v)} GiB" for k, v in est.items()
+                              if isinstance(v, float | int) and k != "peak_estimate") + "."]
+    L += ["", "Setup seconds (max over ranks): " + ", ".join(
+        f"w{j['world']} {j['strategy']} {max(r['setup_s'] for r in j['ranks']):.0f}"
+        for j in res["jobs"] if j["ranks"]) + "."]
     L += ["", "## World 2 / world 1, bytes per rank (target <= 0.55)", "",
           "| strategy | teacher | student+scores+optimiser | peak RSS | meets 0.55 |",
           "|---|---|---|---|---|"]
