@@ -235,7 +235,8 @@ def worker(spec: dict[str, Any]) -> None:
                   "lr": 1e-4, "eval_batch_size": 8, "grad_clip": 1.0, "progress": False,
                   "seed": 3},
         "distributed": {"offload_params": spec["offload"],
-                        "offload_optimizer": spec["offload"]},
+                        "offload_optimizer": spec["offload"],
+                        "deepspeed_config": spec.get("ds_config")},
         "output_dir": spec["workdir"],
     })
     recipe = CAPRecipe(cfg, ctx, Console(enabled=False))
@@ -271,6 +272,18 @@ def worker(spec: dict[str, Any]) -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+LEAN_DS = {  # ZeRO-3 with bounded working memory (capscale fills the "auto" values)
+    "zero_optimization": {
+        "stage": 3, "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+        "stage3_param_persistence_threshold": "auto",
+        # optimiser step over 1e8-element sub-groups: AdamW temporaries of 0.4 GB, not of
+        # the whole flat partition; at most 1e8 gathered parameters kept live
+        "sub_group_size": 100_000_000, "stage3_max_live_parameters": 100_000_000,
+        "stage3_max_reuse_distance": 100_000_000},
+    "steps_per_print": 2147483647,
+}
 
 
 # -- the parent: jobs with a memory guard -----------------------------------------------
@@ -366,9 +379,11 @@ def per_rank_max(job: dict[str, Any], key: str) -> float:
 def ratios(jobs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """World 2 / world 1 of each reference's and of student+scores+optimiser bytes per rank."""
     out = {}
-    by = {(j["world"], j["strategy"], j["offload"]): j for j in jobs if j["status"] == "ok"}
-    for strat in ("zero3", "fsdp2"):
-        one, two = by.get((1, strat, False)), by.get((2, strat, False))
+    by = {(j["world"], j["strategy"], j["offload"], j.get("ds_config")): j for j in jobs
+          if j["status"] == "ok"}
+    for strat, configs in (("zero3", ("lean", "default")), ("fsdp2", (None,))):
+        pairs = [(by.get((1, strat, False, c)), by.get((2, strat, False, c))) for c in configs]
+        one, two = next(((a, b) for a, b in pairs if a and b), (None, None))
         if one is None or two is None:
             continue
         r: dict[str, Any] = {}
@@ -378,6 +393,7 @@ def ratios(jobs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         r["student+scores+optimizer"] = (max(sum(x[k] for k in train) for x in two["ranks"])
                                          / max(sum(x[k] for k in train) for x in one["ranks"]))
         r["peak_rss"] = per_rank_max(two, "peak_rss") / per_rank_max(one, "peak_rss")
+        r["ds_config"] = one.get("ds_config")
         r["meets_0.55"] = all(r[k] <= 0.55 for k in ("teacher", "student+scores+optimizer"))
         out[strat] = r
     return out
@@ -482,6 +498,12 @@ def layers_for(params: float, hidden: int = 1024, intermediate: int = 4096) -> i
 
 
 # -- markdown --------------------------------------------------------------------------
+def _label(j: dict[str, Any]) -> str:
+    ds = j.get("ds_config")
+    return (j["strategy"] + (f" ({ds} DS config)" if ds else "")
+            + (" +offload" if j.get("offload") else ""))
+
+
 def _g(x: float) -> str:
     return f"{x / GIB:.2f}"
 
@@ -509,7 +531,7 @@ def write_md(res: dict[str, Any], path: Path) -> None:
     for j in res["jobs"]:
         if j["status"] != "ok":
             est = j.get("estimate", {})
-            L.append(f"| {j['world']} | {j['strategy']} | {j['status']} | est. "
+            L.append(f"| {j['world']} | {_label(j)} | {j['status']} | est. "
                      f"{_g(est.get('peak_estimate', 0))} |  |  |  |  |  |  |  |  |  |  |")
             continue
         rks = j["ranks"]
@@ -517,7 +539,7 @@ def write_md(res: dict[str, Any], path: Path) -> None:
         setup = " / ".join(_g(r["setup_peak_rss"]) for r in rks)
         g_local = max(r["gather_s"]["local"] for r in rks) * 1e3
         g_32 = max(r["gather_s"]["32"] for r in rks) * 1e3
-        L.append(f"| {j['world']} | {j['strategy']}{' +offload' if j['offload'] else ''} | ok "
+        L.append(f"| {j['world']} | {_label(j)} | ok "
                  f"| {peak} | {setup} | " + " | ".join(_g(per_rank_max(j, k)) for k in COMPONENTS)
                  + f" | {max(r['median_step_s'] for r in rks):.2f} | "
                  f"{g_local:.2f} ms | {g_32:.2f} ms |")
@@ -603,6 +625,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--largest-tries", type=int, default=2)
     p.add_argument("--largest-budget-s", type=float, default=900,
                    help="no further candidate after this long in the search")
+    p.add_argument("--ds-lean", action="store_true",
+                   help="zero3 jobs use LEAN_DS (sub-groups, bounded live parameters)")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the jobs of the existing results file that this call does not "
+                        "rerun (same world, strategy and DeepSpeed config)")
     p.add_argument("--parallel", type=int, default=1,
                    help="jobs run at once (smoke test only: timings then mean nothing)")
     p.add_argument("--work", default=None, help="assets folder (kept between calls)")
@@ -618,7 +645,13 @@ def main(argv: list[str] | None = None) -> int:
     jobs_wanted = JOBS if args.jobs == "all" else [
         (int(w), s) for w, s in (x.split(":") for x in args.jobs.split(","))]
     base_spec = {"assets": assets, "global_batch": args.global_batch, "length": args.length,
-                 "steps": args.steps, "hidden": shape.hidden, "offload": False}
+                 "steps": args.steps, "hidden": shape.hidden, "offload": False,
+                 "ds_config": None}
+    ds_name = "default"
+    if args.ds_lean:
+        ds_path = work / "ds_lean.json"
+        ds_path.write_text(json.dumps(LEAN_DS))
+        base_spec["ds_config"], ds_name = str(ds_path), "lean"
     done: dict[str, dict[str, Any]] = {}
     jobs: list[dict[str, Any]] = []
     res: dict[str, Any] = {
@@ -647,8 +680,10 @@ def main(argv: list[str] | None = None) -> int:
     def one(world: int, strategy: str) -> dict[str, Any]:
         est = estimate(shape, strategy, world)
         spec = {**base_spec, "strategy": strategy,
-                "out": str(work / f"job_{world}_{strategy}.json"),
-                "workdir": str(work / f"run_{world}_{strategy}")}
+                "out": str(work / f"job_{world}_{strategy}_{ds_name}.json"),
+                "workdir": str(work / f"run_{world}_{strategy}_{ds_name}")}
+        if strategy != "zero3":
+            spec["ds_config"] = None
         single = done.get("single")
         if strategy == "ddp" and single is not None and single["status"] == "ok":
             # measured one-process peak + DDP's gradient buckets (a copy of every grad)
@@ -662,17 +697,38 @@ def main(argv: list[str] | None = None) -> int:
         else:  # concurrent jobs (--parallel, smoke only) share the guard
             job = run_job(spec, world, guard / args.parallel, args.timeout)
         job["estimate"] = est
+        job["ds_config"] = (ds_name if strategy == "zero3" else None)
+        if job["ds_config"] == "lean":
+            job["ds_config_json"], job["ds_config_path"] = LEAN_DS, base_spec["ds_config"]
         done[strategy if world == 1 else f"{strategy}@{world}"] = job
         print(json.dumps({k: v for k, v in job.items() if k != "ranks"}), flush=True)
         return job
 
+    def key(j: dict[str, Any]) -> tuple:
+        return j["world"], j["strategy"], j.get("ds_config")
+
+    old_file = out / f"{stem}.json"
+    if args.merge and old_file.exists():
+        previous = json.loads(old_file.read_text())
+        rerun = {(w, st, ds_name if st == "zero3" else None) for w, st in jobs_wanted}
+        jobs.extend(j for j in previous["jobs"] if key(j) not in rerun)
+        res["merged_from"] = {"command": previous.get("command"),
+                              "load_start": previous.get("load_start"),
+                              "load_end": previous.get("load_end"),
+                              "wall_s": previous.get("wall_s")}
+        for j in jobs:
+            if j["strategy"] == "single" and j["status"] == "ok":
+                done["single"] = j
     from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
         for job in pool.map(lambda ws: one(*ws), jobs_wanted):
             jobs.append(job)
+            jobs.sort(key=lambda j: (j["world"], JOBS.index((j["world"], j["strategy"])),
+                                     str(j.get("ds_config"))))
             save()
-    z1 = next((j for j in jobs if j["world"] == 1 and j["strategy"] == "zero3"
-               and j["status"] == "ok"), None)
+    zs = sorted((j for j in jobs if j["strategy"] == "zero3" and j["status"] == "ok"),
+                key=lambda j: j["world"])  # the largest-model estimate: world 1 if measured
+    z1 = zs[0] if zs else None
     if args.largest and z1 is not None:
         res["largest"] = search_largest(args, work, guard, z1, shape, save, res)
     res["complete"] = True
@@ -720,9 +776,8 @@ def search_largest(args: argparse.Namespace, work: Path, guard: float,
     killed at the guard is followed by one 15 % smaller, one that fits with room to spare
     by a larger one at its measured rate (``--largest-tries`` in all).
     """
-    r0 = z1["ranks"][0]
-    other = r0["peak_rss"] - sum(r0[k] for k in COMPONENTS)
-    state_pp = (r0["peak_rss"] - other) / shape.params()
+    other = max(r["peak_rss"] - sum(r[k] for k in COMPONENTS) for r in z1["ranks"])
+    state_pp = sum(sum(r[k] for k in COMPONENTS) for r in z1["ranks"]) / shape.params()
     fit = layers_for((guard - 2 * other - GIB) / state_pp, shape.hidden, shape.intermediate)
     cap = 4 if args.quick else 200  # the quick shape's "fit" would be thousands of layers
     fit = max(1, min(fit, cap))
@@ -740,6 +795,7 @@ def search_largest(args: argparse.Namespace, work: Path, guard: float,
         assets = build_assets(work / big.name.replace(" ", "_"), big, args.train_rows)
         spec = {"assets": assets, "global_batch": args.global_batch, "length": args.length,
                 "steps": 2, "hidden": big.hidden, "offload": True, "strategy": "zero3",
+                "ds_config": z1.get("ds_config_path"),
                 "out": str(work / f"largest_{nl}.json"), "workdir": str(work / f"run_big_{nl}")}
         t = run_job(spec, 2, guard, args.timeout)
         t.update(model=big.name, params=big.params(), layers=nl,
