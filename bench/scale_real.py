@@ -511,7 +511,12 @@ def _g(x: float) -> str:
 def write_md(res: dict[str, Any], path: Path) -> None:
     L = [f"# Real-size CAP scale-out on CPU ({res['model']['name']}, "
          f"{res['model']['params'] / 1e6:.1f} M parameters)", "",
-         f"Command: `{res['command']}`  ", f"torch {res['torch']}, deepspeed "
+         f"Command: `{res['command']}`  ",
+         *([f"merged into the results of: `{res['merged_from']['command']}` (load "
+            f"{res['merged_from']['load_start']} -> {res['merged_from']['load_end']}, wall "
+            f"{(res['merged_from']['wall_s'] or 0) / 60:.1f} min)  "]
+           if res.get("merged_from") else []),
+         f"torch {res['torch']}, deepspeed "
          f"{res['deepspeed']}, {res['threads_per_rank']} thread per rank, "
          f"{res['cpu_count']} CPUs, {res['mem_total_gib']:.1f} GiB RAM, no GPU.  ",
          ("" if res.get("complete") else "**Partial: the run had not finished when this "
