@@ -287,8 +287,11 @@ LEAN_DS = {  # ZeRO-3 with bounded working memory (capscale fills the "auto" val
 
 
 # -- the parent: jobs with a memory guard -----------------------------------------------
+EXTRA_ENV: dict[str, str] = {}  # --malloc-mmap-threshold
+
+
 def _child_env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", CAPSCALE_CPU="1",
+    env = dict(os.environ, **EXTRA_ENV, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", CAPSCALE_CPU="1",
                DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(
         os.pathsep)
@@ -501,6 +504,7 @@ def layers_for(params: float, hidden: int = 1024, intermediate: int = 4096) -> i
 def _label(j: dict[str, Any]) -> str:
     ds = j.get("ds_config")
     return (j["strategy"] + (f" ({ds} DS config)" if ds else "")
+            + (" mmap-thr" if j.get("env", {}).get("MALLOC_MMAP_THRESHOLD_") else "")
             + (" +offload" if j.get("offload") else ""))
 
 
@@ -632,6 +636,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="no further candidate after this long in the search")
     p.add_argument("--ds-lean", action="store_true",
                    help="zero3 jobs use LEAN_DS (sub-groups, bounded live parameters)")
+    p.add_argument("--malloc-mmap-threshold", type=int, default=0,
+                   help="MALLOC_MMAP_THRESHOLD_ for the ranks (bytes; 0: glibc's dynamic "
+                        "default, which keeps freed tensors under 32 MB in the heap)")
     p.add_argument("--merge", action="store_true",
                    help="keep the jobs of the existing results file that this call does not "
                         "rerun (same world, strategy and DeepSpeed config)")
@@ -643,6 +650,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     wall0, load_start = time.time(), load_avg()
+    if args.malloc_mmap_threshold:
+        EXTRA_ENV["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
     shape = QUICK if args.quick else LARGE
     work = Path(args.work or tempfile.mkdtemp(prefix="scale_real_"))
     assets = build_assets(work / shape.name.replace(" ", "_"), shape, args.train_rows)
@@ -703,6 +712,7 @@ def main(argv: list[str] | None = None) -> int:
             job = run_job(spec, world, guard / args.parallel, args.timeout)
         job["estimate"] = est
         job["ds_config"] = (ds_name if strategy == "zero3" else None)
+        job["env"] = dict(EXTRA_ENV)
         if job["ds_config"] == "lean":
             job["ds_config_json"], job["ds_config_path"] = LEAN_DS, base_spec["ds_config"]
         done[strategy if world == 1 else f"{strategy}@{world}"] = job
@@ -710,12 +720,14 @@ def main(argv: list[str] | None = None) -> int:
         return job
 
     def key(j: dict[str, Any]) -> tuple:
-        return j["world"], j["strategy"], j.get("ds_config")
+        return (j["world"], j["strategy"], j.get("ds_config"),
+                j.get("env", {}).get("MALLOC_MMAP_THRESHOLD_"))
 
     old_file = out / f"{stem}.json"
     if args.merge and old_file.exists():
         previous = json.loads(old_file.read_text())
-        rerun = {(w, st, ds_name if st == "zero3" else None) for w, st in jobs_wanted}
+        thr = EXTRA_ENV.get("MALLOC_MMAP_THRESHOLD_")
+        rerun = {(w, st, ds_name if st == "zero3" else None, thr) for w, st in jobs_wanted}
         jobs.extend(j for j in previous["jobs"] if key(j) not in rerun)
         res["merged_from"] = {"command": previous.get("command"),
                               "load_start": previous.get("load_start"),
