@@ -630,8 +630,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", default="all", help="'all' or e.g. 1:zero3,2:zero3")
     p.add_argument("--largest", action="store_true", help="also search the largest encoder")
     p.add_argument("--largest-layers", default="",
-                   help="comma list of layer counts to try (default: from the estimate)")
+                   help="descending comma list of layer counts to try until one fits "
+                        "(default: from the estimate)")
     p.add_argument("--largest-tries", type=int, default=2)
+    p.add_argument("--largest-world", type=int, default=2, choices=(1, 2))
     p.add_argument("--largest-budget-s", type=float, default=900,
                    help="no further candidate after this long in the search")
     p.add_argument("--ds-lean", action="store_true",
@@ -656,7 +658,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="scale_real_"))
     assets = build_assets(work / shape.name.replace(" ", "_"), shape, args.train_rows)
     guard = args.guard_gib * GIB
-    jobs_wanted = JOBS if args.jobs == "all" else [
+    jobs_wanted = JOBS if args.jobs == "all" else [] if args.jobs == "none" else [
         (int(w), s) for w, s in (x.split(":") for x in args.jobs.split(","))]
     base_spec = {"assets": assets, "global_batch": args.global_batch, "length": args.length,
                  "steps": args.steps, "hidden": shape.hidden, "offload": False,
@@ -795,7 +797,8 @@ def search_largest(args: argparse.Namespace, work: Path, guard: float,
     """
     other = max(r["peak_rss"] - sum(r[k] for k in COMPONENTS) for r in z1["ranks"])
     state_pp = sum(sum(r[k] for k in COMPONENTS) for r in z1["ranks"]) / shape.params()
-    fit = layers_for((guard - 2 * other - GIB) / state_pp, shape.hidden, shape.intermediate)
+    fit = layers_for((guard - args.largest_world * other - GIB) / state_pp, shape.hidden,
+                     shape.intermediate)
     cap = 4 if args.quick else 200  # the quick shape's "fit" would be thousands of layers
     fit = max(1, min(fit, cap))
     layers = ([int(x) for x in args.largest_layers.split(",")] if args.largest_layers
@@ -814,9 +817,9 @@ def search_largest(args: argparse.Namespace, work: Path, guard: float,
                 "steps": 2, "hidden": big.hidden, "offload": True, "strategy": "zero3",
                 "ds_config": z1.get("ds_config_path"),
                 "out": str(work / f"largest_{nl}.json"), "workdir": str(work / f"run_big_{nl}")}
-        t = run_job(spec, 2, guard, args.timeout)
+        t = run_job(spec, args.largest_world, guard, args.timeout)
         t.update(model=big.name, params=big.params(), layers=nl,
-                 estimate_gib=(big.params() * state_pp + 2 * other) / GIB)
+                 estimate_gib=(big.params() * state_pp + args.largest_world * other) / GIB)
         tries.append(t)
         save()
         print(json.dumps({k: v for k, v in t.items() if k != "ranks"}), flush=True)
@@ -824,6 +827,8 @@ def search_largest(args: argparse.Namespace, work: Path, guard: float,
         if t["status"] == "ok":
             if best is None or big.params() > best["params"]:
                 best = t
+            if args.largest_layers:  # a descending list: the first that fits is the answer
+                break
             # room left: one larger candidate at the rate this one measured
             rate = sum(r["peak_rss"] for r in t["ranks"]) / big.params()
             up = min(cap, layers_for((guard - GIB) / rate, shape.hidden, shape.intermediate))
@@ -838,7 +843,8 @@ def search_largest(args: argparse.Namespace, work: Path, guard: float,
     else:
         peak = sum(r["peak_rss"] for r in best["ranks"])
         summary = (f"Largest pruned: {best['model']} ({best['params'] / 1e6:.0f} M "
-                   f"parameters), ZeRO-3 + offload_params + offload_optimizer at world 2 "
+                   f"parameters), ZeRO-3 + offload_params + offload_optimizer at world "
+                   f"{best['world']} "
                    f"(CPU DeepSpeed: the offload target is the same RAM): peak RSS "
                    + " + ".join(_g(r["peak_rss"]) for r in best["ranks"])
                    + f" = {_g(peak)} GiB of {_meminfo('MemTotal') / GIB:.1f} GiB; "
