@@ -246,7 +246,30 @@ def worker(spec: dict[str, Any]) -> None:
     setup_hwm = _status("VmHWM")
     ds = recipe.loaders.bank.dataset
     per = gb // world
-    times = []
+    hidden = spec["hidden"]
+    out = Path(spec["out"]).with_suffix(f".rank{rank}.json")
+    times: list[float] = []
+
+    def record(phase: str, gathers: dict[str, Any] | None) -> None:
+        """This rank's figures so far (rewritten after setup and every step, so a job
+        killed at the memory guard still reports what it measured)."""
+        student = recipe.student.model
+        scores = sum(_local_bytes(p) for p in recipe.controller.pruner.score_parameters())
+        rec = {"rank": rank, "world": world, "strategy": ctx.strategy,
+               "offload": spec["offload"], "phase": phase,
+               "peak_rss": _status("VmHWM"), "setup_peak_rss": setup_hwm,
+               "rss_end": _status("VmRSS"),
+               "student": local_param_bytes(student) - scores, "scores": scores,
+               **optimizer_bytes(recipe.student.optimizer),
+               "teacher": (local_param_bytes(recipe.teacher) if recipe.teacher is not None
+                           else 0),
+               "prc": 0,  # student_init pretrained: PrC encodes the student itself
+               "step_s": times,
+               "median_step_s": statistics.median(times[1:] or times) if times else None,
+               "setup_s": setup_s, "gather_s": gathers}
+        out.write_text(json.dumps(rec))
+
+    record("setup", None)
     for step in range(spec["steps"]):
         start = (step * gb) % max(1, len(ds) - gb + 1) + rank * per
         batch = Collator(0)([ds[i] for i in range(start, start + per)])
@@ -254,21 +277,10 @@ def worker(spec: dict[str, Any]) -> None:
         t0 = time.perf_counter()
         recipe.train_step(batch)
         times.append(time.perf_counter() - t0)
-    student = recipe.student.model
-    scores = sum(_local_bytes(p) for p in recipe.controller.pruner.score_parameters())
-    hidden = spec["hidden"]
+        record(f"step {step + 1}", None)
     gathers = {"local": gather_cost(ctx, per, hidden), "32": gather_cost(ctx, 32, hidden),
                "shapes": {"local": [per, hidden], "32": [32, hidden]}}
-    rec = {"rank": rank, "world": world, "strategy": ctx.strategy, "offload": spec["offload"],
-           "peak_rss": _status("VmHWM"), "setup_peak_rss": setup_hwm,
-           "rss_end": _status("VmRSS"),
-           "student": local_param_bytes(student) - scores, "scores": scores,
-           **optimizer_bytes(recipe.student.optimizer),
-           "teacher": local_param_bytes(recipe.teacher) if recipe.teacher is not None else 0,
-           "prc": 0,  # student_init pretrained: PrC encodes the student itself
-           "step_s": times, "median_step_s": statistics.median(times[1:] or times),
-           "setup_s": setup_s, "gather_s": gathers}
-    Path(spec["out"]).with_suffix(f".rank{rank}.json").write_text(json.dumps(rec))
+    record("done", gathers)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -382,8 +394,12 @@ def per_rank_max(job: dict[str, Any], key: str) -> float:
 def ratios(jobs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """World 2 / world 1 of each reference's and of student+scores+optimiser bytes per rank."""
     out = {}
+    def usable(j: dict[str, Any]) -> bool:  # done, or killed after its optimiser existed
+        return bool(j["ranks"]) and len(j["ranks"]) == j["world"] and (
+            j["status"] == "ok" or all(r["optimizer"] > 0 for r in j["ranks"]))
+
     by = {(j["world"], j["strategy"], j["offload"], j.get("ds_config")): j for j in jobs
-          if j["status"] == "ok"}
+          if usable(j)}
     for strat, configs in (("zero3", ("lean", "default")), ("fsdp2", (None,))):
         pairs = [(by.get((1, strat, False, c)), by.get((2, strat, False, c))) for c in configs]
         one, two = next(((a, b) for a, b in pairs if a and b), (None, None))
@@ -397,6 +413,11 @@ def ratios(jobs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                                          / max(sum(x[k] for k in train) for x in one["ranks"]))
         r["peak_rss"] = per_rank_max(two, "peak_rss") / per_rank_max(one, "peak_rss")
         r["ds_config"] = one.get("ds_config")
+        r["source"] = "; ".join(
+            f"world {j['world']}: {j['status'][:60]}"
+            + ("" if j["status"] == "ok" else " (bytes as recorded at "
+               + ", ".join(sorted({x.get("phase", "?") for x in j["ranks"]})) + ")")
+            for j in (one, two))
         r["meets_0.55"] = all(r[k] <= 0.55 for k in ("teacher", "student+scores+optimizer"))
         out[strat] = r
     return out
@@ -538,6 +559,16 @@ def write_md(res: dict[str, Any], path: Path) -> None:
          "gather (32 x H) |",
          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for j in res["jobs"]:
+        if j["status"] != "ok" and j["ranks"]:
+            rks = j["ranks"]
+            L.append(f"| {j['world']} | {_label(j)} | {j['status'][:40]}; last record: "
+                     + ", ".join(r.get("phase", "?") for r in rks) + " | "
+                     + " / ".join(_g(r["peak_rss"]) for r in rks) + " | "
+                     + " / ".join(_g(r["setup_peak_rss"]) for r in rks) + " | "
+                     + " | ".join(_g(per_rank_max(j, k)) for k in COMPONENTS) + " | "
+                     + " / ".join(", ".join(f"{t:.1f}" for t in r["step_s"]) or "-"
+                                  for r in rks) + " |  |  |")
+            continue
         if j["status"] != "ok":
             est = j.get("estimate", {})
             L.append(f"| {j['world']} | {_label(j)} | {j['status']} | est. "
@@ -560,14 +591,14 @@ def write_md(res: dict[str, Any], path: Path) -> None:
                   + ", ".join(f"{k} {_g(v)} GiB" for k, v in est.items()
                               if isinstance(v, float | int) and k != "peak_estimate") + "."]
     L += ["", "Setup seconds (max over ranks): " + ", ".join(
-        f"w{j['world']} {j['strategy']} {max(r['setup_s'] for r in j['ranks']):.0f}"
+        f"w{j['world']} {_label(j)} {max(r['setup_s'] for r in j['ranks']):.0f}"
         for j in res["jobs"] if j["ranks"]) + "."]
     L += ["", "## World 2 / world 1, bytes per rank (target <= 0.55)", "",
-          "| strategy | teacher | student+scores+optimiser | peak RSS | meets 0.55 |",
-          "|---|---|---|---|---|"]
+          "| strategy | teacher | student+scores+optimiser | peak RSS | meets 0.55 | from |",
+          "|---|---|---|---|---|---|"]
     for s, r in res["ratios"].items():
         L.append(f"| {s} | {r['teacher']:.3f} | {r['student+scores+optimizer']:.3f} | "
-                 f"{r['peak_rss']:.3f} | {r['meets_0.55']} |")
+                 f"{r['peak_rss']:.3f} | {r['meets_0.55']} | {r.get('source', '')} |")
     if res.get("largest") and res["largest"].get("tries"):
         lg = res["largest"]
         L += ["", "## Largest encoder pruned (ZeRO-3)", "", lg["summary"], ""]
