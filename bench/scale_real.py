@@ -537,10 +537,9 @@ def write_md(res: dict[str, Any], path: Path) -> None:
     L = [f"# Real-size CAP scale-out on CPU ({res['model']['name']}, "
          f"{res['model']['params'] / 1e6:.1f} M parameters)", "",
          f"Command: `{res['command']}`  ",
-         *([f"merged into the results of: `{res['merged_from']['command']}` (load "
-            f"{res['merged_from']['load_start']} -> {res['merged_from']['load_end']}, wall "
-            f"{(res['merged_from']['wall_s'] or 0) / 60:.1f} min)  "]
-           if res.get("merged_from") else []),
+         *[f"merged into the results of: `{m['command']}` (load {m['load_start']} -> "
+           f"{m['load_end']}, wall {(m['wall_s'] or 0) / 60:.1f} min)  "
+           for m in reversed(res.get("merged_from") or [])],
          f"torch {res['torch']}, deepspeed "
          f"{res['deepspeed']}, {res['threads_per_rank']} thread per rank, "
          f"{res['cpu_count']} CPUs, {res['mem_total_gib']:.1f} GiB RAM, no GPU.  ",
@@ -571,8 +570,11 @@ def write_md(res: dict[str, Any], path: Path) -> None:
             continue
         if j["status"] != "ok":
             est = j.get("estimate", {})
-            L.append(f"| {j['world']} | {_label(j)} | {j['status']} | est. "
-                     f"{_g(est.get('peak_estimate', 0))} |  |  |  |  |  |  |  |  |  |  |")
+            peak = (f"summed over ranks {_g(j['ranks_rss_sum_peak_polled'])} at the kill"
+                    if j.get("ranks_rss_sum_peak_polled") else
+                    f"est. {_g(est.get('peak_estimate', 0))}")
+            L.append(f"| {j['world']} | {_label(j)} | {j['status']} | {peak} "
+                     "|  |  |  |  |  |  |  |  |  |  |")
             continue
         rks = j["ranks"]
         peak = " / ".join(_g(r["peak_rss"]) for r in rks)
@@ -665,6 +667,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: from the estimate)")
     p.add_argument("--largest-tries", type=int, default=2)
     p.add_argument("--largest-world", type=int, default=2, choices=(1, 2))
+    p.add_argument("--largest-from", default=None,
+                   help="take the largest-model section from this results JSON")
     p.add_argument("--largest-budget-s", type=float, default=900,
                    help="no further candidate after this long in the search")
     p.add_argument("--ds-lean", action="store_true",
@@ -762,10 +766,16 @@ def main(argv: list[str] | None = None) -> int:
         thr = EXTRA_ENV.get("MALLOC_MMAP_THRESHOLD_")
         rerun = {(w, st, ds_name if st == "zero3" else None, thr) for w, st in jobs_wanted}
         jobs.extend(j for j in previous["jobs"] if key(j) not in rerun)
-        res["merged_from"] = {"command": previous.get("command"),
-                              "load_start": previous.get("load_start"),
-                              "load_end": previous.get("load_end"),
-                              "wall_s": previous.get("wall_s")}
+        chain = previous.get("merged_from") or []
+        chain = [chain] if isinstance(chain, dict) else chain
+        res["merged_from"] = [*chain, {"command": previous.get("command"),
+                                       "load_start": previous.get("load_start"),
+                                       "load_end": previous.get("load_end"),
+                                       "wall_s": previous.get("wall_s")}]
+        if previous.get("largest") and not args.largest:
+            res["largest"] = previous["largest"]
+    if args.largest_from:  # the search section of another results file (same machine)
+        res["largest"] = json.loads(Path(args.largest_from).read_text())["largest"]
         for j in jobs:
             if j["strategy"] == "single" and j["status"] == "ok":
                 done["single"] = j
