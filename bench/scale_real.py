@@ -30,6 +30,18 @@ Commands (cd /work/wt13b):
     PYTHONPATH=. python bench/scale_real.py --largest     # -> bench/results/scale_real.{json,md}
     PYTHONPATH=. python bench/scale_real.py --quick --out /tmp/sr   # smoke: 2 layers, hidden 64
 
+What produced bench/results/scale_real.* (2 cores, 23.5 GiB; the default DeepSpeed
+config and glibc's dynamic mmap threshold did not fit, see the notes there):
+
+    PYTHONPATH=. python bench/scale_real.py --largest --work /tmp/scale_real_work
+    PYTHONPATH=. python bench/scale_real.py --ds-lean --merge --malloc-mmap-threshold 1048576 \
+        --guard-gib 21 --jobs 1:zero3,2:zero3,2:fsdp2 --largest --largest-tries 2 \
+        --largest-budget-s 300 --work /tmp/scale_real_work
+    PYTHONPATH=. python bench/scale_real.py --ds-lean --merge --malloc-mmap-threshold 1048576 \
+        --guard-gib 21 --jobs 2:zero3,1:fsdp2,1:single --work /tmp/scale_real_work
+    PYTHONPATH=. python bench/scale_real.py --jobs none --merge --malloc-mmap-threshold 1048576 \
+        --ds-lean --largest-from <the second call's results JSON> --work /tmp/scale_real_work
+
 The GPU plan in the markdown is arithmetic on the measured bytes per parameter, not a
 measurement: no GPU was used.
 """
