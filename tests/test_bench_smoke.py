@@ -72,3 +72,34 @@ def test_perf_quick(tmp_path):
     assert set(times) == {"2000", "8000"}  # quick: N and 4N
     assert res["bank_build"]["ratio_by_id"] == pytest.approx(
         times["8000"]["by_id"] / times["2000"]["by_id"])
+
+
+@pytest.mark.slow
+def test_scale_real_quick(tmp_path):
+    """Every (world, strategy) job of bench/scale_real.py runs on the tiny shape and the
+    sharded strategies' per-rank reference bytes halve from world 1 to world 2."""
+    scale = _bench("scale_real")
+    assert scale.main(["--quick", "--steps", "2", "--train-rows", "8", "--parallel", "6",
+                       "--out", str(tmp_path), "--work", str(tmp_path / "work")]) == 0
+    res = json.loads((tmp_path / "scale_real_quick.json").read_text())
+    jobs = {(j["world"], j["strategy"]): j for j in res["jobs"]}
+    assert set(jobs) == set(scale.JOBS)
+    for (world, _), job in jobs.items():
+        assert job["status"] == "ok", job["status"]
+        assert len(job["ranks"]) == world
+        for r in job["ranks"]:
+            for key in ("peak_rss", "student", "scores", "optimizer", "teacher"):
+                assert r[key] > 0, (job["strategy"], world, key)
+            assert r["median_step_s"] > 0
+    for strategy in ("zero3", "fsdp2"):
+        one, two = jobs[(1, strategy)]["ranks"][0], jobs[(2, strategy)]["ranks"]
+        for r in two:  # sharded references: about half per rank (padding aside)
+            assert r["teacher"] / one["teacher"] == pytest.approx(0.5, abs=0.03), strategy
+            trained = sum(r[k] for k in ("student", "scores", "optimizer"))
+            assert trained / sum(one[k] for k in ("student", "scores", "optimizer")) \
+                == pytest.approx(0.5, abs=0.03), strategy
+        assert res["ratios"][strategy]["meets_0.55"]
+    for strategy in ("single", "ddp"):  # replicated: every rank holds the whole teacher
+        assert {r["teacher"] for r in jobs[(2 if strategy == "ddp" else 1, strategy)]["ranks"]} \
+            == {jobs[(1, "single")]["ranks"][0]["teacher"]}
+    assert "GPU plan on paper" in (tmp_path / "scale_real_quick.md").read_text()
