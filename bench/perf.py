@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -183,6 +184,7 @@ def scaleout_markdown(sc: dict[str, Any]) -> str:
 
 def measure(steps: int, quick: bool) -> dict[str, Any]:
     """Every figure of the report (minutes on a CPU; seconds with ``quick``)."""
+    load_start = list(os.getloadavg())
     with tempfile.TemporaryDirectory() as tmp:
         step = step_benchmark(steps, quick, Path(tmp))
     n = 2_000 if quick else 20_000
@@ -198,6 +200,8 @@ def measure(steps: int, quick: bool) -> dict[str, Any]:
             "MNLI, BERT-base, PrC or FiC": bank_memory(392_702, 768, 1),
             "tweets, MiniLM, 8 SnC views": bank_memory(34_342, 384, 8)},
         "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "command": "python " + " ".join(sys.argv),
+        "load_average_start": load_start, "load_average_end": list(os.getloadavg()),
     }
 
 

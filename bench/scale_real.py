@@ -25,7 +25,7 @@ with ``offload_params`` / ``offload_optimizer`` at world 2, the largest first am
 whose estimate (from the measured zero3 bytes per parameter) fits, and writes the
 single-process breakdown: which component's bytes take one process past the machine.
 
-Commands (cd /work/wt13b):
+Commands (from the repository root):
 
     PYTHONPATH=. python bench/scale_real.py --largest     # -> bench/results/scale_real.{json,md}
     PYTHONPATH=. python bench/scale_real.py --quick --out /tmp/sr   # smoke: 2 layers, hidden 64
