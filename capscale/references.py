@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from .contrastive.modules import ContrastiveModule
 from .contrastive.objectives import gathered_pairs
 from .data import model_inputs
+from .distributed.strategy import full_state, load_full_state
 from .models import (
     RepresentationTap,
     forward_with_representation,
@@ -134,7 +135,7 @@ class RunReferences:
         if self.strategy.shards_parameters:
             target = self.skeleton()
             with self.strategy.gathered(self.live.model) as bare:
-                _copy_state(target, full_state(bare))
+                load_full_state(target, bare)
             out = self.strategy.prepare_reference(freeze(target))
         else:
             out = self.strategy.prepare_reference(
@@ -159,12 +160,6 @@ class RunReferences:
         if train_mode:
             set_dropout(out, True)
         return out
-
-
-def full_state(model: nn.Module) -> dict[str, Tensor]:
-    """Every parameter and buffer (non-persistent ones too), detached CPU copies."""
-    return {n: t.detach().cpu().clone() for n, t in itertools.chain(
-        model.named_parameters(), model.named_buffers())}
 
 
 @torch.no_grad()

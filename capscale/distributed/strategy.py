@@ -209,6 +209,13 @@ class Strategy:
         sched.load_state_dict(both["scheduler"])
 
 
+def full_state(model: nn.Module) -> dict[str, Tensor]:
+    """Every parameter and buffer of ``model`` (non-persistent ones too), as detached
+    CPU copies; read inside :meth:`Strategy.gathered` for a sharded model."""
+    return {n: t.detach().cpu().clone() for n, t in itertools.chain(
+        model.named_parameters(), model.named_buffers())}
+
+
 @torch.no_grad()
 def load_full_state(target: nn.Module, source: nn.Module) -> nn.Module:
     """Copy ``source``'s (gathered, full) parameters and buffers into ``target``.
@@ -216,9 +223,7 @@ def load_full_state(target: nn.Module, source: nn.Module) -> nn.Module:
     Non-persistent buffers and the masks' scope (set by the Pruner, not state) are
     copied too, so ``target``'s masks are ``source``'s.
     """
-    state = {n: t.detach().cpu().clone() for n, t in itertools.chain(
-        source.named_parameters(), source.named_buffers())}
-    missing, _ = target.load_state_dict(state, strict=False)
+    missing, _ = target.load_state_dict(full_state(source), strict=False)
     if missing:
         raise RuntimeError(f"gathered state lacks {missing[:5]}...")
     for name, buf in source.named_buffers():
