@@ -10,6 +10,23 @@ Hugging Face ``config.model_type``. A custom encoder plugs in with one call::
         query="attn.q", key="attn.k", value="attn.v", attn_out="attn.o",
         ffn_in="mlp.fc1", ffn_out="mlp.fc2", head_linear="head.proj"))
 
+Three layouts beyond six separate linear maps per layer are described by fields, not
+code:
+
+* fused attention input (``qkv``): one linear map computes Q, K and V. ``qkv_layout``
+  says how its output rows are laid out: ``stacked`` is ``[Q; K; V]`` with each block
+  head-major (ModernBERT's ``Wqkv``); ``per_head`` is, head by head, ``[q_h; k_h; v_h]``
+  (DeBERTa v1's ``in_proj``, read through a ``(heads, 3 * d)`` view). Unstructured
+  pruning ranks Q, K and V separately inside it (three logical matrices); structured
+  pruning keeps a head's rows in all three.
+* gated FFN (``ffn_gated``): the FFN input projection produces ``[input; gate]`` halves
+  of ``I`` rows each and the block computes ``act(input) * gate`` (GLU). The halves are
+  two logical matrices; neuron ``j`` owns rows ``j`` and ``I + j`` and is pruned as a pair.
+* shared layers (ALBERT): ``layers`` names the distinct layer modules (``*`` matches
+  every child, so ``encoder.albert_layer_groups.*.albert_layers`` lists each group's
+  layers); the model applies them ``config.num_hidden_layers`` times in all. Their
+  matrices are pruned once, and reports say how often each is applied.
+
 Prunable matrices are the ``nn.Linear`` modules at those paths (checked by type), never
 parameters picked by substring of their names.
 """
@@ -17,10 +34,16 @@ parameters picked by substring of their names.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
+# The six logical roles of a layer's prunable matrices (a fused or gated linear map
+# holds several of them as row blocks), and the physical linear maps that hold them.
 ROLES = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
+LOGICAL_ROLES = (*ROLES, "ffn_gate")
+QKV_LAYOUTS = ("stacked", "per_head")
 
 
 @dataclass(frozen=True)
@@ -29,9 +52,15 @@ class EncoderAdapter:
 
     Attributes:
         model_types: ``config.model_type`` values this adapter serves.
-        layers: path, from the task model's ``base_model``, of the ModuleList of layers.
-        query, key, value, attn_out, ffn_in, ffn_out: paths, from one layer, of its six
-            linear maps (attention Q/K/V and output projection, FFN up and down).
+        layers: path, from the task model's ``base_model``, of the ModuleList of layers;
+            ``*`` segments match every child in order (layers listed once each even when
+            the model applies them several times).
+        query, key, value, attn_out, ffn_in, ffn_out: paths, from one layer, of its linear
+            maps (attention Q/K/V and output projection, FFN up and down). ``query``,
+            ``key`` and ``value`` are unused when ``qkv`` is set.
+        qkv: path of a fused Q/K/V linear map, or None.
+        qkv_layout: row layout of ``qkv``: ``stacked`` or ``per_head`` (module docstring).
+        ffn_gated: ``ffn_in`` outputs ``[input; gate]`` halves (GLU); see module docstring.
         head_linear: path, from the task model root, of the classification head's final
             linear layer; its input is the ``head`` representation (BERT: the pooler
             output after dropout, RoBERTa: the head's tanh features after dropout).
@@ -39,6 +68,12 @@ class EncoderAdapter:
         extra_head_linears: paths, from one layer, of further linear maps whose output is
             laid out per head like Q/K/V (DeBERTa-v2's unshared relative-position
             projections); structured export slices them too where they exist.
+        extra_head_params: paths, from one layer, of parameter vectors laid out per head
+            (DeBERTa v1's ``q_bias`` / ``v_bias``); structured export slices them too.
+        head_inputs: ``(module path from one layer, argument name, position)`` of forward
+            arguments that carry one slice per head in dimension 1 (MPNet's relative
+            position bias, computed once for all layers); a physically pruned layer
+            selects its kept heads' slices.
     """
 
     model_types: tuple[str, ...]
@@ -52,30 +87,87 @@ class EncoderAdapter:
     head_linear: str = "classifier"
     num_heads_attr: str = "num_attention_heads"
     extra_head_linears: tuple[str, ...] = ()
+    qkv: str | None = None
+    qkv_layout: str = "stacked"
+    ffn_gated: bool = False
+    extra_head_params: tuple[str, ...] = ()
+    head_inputs: tuple[tuple[str, str, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.qkv_layout not in QKV_LAYOUTS:
+            raise ValueError(f"adapter {self.name}: qkv_layout {self.qkv_layout!r} is not "
+                             f"one of {', '.join(QKV_LAYOUTS)}")
+
+    @property
+    def name(self) -> str:
+        return self.model_types[0] if self.model_types else "<adapter>"
+
+    @property
+    def physical_roles(self) -> tuple[str, ...]:
+        """Roles of the linear maps of one layer: ``qkv`` replaces Q/K/V when fused."""
+        if self.qkv:
+            return ("qkv", "attn_out", "ffn_in", "ffn_out")
+        return ROLES
+
+    def role_path(self, role: str) -> str:
+        path = getattr(self, role)
+        if not path:
+            raise ValueError(f"adapter {self.name}: no path for {role}")
+        return path
+
+    def head_linear_paths(self) -> list[str]:
+        """Paths, from one layer, of the linear maps whose output rows are per head."""
+        qkv = [self.qkv] if self.qkv else [self.query, self.key, self.value]
+        return [*qkv, *self.extra_head_linears]
 
     def layer_modules(self, model: nn.Module) -> nn.ModuleList:
-        """The encoder's layers. ``model`` is the task model (e.g. ...ForSequenceClassification)."""
+        """The encoder's distinct layers (``model``: the task model, bare)."""
         base = getattr(model, "base_model", model)
-        layers = get_submodule(base, self.layers, what=f"adapter {self.model_types[0]}: layers")
-        if not isinstance(layers, nn.ModuleList):
-            raise TypeError(f"adapter {self.model_types[0]}: {self.layers} is "
-                            f"{type(layers).__name__}, expected nn.ModuleList")
-        return layers
+        found = _expand(base, self.layers, f"adapter {self.name}: layers")
+        if len(found) == 1 and isinstance(found[0], nn.ModuleList):
+            return found[0]
+        layers: list[nn.Module] = []
+        for mod in found:
+            layers.extend(mod if isinstance(mod, nn.ModuleList) else [mod])
+        if not layers:
+            raise TypeError(f"adapter {self.name}: {self.layers} matches no layer")
+        return nn.ModuleList(layers)
+
+    def layer_paths(self, model: nn.Module) -> list[str]:
+        """Path of each distinct layer from ``base_model`` (same order as layer_modules)."""
+        base = getattr(model, "base_model", model)
+        names = {id(m): n for n, m in base.named_modules()}
+        return [names[id(m)] for m in self.layer_modules(model)]
+
+    def applications(self, model_or_config: Any) -> int:
+        """How many times the model applies each distinct layer (ALBERT: depth / groups).
+
+        1 unless the config's ``num_hidden_layers`` exceeds the distinct layers (needs a
+        model, not a config, to count them; a config alone answers 1).
+        """
+        config = getattr(model_or_config, "config", None)
+        if config is None:
+            return 1
+        depth = getattr(config, "num_hidden_layers", None)
+        distinct = len(self.layer_modules(model_or_config))
+        if not depth or depth <= distinct or depth % distinct:
+            return 1
+        return depth // distinct
 
     def layer_linears(self, layer: nn.Module) -> dict[str, nn.Linear]:
-        """The six linear maps of one layer, by role."""
+        """The linear maps of one layer, by physical role (``physical_roles``)."""
         out = {}
-        for role in ROLES:
-            mod = get_submodule(layer, getattr(self, role),
-                                what=f"adapter {self.model_types[0]}: {role}")
+        for role in self.physical_roles:
+            path = self.role_path(role)
+            mod = get_submodule(layer, path, what=f"adapter {self.name}: {role}")
             if not isinstance(mod, nn.Linear):
-                raise TypeError(f"adapter {self.model_types[0]}: {role} at "
-                                f"{getattr(self, role)} is {type(mod).__name__}, not nn.Linear")
+                raise TypeError(f"adapter {self.name}: {role} at {path} is "
+                                f"{type(mod).__name__}, not nn.Linear")
             out[role] = mod
         return out
 
     def prunable_linears(self, model: nn.Module) -> dict[str, nn.Linear]:
-        """Every prunable linear map, keyed ``"<layer index>.<role>"``."""
+        """Every prunable linear map, keyed ``"<layer index>.<physical role>"``."""
         return {f"{i}.{role}": lin for i, layer in enumerate(self.layer_modules(model))
                 for role, lin in self.layer_linears(layer).items()}
 
@@ -84,9 +176,44 @@ class EncoderAdapter:
         by_id = {id(m): n for n, m in model.named_modules()}
         return {k: by_id[id(m)] for k, m in self.prunable_linears(model).items()}
 
+    def row_groups(self, role: str, out_features: int, num_heads: int
+                   ) -> dict[str, Tensor] | None:
+        """Logical matrices inside the physical linear map of ``role``: logical role ->
+        its output-row indices; None when the map is one logical matrix."""
+        if role == "qkv":
+            d = out_features // (3 * num_heads)
+            rows = torch.arange(out_features)
+            if self.qkv_layout == "stacked":
+                blocks = rows.view(3, num_heads * d)
+            else:  # per head: [q_h; k_h; v_h]
+                blocks = rows.view(num_heads, 3, d).transpose(0, 1).reshape(3, num_heads * d)
+            return dict(zip(("query", "key", "value"), blocks))
+        if role == "ffn_in" and self.ffn_gated:
+            half = out_features // 2
+            return {"ffn_in": torch.arange(half), "ffn_gate": torch.arange(half, 2 * half)}
+        return None
+
+    def head_rows(self, role: str, heads: Tensor, head_size: int, num_heads: int) -> Tensor:
+        """Output rows of the head linear ``role`` that belong to the heads ``heads``."""
+        d = head_size
+        per = (heads[:, None] * d + torch.arange(d)[None, :]).flatten()
+        if role != "qkv":
+            return per
+        if self.qkv_layout == "stacked":
+            return torch.cat([b * num_heads * d + per for b in range(3)])
+        return (heads[:, None] * 3 * d + torch.arange(3 * d)[None, :]).flatten()
+
+    def neuron_rows(self, neurons: Tensor, intermediate: int) -> Tensor:
+        """Rows of ``ffn_in`` that belong to the FFN neurons ``neurons``."""
+        return torch.cat([neurons, intermediate + neurons]) if self.ffn_gated else neurons
+
+    def intermediate_size(self, layer: nn.Module) -> int:
+        """FFN width of one layer (the input width of ``ffn_out``)."""
+        return self.layer_linears(layer)["ffn_out"].in_features
+
     def head(self, model: nn.Module) -> nn.Linear:
         mod = get_submodule(model, self.head_linear,
-                            what=f"adapter {self.model_types[0]}: head_linear")
+                            what=f"adapter {self.name}: head_linear")
         if not isinstance(mod, nn.Linear):
             raise TypeError(f"head_linear {self.head_linear} is {type(mod).__name__}")
         return mod
@@ -103,6 +230,28 @@ class EncoderAdapter:
         if explicit:
             return int(explicit)
         return int(config.hidden_size) // self.num_heads(config)  # type: ignore[attr-defined]
+
+
+def _expand(root: nn.Module, path: str, what: str) -> list[nn.Module]:
+    """Modules at ``path`` from ``root``, a ``*`` segment matching every child in order."""
+    found = [root]
+    done: list[str] = []
+    for part in path.split(".") if path else []:
+        nxt: list[nn.Module] = []
+        for mod in found:
+            if part == "*":
+                nxt.extend(mod.children())
+            else:
+                child = getattr(mod, "_modules", {}).get(part)
+                if child is None:
+                    raise AttributeError(
+                        f"{what}: no submodule {'.'.join([*done, part])!r} in "
+                        f"{type(root).__name__}; register an EncoderAdapter with the right "
+                        "paths")
+                nxt.append(child)
+        found = nxt
+        done.append(part)
+    return found
 
 
 def get_submodule(root: nn.Module, path: str, what: str = "module") -> nn.Module:
@@ -152,3 +301,28 @@ register_adapter(EncoderAdapter(model_types=("deberta-v2",),
                                 value="attention.self.value_proj",
                                 extra_head_linears=("attention.self.pos_key_proj",
                                                     "attention.self.pos_query_proj")))
+# Fused attention input and gated FFN (ModernBERT), fused per-head Q/K/V (DeBERTa v1).
+register_adapter(EncoderAdapter(model_types=("modernbert",), layers="layers",
+                                qkv="attn.Wqkv", qkv_layout="stacked", attn_out="attn.Wo",
+                                ffn_in="mlp.Wi", ffn_out="mlp.Wo", ffn_gated=True))
+register_adapter(EncoderAdapter(model_types=("deberta",),
+                                qkv="attention.self.in_proj", qkv_layout="per_head",
+                                extra_head_linears=("attention.self.pos_proj",
+                                                    "attention.self.pos_q_proj"),
+                                extra_head_params=("attention.self.q_bias",
+                                                   "attention.self.v_bias")))
+# One layer's weights shared by every application (ALBERT: num_hidden_groups groups).
+register_adapter(EncoderAdapter(model_types=("albert",),
+                                layers="encoder.albert_layer_groups.*.albert_layers",
+                                query="attention.query", key="attention.key",
+                                value="attention.value", attn_out="attention.dense",
+                                ffn_in="ffn", ffn_out="ffn_output"))
+register_adapter(EncoderAdapter(model_types=("distilbert",), layers="transformer.layer",
+                                query="attention.q_lin", key="attention.k_lin",
+                                value="attention.v_lin", attn_out="attention.out_lin",
+                                ffn_in="ffn.lin1", ffn_out="ffn.lin2", num_heads_attr="n_heads"))
+# MPNet's relative position bias is computed once for all layers, one slice per head.
+register_adapter(EncoderAdapter(model_types=("mpnet",), query="attention.attn.q",
+                                key="attention.attn.k", value="attention.attn.v",
+                                attn_out="attention.attn.o", head_linear="classifier.out_proj",
+                                head_inputs=(("attention.attn", "position_bias", 2),)))
