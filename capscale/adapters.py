@@ -179,7 +179,8 @@ class EncoderAdapter:
     def row_groups(self, role: str, out_features: int, num_heads: int
                    ) -> dict[str, Tensor] | None:
         """Logical matrices inside the physical linear map of ``role``: logical role ->
-        its output-row indices; None when the map is one logical matrix."""
+        its output-row indices; None when the map is one logical matrix. ``num_heads``
+        is read for ``qkv`` only (callers may pass 0 for an adapter without one)."""
         if role == "qkv":
             d = out_features // (3 * num_heads)
             rows = torch.arange(out_features)

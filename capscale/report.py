@@ -27,7 +27,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from .adapters import ROLES
+from .adapters import LOGICAL_ROLES
 
 NOT_LOSSES = ("step", "epoch", "lr", "examples_per_s", "sparsity", "loss")
 
@@ -84,7 +84,7 @@ def plot_losses(history: list[dict[str, Any]], path: Path) -> str:
 def plot_layer_heatmap(per_matrix: dict[str, dict[str, Any]], path: Path) -> str:
     """Sparsity by encoder layer (rows) and matrix type (columns)."""
     layers = sorted({int(k.split(".", 1)[0]) for k in per_matrix})
-    roles = [r for r in ROLES if any(k.split(".", 1)[1] == r for k in per_matrix)]
+    roles = [r for r in LOGICAL_ROLES if any(k.split(".", 1)[1] == r for k in per_matrix)]
     grid = np.full((len(layers), len(roles)), np.nan)
     for key, v in per_matrix.items():
         layer, role = key.split(".", 1)

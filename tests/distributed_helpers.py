@@ -202,3 +202,48 @@ def _smoke(assets: dict[str, str], out_dir: str, strategy: str) -> None:
     rc = main(["--config", str(cfg_path), f"strategy={strategy}"])
     if dist.get_rank() == 0:
         (Path(out_dir) / "smoke_rc.json").write_text(json.dumps({"rc": rc}))
+
+
+def make_family_assets(root: Path, family: str) -> dict[str, str]:
+    """``make_assets`` with a student and teacher of another encoder ``family`` (the
+    configs of structured_models, on this word-level vocabulary)."""
+    from structured_models import CONFIGS
+    from transformers import AutoModelForSequenceClassification
+
+    paths = make_assets(root)
+    tok_dir = Path(paths["student"])
+    for name, seed in (("student", 0), ("teacher", 1)):
+        cfg = CONFIGS[family]()
+        cfg.vocab_size = len(WORDS) + 5
+        torch.manual_seed(seed)
+        model = AutoModelForSequenceClassification.from_config(cfg)
+        out = root / f"{family}_{name}"
+        model.save_pretrained(out)
+        for f in tok_dir.iterdir():
+            if f.name not in ("config.json", "model.safetensors"):
+                (out / f.name).write_bytes(f.read_bytes())
+        paths[name] = str(out)
+    return paths
+
+
+FAMILY_OVERRIDES = {"pruning.scope": "local"}  # per logical matrix top-k (fused maps split)
+
+
+def family_worker(rank: int, world: int, port: int, strategy: str,
+                  assets: dict[str, dict[str, str]], out_dir: str) -> None:
+    """One rank: for each family, the parity record of ``train_and_record``."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), CAPSCALE_CPU="1",
+                      DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
+    torch.set_num_threads(1)
+    from capscale.distributed import init_distributed
+    ctx = init_distributed(strategy)
+    records = {}
+    for family, paths in assets.items():
+        run = build_run(paths, ctx, GLOBAL_BATCH // world, **FAMILY_OVERRIDES)
+        records[family] = train_and_record(run, ctx)
+        del run
+    if rank == 0:
+        torch.save(records, Path(out_dir) / "records.pt")
+    dist.barrier()
+    dist.destroy_process_group()

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import torch
 from transformers import (
+    AlbertConfig,
     AutoModelForSequenceClassification,
     BertConfig,
+    DebertaConfig,
     DebertaV2Config,
+    DistilBertConfig,
     ElectraConfig,
+    ModernBertConfig,
+    MPNetConfig,
     RobertaConfig,
     XLMRobertaConfig,
 )
@@ -25,6 +30,23 @@ CONFIGS = {
     "deberta-v2": lambda: DebertaV2Config(**COMMON, relative_attention=True,
                                           position_buckets=8, max_relative_positions=16,
                                           pos_att_type=["p2c", "c2p"], share_att_key=False),
+    # fused per-head Q/K/V (in_proj), per-head q_bias / v_bias and position projections
+    "deberta": lambda: DebertaConfig(**COMMON, relative_attention=True,
+                                     max_relative_positions=16, pos_att_type=["p2c", "c2p"]),
+    # fused stacked Wqkv, gated FFN (Wi gives input and gate halves), no biases
+    "modernbert": lambda: ModernBertConfig(
+        **{k: v for k, v in COMMON.items() if not k.endswith("dropout_prob")},
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2,
+        global_attn_every_n_layers=2, local_attention=8, classifier_pooling="mean"),
+    # three groups of one layer each, every group applied twice (6 layers deep)
+    "albert": lambda: AlbertConfig(**{**COMMON, "num_hidden_layers": 6}, num_hidden_groups=3,
+                                   embedding_size=24, classifier_dropout_prob=0.0),
+    "distilbert": lambda: DistilBertConfig(
+        dim=32, n_layers=3, n_heads=4, hidden_dim=48, vocab_size=101,
+        max_position_embeddings=64, num_labels=3, dropout=0.0, attention_dropout=0.0,
+        seq_classif_dropout=0.0),
+    # the relative position bias (one slice per head) is shared by all layers
+    "mpnet": lambda: MPNetConfig(**COMMON),
 }
 
 

@@ -149,8 +149,13 @@ def test_family_prunes_and_exports_with_parity(family, tiny_model_factory, custo
                  "snc_sup"):
         assert math.isfinite(last[name]), name
     masked = {n: m for n, m in pruner.student.model.named_modules() if isinstance(m, MaskedLinear)}
-    assert len(masked) == 2 * len(ROLES)  # every prunable linear, no other
+    adapter = pruner.adapter
+    distinct = len(adapter.layer_modules(pruner.student.model))
+    assert len(masked) == distinct * len(adapter.physical_roles)  # every prunable map, no other
     report = pruner.controller.report()
+    # one entry per logical matrix (fused Q/K/V and GLU halves split), each at 90%
+    fused = len(ROLES) + (1 if adapter.ffn_gated else 0)
+    assert len(report["per_matrix"]) == distinct * fused
     for key, entry in report["per_matrix"].items():
         assert abs(entry["sparsity"] - 0.9) < 0.005, key
     scores = pruner.controller.pruner.score_parameters()
@@ -165,3 +170,28 @@ def test_family_prunes_and_exports_with_parity(family, tiny_model_factory, custo
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**inputs).logits, pruner.student.model(**inputs).logits,
                                    rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["deberta", "modernbert", "albert", "distilbert", "mpnet"])
+def test_family_structured_cap_exports_smaller_with_parity(family, tiny_model_factory,
+                                                           tiny_csv, tmp_path):
+    """Structured CAP (Taylor importance through the full CAP loss, two levels with
+    retraining) on the fused / gated / shared / per-head-input layouts; the physically
+    smaller export, loaded by transformers, gives the masked student's logits."""
+    pruner = run_cap(tiny_model_factory(family), tiny_csv, tmp_path / "run",
+                     "pruning.method=structured", "structured.levels=[0.25,0.5]",
+                     "structured.retrain_steps=2", "structured.importance_fraction=0.5")
+    heads, ffn = pruner.controller.masks.keep()
+    assert sum(int(h.sum()) for h in heads) < sum(h.numel() for h in heads)
+    assert sum(int(f.sum()) for f in ffn) <= sum(f.numel() for f in ffn) // 2 + len(ffn)
+    inputs = eval_inputs(pruner)
+    model = pruner.student.model.eval()
+    with torch.no_grad():
+        masked = model(**inputs).logits
+    report = pruner.controller.export(tmp_path / "pruned")
+    assert report["exported_encoder_parameters"] < report["encoder_parameters"]
+    assert report["layer_applications"] == (2 if family == "albert" else 1)
+    reloaded = AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "pruned" / "model", trust_remote_code=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, masked, rtol=1e-5, atol=1e-5)

@@ -21,7 +21,8 @@ from capscale.models import resolve_model_path
 MINILM_VOCAB = 30522  # the packaged tokenizer's vocabulary; token ids index the embeddings
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
         "intermediate_size": 64, "max_position_embeddings": 80, "vocab_size": MINILM_VOCAB}
-FAMILIES = ("bert", "roberta", "xlm-roberta", "electra", "deberta-v2")
+FAMILIES = ("bert", "roberta", "xlm-roberta", "electra", "deberta-v2", "deberta", "modernbert",
+            "albert", "distilbert", "mpnet")
 
 
 def tiny_config(family: str, num_labels: int = 2) -> transformers.PretrainedConfig:
@@ -39,6 +40,22 @@ def tiny_config(family: str, num_labels: int = 2) -> transformers.PretrainedConf
         return transformers.DebertaV2Config(**kw, pad_token_id=0, type_vocab_size=0,
                                             relative_attention=True, position_buckets=16,
                                             pos_att_type=["p2c", "c2p"])
+    if family == "deberta":  # fused per-head in_proj, q_bias / v_bias
+        return transformers.DebertaConfig(**kw, relative_attention=True,
+                                          max_relative_positions=16, pos_att_type=["p2c", "c2p"])
+    if family == "modernbert":  # fused stacked Wqkv, gated FFN; MiniLM's special ids
+        return transformers.ModernBertConfig(**kw, pad_token_id=0, cls_token_id=101,
+                                             sep_token_id=102, bos_token_id=101,
+                                             eos_token_id=102, global_attn_every_n_layers=2,
+                                             local_attention=8)
+    if family == "albert":  # one layer applied twice
+        return transformers.AlbertConfig(**kw, embedding_size=16, num_hidden_groups=1)
+    if family == "distilbert":
+        return transformers.DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+                                             max_position_embeddings=80,
+                                             vocab_size=MINILM_VOCAB, num_labels=num_labels)
+    if family == "mpnet":  # relative position bias shared by all layers
+        return transformers.MPNetConfig(**{**kw, "max_position_embeddings": 82})
     raise ValueError(family)
 
 

@@ -42,17 +42,27 @@ class FSDP2Strategy(Strategy):
         self.mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
 
     def shard(self, model: nn.Module) -> nn.Module:
-        """``fully_shard`` every ModuleList block and embedding, then the root (in place).
+        """``fully_shard`` every ModuleList block and the word embeddings, then the root
+        (in place).
 
-        FSDP2 keeps the root's own parameters gathered after forward, so the
-        embeddings get their own unit; the root is left with the small head.
+        FSDP2 keeps the root's own parameters gathered after forward, so the word
+        embeddings get their own unit; the root is left with the small head and the
+        small tables. Only embeddings that are called get a unit: a table whose weight
+        the model reads directly (DeBERTa's relative-position embeddings) must be
+        gathered by the unit that owns it, so it stays in the root's.
         """
-        for mod in list(model.modules()):
+        get_input = getattr(model, "get_input_embeddings", None)
+        words = get_input() if callable(get_input) else None
+        units: list[nn.Module] = []
+        for mod in model.modules():
             if isinstance(mod, nn.ModuleList):
-                for block in mod:
-                    fully_shard(block, mesh=self.mesh)
-            elif isinstance(mod, nn.Embedding):
-                fully_shard(mod, mesh=self.mesh)
+                units.extend(mod)
+            elif isinstance(mod, nn.Embedding) and (words is None or mod is words):
+                units.append(mod)
+        # Innermost first: a unit takes the parameters no inner unit holds (ALBERT nests
+        # its layers' ModuleList inside its groups' ModuleList).
+        for unit in reversed(units):
+            fully_shard(unit, mesh=self.mesh)
         fully_shard(model, mesh=self.mesh)
         return model
 

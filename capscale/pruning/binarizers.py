@@ -9,6 +9,7 @@ movement pruning (Sanh et al., 2020, eq. 2 and section 3). With ``W' = W * M`` t
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -36,16 +37,32 @@ def topk_mask(scores: Tensor, keep_frac: float) -> Tensor:
     return mask
 
 
+def grouped(fn: Callable[[Tensor], Tensor], scores: Tensor,
+            groups: Sequence[Tensor] | None) -> Tensor:
+    """``fn`` applied to each row group of ``scores`` on its own (a fused linear map's
+    logical matrices, e.g. the Q, K and V rows of one QKV projection); ``fn(scores)``
+    when there are no groups."""
+    if not groups:
+        return fn(scores)
+    mask = torch.zeros_like(scores)
+    for rows in groups:
+        rows = rows.to(scores.device)
+        mask[rows] = fn(scores.index_select(0, rows))
+    return mask
+
+
 class TopKBinarizer(torch.autograd.Function):
-    """``M = 1[S in top keep_frac of S]`` (per matrix); backward: identity."""
+    """``M = 1[S in top keep_frac of S]`` (per matrix, or per row group of a fused
+    matrix); backward: identity."""
 
     @staticmethod
-    def forward(ctx, scores: Tensor, keep_frac: float) -> Tensor:  # noqa: ANN001
-        return topk_mask(scores, keep_frac)
+    def forward(ctx, scores: Tensor, keep_frac: float,  # noqa: ANN001
+                groups: Sequence[Tensor] | None = None) -> Tensor:
+        return grouped(lambda s: topk_mask(s, keep_frac), scores, groups)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # noqa: ANN001
-        return grad, None
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # noqa: ANN001
+        return grad, None, None
 
 
 class ThresholdBinarizer(torch.autograd.Function):
@@ -79,16 +96,19 @@ class SigmoidThresholdBinarizer(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, scores: Tensor, tau: float, min_keep: float) -> Tensor:  # noqa: ANN001
-        mask = (torch.sigmoid(scores) > tau).to(scores.dtype)
-        # Round the floor up: round() would keep fewer than min_keep, or nothing at all
-        # in a small matrix (0.5% of 21 entries rounds to 0).
-        n = scores.numel()
-        k = math.ceil(min_keep * n)
-        if mask.sum() < k:
-            mask = topk_mask(scores, k / n)
-        return mask
+    def forward(ctx, scores: Tensor, tau: float, min_keep: float,  # noqa: ANN001
+                groups: Sequence[Tensor] | None = None) -> Tensor:
+        def one(s: Tensor) -> Tensor:
+            mask = (torch.sigmoid(s) > tau).to(s.dtype)
+            # Round the floor up: round() would keep fewer than min_keep, or nothing at
+            # all in a small matrix (0.5% of 21 entries rounds to 0).
+            n = s.numel()
+            k = math.ceil(min_keep * n)
+            if mask.sum() < k:
+                mask = topk_mask(s, k / n)
+            return mask
+        return grouped(one, scores, groups)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # noqa: ANN001
-        return grad, None, None
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:  # noqa: ANN001
+        return grad, None, None, None

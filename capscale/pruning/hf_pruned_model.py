@@ -9,13 +9,18 @@ Stock transformers builds every layer with ``config.num_attention_heads`` heads 
 ``config.intermediate_size`` neurons, and transformers 5 has no ``pruned_heads`` any
 more, so per-layer head counts and FFN widths cannot be expressed by config fields the
 stock classes honour. This subclass builds the stock model, then resizes each layer's
-linear maps to the sizes in ``config.capscale_structure``; the forward is the stock one
-(the attention reshapes infer the head count from the projection width). It imports
-nothing but torch and transformers.
+linear maps (a fused Q/K/V map to three blocks of the kept heads, a gated FFN input to
+two rows per kept neuron) and per-head parameter vectors to the sizes in
+``config.capscale_structure``; the forward is the stock one (the attention reshapes
+infer the head count from the projection width, or read the attributes set here).
+Forward arguments that carry one slice per head for all layers at once (MPNet's
+position bias) are narrowed to a layer's kept heads by a pre-hook. It imports nothing
+but torch and transformers.
 """
 
 from typing import Any
 
+import torch
 import transformers
 from torch import nn
 
@@ -35,22 +40,59 @@ def _swap(root: nn.Module, path: str, in_features: int | None = None,
     setattr(root.get_submodule(parent) if parent else root, name, new)
 
 
+def _resize_param(root: nn.Module, path: str, size: int) -> None:
+    parent, _, name = path.rpartition(".")
+    try:
+        mod = root.get_submodule(parent) if parent else root
+    except AttributeError:
+        return
+    old = getattr(mod, name, None)
+    if isinstance(old, nn.Parameter):
+        setattr(mod, name, nn.Parameter(old.new_zeros(size), requires_grad=old.requires_grad))
+
+
+def _head_slicer(index: int, name: str, kept: list[int]) -> Any:
+    """A forward pre-hook selecting the kept heads (dimension 1) of one argument."""
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        idx = None
+        if name in kwargs and kwargs[name] is not None:
+            idx = torch.tensor(kept, device=kwargs[name].device)
+            kwargs = {**kwargs, name: kwargs[name].index_select(1, idx)}
+        elif len(args) > index and args[index] is not None:
+            idx = torch.tensor(kept, device=args[index].device)
+            args = (*args[:index], args[index].index_select(1, idx), *args[index + 1:])
+        return args, kwargs
+    return hook
+
+
 def resize_to_structure(model: nn.Module, structure: dict[str, Any]) -> None:
     """Give every layer its pruned number of heads and FFN neurons."""
     base = getattr(model, "base_model", model)
-    layers = base.get_submodule(structure["layers"])
+    if "layer_paths" in structure:
+        layers = [base.get_submodule(p) for p in structure["layer_paths"]]
+    else:
+        layers = list(base.get_submodule(structure["layers"]))
     d = structure["head_size"]
-    for layer, heads, inter in zip(layers, structure["heads_per_layer"],
-                                   structure["intermediate_per_layer"]):
+    kept_heads = structure.get("kept_heads") or [None] * len(layers)
+    for layer, heads, inter, kept in zip(layers, structure["heads_per_layer"],
+                                         structure["intermediate_per_layer"], kept_heads):
         for path in structure["head_linears"]:
             _swap(layer, path, out_features=heads * d)
+        if structure.get("fused_qkv"):
+            _swap(layer, structure["fused_qkv"], out_features=3 * heads * d)
+        for path in structure.get("head_params", []):
+            _resize_param(layer, path, heads * d)
         _swap(layer, structure["attn_out"], in_features=heads * d)
-        _swap(layer, structure["ffn_in"], out_features=inter)
+        rows = structure.get("ffn_in_rows_per_neuron", 1)
+        _swap(layer, structure["ffn_in"], out_features=rows * inter)
         _swap(layer, structure["ffn_out"], in_features=inter)
         attention = layer.get_submodule(structure["attention_module"])
         for attr, value in (("num_attention_heads", heads), ("all_head_size", heads * d)):
             if hasattr(attention, attr):
                 setattr(attention, attr, value)
+        for path, name, index in structure.get("head_inputs", []):
+            layer.get_submodule(path).register_forward_pre_hook(
+                _head_slicer(index, name, kept), with_kwargs=True)
 
 
 class CapscalePrunedModel(getattr(transformers, BASE_CLASS)):

@@ -54,6 +54,10 @@ class MaskedLinear(nn.Linear):
         # This rank's part of the mask of the last training forward (what the optimiser
         # step must keep zero); None when nobody asked for it.
         self.step_mask: Tensor | None = None
+        # Output rows of each logical matrix when this linear map fuses several (Q, K, V
+        # of a fused projection; a GLU's input and gate halves): a per-matrix top-k
+        # ranks each group on its own. None: one matrix. Set by attach_masks.
+        self.row_groups: list[Tensor] | None = None
         # Sizes come from in/out_features, never from weight.shape (ZeRO-3 shows (0,)).
         if not self.rule.has_scores:
             self.mask_scores = None
@@ -138,12 +142,16 @@ def _replace(model: nn.Module, qualified: str, new: nn.Module) -> None:
 def attach_masks(model: nn.Module, adapter: EncoderAdapter, method: str | WeightRule,
                  score_init: float = 0.0, min_keep: float = 0.005
                  ) -> dict[str, MaskedLinear]:
-    """Swap every prunable encoder linear for a MaskedLinear; return them by ``layer.role``."""
+    """Swap every prunable encoder linear for a MaskedLinear; return them by ``layer.role``
+    (physical roles: a fused QKV map is one module, ranked per logical matrix)."""
     out: dict[str, MaskedLinear] = {}
+    num_heads = adapter.num_heads(model.config) if adapter.qkv else 0
     for key, qname in adapter.qualified_names(model).items():
         lin = model.get_submodule(qname)
         new = lin if isinstance(lin, MaskedLinear) else MaskedLinear.from_linear(
             lin, method, score_init, min_keep)
+        groups = adapter.row_groups(key.split(".", 1)[1], new.out_features, num_heads)
+        new.row_groups = list(groups.values()) if groups else None
         _replace(model, qname, new)
         out[key] = new
     return out

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..adapters import EncoderAdapter
-from .structured import optional_linear
+from .structured import optional_linear, optional_param
 
 
 def _sliced(lin: nn.Linear, rows: Tensor | None = None, cols: Tensor | None = None,
@@ -53,36 +53,51 @@ def prune_structure(model: nn.Module, adapter: EncoderAdapter, heads: list[Tenso
                     ffn: list[Tensor]) -> dict[str, Any]:
     """Slice ``model``'s encoder in place to the kept heads and neurons.
 
+    Fused Q/K/V maps lose a pruned head's rows in all three blocks (``adapter.head_rows``),
+    a GLU input projection a pruned neuron's two rows (``adapter.neuron_rows``), and
+    per-head parameter vectors their slices. Layers the model applies several times are
+    sliced once.
+
     Args:
         model: the task model, without structured mask hooks.
         adapter: its encoder adapter.
-        heads: per layer, (H,) bool keep mask of the heads.
-        ffn: per layer, (I,) bool keep mask of the FFN neurons.
+        heads: per distinct layer, (H,) bool keep mask of the heads.
+        ffn: per distinct layer, (I,) bool keep mask of the FFN neurons.
 
     Returns:
-        the ``capscale_structure`` description stored in the exported config.
+        the ``capscale_structure`` description stored in the exported config (read by
+        the loader in hf_pruned_model.py).
     """
     config = model.config
     d = adapter.head_size(config)
-    head_paths = [adapter.query, adapter.key, adapter.value, *adapter.extra_head_linears]
-    heads_per_layer, inter_per_layer = [], []
+    num_heads = adapter.num_heads(config)
+    heads_per_layer, inter_per_layer, kept_heads = [], [], []
     for layer, h_keep, f_keep in zip(adapter.layer_modules(model), heads, ffn):
         h_idx = torch.nonzero(h_keep.cpu()).flatten()
         empty_attn = h_idx.numel() == 0
         if empty_attn:
             h_idx = torch.zeros(1, dtype=torch.long)
-        rows = (h_idx[:, None] * d + torch.arange(d)[None, :]).flatten()
-        for path in head_paths:
+        rows = adapter.head_rows("plain", h_idx, d, num_heads)
+        for path in adapter.head_linear_paths():
             lin = optional_linear(layer, path)
             if lin is not None:
-                _set(layer, path, _sliced(lin, rows=rows))
+                role = "qkv" if path == adapter.qkv else "plain"
+                _set(layer, path, _sliced(lin, rows=adapter.head_rows(role, h_idx, d,
+                                                                      num_heads)))
+        for path in adapter.extra_head_params:
+            param = optional_param(layer, path)
+            if param is not None:
+                _set(layer, path, nn.Parameter(param.detach().index_select(
+                    0, rows.to(param.device)).clone(), requires_grad=param.requires_grad))
         lins = adapter.layer_linears(layer)
         _set(layer, adapter.attn_out, _sliced(lins["attn_out"], cols=rows, zero_cols=empty_attn))
+        inter = lins["ffn_out"].in_features
         f_idx = torch.nonzero(f_keep.cpu()).flatten()
         empty_ffn = f_idx.numel() == 0
         if empty_ffn:
             f_idx = torch.zeros(1, dtype=torch.long)
-        _set(layer, adapter.ffn_in, _sliced(lins["ffn_in"], rows=f_idx))
+        _set(layer, adapter.ffn_in, _sliced(lins["ffn_in"],
+                                            rows=adapter.neuron_rows(f_idx, inter)))
         _set(layer, adapter.ffn_out, _sliced(lins["ffn_out"], cols=f_idx, zero_cols=empty_ffn))
         attention = layer.get_submodule(attention_module(adapter))
         for attr, value in (("num_attention_heads", h_idx.numel()),
@@ -91,13 +106,19 @@ def prune_structure(model: nn.Module, adapter: EncoderAdapter, heads: list[Tenso
                 setattr(attention, attr, value)
         heads_per_layer.append(int(h_idx.numel()))
         inter_per_layer.append(int(f_idx.numel()))
-    return {"layers": adapter.layers, "head_size": d,
-            "head_linears": head_paths, "attn_out": adapter.attn_out,
-            "ffn_in": adapter.ffn_in, "ffn_out": adapter.ffn_out,
-            "attention_module": attention_module(adapter),
-            "heads_per_layer": heads_per_layer, "intermediate_per_layer": inter_per_layer}
+        kept_heads.append(h_idx.tolist())
+    return {"layers": adapter.layers, "layer_paths": adapter.layer_paths(model),
+            "head_size": d, "head_linears": [p for p in adapter.head_linear_paths()
+                                             if p != adapter.qkv],
+            "fused_qkv": adapter.qkv, "head_params": list(adapter.extra_head_params),
+            "head_inputs": [list(x) for x in adapter.head_inputs],
+            "attn_out": adapter.attn_out, "ffn_in": adapter.ffn_in,
+            "ffn_in_rows_per_neuron": 2 if adapter.ffn_gated else 1,
+            "ffn_out": adapter.ffn_out, "attention_module": attention_module(adapter),
+            "heads_per_layer": heads_per_layer, "intermediate_per_layer": inter_per_layer,
+            "kept_heads": kept_heads}
 
 
 def attention_module(adapter: EncoderAdapter) -> str:
     """Path of the module that owns Q/K/V (it holds the head-count attributes)."""
-    return adapter.query.rpartition(".")[0]
+    return adapter.head_linear_paths()[0].rpartition(".")[0]

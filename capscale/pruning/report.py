@@ -11,12 +11,17 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..adapters import ROLES, EncoderAdapter
+from ..adapters import LOGICAL_ROLES, EncoderAdapter
 
 
 def sparsity_report(model: nn.Module, adapter: EncoderAdapter,
                     masks: dict[str, Tensor]) -> dict[str, Any]:
     """Summarise ``masks`` (keyed ``"<layer>.<role>"``) against ``model``'s parameters.
+
+    A fused linear map is reported per logical matrix (``0.qkv`` as ``0.query``,
+    ``0.key``, ``0.value``; a GLU input as ``0.ffn_in`` and ``0.ffn_gate``). Layers that
+    the model applies several times (ALBERT) are counted once, as they are stored;
+    ``shared_layers`` says how often each is applied.
 
     Args:
         model: the task model (masked or baked; only parameter counts are read, through
@@ -32,8 +37,8 @@ def sparsity_report(model: nn.Module, adapter: EncoderAdapter,
     pruned_total = 0
     linear_total = 0
     layers: dict[int, list[int]] = {}
-    roles: dict[str, list[int]] = {r: [0, 0] for r in ROLES}
-    for key, m in masks.items():
+    roles: dict[str, list[int]] = {r: [0, 0] for r in LOGICAL_ROLES}
+    for key, m in logical_masks(model, adapter, masks).items():
         numel = m.numel()
         pruned = int(numel - int(m.sum()))
         per_matrix[key] = {"numel": numel, "pruned": pruned, "sparsity": pruned / numel}
@@ -63,7 +68,25 @@ def sparsity_report(model: nn.Module, adapter: EncoderAdapter,
         "per_layer": {str(k): v[0] / max(v[1], 1) for k, v in sorted(layers.items())},
         "per_role": {k: v[0] / max(v[1], 1) for k, v in roles.items() if v[1]},
         "per_matrix": per_matrix,
+        "shared_layers": {"distinct_layers": len(adapter.layer_modules(model)),
+                          "applications": adapter.applications(model)},
     }
+
+
+def logical_masks(model: nn.Module, adapter: EncoderAdapter, masks: dict[str, Tensor]
+                  ) -> dict[str, Tensor]:
+    """``masks`` by physical ``layer.role`` split into logical matrices (row groups)."""
+    num_heads = adapter.num_heads(model.config) if adapter.qkv else 0
+    out = {}
+    for key, m in masks.items():
+        layer, role = key.split(".", 1)
+        groups = adapter.row_groups(role, m.shape[0], num_heads)
+        if groups is None:
+            out[key] = m
+            continue
+        for name, rows in groups.items():
+            out[f"{layer}.{name}"] = m.index_select(0, rows.to(m.device))
+    return out
 
 
 def _numel(p: nn.Parameter) -> int:

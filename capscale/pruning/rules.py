@@ -15,8 +15,10 @@ shared. A rule says
 
 Formulas (Sanh et al., "Movement Pruning", NeurIPS 2020, eq. 2-4; CAP, Xu et al. 2022):
 
-* movement: ``M = TopK(S, 1 - s_t)`` per matrix (reference), or ``S >= thr`` with one
-  exact threshold over every matrix (``pruning.scope: global``); ``dL/dS = dL/dW' * W``.
+* movement: ``M = TopK(S, 1 - s_t)`` per matrix (reference; per logical matrix of a
+  fused linear map: Q, K and V of a fused QKV projection, the halves of a GLU input),
+  or ``S >= thr`` with one exact threshold over every matrix (``pruning.scope:
+  global``); ``dL/dS = dL/dW' * W``.
 * soft movement: ``M = sigmoid(S) > tau_t`` with ``tau_t = final_threshold * s_t / s_T``,
   at least ``min_keep`` of each matrix kept; the loss gains
   ``lambda_t * mean_matrices(mean(sigmoid(S)))`` with ``lambda_t = final_lambda * tau_t /
@@ -33,7 +35,13 @@ import torch
 from torch import Tensor
 
 from ..registry import add_entry
-from .binarizers import SigmoidThresholdBinarizer, ThresholdBinarizer, TopKBinarizer, topk_mask
+from .binarizers import (
+    SigmoidThresholdBinarizer,
+    ThresholdBinarizer,
+    TopKBinarizer,
+    grouped,
+    topk_mask,
+)
 
 if TYPE_CHECKING:
     from .masked import MaskedLinear, Pruner
@@ -80,7 +88,7 @@ class TopKRule:
             scores = self.importance(m)
             return ThresholdBinarizer.apply(scores, m.threshold.to(scores.dtype),
                                             float(m.tie_frac))
-        return TopKBinarizer.apply(m.mask_scores, float(m.keep_frac))
+        return TopKBinarizer.apply(m.mask_scores, float(m.keep_frac), m.row_groups)
 
     def set_target(self, pruner: Pruner, target: float) -> None:
         pruner.set_keep_fraction(1.0 - target)
@@ -107,7 +115,8 @@ class MagnitudeRule(TopKRule):
     def mask(self, m: MaskedLinear) -> Tensor:
         if m.global_scope:
             return super().mask(m)
-        return topk_mask(self.importance(m), float(m.keep_frac))  # no gradient to rank
+        return grouped(lambda s: topk_mask(s, float(m.keep_frac)),  # no gradient
+                       self.importance(m), m.row_groups)
 
 
 class SoftMovementRule(TopKRule):
@@ -117,7 +126,8 @@ class SoftMovementRule(TopKRule):
     supports_global = False  # the threshold is the schedule's tau_t, not a top-k
 
     def mask(self, m: MaskedLinear) -> Tensor:
-        return SigmoidThresholdBinarizer.apply(m.mask_scores, float(m.threshold), m.min_keep)
+        return SigmoidThresholdBinarizer.apply(m.mask_scores, float(m.threshold), m.min_keep,
+                                               m.row_groups)
 
     def set_target(self, pruner: Pruner, target: float) -> None:
         # tau_t follows the cubic schedule's shape, from 0 to final_threshold.

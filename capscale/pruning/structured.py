@@ -230,24 +230,45 @@ def structured_param_counts(model: nn.Module, adapter: EncoderAdapter,
                             heads: list[Tensor], ffn: list[Tensor]) -> dict[str, float]:
     """Encoder weights removed by the keep masks (paper convention, docs/algorithm.md section 6).
 
-    A pruned head removes its ``d`` rows of Q, K, V (weights and biases) and its ``d``
-    columns of attn_out; a pruned neuron its row (and bias) of ffn_in and column of
-    ffn_out. Encoder parameters are counted through module attributes.
+    A pruned head removes its rows of Q, K and V (separate or fused; weights and
+    biases), of any other per-head projection and per-head vector, and its ``d``
+    columns of attn_out; a pruned neuron its row(s) of ffn_in (two in a GLU) with their
+    biases and its column of ffn_out. Layers applied several times (ALBERT) count once,
+    as stored. Encoder parameters are counted through module attributes.
     """
     d = adapter.head_size(model.config)
     pruned = 0
     for layer, h, f in zip(adapter.layer_modules(model), heads, ffn):
         lins = adapter.layer_linears(layer)
-        hidden = lins["attn_out"].out_features
-        per_head = 3 * d * (lins["query"].in_features + 1) + d * hidden
-        extras = [optional_linear(layer, p) for p in adapter.extra_head_linears]
-        per_head += sum(d * (lin.in_features + 1) for lin in extras if lin is not None)
-        pruned += int((~h).sum()) * per_head
-        pruned += int((~f).sum()) * (2 * lins["ffn_in"].in_features + 1)
+        rows_per_head = 0
+        for path in adapter.head_linear_paths():
+            lin = optional_linear(layer, path)
+            if lin is not None:
+                per = 3 * d if path == adapter.qkv else d
+                rows_per_head += per * (lin.in_features + (lin.bias is not None))
+        rows_per_head += d * sum(1 for p in adapter.extra_head_params
+                                 if optional_param(layer, p) is not None)
+        pruned += int((~h).sum()) * (rows_per_head + d * lins["attn_out"].out_features)
+        ffn_in = lins["ffn_in"]
+        per_neuron = (2 if adapter.ffn_gated else 1) * (ffn_in.in_features
+                                                         + (ffn_in.bias is not None))
+        pruned += int((~f).sum()) * (per_neuron + lins["ffn_out"].out_features)
     encoder = sum(int(getattr(p, "ds_numel", p.numel()))
                   for p in adapter.layer_modules(model).parameters())
     return {"pruned_parameters": pruned, "encoder_parameters": encoder,
-            "encoder_sparsity": pruned / max(encoder, 1)}
+            "encoder_sparsity": pruned / max(encoder, 1),
+            "layer_applications": adapter.applications(model)}
+
+
+def optional_param(layer: nn.Module, path: str) -> nn.Parameter | None:
+    """An optional parameter of a layer (None where the family instance lacks it)."""
+    parent, _, name = path.rpartition(".")
+    try:
+        mod = get_submodule(layer, parent) if parent else layer
+    except AttributeError:
+        return None
+    p = getattr(mod, name, None)
+    return p if isinstance(p, nn.Parameter) else None
 
 
 def optional_linear(layer: nn.Module, path: str) -> nn.Linear | None:

@@ -1,0 +1,75 @@
+"""Fused, gated, shared and per-head-input encoder layouts: 2 ranks under ZeRO-3 and
+FSDP2 equal one process on the global batch (losses, gradients, masks, zeroed weights).
+
+One spawned 2-rank job per strategy runs every family (process start-up dominates);
+tolerances as in test_distributed_strategies.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from distributed_helpers import (
+    FAMILY_OVERRIDES,
+    GLOBAL_BATCH,
+    build_run,
+    family_worker,
+    free_port,
+    make_family_assets,
+    train_and_record,
+)
+
+from capscale.distributed import DistContext
+
+pytestmark = pytest.mark.multiprocess
+
+FAMILIES = ("deberta", "modernbert", "albert", "distilbert", "mpnet")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return {f: make_family_assets(tmp_path_factory.mktemp(f), f) for f in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def single(assets):
+    torch.set_num_threads(1)
+    out = {}
+    for family, paths in assets.items():
+        run = build_run(paths, DistContext(), GLOBAL_BATCH, **FAMILY_OVERRIDES)
+        out[family] = train_and_record(run, run.ctx)
+    return out
+
+
+_JOBS: dict[str, dict] = {}
+
+
+def two_ranks(strategy: str, assets, tmp_path_factory) -> dict:
+    if strategy not in _JOBS:
+        out = tmp_path_factory.mktemp(f"families_{strategy}")
+        mp.spawn(family_worker, args=(2, free_port(), strategy, assets, str(out)), nprocs=2)
+        _JOBS[strategy] = torch.load(out / "records.pt", weights_only=False)
+    return _JOBS[strategy]
+
+
+@pytest.mark.parametrize("strategy", ["zero3", "fsdp2"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_two_ranks_match_one_process(family, strategy, assets, single,
+                                            tmp_path_factory):
+    one = single[family]
+    two = two_ranks(strategy, assets, tmp_path_factory)[family]
+    assert set(two["losses"]) == set(one["losses"]) >= {"ce", "kd", "prc_unsup", "fic_sup",
+                                                        "snc_unsup"}
+    for name, value in one["losses"].items():
+        assert two["losses"][name] == pytest.approx(value, rel=1e-5, abs=1e-7), name
+    assert set(two["grads"]) == set(one["grads"])
+    assert any(n.endswith("mask_scores") for n in one["grads"])
+    for name, grad in one["grads"].items():
+        torch.testing.assert_close(two["grads"][name], grad, atol=1e-5, rtol=1e-4,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+    for key, mask in one["masks"].items():
+        assert 0 < int((~mask).sum()) < mask.numel(), key
+        assert torch.equal(two["masks"][key], mask), key
+        assert torch.all(two["weights"][key][~mask] == 0), key
+    assert two["export_masks_equal"] and one["export_masks_equal"]
