@@ -45,19 +45,19 @@ class FSDP2Strategy(Strategy):
         """``fully_shard`` every ModuleList block and the word embeddings, then the root
         (in place).
 
-        FSDP2 keeps the root's own parameters gathered after forward, so the word
-        embeddings get their own unit; the root is left with the small head and the
-        small tables. Only embeddings that are called get a unit: a table whose weight
-        the model reads directly (DeBERTa's relative-position embeddings) must be
-        gathered by the unit that owns it, so it stays in the root's.
+        FSDP2 keeps the root's own parameters gathered after forward, so the tables of
+        the embedding block (word, position, token type) get their own units; the root
+        is left with the small head and any other table. Those stay in the root's unit
+        because a table whose weight the model reads directly, without calling it
+        (DeBERTa's relative-position embeddings in the encoder), is only gathered by the
+        unit that owns the module doing so.
         """
-        get_input = getattr(model, "get_input_embeddings", None)
-        words = get_input() if callable(get_input) else None
+        tables = _embedding_block(model)
         units: list[nn.Module] = []
         for mod in model.modules():
             if isinstance(mod, nn.ModuleList):
                 units.extend(mod)
-            elif isinstance(mod, nn.Embedding) and (words is None or mod is words):
+            elif isinstance(mod, nn.Embedding) and any(mod is t for t in tables):
                 units.append(mod)
         # Innermost first: a unit takes the parameters no inner unit holds (ALBERT nests
         # its layers' ModuleList inside its groups' ModuleList).
@@ -161,3 +161,15 @@ def _check(local: Tensor, mask: Tensor) -> None:
     if local.shape != mask.shape:
         raise RuntimeError(f"mask shard {tuple(mask.shape)} does not match the local "
                            f"parameter shard {tuple(local.shape)}")
+
+
+def _embedding_block(model: nn.Module) -> list[nn.Module]:
+    """The embedding tables next to the word embeddings (every table if unknown)."""
+    get_input = getattr(model, "get_input_embeddings", None)
+    words = get_input() if callable(get_input) else None
+    if words is None:
+        return [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    names = {id(m): n for n, m in model.named_modules()}
+    block = names.get(id(words), "").rpartition(".")[0]
+    parent = model.get_submodule(block) if block else model
+    return [m for m in parent.modules() if isinstance(m, nn.Embedding)]
