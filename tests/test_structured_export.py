@@ -10,6 +10,7 @@ import textwrap
 import pytest
 import torch
 from structured_models import CONFIGS, tiny_inputs, tiny_model
+from transformers import AutoModelForSequenceClassification
 
 from capscale.export import export_structured
 from capscale.models import adapter_for
@@ -94,3 +95,14 @@ def test_export_loads_without_capscale(tmp_path):
                          cwd=tmp_path, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("ok") == len(CONFIGS)
+
+
+def test_talking_heads_refused():
+    """DeBERTa v1 with talking-head projections mixes heads: structured pruning refuses."""
+    from transformers import DebertaConfig
+
+    model = AutoModelForSequenceClassification.from_config(DebertaConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48,
+        vocab_size=101, talking_head=True))
+    with pytest.raises(ValueError, match="talking_head"):
+        StructuredMasks(model, adapter_for(model))

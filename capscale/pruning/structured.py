@@ -55,6 +55,10 @@ class StructuredMasks(nn.Module):
     def __init__(self, model: nn.Module, adapter: EncoderAdapter) -> None:
         super().__init__()
         config = model.config
+        if getattr(config, "talking_head", False):
+            raise ValueError("structured pruning of heads is not supported with "
+                             "talking_head: true (projections mix the heads, so a head "
+                             "cannot be removed alone); use an unstructured method")
         self.num_heads = adapter.num_heads(config)
         self.head_size = adapter.head_size(config)
         layers = adapter.layer_modules(model)
