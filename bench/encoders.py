@@ -138,11 +138,11 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", nargs="*", default=list(FAMILIES))
     parser.add_argument("--out", default="bench/results")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
     load_before = os.getloadavg()
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
@@ -157,7 +157,7 @@ def main() -> None:
                 print(json.dumps(rec), flush=True)
                 records.append(rec)
     meta = {"command": "PYTHONPATH=. python bench/encoders.py "
-                       + " ".join(sys.argv[1:]),
+                       + " ".join(sys.argv[1:] if argv is None else argv),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch "
                        f"{torch.__version__}, one thread",
             "load_before": [round(x, 2) for x in load_before],
@@ -167,7 +167,8 @@ def main() -> None:
     (out / "encoders.json").write_text(json.dumps({"meta": meta, "records": records}, indent=1))
     (out / "encoders.md").write_text(markdown(records, meta))
     print(markdown(records, meta))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

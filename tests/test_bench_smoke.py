@@ -103,3 +103,16 @@ def test_scale_real_quick(tmp_path):
         assert {r["teacher"] for r in jobs[(2 if strategy == "ddp" else 1, strategy)]["ranks"]} \
             == {jobs[(1, "single")]["ranks"][0]["teacher"]}
     assert "GPU plan on paper" in (tmp_path / "scale_real_quick.md").read_text()
+
+
+def test_encoders_one_family(tmp_path):
+    """bench/encoders.py on ModernBERT (fused Q/K/V, gated FFN): both methods, exports
+    re-loaded with the masked student's logits."""
+    encoders = _bench("encoders")
+    assert encoders.main(["--families", "modernbert", "--out", str(tmp_path)]) == 0
+    records = json.loads((tmp_path / "encoders.json").read_text())["records"]
+    assert [r["method"] for r in records] == ["unstructured", "structured"]
+    for r in records:
+        assert r["max_abs_logit_diff"] < 1e-5, r
+    assert "ffn_gate" in records[0]["logical_matrices"]
+    assert records[1]["exported_encoder_parameters"] < records[1]["encoder_parameters"]
