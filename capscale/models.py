@@ -72,6 +72,10 @@ def read_config(name: str, trust_remote_code: bool = False, what: str = "model"
                                           trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if "trust_remote_code" in str(err) and not trust_remote_code:
+            raise ModelError(f"{what} {name!r} ships its own modeling code: set "
+                             "model.trust_remote_code: true to run it (capscale inspect: "
+                             "--trust-remote-code)") from None
         raise ModelError(f"{what} {name!r} could not be read ({first}); a local folder needs "
                          "a config.json, a hub name needs network access or a local cache"
                          ) from None
