@@ -298,7 +298,7 @@ def _layer_problems(adapter: EncoderAdapter, layers: list[nn.Module], heads: int
                 continue
             wrong = ("has no path" if not path else "not found" if mod is None
                      else f"a {type(mod).__name__}, not nn.Linear")
-            close = _closest(path or role, list(_linear_list(layer)))[:1]
+            close = difflib.get_close_matches(path or role, list(_linear_list(layer)), n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             problems.append(f"{role} {path!r} in layer {i} of {len(layers)} "
                             f"({type(layer).__name__}) is {wrong}{hint}; its linear maps: "

@@ -1,7 +1,7 @@
 """``capscale inspect MODEL``: what capscale sees in an encoder, before any weight loads.
 
-The task model is built on the meta device from the config alone (capscale.adapter_specs
-.skeleton). :func:`inspect_model` reports its class, the adapter that would be used (or
+The task model is built on the meta device from the config alone (``skeleton`` in
+capscale.adapter_specs). :func:`inspect_model` reports its class, the adapter that would be used (or
 why none fits), its layers and how often each is applied, and the prunable matrices of
 one layer with their shapes and logical row blocks (fused Q/K/V, gated FFN halves).
 When no adapter fits, :func:`suggest_adapter` guesses one from module names and shapes,
@@ -61,6 +61,7 @@ class Inspection:
     summary: list[tuple[str, str]] = field(default_factory=list)
     matrices: list[tuple[str, str, str, str]] = field(default_factory=list)
     suggestion: dict[str, Any] | None = None
+    suggestion_problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -261,15 +262,11 @@ def inspect_model(name: str, trust_remote_code: bool = False, spec: AdapterSpec 
         ins.problems = adapter_problems(ins.adapter, model)
         if not ins.problems:
             _describe(ins, ins.adapter, model)
-        return ins
+            return ins
     ins.suggestion, ins.notes = suggest_adapter(model)
-    try:
-        guessed = adapter_from_mapping(ins.suggestion, config.model_type)
-    except ConfigError as err:  # e.g. a TODO left where a path is required
-        ins.problems = [str(err)]
-        return ins
-    ins.problems = adapter_problems(guessed, model)
-    if not ins.problems:
+    guessed = adapter_from_mapping(ins.suggestion, config.model_type)
+    ins.suggestion_problems = adapter_problems(guessed, model)
+    if ins.adapter is None and not ins.suggestion_problems:
         _describe(ins, guessed, model)
     return ins
 
@@ -304,7 +301,8 @@ def render(ins: Inspection, console: Console, trust_remote_code: bool = False) -
             ("config class", ins.config_class),
             ("task model", f"{ins.model_class} (meta device, no weights)")]
     if ins.adapter is not None:
-        rows.append(("adapter", f"{ins.adapter.name} ({ins.source})"))
+        fit = ": does not fit (problems below)" if ins.problems else ""
+        rows.append(("adapter", f"{ins.adapter.name} ({ins.source}){fit}"))
     else:
         rows += [("adapter", "none: see the suggestion below"),
                  ("why", ins.source.removeprefix("none: "))]
@@ -319,13 +317,15 @@ def render(ins: Inspection, console: Console, trust_remote_code: bool = False) -
         for row in ins.matrices:
             t.add_row(*row)
         console.rich.print(t)
+    for problem in ins.problems:
+        print(f"problem: {problem}")
     if ins.suggestion is not None:
-        state = ("passes the checks" if not ins.problems
+        state = ("passes the checks" if not ins.suggestion_problems
                  else "does not pass the checks yet (see below)")
         print("\nsuggested adapter, guessed from module names and shapes; it " + state
               + ". Check it against the modeling code, then put it in the run's YAML:\n")
         print(suggestion_yaml(ins.suggestion, trust_remote_code))
         for note in ins.notes:
             print(f"note: {note}")
-    for problem in ins.problems:
-        print(f"problem: {problem}")
+        for problem in ins.suggestion_problems:
+            print(f"problem of the suggestion: {problem}")

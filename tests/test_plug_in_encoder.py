@@ -95,7 +95,9 @@ def test_inspect_suggests_an_adapter_that_validates(variant, expected, ember, tm
     # a wrong inline mapping is shown with what the model has
     assert main(["inspect", str(model), "--trust-remote-code", "--adapter",
                  "{layers: stack, query: mixer.q}"]) == 1
-    assert "problem: query 'mixer.q'" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "problem: query 'mixer.q'" in out and "did you mean mixer.to_q" in out
+    assert _suggested(out)["model"]["adapter"] == expected  # and what would fit
 
 
 def test_remote_code_needs_trust(ember, capsys):
