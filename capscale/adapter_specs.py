@@ -13,7 +13,7 @@
       model:
         trust_remote_code: true
         adapter:
-          layers: trunk.stack
+          layers: stack
           qkv: mixer.to_qkv
           attn_out: mixer.to_out
           ffn_in: ff.w_in

@@ -128,7 +128,7 @@ def test_names_and_import_paths(tmp_path, monkeypatch):
 
 PLUGIN = '''
 from capscale.adapters import EncoderAdapter
-EMBER = {"layers": "trunk.stack", "query": "mixer.to_q", "key": "mixer.to_k",
+EMBER = {"layers": "stack", "query": "mixer.to_q", "key": "mixer.to_k",
          "value": "mixer.to_v", "attn_out": "mixer.to_out", "ffn_in": "ff.w_in",
          "ffn_out": "ff.w_out", "head_linear": "score", "num_heads_attr": "attn_heads"}
 PAIR = [EncoderAdapter(model_types=("glow-a",), layers="a"),
@@ -172,7 +172,7 @@ def test_entry_point_plugins_load_in_a_fresh_process(tmp_path):
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["loaded_once"]
-    assert (out["ember"], out["ember_types"]) == ("trunk.stack", ["ember"])  # ep name
+    assert (out["ember"], out["ember_types"]) == ("stack", ["ember"])  # ep name
     assert out["by_entry_point_name"] == "mixer.to_q"
     assert out["glow"] == ["a", "b"]
     assert out["bert"] == "encoder.layer"  # a built-in adapter wins over a plug-in
