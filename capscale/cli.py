@@ -1,4 +1,4 @@
-"""The ``capscale`` command: prune, evaluate, export and report.
+"""The ``capscale`` command: prune, evaluate, export, report and inspect.
 
 ::
 
@@ -6,12 +6,13 @@
     capscale evaluate --config X.yaml [--model outputs/run/pruned/model] [key=value ...]
     capscale export --config X.yaml [--checkpoint latest|DIR] [--out DIR] [key=value ...]
     capscale report outputs/run
+    capscale inspect MODEL [--trust-remote-code] [--adapter SPEC]
 
 With no subcommand the arguments go to ``prune``, so ``capscale --config X.yaml``,
 ``python -m capscale.run --config X.yaml`` and ``accelerate launch capscale/run.py
 --config X.yaml`` are the same call of :func:`main`. Every subcommand returns 2 with a
 one-line message for a config, data or model error; ``prune`` returns 3 when a
-non-finite loss stopped the run.
+non-finite loss stopped the run; ``inspect`` returns 1 when no adapter fits the model.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from .errors import INPUT_ERRORS, describe
 
-SUBCOMMANDS = ("prune", "evaluate", "export", "report")
+SUBCOMMANDS = ("prune", "evaluate", "export", "report", "inspect")
 
 
 def setup_environment() -> None:
@@ -186,6 +187,19 @@ def report_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+@_guarded
+def inspect_cmd(args: argparse.Namespace) -> int:
+    """Show how capscale reads an encoder (built on the meta device: no weights load): its
+    class, adapter, layers and prunable matrices, or a suggested adapter when none fits."""
+    from capscale.console import Console
+    from capscale.inspection import inspect_model, parse_adapter_option, render
+
+    spec = parse_adapter_option(args.adapter) if args.adapter else None
+    found = inspect_model(args.model, args.trust_remote_code, spec)
+    render(found, Console(progress=False), args.trust_remote_code)
+    return 0 if found.fits else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """Dispatch ``capscale <subcommand> ...``; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -201,6 +215,14 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("output_dir")
         p.add_argument("--speed-batches", type=int, default=5)
         return report_cmd(p.parse_args(argv))
+    if sub == "inspect":
+        p = _parser("inspect", inspect_cmd.__doc__ or "", config=False)
+        p.add_argument("model", help="model folder, cached hub name or packaged name")
+        p.add_argument("--trust-remote-code", action="store_true",
+                       help="run the model's own configuration / modeling code")
+        p.add_argument("--adapter", help="model.adapter to check: a name, an import path "
+                       "pkg.module:ATTR, a YAML file or an inline YAML mapping")
+        return inspect_cmd(p.parse_args(argv))
     if sub == "evaluate":
         p = _parser("evaluate", evaluate_cmd.__doc__ or "")
         p.add_argument("--model", help="model directory (default: <output_dir>/pruned/model)")

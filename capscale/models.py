@@ -22,7 +22,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from .adapters import EncoderAdapter, get_adapter
+from .adapter_specs import AdapterSpec, resolve_adapter, validate_encoder
+from .adapters import EncoderAdapter
 from .errors import ModelError
 from .tasks import Task, get_task
 
@@ -46,11 +47,12 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedToke
                                          trust_remote_code=trust_remote_code)
 
 
-def adapter_for(model_or_config: PreTrainedModel | object, name: str | None = None
+def adapter_for(model_or_config: PreTrainedModel | object, spec: AdapterSpec = None
                 ) -> EncoderAdapter:
-    """The encoder adapter for a model (by ``config.model_type``) or an explicit name."""
+    """The encoder adapter for a model (by ``config.model_type``) or as ``model.adapter``
+    gives it: a name, an import path or a mapping (see capscale.adapter_specs)."""
     config = getattr(model_or_config, "config", model_or_config)
-    return get_adapter(name or config.model_type)
+    return resolve_adapter(spec, config.model_type)
 
 
 def load_classifier(name: str, num_labels: int, label_names: list[str] | None = None,
@@ -70,6 +72,10 @@ def read_config(name: str, trust_remote_code: bool = False, what: str = "model"
                                           trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if "trust_remote_code" in str(err) and not trust_remote_code:
+            raise ModelError(f"{what} {name!r} ships its own modeling code: set "
+                             "model.trust_remote_code: true to run it (capscale inspect: "
+                             "--trust-remote-code)") from None
         raise ModelError(f"{what} {name!r} could not be read ({first}); a local folder needs "
                          "a config.json, a hub name needs network access or a local cache"
                          ) from None
@@ -84,18 +90,17 @@ def check_teacher(name: str, num_labels: int, trust_remote_code: bool = False) -
                          "model.teacher unset to fine-tune one first")
 
 
-def check_encoder(name: str, adapter: str | None = None, trust_remote_code: bool = False
-                  ) -> EncoderAdapter:
-    """The encoder's adapter, read from its config alone; ModelError if there is none.
+def check_encoder(name: str, adapter: AdapterSpec = None, trust_remote_code: bool = False,
+                  task: Task | None = None) -> EncoderAdapter:
+    """The encoder's adapter, checked against the model built on the meta device from its
+    config alone; ModelError (or ConfigError for a malformed ``model.adapter``) if there
+    is none or a path does not fit.
 
     Called before any weights are loaded or a teacher is fine-tuned, so an unsupported
     encoder (or a misspelt ``model.adapter``) fails in seconds, not after the teacher.
     """
     config = read_config(name, trust_remote_code, "model.name_or_path")
-    try:
-        return adapter_for(config, adapter)
-    except KeyError as err:
-        raise ModelError(f"model {name}: {err.args[0]}") from None
+    return validate_encoder(config, adapter, trust_remote_code, task, f"model {name}")
 
 
 def freeze(model: nn.Module) -> nn.Module:

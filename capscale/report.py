@@ -116,8 +116,10 @@ def plot_accuracy(evals: list[dict[str, Any]], key: str, teacher: float | None,
 
 
 def export_figures(model_dir: Path, sparsity: dict[str, Any], batches: int,
-                   seq_len: int = 64, batch_size: int = 8) -> list[tuple[str, str]]:
-    """Size on disk, the size a sparse format would take, and forward latency."""
+                   seq_len: int = 64, batch_size: int = 8,
+                   trust_remote_code: bool = False) -> list[tuple[str, str]]:
+    """Size on disk, the size a sparse format would take, and forward latency
+    (``trust_remote_code``: the run's model ships its own modeling code)."""
     rows = []
     files = list(model_dir.glob("*.safetensors"))
     dense = sum(f.stat().st_size for f in files)
@@ -135,7 +137,7 @@ def export_figures(model_dir: Path, sparsity: dict[str, Any], batches: int,
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(
-        model_dir, trust_remote_code=structured).eval()
+        model_dir, trust_remote_code=structured or trust_remote_code).eval()
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (batch_size, seq_len), generator=torch.Generator()
                         .manual_seed(0))
@@ -148,6 +150,16 @@ def export_figures(model_dir: Path, sparsity: dict[str, Any], batches: int,
     rows.append((f"forward latency, batch {batch_size} x {seq_len} tokens, CPU dense kernels",
                  f"{ms:.1f} ms ({batch_size * 1000 / ms:.0f} ex/s)"))
     return rows
+
+
+def _trusts_remote_code(out: Path) -> bool:
+    """Whether the run in ``out`` trusted its model's own code (its config.yaml says)."""
+    import yaml
+
+    path = out / "config.yaml"
+    config = yaml.safe_load(path.read_text()) if path.is_file() else None
+    model = config.get("model") if isinstance(config, dict) else None
+    return bool(isinstance(model, dict) and model.get("trust_remote_code"))
 
 
 def _results_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
@@ -192,8 +204,10 @@ def write_report(output_dir: str | Path, speed_batches: int = 5) -> Path:
         sections.append((f"{key} against sparsity", None, plot_accuracy(
             evals, key, teacher, dest / "accuracy_vs_sparsity.png")))
     if (out / "pruned" / "model").is_dir():
+        trust = _trusts_remote_code(out)
         sections.append(("Export", export_figures(out / "pruned" / "model", sparsity,
-                                                  speed_batches), None))
+                                                  speed_batches, trust_remote_code=trust),
+                         None))
     md = dest / "report.md"
     md.write_text(_markdown(out.name, sections))
     (dest / "report.html").write_text(_html(out.name, sections))

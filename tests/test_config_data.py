@@ -117,8 +117,9 @@ def test_bad_config_or_data_exits_2_before_loading_a_model(name, overrides, kind
 
 def _config_only(path: Path, family: str, num_labels: int = 2, **kw) -> Path:
     """A model folder with config.json alone: loading its weights would fail."""
-    cfg = tiny_config(family, num_labels) if family != "distilbert" else \
-        transformers.DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=64)
+    cfg = tiny_config(family, num_labels) if family != "squeezebert" else \
+        transformers.SqueezeBertConfig(hidden_size=32, num_hidden_layers=2,
+                                       num_attention_heads=4, intermediate_size=64)
     for k, v in kw.items():
         setattr(cfg, k, v)
     cfg.save_pretrained(path)
@@ -137,16 +138,17 @@ def test_teacher_with_other_num_labels_is_refused_before_loading(tmp_path, tiny_
 
 
 def test_unknown_encoder_type_is_refused_before_any_work(tmp_path, tiny_csv, capsys):
-    with pytest.raises(KeyError, match=r"no encoder adapter for model_type .distilbert..*"
+    with pytest.raises(KeyError, match=r"no encoder adapter for model_type .squeezebert..*"
                                        "register_adapter"):
-        get_adapter("distilbert")
-    model = _config_only(tmp_path / "m", "distilbert")
+        get_adapter("squeezebert")
+    model = _config_only(tmp_path / "m", "squeezebert")
     code = main([f"model.name_or_path={model}", f"data.train_file={tiny_csv[0]}",
                  f"data.validation_file={tiny_csv[1]}", f"output_dir={tmp_path / 'out'}",
                  "train.progress=false"])
     err = capsys.readouterr().err
     assert code == 2, err
-    assert "model error" in err and "'distilbert'" in err and "register_adapter" in err
+    assert "model error" in err and "'squeezebert'" in err and "register_adapter" in err
+    assert "model.adapter mapping" in err and "capscale inspect" in err
     assert not (tmp_path / "out" / "teacher").exists()  # no teacher fine-tuning started
 
 

@@ -125,7 +125,7 @@ AutoModelForSequenceClassification.register(TinyEncConfig, TinyEncForSequenceCla
 register_adapter(EncoderAdapter(
     model_types=(TinyEncConfig.model_type,), layers="blocks", query="attn.q", key="attn.k",
     value="attn.v", attn_out="attn.o", ffn_in="mlp.fc1", ffn_out="mlp.fc2",
-    head_linear="head.proj"))
+    head_linear="head.proj", num_heads_attr="heads"))
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,9 @@ Nothing here knows capscale's sections: :func:`build` turns a nested dict into a
 of dataclasses, checking every value against the field's annotation and naming the
 field (with a "did you mean" for unknown keys). Supported annotations: ``int``,
 ``float`` (ints accepted), ``bool``, ``str``, ``Literal[...]``, ``X | None``,
-``list[X]``, nested dataclasses, and ``dict[str, Dataclass]`` (a table of sections whose
-entries start from the field's default entry of that name, or from the dataclass's
-defaults for a new name).
+``list[X]``, ``dict[str, Any]`` (a free mapping), nested dataclasses, and
+``dict[str, Dataclass]`` (a table of sections whose entries start from the field's
+default entry of that name, or from the dataclass's defaults for a new name).
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
         return value is None, value
     if origin is Literal:
         return value in typing.get_args(tp), value
+    if origin is dict:  # a free mapping (its keys are checked by the field's owner)
+        return isinstance(value, dict), value
     if origin is list:
         if not isinstance(value, list):
             return False, value

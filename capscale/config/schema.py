@@ -33,14 +33,21 @@ class ModelConfig:
     # Fine-tuned (dense) teacher: hub name or local path. None: capscale fine-tunes one
     # first (see ``teacher_training``) and caches it under ``<output_dir>/teacher``.
     teacher: str | None = None
-    # Adapter name (defaults to the config's ``model_type``); see capscale.adapters.
-    adapter: str | None = None
+    # Where the encoder keeps its prunable matrices (capscale.adapter_specs): None (the
+    # adapter of the config's ``model_type``, built in or from an installed plug-in), a
+    # registered name, an import path ``package.module:ATTRIBUTE``, or a mapping of
+    # EncoderAdapter fields (module paths) written here.
+    adapter: str | dict[str, Any] | None = None
     # Student initialisation: ``pretrained`` (the reference recipe) or ``teacher``.
     student_init: Literal["pretrained", "teacher"] = "pretrained"
     # Passed to every from_pretrained (models that ship their own modeling code).
     trust_remote_code: bool = False
 
     def check(self) -> list[Check]:
+        if isinstance(self.adapter, dict):  # its keys and value types, before any model
+            from ..adapter_specs import adapter_from_mapping
+
+            adapter_from_mapping(self.adapter)
         return []
 
 
