@@ -157,7 +157,8 @@ def test_soft_movement_keeps_at_least_min_keep():
         with torch.no_grad():
             m.mask_scores.fill_(-20.0)
     pruner = Pruner(mods, PruningConfig(method="soft_movement", final_sparsity=0.9,
-                                        initial_warmup=0, final_warmup=0), total_steps=4)
+                                        initial_warmup=0, final_warmup=0,
+                                        soft_threshold="schedule"), total_steps=4)
     pruner.update(4)
     for m in pruner.masks().values():
         assert int(m.sum()) == math.ceil(0.005 * m.numel())
@@ -235,3 +236,49 @@ def test_global_scope_hits_target_with_tied_scores(target):
     masks = pruner.masks()
     kept = sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
     assert abs((1 - kept) - target) < 0.005
+
+
+@pytest.mark.parametrize("scope", ["global", "local"])
+def test_soft_movement_steered_to_the_target(scope):
+    """soft_threshold: target keeps exactly 1 - s_t at every update, whatever the
+    scores (here pushed far under the reference's tau, where schedule mode keeps only
+    min_keep), globally (uneven per matrix) or per matrix."""
+    torch.manual_seed(0)
+    mods = _modules("soft_movement")
+    for i, m in enumerate(mods.values()):
+        with torch.no_grad():
+            m.mask_scores.copy_(torch.randn_like(m.mask_scores) * (1 + i) - 20.0)
+    cfg = PruningConfig(method="soft_movement", final_sparsity=0.97, initial_warmup=0,
+                        final_warmup=0, scope=scope)
+    pruner = Pruner(mods, cfg, total_steps=10)
+    assert pruner.global_scope == (scope == "global")
+    for step in (3, 6, 10):
+        target = pruner.update(step)
+        masks = pruner.masks()
+        kept = sum(int(m.sum()) for m in masks.values())
+        total = sum(m.numel() for m in masks.values())
+        assert abs((1 - kept / total) - target) < 1.0 / total + 1e-9, step
+        if scope == "local":
+            for m in masks.values():
+                assert int(m.sum()) == round((1 - target) * m.numel())
+    per = [m.float().mean().item() for m in pruner.masks().values()]
+    if scope == "global":
+        assert max(per) > 2 * min(per)  # one threshold: wider score spread keeps more
+    assert float(pruner.regularization()) > 0  # the L1 penalty is still on
+
+
+def test_cap_soft_run_reaches_its_target(tiny_model_factory, tiny_csv, tmp_path):
+    """A short CAP-soft run (soft movement + PrC / FiC / SnC) ends at final_sparsity
+    with the default steered threshold; with the reference's schedule threshold and
+    lambda the same run prunes (almost) nothing: the sparsity is left to the penalty."""
+    from tiny import run_cap
+
+    model = tiny_model_factory("bert")
+    common = ["pruning.method=soft_movement", "pruning.final_lambda=100",
+              "pruning.scope=global", "pruning.score_init=0"]
+    steered = run_cap(model, tiny_csv, tmp_path / "target", *common)
+    reached = steered.controller.report()["linear_sparsity"]
+    assert abs(reached - 0.9) < 0.005, reached
+    reference = run_cap(model, tiny_csv, tmp_path / "schedule", *common,
+                        "pruning.soft_threshold=schedule")
+    assert reference.controller.report()["linear_sparsity"] < 0.5

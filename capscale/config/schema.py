@@ -110,7 +110,12 @@ class PruningConfig:
     final_warmup: float = 0.2
     score_lr: float = 1e-2
     score_init: float = 0.0
-    # Soft movement: mask = sigmoid(S) > tau_t with tau going 0 -> final_threshold.
+    # Soft movement: an L1 penalty on sigmoid(S) ramped to ``final_lambda``; the mask is
+    # ``soft_threshold: target`` the top 1 - s_t of the scores (the scheduled sparsity
+    # reached at every step; global with ``scope: global``), or ``schedule`` (the
+    # reference) sigmoid(S) > tau_t with tau going 0 -> final_threshold, the sparsity
+    # left to the penalty (see capscale.pruning.rules).
+    soft_threshold: Literal["target", "schedule"] = "target"
     final_threshold: float = 0.1
     final_lambda: float = 100.0
     min_keep: float = 0.005

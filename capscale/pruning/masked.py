@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..adapters import EncoderAdapter
-from .rules import WeightRule, get_weight_rule
+from .rules import WeightRule, get_weight_rule, uses_topk
 from .schedule import cubic_sparsity, warmup_steps
 
 if TYPE_CHECKING:
@@ -48,6 +48,9 @@ class MaskedLinear(nn.Linear):
         self.method = self.rule.name
         self.min_keep = min_keep
         self.global_scope = False
+        # Whether the rule keeps a top fraction (set by the Pruner; soft movement with
+        # ``pruning.soft_threshold: schedule`` does not).
+        self.steered = True
         # Set by a strategy when pruned weights are zeroed after each step: maps the full
         # (out, in) mask to this rank's part of the weight (its ZeRO-3 / FSDP2 shard).
         self.mask_slicer: Callable[[Tensor], Tensor] | None = None
@@ -99,7 +102,7 @@ class MaskedLinear(nn.Linear):
             return self._compute_mask()
         src = self.mask_scores if self.mask_scores is not None else self.weight
         key = (src._version, src.data_ptr(), float(self.keep_frac), float(self.threshold),
-               float(self.tie_frac), self.global_scope)
+               float(self.tie_frac), self.global_scope, self.steered)
         cached = getattr(self, "_mask_cache", None)
         if cached is None or cached[0] != key:
             self._mask_cache = (key, self._compute_mask().detach())
@@ -230,10 +233,12 @@ class Pruner:
         self.all_reduce = all_reduce
         self.local_importance = local_importance or (lambda m: m.importance())
         self.sparsity = cfg.initial_sparsity
+        steered = self.rule is not None and uses_topk(self.rule, cfg)
         self.global_scope = (cfg.scope == "global" and self.rule is not None
-                             and self.rule.supports_global)
+                             and self.rule.supports_global and steered)
         for m in modules.values():
             m.global_scope = self.global_scope
+            m.steered = steered
 
     def schedule(self, step: int) -> float:
         """Scheduled target sparsity at ``step`` (the cubic schedule)."""

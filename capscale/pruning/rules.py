@@ -19,11 +19,21 @@ Formulas (Sanh et al., "Movement Pruning", NeurIPS 2020, eq. 2-4; CAP, Xu et al.
   fused linear map: Q, K and V of a fused QKV projection, the halves of a GLU input),
   or ``S >= thr`` with one exact threshold over every matrix (``pruning.scope:
   global``); ``dL/dS = dL/dW' * W``.
-* soft movement: ``M = sigmoid(S) > tau_t`` with ``tau_t = final_threshold * s_t / s_T``,
-  at least ``min_keep`` of each matrix kept; the loss gains
-  ``lambda_t * mean_matrices(mean(sigmoid(S)))`` with ``lambda_t = final_lambda * tau_t /
-  final_threshold``, which is what drives the sparsity (the target is reached
-  indirectly).
+* soft movement: the loss gains ``lambda_t * mean_matrices(mean(sigmoid(S)))`` with
+  ``lambda_t = final_lambda * s_t / s_T`` (an L1 penalty on the sigmoid scores, ramped
+  with the schedule), and the mask is, by ``pruning.soft_threshold``:
+
+  - ``schedule`` (the reference): ``M = sigmoid(S) > tau_t`` with ``tau_t =
+    final_threshold * s_t / s_T``, at least ``min_keep`` of each matrix kept. The
+    sparsity is whatever the penalty drives below ``tau_t``: reached indirectly, and not
+    at all when the run is too short for the scores to fall (0% after 300 steps at the
+    reference's lambda on a small task).
+  - ``target``: ``M`` keeps the ``1 - s_t`` highest scores, over all matrices at once
+    with ``pruning.scope: global`` (one threshold on ``S``, so on ``sigmoid(S)``: as in
+    the reference, matrices are pruned unevenly, by where the penalty pushed their
+    scores) or per matrix with ``local``. The threshold is steered each update to the
+    exact quantile, so the schedule's sparsity is reached at every step whatever the
+    run's length; the penalty still decides which weights fall.
 * magnitude: ``M = TopK(|W|, 1 - s_t)`` (no scores; the paper's baseline).
 """
 
@@ -70,6 +80,13 @@ class WeightRule(Protocol):
     def regularization(self, pruner: Pruner) -> Tensor | None:
         """A loss term the method adds (None: nothing)."""
         ...
+
+
+def uses_topk(rule: WeightRule, cfg: object) -> bool:
+    """Whether ``rule`` keeps a top fraction under ``cfg`` (so ``pruning.scope`` applies);
+    a rule says so with an optional ``uses_topk(cfg)`` method (default: yes)."""
+    fn = getattr(rule, "uses_topk", None)
+    return bool(fn(cfg)) if callable(fn) else True
 
 
 class TopKRule:
@@ -120,16 +137,24 @@ class MagnitudeRule(TopKRule):
 
 
 class SoftMovementRule(TopKRule):
-    """Soft movement pruning: a sigmoid threshold and an L1 penalty (CAP-soft)."""
+    """Soft movement pruning: an L1 penalty on sigmoid scores and a threshold that
+    follows the schedule (reference) or is steered to the target (CAP-soft)."""
 
     name = "soft_movement"
-    supports_global = False  # the threshold is the schedule's tau_t, not a top-k
+
+    def uses_topk(self, cfg: object) -> bool:
+        return getattr(cfg, "soft_threshold", "target") == "target"
 
     def mask(self, m: MaskedLinear) -> Tensor:
+        if m.steered:
+            return super().mask(m)
         return SigmoidThresholdBinarizer.apply(m.mask_scores, float(m.threshold), m.min_keep,
                                                m.row_groups)
 
     def set_target(self, pruner: Pruner, target: float) -> None:
+        if self.uses_topk(pruner.cfg):
+            super().set_target(pruner, target)
+            return
         # tau_t follows the cubic schedule's shape, from 0 to final_threshold.
         final = pruner.cfg.final_sparsity
         tau = pruner.cfg.final_threshold * (target / final if final > 0 else 1.0)
