@@ -110,6 +110,12 @@ class PruningConfig:
     final_warmup: float = 0.2
     score_lr: float = 1e-2
     score_init: float = 0.0
+    # Learned scores start at ``score_init`` (``none``, the reference) or at
+    # ``score_warm_start_scale * |W| / mean|W|`` per matrix (``magnitude``): on short runs
+    # the first masks are then magnitude masks that movement reorders, instead of
+    # rankings of a few steps of AdamW noise (see capscale.pruning.methods).
+    score_warm_start: Literal["none", "magnitude"] = "none"
+    score_warm_start_scale: float = 0.1
     # Soft movement: an L1 penalty on sigmoid(S) ramped to ``final_lambda``; the mask is
     # ``soft_threshold: target`` the top 1 - s_t of the scores (the scheduled sparsity
     # reached at every step; global with ``scope: global``), or ``schedule`` (the
@@ -135,6 +141,7 @@ class PruningConfig:
             (self.initial_warmup >= 0 and self.final_warmup >= 0, "pruning.initial_warmup",
              "warm-ups must be >= 0"),
             (self.score_lr > 0, "pruning.score_lr", "must be > 0"),
+            (self.score_warm_start_scale > 0, "pruning.score_warm_start_scale", "must be > 0"),
             (0 < self.final_threshold < 1, "pruning.final_threshold", "must be in (0, 1)"),
             (0 <= self.min_keep <= 1, "pruning.min_keep", "must be in [0, 1]"),
         ]

@@ -19,9 +19,11 @@ A new unstructured method is one rule and one entry::
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+import torch
 from torch import Tensor, nn
 
 from ..loop import LoopHook
@@ -144,6 +146,8 @@ class WeightMaskController(LoopHook):
     def setup(self, model: nn.Module) -> None:
         run = self.run
         modules = self.attach(model)
+        if run.cfg.pruning.score_warm_start == "magnitude":
+            warm_start_from_magnitude(modules.values(), run.cfg.pruning.score_warm_start_scale)
         # Global top-k reads each rank's shard of the scores (exact bisection, no gather);
         # replicated scores (single / ddp) are counted once, without a sum over ranks.
         sharded = run.ctx.distributed and run.strategy.shards_parameters
@@ -192,6 +196,26 @@ class WeightMaskController(LoopHook):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.pruner.sparsity = state["sparsity"]
+
+
+@torch.no_grad()
+def warm_start_from_magnitude(modules: Iterable[MaskedLinear], scale: float) -> None:
+    """Start learned scores at ``scale * |W| / mean|W|`` (per matrix) instead of a constant.
+
+    Movement scores trained by AdamW move by about ``score_lr`` a step whatever the size
+    of their gradient, so after a short dense warm-up they rank weights by how
+    consistently their movement kept one sign, not by how much the loss depends on
+    them, and many still tie at their initial value: the first weights removed can be
+    large and important. Seeding the scores with the weights' magnitude makes the
+    first masks magnitude masks; movement then reorders them, a weight needing about
+    ``scale / score_lr`` steps of consistent movement to overtake one of mean magnitude.
+    Off by default and in the paper recipes (the reference starts every score at 0).
+    """
+    for m in modules:
+        if m.mask_scores is None:
+            continue
+        w = m.weight.detach().abs().float()
+        m.mask_scores.copy_((scale * w / w.mean().clamp_min(1e-12)).to(m.mask_scores.dtype))
 
 
 class NoPruningController(WeightMaskController):
