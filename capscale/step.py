@@ -148,6 +148,13 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float,
     return [g for g in groups if g["params"]]
 
 
+def lr_warmup(steps: int | None, ratio: float, length: int) -> int:
+    """Warm-up steps of an LR schedule ``length`` steps long: ``steps`` (``train.
+    warmup_steps``, the reference's unit: 11,000 on GLUE) capped at ``length``, or else
+    ``ratio * length`` (``train.warmup_ratio``)."""
+    return min(steps, length) if steps is not None else int(ratio * length)
+
+
 def linear_warmup_decay(warmup: int, total: int) -> Callable[[int], float]:
     """LR factor: linear warm-up over ``warmup`` steps, then linear decay to 0 at ``total``."""
     def factor(step: int) -> float:
