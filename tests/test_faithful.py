@@ -180,9 +180,11 @@ def test_warmups_in_steps(tiny_bert, tiny_csv, tmp_path):
     hist = recipe.state.history
     lrs = [r["lr"] for r in hist]
     peak = recipe.cfg.train.lr
-    # LambdaLR has stepped k + 1 times after step k: warm-up (k + 1) / 4, then decay.
-    assert lrs[:3] == pytest.approx([peak * (k + 2) / 4 for k in range(3)])
-    assert lrs[3] == pytest.approx(peak * 4 / 4)
+    # The LR of step k is peak * k / 4 during the warm-up (the reference's schedule: 0 at
+    # step 0); a record holds the LR the next step uses.
+    assert recipe.student.scheduler.lr_lambdas[0](0) == 0.0
+    assert lrs[:3] == pytest.approx([peak * (k + 1) / 4 for k in range(3)])
+    assert lrs[3] == pytest.approx(peak)
     assert all(a > b for a, b in itertools.pairwise(lrs[3:]))
     sparsity = [r["sparsity"] for r in hist]
     assert sparsity[:4] == [0.0] * 4 and 0 < sparsity[4] < 0.5  # dense for t <= 3 steps
@@ -196,3 +198,10 @@ def test_ambiguous_warmups_are_refused(bad):
     with pytest.raises(ConfigError):
         load_config(None, ["data.preset=tweets", *bad])
 
+
+
+def test_a_warmup_longer_than_the_run_is_refused(tiny_bert, tiny_csv, tmp_path):
+    """The reference's GLUE warm-ups (22,000 steps dense) on a shorter run would never
+    prune: refused at setup, naming the field."""
+    with pytest.raises(ConfigError, match=r"pruning\.initial_warmup"):
+        _recipe(tiny_bert, tiny_csv, tmp_path, "pruning.initial_warmup=6")
