@@ -4,11 +4,12 @@
   configs, tokenizer, text lengths, the checkpoint to resume) and picks the parts from
   their tables (task, pruning method, contrastive objective). No model is loaded.
 * :meth:`CAPRecipe.setup`: fine-tunes the teacher when none is given (cached), loads
-  the student and the frozen references, encodes what the fixed contrastive modules
-  need (PrC / FiC banks: frozen models in eval mode, so they are encoded again on a
-  resume rather than saved), attaches the pruning method's masks, lets the strategy
-  wrap the student, registers every stateful part with the checkpointer and restores
-  the checkpoint when resuming.
+  the student (freezing its embeddings when ``train.freeze_embeddings``) and the frozen
+  references, logs the memory the SnC snapshots will take (their number known from the
+  schedule), encodes what the fixed contrastive modules need (PrC / FiC banks: frozen
+  models in eval mode, so they are encoded again on a resume rather than saved),
+  attaches the pruning method's masks, lets the strategy wrap the student, registers
+  every stateful part with the checkpointer and restores the checkpoint when resuming.
 * :meth:`CAPRecipe.train`: the one loop (capscale.loop) with the pruning controller,
   the snapshot and evaluation schedules and the trackers as hooks.
 * :meth:`CAPRecipe.finish`: sparsity report, export, results, report, summary.
