@@ -14,11 +14,14 @@ if TYPE_CHECKING:
 class SnapshotSchedule(LoopHook):
     """When the unstructured methods append an SnC snapshot (Xu et al. 2022, section 3.3).
 
-    ``cap.snapshot_schedule``: ``epoch`` takes one at the start of every epoch, in
-    ``cap.snapshot_train_mode`` (the reference encodes them with dropout on);
-    ``milestones`` takes one as soon as the scheduled sparsity reaches each fraction
-    of ``cap.snapshot_milestones`` of the final sparsity. The milestones still due are
-    checkpoint state.
+    ``cap.snapshot_schedule``: ``epoch`` takes one at the start of every epoch but the
+    first, as the reference does (its epoch-0 encoding of the still dense student is the
+    PrC bank, which capscale encodes at setup), so epoch e has R = e views;
+    ``cap.snapshot_first_epoch`` adds one at epoch 0 (R = e + 1). ``milestones`` takes
+    one as soon as the scheduled sparsity reaches each fraction of
+    ``cap.snapshot_milestones`` of the final sparsity. Snapshots are encoded in
+    ``cap.snapshot_train_mode`` (the reference: dropout on). The milestones still due
+    are checkpoint state.
 
     Args:
         cfg: the run config.
@@ -31,9 +34,17 @@ class SnapshotSchedule(LoopHook):
         self.cfg, self.sparsity, self.snapshot = cfg, sparsity, snapshot
         self.pending = sorted(cfg.cap.snapshot_milestones)
 
+    def planned(self, epochs: int) -> int:
+        """How many snapshots the schedule takes in a run of ``epochs`` epochs."""
+        cap = self.cfg.cap
+        if cap.snapshot_schedule == "milestones":
+            return len(cap.snapshot_milestones)
+        return epochs if cap.snapshot_first_epoch else max(epochs - 1, 0)
+
     def on_epoch_start(self, epoch: int) -> None:
-        if self.cfg.cap.snapshot_schedule == "epoch":
-            self.snapshot(self.cfg.cap.snapshot_train_mode, f"snapshot, epoch {epoch}")
+        cap = self.cfg.cap
+        if cap.snapshot_schedule == "epoch" and (epoch > 0 or cap.snapshot_first_epoch):
+            self.snapshot(cap.snapshot_train_mode, f"snapshot, epoch {epoch}")
 
     def after_step(self, record: Record) -> None:
         if self.cfg.cap.snapshot_schedule != "milestones":

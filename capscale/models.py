@@ -151,8 +151,9 @@ def forward_with_representation(model: nn.Module, inputs: dict[str, Tensor],
                                 ) -> tuple[Tensor, Tensor]:
     """Run ``model``; return ``(logits (B, L), representation (B, H) L2-normalised)``.
 
-    ``kind``: ``head`` (docs/algorithm.md section 2: pooler output after the classifier's
-    dropout for BERT), ``cls`` (last-layer first token) or ``mean`` (masked mean).
+    ``kind``: ``head`` (docs/algorithm.md section 2: the input of the head's final
+    linear, for BERT the pooler output after the classifier's dropout when the head is
+    in train mode), ``cls`` (last-layer first token) or ``mean`` (masked mean).
     """
     out = model(**inputs, output_hidden_states=kind != "head")
     if kind == "head":
@@ -181,6 +182,44 @@ def set_dropout(model: nn.Module, training: bool) -> None:
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.training = training
+
+
+def _task_model(model: nn.Module) -> nn.Module:
+    while isinstance(getattr(model, "module", None), nn.Module):  # DDP / DeepSpeed
+        model = model.module
+    return model
+
+
+def set_head_mode(model: nn.Module, training: bool) -> None:
+    """Switch the task head alone (every module outside ``base_model``, e.g. BERT's
+    classifier dropout and classifier) to train or eval mode.
+
+    The reference encodes train-mode snapshots with the encoder's dropout on but returns
+    the pooler output before the classifier's dropout (docs/algorithm.md section 2):
+    a train-mode student with its head in eval mode reads exactly that.
+    """
+    model = _task_model(model)
+    base = getattr(model, "base_model", model)
+    if base is model:
+        return
+    encoder = {id(m) for m in base.modules()}
+    for m in model.modules():
+        if id(m) not in encoder and m is not model:
+            m.training = training
+
+
+def freeze_embeddings(model: nn.Module) -> int:
+    """Stop training the embedding layer, as the reference's unstructured code does:
+    ``base_model.embeddings`` (word, position and token-type embeddings and their
+    LayerNorm), or the input word embeddings when the encoder has no such module.
+    Call before the optimiser is built and the strategy wraps the model. Returns the
+    number of parameters frozen."""
+    model = _task_model(model)
+    emb = getattr(getattr(model, "base_model", model), "embeddings", None)
+    if not isinstance(emb, nn.Module):
+        emb = model.get_input_embeddings()
+    emb.requires_grad_(False)
+    return sum(p.numel() for p in emb.parameters())
 
 
 @torch.no_grad()

@@ -4,11 +4,12 @@
   configs, tokenizer, text lengths, the checkpoint to resume) and picks the parts from
   their tables (task, pruning method, contrastive objective). No model is loaded.
 * :meth:`CAPRecipe.setup`: fine-tunes the teacher when none is given (cached), loads
-  the student and the frozen references, encodes what the fixed contrastive modules
-  need (PrC / FiC banks: frozen models in eval mode, so they are encoded again on a
-  resume rather than saved), attaches the pruning method's masks, lets the strategy
-  wrap the student, registers every stateful part with the checkpointer and restores
-  the checkpoint when resuming.
+  the student (freezing its embeddings when ``train.freeze_embeddings``) and the frozen
+  references, logs the memory the SnC snapshots will take (their number known from the
+  schedule), encodes what the fixed contrastive modules need (PrC / FiC banks: frozen
+  models in eval mode, so they are encoded again on a resume rather than saved),
+  attaches the pruning method's masks, lets the strategy wrap the student, registers
+  every stateful part with the checkpointer and restores the checkpoint when resuming.
 * :meth:`CAPRecipe.train`: the one loop (capscale.loop) with the pruning controller,
   the snapshot and evaluation schedules and the trackers as hooks.
 * :meth:`CAPRecipe.finish`: sparsity report, export, results, report, summary.
@@ -16,6 +17,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +31,7 @@ from .checkpoint import Checkpointer, resolve_resume, saved_step
 from .config import Config, config_to_dict, save_config
 from .console import Console
 from .contrastive.modules import CONTRASTIVE_MODULES
-from .contrastive.objectives import build_objective
+from .contrastive.objectives import build_objective, snapshot_memory
 from .data import build_loaders, check_lengths, load_task_data
 from .distributed import DistContext, make_strategy
 from .evaluation import evaluate
@@ -42,6 +45,7 @@ from .models import (
     check_encoder,
     check_teacher,
     freeze,
+    freeze_embeddings,
     hidden_size,
     load_classifier,
     load_tokenizer,
@@ -51,7 +55,7 @@ from .pruning.methods import PRUNING_METHODS
 from .references import RunReferences
 from .results import build_results, print_summary, save_history, write_results
 from .state import RankPart, RunState
-from .step import CAPLoss, Student, Update, linear_warmup_decay, param_groups
+from .step import CAPLoss, Student, Update, linear_warmup_decay, lr_warmup, param_groups
 from .tasks import get_task
 
 
@@ -111,6 +115,9 @@ class CAPRecipe:
                              else cfg.model.name_or_path)
         bare = self._load(self.student_init).to(ctx.device)
         self.adapter = adapter_for(bare, cfg.model.adapter)
+        if cfg.train.freeze_embeddings:  # before the optimiser and the wrapping
+            frozen = freeze_embeddings(bare)
+            self.console.log(f"embeddings frozen ({frozen:,} parameters)")
         self.teacher = None
         wants_teacher = cfg.loss.w_kd > 0 or any(
             CONTRASTIVE_MODULES[n].source == "teacher" for n in cfg.cap.enabled_modules())
@@ -121,11 +128,13 @@ class CAPRecipe:
         refs = RunReferences(ctx, self.strategy, self.adapter, cfg.cap.representation,
                              self._load, cfg.model.name_or_path,
                              cfg.model.student_init == "pretrained", self.teacher, bare,
-                             self.loaders.bank, self.console)
+                             self.loaders.bank, self.console, cfg.cap.snapshot_head_dropout)
         labels = self.task.contrastive_labels(torch.as_tensor(np.asarray(data.train["labels"])))
-        self.objective = build_objective(cfg.cap, len(data.train),
-                                         hidden_size(bare, self.adapter), labels,
-                                         cfg.train.seed, ctx)
+        self.snapshots = SnapshotSchedule(cfg, self.controller.current_sparsity, self.snapshot)
+        views, hidden = self.snapshot_views(), hidden_size(bare, self.adapter)
+        self.snapshot_plan = self._plan_snapshots(views, hidden, bare)
+        self.objective = build_objective(dataclasses.replace(cfg.cap, max_snapshots=views),
+                                         len(data.train), hidden, labels, cfg.train.seed, ctx)
         self.objective.setup(refs)
         self.controller.setup(bare)
         self.student = self._prepare(bare)
@@ -135,13 +144,51 @@ class CAPRecipe:
                             self.controller.regularization, self.phases)
         self.update = Update(self.strategy, self.student, ctx, cfg.train.grad_clip,
                              self.phases, cfg.train.debug_nan_batches)
-        self.snapshots = SnapshotSchedule(cfg, self.controller.current_sparsity, self.snapshot)
         self.checkpointer = self._register_state()
         if self.resume_from is not None:
             self.checkpointer.load(self.resume_from)
             self.console.log(f"resumed from {self.resume_from} (step {self.state.step}, "
                              f"epoch {self.state.epoch}, {self.state.batches_done} "
                              "batches into it)")
+
+    def snapshot_views(self) -> int:
+        """R_max, the SnC views kept per example: ``cap.max_snapshots``, or when it is
+        null every snapshot this run's schedule takes (the reference keeps them all)."""
+        cfg = self.cfg
+        if cfg.cap.max_snapshots is not None:
+            return cfg.cap.max_snapshots
+        if self.method.evaluates_itself:  # the controller snapshots at its milestones
+            planned = getattr(self.controller, "planned_snapshots", None)
+            if planned is None:
+                raise ValueError(f"pruning.method {cfg.pruning.method} takes its own "
+                                 "snapshots; set cap.max_snapshots to a number")
+            return max(planned(), 1)
+        epochs = math.ceil(self.total_steps / max(len(self.loaders.train), 1))
+        return max(self.snapshots.planned(epochs), 1)
+
+    def _plan_snapshots(self, views: int, hidden: int, bare: nn.Module
+                        ) -> dict[str, Any] | None:
+        """The memory the SnC snapshots will take, logged before anything is encoded."""
+        cfg, ctx = self.cfg, self.ctx
+        if not any(CONTRASTIVE_MODULES[n].snapshots for n in cfg.cap.enabled_modules()):
+            return None
+        copy_bytes = sum(t.numel() * t.element_size()
+                         for t in [*bare.parameters(), *bare.buffers()])
+        if self.method.learns_scores:  # a copy also holds a score per prunable weight
+            copy_bytes += sum(m.weight.numel() * 4
+                              for m in self.adapter.prunable_linears(bare).values())
+        if self.strategy.shards_parameters and cfg.distributed.shard_references:
+            copy_bytes = -(-copy_bytes // ctx.world_size)
+        plan = snapshot_memory(cfg.cap, views, len(self.data.train), hidden, ctx.world_size,
+                               copy_bytes)
+        plan["schedule"] = ("pruning levels" if self.method.evaluates_itself
+                            else cfg.cap.snapshot_schedule)
+        limit = "all" if cfg.cap.max_snapshots is None else "at most"
+        self.console.log(f"SnC ({plan['schedule']} schedule): {limit} {views} snapshot(s) "
+                         f"kept, one {plan['per_view']} "
+                         f"each: {plan['bytes_per_view'] / 2**30:.3f} GiB per snapshot, "
+                         f"{plan['bytes'] / 2**30:.3f} GiB in all, per rank")
+        return plan
 
     def _load(self, path: str) -> nn.Module:
         m = self.cfg.model
@@ -157,7 +204,7 @@ class CAPRecipe:
         groups = param_groups(bare, cfg.train.lr, cfg.train.weight_decay,
                               self.controller.score_parameters(), cfg.pruning.score_lr)
         model, opt, sched = self.strategy.prepare_student(
-            bare, groups, linear_warmup_decay(int(cfg.train.warmup_ratio * length), length),
+            bare, groups, self._lr_lambda(length),
             micro_batch_size=cfg.train.batch_size, grad_clip=cfg.train.grad_clip)
         return Student(model, opt, sched, tap)
 
@@ -202,8 +249,12 @@ class CAPRecipe:
         s = self.student
         groups = param_groups(self.strategy.unwrap(s.model), cfg.lr, cfg.weight_decay, [], 0.0)
         s.optimizer, s.scheduler = self.strategy.fresh_optimizer(
-            s.model, s.optimizer, groups,
-            linear_warmup_decay(int(cfg.warmup_ratio * length), length))
+            s.model, s.optimizer, groups, self._lr_lambda(length))
+
+    def _lr_lambda(self, length: int) -> Any:
+        """Linear warm-up (``train.warmup_steps`` or ``warmup_ratio``), linear decay."""
+        t = self.cfg.train
+        return linear_warmup_decay(lr_warmup(t.warmup_steps, t.warmup_ratio, length), length)
 
     def _skeleton(self) -> nn.Module:
         """A bare student of the same structure, masks attached (values not loaded)."""

@@ -26,6 +26,7 @@ from .models import (
     forward_with_representation,
     freeze,
     set_dropout,
+    set_head_mode,
     snapshot_copy,
 )
 
@@ -52,12 +53,16 @@ class RunReferences:
         skeleton: builds a bare student of the same structure (sharded snapshots).
         bank_loader: the whole training set, sharded over ranks.
         console: progress bars.
+        head_dropout: ``cap.snapshot_head_dropout``: whether train-mode snapshots are read
+            after the task head's dropout (False, the reference: the encoder's dropout
+            is on, the head is in eval mode).
     """
 
     def __init__(self, ctx: DistContext, strategy: Strategy, adapter: EncoderAdapter,
                  representation: str, load: Callable[[str], nn.Module], pretrained: str,
                  student_is_pretrained: bool, teacher: nn.Module | None,
-                 bare_student: nn.Module, bank_loader: Any, console: Console) -> None:
+                 bare_student: nn.Module, bank_loader: Any, console: Console,
+                 head_dropout: bool = False) -> None:
         self.ctx, self.strategy, self.adapter = ctx, strategy, adapter
         self.kind, self.load = representation, load
         self.pretrained, self.student_is_pretrained = pretrained, student_is_pretrained
@@ -67,6 +72,7 @@ class RunReferences:
         self.skeleton: Callable[[], nn.Module] | None = None
         self.bank_loader, self.console = bank_loader, console
         self.taps: dict[int, RepresentationTap] = {}
+        self.head_dropout = head_dropout
 
     def bind(self, student: Student, skeleton: Callable[[], nn.Module]) -> None:
         """The student as the strategy prepared it (snapshots are taken from it)."""
@@ -127,8 +133,17 @@ class RunReferences:
     # -- the student ---------------------------------------------------------------
     def student(self, train_mode: bool) -> nn.Module:
         assert self.live is not None
-        self.live.model.train(train_mode)
+        self.live.model.train(train_mode)  # back to train mode once encoded
+        if train_mode and not self.head_dropout:
+            set_head_mode(self.live.model, False)
         return self.live.model
+
+    def _snapshot_mode(self, copy_: nn.Module, train_mode: bool) -> nn.Module:
+        if train_mode:  # the reference encodes unstructured snapshots with dropout on
+            set_dropout(copy_, True)
+            if not self.head_dropout:
+                set_head_mode(copy_, False)
+        return copy_
 
     def student_copy(self, train_mode: bool) -> nn.Module:
         assert self.live is not None
@@ -140,9 +155,7 @@ class RunReferences:
         else:
             out = self.strategy.prepare_reference(
                 snapshot_copy(self.strategy.unwrap(self.live.model)))
-        if train_mode:  # the reference encodes unstructured snapshots with dropout on
-            set_dropout(out, True)
-        return out
+        return self._snapshot_mode(out, train_mode)
 
     def model_state(self, model: nn.Module) -> dict[str, Tensor]:
         with self.strategy.gathered(model) as bare:
@@ -157,9 +170,7 @@ class RunReferences:
             out = copy.deepcopy(self.strategy.unwrap(self.live.model))
             _copy_state(out, state)
             out = self.strategy.prepare_reference(freeze(out))
-        if train_mode:
-            set_dropout(out, True)
-        return out
+        return self._snapshot_mode(out, train_mode)
 
 
 @torch.no_grad()

@@ -34,6 +34,8 @@ def build_results(recipe: CAPRecipe, sparsity: dict[str, Any]) -> dict[str, Any]
         "method": cfg.pruning.method,
         # mean milliseconds per step of each phase (capscale.loop.Phases), this rank
         "phase_ms": recipe.phase_totals.mean_ms(),
+        # SnC views kept and their memory per rank, as logged before training
+        "snapshots": recipe.snapshot_plan,
     }
     curve = getattr(recipe.controller, "curve", None)
     if curve is not None:  # the accuracy-vs-sparsity curve, one point per milestone

@@ -14,6 +14,7 @@ step and LR step through the strategy. Both time their parts through
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -148,10 +149,20 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float,
     return [g for g in groups if g["params"]]
 
 
+def lr_warmup(steps: int | None, ratio: float, length: int) -> int:
+    """Warm-up steps of an LR schedule ``length`` steps long: ``steps`` (``train.
+    warmup_steps``, the reference's unit: 11,000 on GLUE) capped at ``length``, or else
+    ``ceil(ratio * length)`` (``train.warmup_ratio``, rounded up as the Hugging Face
+    Trainer of the structured reference does)."""
+    return min(steps, length) if steps is not None else math.ceil(ratio * length)
+
+
 def linear_warmup_decay(warmup: int, total: int) -> Callable[[int], float]:
-    """LR factor: linear warm-up over ``warmup`` steps, then linear decay to 0 at ``total``."""
+    """LR factor at optimiser step ``step`` (0-based): ``step / warmup`` during the
+    warm-up, then a linear decay to 0 at ``total``; the reference's schedule (Hugging
+    Face ``get_linear_schedule_with_warmup``: the first step of a warm-up has LR 0)."""
     def factor(step: int) -> float:
         if step < warmup:
-            return (step + 1) / max(warmup, 1)
+            return step / warmup
         return max(0.0, (total - step) / max(total - warmup, 1))
     return factor

@@ -86,7 +86,7 @@ def test_bank_build_is_linear_and_never_reallocates():
 
 def test_fill_raises_when_the_loader_misses_examples():
     n, h = 20, 4
-    obj = BankObjective(CAPConfig(), n, h, torch.zeros(n, dtype=torch.long))
+    obj = BankObjective(CAPConfig(max_snapshots=8), n, h, torch.zeros(n, dtype=torch.long))
 
     def encode(batch):
         return torch.nn.functional.normalize(torch.randn(len(batch["example_id"]), h), dim=-1)

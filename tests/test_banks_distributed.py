@@ -50,7 +50,7 @@ def _setup(csv: Path, model_dirs: list[Path]):
 
 
 def _cfg(**kw) -> CAPConfig:
-    return CAPConfig(num_negatives=16, **kw)
+    return CAPConfig(num_negatives=16, max_snapshots=8, **kw)
 
 
 def _fill_all(obj: BankObjective, ds, coll, encoders, ctx: DistContext, epoch: int) -> None:

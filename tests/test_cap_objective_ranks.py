@@ -20,7 +20,7 @@ def _problem() -> tuple[BankObjective, torch.Tensor, torch.Tensor, torch.Tensor]
     table = F.normalize(torch.randn(3, N, H, generator=g), dim=-1)  # prc, fic, snc views
     anchors = F.normalize(torch.randn(BATCH, H, generator=g), dim=-1)
     ids = torch.randperm(N, generator=g)[:BATCH]
-    cfg = CAPConfig(num_negatives=10, temperature=0.2)
+    cfg = CAPConfig(num_negatives=10, temperature=0.2, max_snapshots=8)
     obj = BankObjective(cfg, N, H, torch.arange(N) % 3, seed=5)
     return obj, table, anchors, ids
 

@@ -179,14 +179,17 @@ def merge_dicts(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_yaml_file(path: str | Path, search_dir: Path | None = None) -> dict[str, Any]:
-    """A YAML mapping from ``path``, or from ``search_dir / name`` when ``path`` is not a
-    file (packaged configs by name)."""
+    """A YAML mapping from ``path``, or, when ``path`` is not a file, from ``search_dir /
+    path`` or ``search_dir / name`` (packaged configs: ``paper/cap_m_qqp_90.yaml``)."""
     p = Path(path)
     if not p.is_file():
-        packaged = search_dir / p.name if search_dir is not None else None
-        if packaged is None or not packaged.is_file():
+        candidates = [] if search_dir is None else [search_dir / p.name]
+        if search_dir is not None and not p.is_absolute():
+            candidates.insert(0, search_dir / p)
+        found = [c for c in candidates if c.is_file()]
+        if not found:
             raise ConfigError(f"config file {path} not found")
-        p = packaged
+        p = found[0]
     data = parse_yaml(p.read_text()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p}: expected a mapping at the top level")

@@ -5,11 +5,8 @@ several sections together (supervised terms on a regression task, offload withou
 ZeRO-3, a method an objective refuses, ...) live in ``rules.py``, the one place for
 them. Names that come from extension tables (``pruning.method``, ``data.task_type``,
 ``cap.mode``, ``cap.modules``) are checked against those tables, so an entry
-registered from outside the package is accepted like a built-in one.
-
-Example::
-
-    cfg = load_config("capscale/configs/demo_minilm_tweets.yaml", ["train.lr=1e-4"])
+registered from outside the package is accepted like a built-in one. Example:
+``load_config("capscale/configs/demo_minilm_tweets.yaml", ["train.lr=1e-4"])``.
 """
 
 from __future__ import annotations
@@ -77,8 +74,7 @@ class DataConfig:
     # Fixed label order (strings as they appear in the data). None: sorted label set.
     label_names: list[str] | None = None
     max_length: int = 128
-    # Texts longer than ``max_length`` tokens: ``truncate`` (the count is logged) or
-    # ``error`` (stop before any model loads and name the rows).
+    # Texts over ``max_length`` tokens: ``truncate`` (counted) or ``error`` (rows named).
     truncation: Literal["truncate", "error"] = "truncate"
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
@@ -104,8 +100,9 @@ class PruningConfig:
     initial_sparsity: float = 0.0
     # ``local``: top-k per matrix (reference); ``global``: one threshold over all matrices.
     scope: Literal["local", "global"] = "local"
-    # Cubic schedule: dense for the first ``initial_warmup`` of the steps, final for the
-    # last ``final_warmup``. Values < 1 are fractions of the total steps, >= 1 steps.
+    # Cubic schedule: dense for the first ``initial_warmup`` steps, final for the last
+    # ``final_warmup``. A value in [0, 1) is a fraction of the run's steps, a whole number
+    # >= 1 a step count (reference GLUE: 22000 and 33000, i.e. 2x and 3x its LR warm-up).
     initial_warmup: float = 0.1
     final_warmup: float = 0.2
     score_lr: float = 1e-2
@@ -125,12 +122,9 @@ class PruningConfig:
     final_threshold: float = 0.1
     final_lambda: float = 100.0
     min_keep: float = 0.005
-    # Zero pruned weights (and their gradients) after every optimiser step, so the
-    # stored weights are exactly masked, under every strategy and sharding. Off by
-    # default: with the functional mask alone, a pruned weight keeps its value and its
-    # score keeps a gradient (dL/dW' * W), so it can regrow, as in movement pruning
-    # (Sanh et al. 2020) and CAP's reference; a zeroed weight has a zero score gradient
-    # and stays pruned. The forward output is the same either way.
+    # Zero pruned weights (and their gradients) after every optimiser step, under every
+    # strategy. Off (the reference): a pruned weight keeps its value and its score a
+    # gradient (dL/dW' * W), so it can regrow; the forward output is the same either way.
     zero_pruned_weights: bool = False
 
     def check(self) -> list[Check]:
@@ -140,6 +134,10 @@ class PruningConfig:
              "must be in [0, pruning.final_sparsity]"),
             (self.initial_warmup >= 0 and self.final_warmup >= 0, "pruning.initial_warmup",
              "warm-ups must be >= 0"),
+            (all(w < 1 or float(w).is_integer() for w in (self.initial_warmup,
+                                                         self.final_warmup)),
+             "pruning.initial_warmup", "a warm-up is a fraction in [0, 1) or a whole number "
+             "of steps (initial_warmup and final_warmup)"),
             (self.score_lr > 0, "pruning.score_lr", "must be > 0"),
             (self.score_warm_start_scale > 0, "pruning.score_warm_start_scale", "must be > 0"),
             (0 < self.final_threshold < 1, "pruning.final_threshold", "must be in (0, 1)"),
@@ -219,20 +217,25 @@ class CAPConfig:
     # SnC snapshots: at the start of every epoch (reference) or at sparsity milestones.
     snapshot_schedule: Literal["epoch", "milestones"] = "epoch"
     snapshot_milestones: list[float] = field(default_factory=lambda: [0.3, 0.6, 0.8])
-    max_snapshots: int = 8
-    # Reference: unstructured snapshots are encoded in train mode (dropout on).
+    # Epoch schedule: also snapshot at the start of epoch 0 (the dense student, which the
+    # reference encodes as its PrC bank instead): R = e + 1 views in epoch e, not e.
+    snapshot_first_epoch: bool = False
+    # SnC views kept (a ring: a new one replaces the oldest). None: every snapshot the
+    # schedule takes (reference); the memory they will take is logged before training.
+    max_snapshots: int | None = None
+    # Reference: unstructured snapshots are encoded in train mode (dropout on), but read
+    # before the task head's dropout; ``snapshot_head_dropout: true`` reads them after it.
     snapshot_train_mode: bool = True
+    snapshot_head_dropout: bool = False
     # A name in the objective table: ``bank`` encodes the whole training set into
-    # [N, R, H] banks (reference); ``online``, for data too large to pre-encode, takes
-    # positives from live frozen references on each batch and negatives from the
-    # gathered batch plus a bounded queue of earlier reference outputs (MoCo-style).
+    # [N, R, H] banks (reference); ``online`` takes positives from live frozen references
+    # and negatives from the gathered batch plus a bounded queue (MoCo-style).
     mode: str = "bank"
     # Online mode: earlier examples kept per module as negatives (replaces the bank's
     # ``num_negatives`` extras; each entry brings its R views).
     queue_size: int = 4096
-    # Bank mode, several ranks: ``replicated`` (every rank holds all N rows) or
-    # ``sharded`` (rank r holds ids with id % world == r: bank memory / world, one
-    # all-reduce per module and step to serve the batch's and the extras' views).
+    # Bank mode, several ranks: ``replicated`` (every rank holds all N rows) or ``sharded``
+    # (rank r holds ids with id % world == r: memory / world, one all-reduce per step).
     bank_sharding: Literal["replicated", "sharded"] = "replicated"
 
     def enabled_modules(self) -> list[str]:
@@ -243,7 +246,8 @@ class CAPConfig:
         checks: list[Check] = [
             (self.temperature > 0, "cap.temperature", "must be > 0"),
             (self.num_negatives >= 0, "cap.num_negatives", "must be >= 0"),
-            (self.max_snapshots >= 1, "cap.max_snapshots", "must be >= 1"),
+            (self.max_snapshots is None or self.max_snapshots >= 1, "cap.max_snapshots",
+             "must be >= 1 or null (every snapshot the schedule takes)"),
             (self.queue_size >= 1, "cap.queue_size", "must be >= 1"),
             (all(0 < m < 1 for m in self.snapshot_milestones), "cap.snapshot_milestones",
              "each milestone is a fraction of the final sparsity, in (0, 1)"),
@@ -280,13 +284,17 @@ class TrainConfig:
     eval_batch_size: int = 128
     lr: float = 3e-5
     weight_decay: float = 0.0
+    # LR warm-up: a fraction of each LR schedule, or ``warmup_steps`` steps (reference
+    # GLUE: 11000); give one of the two.
     warmup_ratio: float = 0.0
+    warmup_steps: int | None = None
+    # Freeze the embedding layer (word, position and token-type embeddings, their
+    # LayerNorm) while pruning, as the reference's unstructured code does.
+    freeze_embeddings: bool = False
     grad_clip: float = 1.0
     seed: int = 42
-    # Evaluate every N steps (0: only at the end of each epoch).
-    eval_every: int = 0
-    # CPU threads for torch (0: leave torch's default).
-    num_threads: int = 0
+    eval_every: int = 0  # evaluate every N steps (0: only at the end of each epoch)
+    num_threads: int = 0  # CPU threads for torch (0: leave torch's default)
     progress: bool = True
     # A non-finite loss: ``stop`` (exit non-zero, last good checkpoint kept) or ``skip``
     # the batch (no update), stopping after ``max_nonfinite_skips`` skips in a row.
@@ -294,8 +302,7 @@ class TrainConfig:
     max_nonfinite_skips: int = 10
     # Collectives that wait longer than this raise instead of hanging (a dead rank).
     collective_timeout_s: float = 600.0
-    # Test hook: the losses of these batches (0-based count of batches drawn, skipped
-    # ones included) are made NaN, to exercise ``on_nonfinite``. Leave empty.
+    # Test hook: these batches' losses (by count of batches drawn) are made NaN. Leave empty.
     debug_nan_batches: list[int] = field(default_factory=list)
 
     def check(self) -> list[Check]:
@@ -306,6 +313,8 @@ class TrainConfig:
             (self.batch_size >= 1, "train.batch_size", "must be >= 1"),
             (self.lr > 0, "train.lr", "must be > 0"),
             (0 <= self.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)"),
+            (self.warmup_steps is None or (self.warmup_steps >= 0 and self.warmup_ratio == 0),
+             "train.warmup_steps", "must be >= 0, and train.warmup_ratio 0 (give one)"),
             (self.max_nonfinite_skips >= 0, "train.max_nonfinite_skips", "must be >= 0"),
             (self.collective_timeout_s > 0, "train.collective_timeout_s",
              "must be > 0 seconds"),

@@ -7,9 +7,9 @@ CAP (Xu et al., AAAI 2022, section 3) pulls the student towards three references
   before any pruning, so no second copy is loaded.
 * ``fic`` (FiC): the fine-tuned dense teacher: task knowledge.
 * ``snc`` (SnC): snapshots of the student itself at earlier sparsities, bridging the
-  dense references and the sparse student; up to ``cap.max_snapshots`` views per
-  example, taken on the snapshot schedule (every epoch, at sparsity milestones, or
-  after each structured pruning level).
+  dense references and the sparse student; one view per snapshot, taken on the
+  snapshot schedule (every epoch after the first, at sparsity milestones, or after each
+  structured pruning level), at most ``cap.max_snapshots`` of them (null: all).
 
 Each module contributes an unsupervised term (positives: the references' views of the
 same example) and a supervised one (positives: every candidate with the same label),
@@ -62,9 +62,16 @@ class ContrastiveModule:
         """Whether its views are snapshots of the student (filled during training)."""
         return self.source == "snapshots"
 
-    def max_views(self, max_snapshots: int) -> int:
-        """R_max: views kept per example."""
-        return max_snapshots if self.snapshots else 1
+    def max_views(self, max_snapshots: int | None) -> int:
+        """R_max: views kept per example. ``max_snapshots`` must be resolved to a number
+        first (``cap.max_snapshots: null`` means the schedule's count: capscale.recipe)."""
+        if not self.snapshots:
+            return 1
+        if max_snapshots is None:
+            raise ValueError(f"module {self.name}: cap.max_snapshots is null; resolve it to "
+                             "the number of snapshots the schedule takes before building "
+                             "the objective")
+        return max_snapshots
 
 
 CONTRASTIVE_MODULES: dict[str, ContrastiveModule] = {}

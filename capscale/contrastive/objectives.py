@@ -300,9 +300,30 @@ def register_objective(name: str, cls: Any, overwrite: bool = False) -> Any:
     return add_entry(OBJECTIVES, name, cls, "objective", overwrite)
 
 
+def snapshot_memory(cfg: CAPConfig, views: int, num_examples: int, hidden: int,
+                    world_size: int, copy_bytes: int) -> dict[str, Any]:
+    """What ``views`` SnC snapshots will hold on each rank, known before any is taken.
+
+    Bank mode: one ``[N, H]`` slice of the ``[N, R, H]`` bank per view (``N / world``
+    rows when ``cap.bank_sharding`` is sharded) in ``cap.bank_dtype``. Online mode: one
+    frozen student copy per view, ``copy_bytes`` each (this rank's share of it).
+    """
+    if getattr(OBJECTIVES[cfg.mode], "online", False):
+        per_view, kind = copy_bytes, "student copy"
+    else:
+        rows = num_examples
+        if cfg.bank_sharding == "sharded" and world_size > 1:
+            rows = -(-num_examples // world_size)
+        width = 2 if cfg.bank_dtype == "bfloat16" else 4
+        per_view, kind = rows * hidden * width, f"bank [{rows}, {hidden}] {cfg.bank_dtype}"
+    return {"views": views, "per_view": kind, "bytes_per_view": per_view,
+            "bytes": views * per_view}
+
+
 def build_objective(cfg: CAPConfig, num_examples: int, hidden: int, train_labels: Tensor,
                     seed: int, ctx: DistContext) -> Any:
-    """The objective ``cfg.mode`` names, for this run's data and ranks."""
+    """The objective ``cfg.mode`` names, for this run's data and ranks (``cfg``'s
+    ``max_snapshots`` resolved to a number: see CAPRecipe.snapshot_views)."""
     cls = OBJECTIVES[cfg.mode]
     if getattr(cls, "online", False):  # live references: no training-set size
         return cls(cfg, hidden, ctx.device)

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..loop import LoopHook
 from ..registry import add_entry
 from .masked import MaskedLinear, Pruner, attach_masks
@@ -154,6 +155,13 @@ class WeightMaskController(LoopHook):
         self.pruner = Pruner(modules, run.cfg.pruning, run.total_steps,
                              all_reduce=run.ctx.all_reduce_sum if sharded else None,
                              local_importance=run.strategy.local_importance)
+        p = run.cfg.pruning
+        if modules and p.final_sparsity > p.initial_sparsity \
+                and self.pruner.t_i >= run.total_steps:
+            raise ConfigError(
+                f"pruning.initial_warmup = {p.initial_warmup:g}: {self.pruner.t_i} steps at "
+                f"the initial sparsity, but the run has {run.total_steps} steps, so it "
+                "would never prune; give fewer steps or a fraction of the run")
         run.strategy.bind_masks(modules.values(), run.cfg.pruning.zero_pruned_weights)
 
     def score_parameters(self) -> list[nn.Parameter]:

@@ -100,6 +100,13 @@ class StructuredController(LoopHook):
             return default
         return self.steps_per_level * len(self.scfg.levels)
 
+    def planned_snapshots(self) -> int:
+        """SnC snapshots the run takes: one per milestone (``cubic``: at least one)."""
+        if self.scfg.schedule == "iterative":
+            return len(self.scfg.levels)
+        final = self.run.cfg.pruning.final_sparsity
+        return max(sum(v <= final + EPS for v in self.scfg.levels), 1)
+
     def score_parameters(self) -> list[nn.Parameter]:
         return []
 
