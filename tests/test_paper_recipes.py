@@ -84,10 +84,10 @@ def test_recipe_holds_the_reference_hyperparameters(path):
     assert p.method == method and p.final_sparsity == int(sp) / 100
     assert (p.initial_sparsity, p.scope, p.initial_warmup, p.final_warmup) == (
         0.0, "local", 22000, 33000)
-    assert (p.score_lr, p.score_init) == (0.01, 0.0)
+    assert (p.score_lr, p.score_init, p.score_warm_start) == (0.01, 0.0, "none")
     if method == "soft_movement":
-        assert (p.final_threshold, p.final_lambda, p.min_keep) == (
-            0.1, SOFT_LAMBDA[(task, int(sp))], 0.005)
+        assert (p.final_threshold, p.final_lambda, p.min_keep, p.soft_threshold) == (
+            0.1, SOFT_LAMBDA[(task, int(sp))], 0.005, "schedule")
     assert (t.epochs, t.max_steps, t.batch_size, t.lr, t.weight_decay) == (
         10, None, 32, 3e-5, 0.0)
     assert (t.warmup_steps, t.warmup_ratio, t.freeze_embeddings) == (11000, 0.0, True)

@@ -1,0 +1,108 @@
+"""The pruning sections of the configuration: ``pruning`` and ``structured``.
+
+Part of the schema (capscale.config.schema re-exports both); each section checks its
+own values, cross-section rules live in capscale.config.rules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Check = tuple[bool, str, str]  # (ok, field, why)
+
+
+@dataclass
+class PruningConfig:
+    """What is pruned and on which schedule (the method table: capscale.pruning.methods)."""
+
+    # A name in the method table: ``movement``, ``soft_movement``, ``magnitude``
+    # (weights), ``structured`` (CAP-f: heads and FFN neurons, see ``structured``),
+    # ``none`` (no pruning: plain distillation).
+    method: str = "movement"
+    # Fraction of prunable encoder weights removed at the end of the schedule.
+    final_sparsity: float = 0.9
+    initial_sparsity: float = 0.0
+    # ``local``: top-k per matrix (reference); ``global``: one threshold over all matrices.
+    scope: Literal["local", "global"] = "local"
+    # Cubic schedule: dense for the first ``initial_warmup`` steps, final for the last
+    # ``final_warmup``. A value in [0, 1) is a fraction of the run's steps, a whole number
+    # >= 1 a step count (reference GLUE: 22000 and 33000, i.e. 2x and 3x its LR warm-up).
+    initial_warmup: float = 0.1
+    final_warmup: float = 0.2
+    score_lr: float = 1e-2
+    score_init: float = 0.0
+    # Learned scores start at ``score_init`` (``none``, the reference) or at
+    # ``score_warm_start_scale * |W| / mean|W|`` per matrix (``magnitude``): on short runs
+    # the first masks are then magnitude masks that movement reorders, instead of
+    # rankings of a few steps of AdamW noise (see capscale.pruning.methods).
+    score_warm_start: Literal["none", "magnitude"] = "none"
+    score_warm_start_scale: float = 0.1
+    # Soft movement: an L1 penalty on sigmoid(S) ramped to ``final_lambda``; the mask is
+    # ``soft_threshold: target`` the top 1 - s_t of the scores (the scheduled sparsity
+    # reached at every step; global with ``scope: global``), or ``schedule`` (the
+    # reference) sigmoid(S) > tau_t with tau going 0 -> final_threshold, the sparsity
+    # left to the penalty (see capscale.pruning.rules).
+    soft_threshold: Literal["target", "schedule"] = "target"
+    final_threshold: float = 0.1
+    final_lambda: float = 100.0
+    min_keep: float = 0.005
+    # Zero pruned weights (and their gradients) after every optimiser step, under every
+    # strategy. Off (the reference): a pruned weight keeps its value and its score a
+    # gradient (dL/dW' * W), so it can regrow; the forward output is the same either way.
+    zero_pruned_weights: bool = False
+
+    def check(self) -> list[Check]:
+        return [
+            (0.0 <= self.final_sparsity < 1.0, "pruning.final_sparsity", "must be in [0, 1)"),
+            (0.0 <= self.initial_sparsity <= self.final_sparsity, "pruning.initial_sparsity",
+             "must be in [0, pruning.final_sparsity]"),
+            (self.initial_warmup >= 0 and self.final_warmup >= 0, "pruning.initial_warmup",
+             "warm-ups must be >= 0"),
+            (all(w < 1 or float(w).is_integer() for w in (self.initial_warmup,
+                                                         self.final_warmup)),
+             "pruning.initial_warmup", "a warm-up is a fraction in [0, 1) or a whole number "
+             "of steps (initial_warmup and final_warmup)"),
+            (self.score_lr > 0, "pruning.score_lr", "must be > 0"),
+            (self.score_warm_start_scale > 0, "pruning.score_warm_start_scale", "must be > 0"),
+            (0 < self.final_threshold < 1, "pruning.final_threshold", "must be in (0, 1)"),
+            (0 <= self.min_keep <= 1, "pruning.min_keep", "must be in [0, 1]"),
+        ]
+
+
+@dataclass
+class StructuredConfig:
+    """Structured CAP (CAP-f): heads and FFN neurons (see capscale.pruning.structured)."""
+
+    # ``iterative``: prune to each of ``levels`` in turn, retraining in between
+    # (reference); ``cubic``: one run, masks recomputed every ``update_every`` steps
+    # following pruning.final_sparsity / initial_warmup / final_warmup.
+    schedule: Literal["iterative", "cubic"] = "iterative"
+    # Sparsity milestones (fraction of heads and of FFN neurons removed, the same for
+    # both); the run evaluates and snapshots at each one.
+    levels: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7,
+                                                         0.8, 0.9])
+    # Retraining after each iterative step, with a fresh optimiser and LR schedule:
+    # ``retrain_steps`` when set, else ``retrain_epochs`` epochs.
+    retrain_epochs: int = 2
+    retrain_steps: int | None = None
+    # Fraction of the training set whose |dL/dmask| is summed for the importance.
+    importance_fraction: float = 1.0
+    # Heads kept in every layer whatever their importance (reference: 1).
+    min_heads_per_layer: int = 1
+    # Cubic schedule: recompute importance and masks every K optimiser steps.
+    update_every: int = 50
+
+    def check(self) -> list[Check]:
+        return [
+            (len(self.levels) > 0 and all(0 < v < 1 for v in self.levels)
+             and self.levels == sorted(set(self.levels)), "structured.levels",
+             "must be a non-empty increasing list of sparsities in (0, 1)"),
+            (self.retrain_epochs >= 1, "structured.retrain_epochs", "must be >= 1"),
+            (self.retrain_steps is None or self.retrain_steps >= 1,
+             "structured.retrain_steps", "must be >= 1 or null"),
+            (0 < self.importance_fraction <= 1, "structured.importance_fraction",
+             "must be in (0, 1]"),
+            (self.min_heads_per_layer >= 0, "structured.min_heads_per_layer", "must be >= 0"),
+            (self.update_every >= 1, "structured.update_every", "must be >= 1"),
+        ]
