@@ -23,6 +23,8 @@ Usage::
     python bench/fidelity.py --budget smoke            # seconds; what CI runs
     python bench/fidelity.py --budget cpu --seeds 1     # the CPU protocol
     python bench/fidelity.py --budget full --seeds 3    # the full protocol, for a GPU
+    python bench/fidelity.py --budget paper --list      # the paper's rows: commands
+    python bench/fidelity.py --budget paper --seeds 3   # ... run here (hub + GPU)
 
     # the CPU protocol on 2 cores: two workers, one thread each, sharing the results
     python bench/fidelity.py --budget cpu --teacher-only
@@ -267,9 +269,29 @@ def plot(results: list[dict[str, Any]], dense: float, path: Path) -> bool:
     return True
 
 
+def _paper(args: argparse.Namespace, k: int, n: int) -> int:
+    """The ``paper`` budget (bench/paper_rows.py): list or run the paper's rows."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import paper_rows
+
+    selected = paper_rows.rows(args.methods, args.sparsities, list(range(args.seeds)))
+    if args.list:
+        print(paper_rows.listing(selected))
+        return 0
+    header = {"budget": "paper", "recipes": "capscale/configs/paper",
+              "teacher": "fine-tuned by each task's first row, reused by the others"}
+    mine = [r for i, r in enumerate(selected) if i % n == k]
+    return paper_rows.run(mine, Path(args.work) / "paper", Path(args.out), header,
+                          save_run, table, lambda a, b: a.get("recipe") == b["recipe"]
+                          and a["seed"] == b["seed"])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--budget", choices=sorted(BUDGETS), default="smoke")
+    p.add_argument("--budget", choices=[*sorted(BUDGETS), "paper"], default="smoke",
+                   help="paper: the paper's rows from capscale/configs/paper (hub + GPU)")
+    p.add_argument("--list", action="store_true",
+                   help="print the exact command of every selected run, then stop")
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.9, 0.97])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
@@ -293,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     setup_environment()
+    if args.budget == "paper":
+        return _paper(args, k, n)
     budget = BUDGETS[args.budget]
     work, out = Path(args.work) / args.budget, Path(args.out)
     try:  # the same parser as the command line's overrides; checked before any training

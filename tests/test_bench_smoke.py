@@ -116,3 +116,27 @@ def test_encoders_one_family(tmp_path):
         assert r["max_abs_logit_diff"] < 1e-5, r
     assert "ffn_gate" in records[0]["logical_matrices"]
     assert records[1]["exported_encoder_parameters"] < records[1]["encoder_parameters"]
+
+
+def test_fidelity_paper_budget_lists_loadable_commands(capsys):
+    """--budget paper --list: one command per paper recipe selected, each of whose
+    configs loads (MNLI and QQP rows; the first row of a task trains its teacher)."""
+    import shlex
+
+    from capscale.config import load_config
+
+    fidelity = _bench("fidelity")
+    assert fidelity.main(["--budget", "paper", "--list", "--sparsities", "0.9", "0.97",
+                          "--methods", "movement", "soft_movement"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 16  # 2 tasks x 2 methods x {KD, CAP} x 2 sparsities
+    for task in ("mnli", "qqp"):
+        rows = [ln for ln in lines if f"_{task}_" in ln]
+        assert "model.teacher" not in rows[0]
+        assert all(f"model.teacher=outputs/paper/movement_kd_{task}_97_seed0/teacher" in ln
+                   for ln in rows[1:])
+    for line in lines:
+        args = shlex.split(line)
+        cfg_name = args[args.index("--config") + 1]
+        cfg = load_config(cfg_name, args[args.index("--config") + 2:])
+        assert cfg.train.seed == 42
