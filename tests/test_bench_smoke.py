@@ -140,3 +140,18 @@ def test_fidelity_paper_budget_lists_loadable_commands(capsys):
         cfg_name = args[args.index("--config") + 1]
         cfg = load_config(cfg_name, args[args.index("--config") + 2:])
         assert cfg.train.seed == 42
+
+
+@pytest.mark.slow
+def test_fair_baselines_smoke(tmp_path):
+    """bench/fair_baselines.py: the sweep picks each side's best rate and the table
+    says which rate each cell used (one rate, one seed: the sweep is the whole grid)."""
+    fair = _bench("fair_baselines")
+    assert fair.main(["--budget", "smoke", "--lrs", "2e-4", "--methods", "movement",
+                      "--seeds", "1", "--sparsities", "0.9", "--out", str(tmp_path / "out"),
+                      "--work", str(tmp_path / "work")]) == 0
+    runs = json.loads((tmp_path / "out" / "fair_baselines_smoke.json").read_text())["runs"]
+    assert sorted(r["cap"] for r in runs) == [False, True]
+    assert all(r["phase"] == "sweep" and r["lr"] == 2e-4 for r in runs)
+    md = (tmp_path / "out" / "fair_baselines_smoke.md").read_text()
+    assert "lr 0.0002" in md and "| movement | 90% |" in md
