@@ -1,4 +1,5 @@
-"""Fused, gated, shared and per-head-input encoder layouts: 2 ranks under ZeRO-3 and
+"""Every encoder family beside BERT (fused, gated, shared, per-head-input layouts and the
+BERT-like ones with their own embeddings and heads): 2 ranks under ZeRO-3 and
 FSDP2 equal one process on the global batch (losses, gradients, masks, zeroed weights).
 
 One spawned 2-rank job per strategy runs every family (process start-up dominates);
@@ -24,7 +25,8 @@ from capscale.distributed import DistContext
 
 pytestmark = pytest.mark.multiprocess
 
-FAMILIES = ("deberta", "modernbert", "albert", "distilbert", "mpnet")
+FAMILIES = ("deberta", "modernbert", "albert", "distilbert", "mpnet", "deberta-v2", "roberta",
+            "electra")
 
 
 @pytest.fixture(scope="module")
