@@ -18,6 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .adapters import EncoderAdapter
 from .pruning import MaskedLinear, bake_masks, sparsity_report
+from .pruning.nm import check_pattern
 from .pruning.physical import prune_structure
 from .pruning.structured import strip_mask_hooks, structured_param_counts
 
@@ -45,9 +46,12 @@ def export_pruned(model: PreTrainedModel, adapter: EncoderAdapter, out_dir: str 
     out.mkdir(parents=True, exist_ok=True)
     target = model if inplace else copy.deepcopy(model)
     keys = {v: k for k, v in adapter.qualified_names(target).items()}
+    nm = next((m.nm for m in target.modules() if isinstance(m, MaskedLinear) and m.nm), None)
     masks = bake_masks(target)
     by_role = {keys[name]: m for name, m in masks.items() if name in keys}
     report = sparsity_report(target, adapter, by_role)
+    if nm is not None:  # N:M: every group of every matrix holds exactly N weights
+        report["pattern_check"] = check_pattern(masks, *nm)
     if any(isinstance(m, MaskedLinear) for m in target.modules()):
         raise RuntimeError("masked layers left after baking")
     target.save_pretrained(out / "model", safe_serialization=True)

@@ -20,6 +20,10 @@ class PruningConfig:
     # (weights), ``structured`` (CAP-f: heads and FFN neurons, see ``structured``),
     # ``none`` (no pruning: plain distillation).
     method: str = "movement"
+    # ``unstructured`` or ``N:M`` (e.g. ``2:4``, movement or magnitude): at most N of every
+    # M consecutive input weights of a row kept, the layout GPU sparse tensor cores run;
+    # ``final_sparsity`` must then be 1 - N / M.
+    pattern: str = "unstructured"
     # Fraction of prunable encoder weights removed at the end of the schedule.
     final_sparsity: float = 0.9
     initial_sparsity: float = 0.0
@@ -52,8 +56,33 @@ class PruningConfig:
     # gradient (dL/dW' * W), so it can regrow; the forward output is the same either way.
     zero_pruned_weights: bool = False
 
+    def nm(self) -> tuple[int, int] | None:
+        """(N, M) of an N:M pattern, None when unstructured (ValueError if malformed)."""
+        if self.pattern == "unstructured":
+            return None
+        n, m = (int(x) for x in self.pattern.split(":"))
+        if not 0 < n < m:
+            raise ValueError(self.pattern)
+        return n, m
+
+    def _pattern_problem(self) -> str | None:
+        try:
+            nm = self.nm()
+        except ValueError:
+            return "must be 'unstructured' or 'N:M' with 0 < N < M, e.g. '2:4'"
+        if nm is None:
+            return None
+        if self.method not in ("movement", "magnitude"):
+            return f"an N:M pattern needs method movement or magnitude (got {self.method})"
+        if abs(self.final_sparsity - (1 - nm[0] / nm[1])) > 1e-9:
+            return (f"{self.pattern} means final_sparsity {1 - nm[0] / nm[1]:g} "
+                    f"(got {self.final_sparsity:g})")
+        return None
+
     def check(self) -> list[Check]:
+        problem = self._pattern_problem()
         return [
+            (problem is None, "pruning.pattern", problem or ""),
             (0.0 <= self.final_sparsity < 1.0, "pruning.final_sparsity", "must be in [0, 1)"),
             (0.0 <= self.initial_sparsity <= self.final_sparsity, "pruning.initial_sparsity",
              "must be in [0, pruning.final_sparsity]"),

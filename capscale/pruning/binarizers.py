@@ -51,6 +51,38 @@ def grouped(fn: Callable[[Tensor], Tensor], scores: Tensor,
     return mask
 
 
+def nm_mask(scores: Tensor, keep: int, m: int) -> Tensor:
+    """Keep the ``keep`` largest of every ``m`` consecutive entries along the last
+    dimension (N:M semi-structured sparsity at ``keep = N``); ties by lower index.
+
+    Args:
+        scores: (out_features, in_features) with ``in_features % m == 0``.
+        keep: entries kept per group, in [0, m].
+        m: group size.
+    """
+    out_f, in_f = scores.shape
+    groups = scores.detach().reshape(out_f, in_f // m, m)
+    mask = torch.zeros_like(groups)
+    if keep >= m:
+        return mask.fill_(1.0).reshape(out_f, in_f)
+    if keep > 0:
+        order = torch.sort(-groups, dim=-1, stable=True).indices[..., :keep]
+        mask.scatter_(-1, order, 1.0)
+    return mask.reshape(out_f, in_f)
+
+
+class NMBinarizer(torch.autograd.Function):
+    """N:M mask of the scores (``nm_mask``); backward: identity to the scores."""
+
+    @staticmethod
+    def forward(ctx, scores: Tensor, keep: int, m: int) -> Tensor:  # noqa: ANN001
+        return nm_mask(scores, keep, m)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # noqa: ANN001
+        return grad, None, None
+
+
 class TopKBinarizer(torch.autograd.Function):
     """``M = 1[S in top keep_frac of S]`` (per matrix, or per row group of a fused
     matrix); backward: identity."""

@@ -61,6 +61,8 @@ class MaskedLinear(nn.Linear):
         # of a fused projection; a GLU's input and gate halves): a per-matrix top-k
         # ranks each group on its own. None: one matrix. Set by attach_masks.
         self.row_groups: list[Tensor] | None = None
+        # (N, M) of an N:M semi-structured pattern along the input dimension, or None.
+        self.nm: tuple[int, int] | None = None
         # Sizes come from in/out_features, never from weight.shape (ZeRO-3 shows (0,)).
         if not self.rule.has_scores:
             self.mask_scores = None
@@ -102,7 +104,7 @@ class MaskedLinear(nn.Linear):
             return self._compute_mask()
         src = self.mask_scores if self.mask_scores is not None else self.weight
         key = (src._version, src.data_ptr(), float(self.keep_frac), float(self.threshold),
-               float(self.tie_frac), self.global_scope, self.steered)
+               float(self.tie_frac), self.global_scope, self.steered, self.nm)
         cached = getattr(self, "_mask_cache", None)
         if cached is None or cached[0] != key:
             self._mask_cache = (key, self._compute_mask().detach())
@@ -134,6 +136,20 @@ class MaskedLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, method={self.method}"
+
+
+def parse_pattern(pattern: str) -> tuple[int, int] | None:
+    """``"unstructured"`` -> None; ``"N:M"`` -> (N, M) with 0 < N < M."""
+    if pattern == "unstructured":
+        return None
+    try:
+        n, m = (int(x) for x in pattern.split(":"))
+    except ValueError:
+        raise ValueError(f"pruning.pattern {pattern!r}: expected 'unstructured' or 'N:M' "
+                         "such as '2:4'") from None
+    if not 0 < n < m:
+        raise ValueError(f"pruning.pattern {pattern!r}: need 0 < N < M")
+    return n, m
 
 
 def _replace(model: nn.Module, qualified: str, new: nn.Module) -> None:
@@ -234,11 +250,20 @@ class Pruner:
         self.local_importance = local_importance or (lambda m: m.importance())
         self.sparsity = cfg.initial_sparsity
         steered = self.rule is not None and uses_topk(self.rule, cfg)
+        nm = parse_pattern(getattr(cfg, "pattern", "unstructured"))
         self.global_scope = (cfg.scope == "global" and self.rule is not None
-                             and self.rule.supports_global and steered)
+                             and self.rule.supports_global and steered
+                             and getattr(cfg, "pattern", "unstructured") == "unstructured")
+        if nm is not None:
+            bad = [k for k, m in modules.items() if m.in_features % nm[1]]
+            if bad:
+                raise ValueError(f"pruning.pattern {cfg.pattern}: {bad[0]} has "
+                                 f"{modules[bad[0]].in_features} inputs, not a multiple of "
+                                 f"{nm[1]}")
         for m in modules.values():
             m.global_scope = self.global_scope
             m.steered = steered
+            m.nm = nm
 
     def schedule(self, step: int) -> float:
         """Scheduled target sparsity at ``step`` (the cubic schedule)."""

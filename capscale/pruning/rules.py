@@ -35,6 +35,10 @@ Formulas (Sanh et al., "Movement Pruning", NeurIPS 2020, eq. 2-4; CAP, Xu et al.
     exact quantile, so the schedule's sparsity is reached at every step whatever the
     run's length; the penalty still decides which weights fall.
 * magnitude: ``M = TopK(|W|, 1 - s_t)`` (no scores; the paper's baseline).
+* N:M pattern (``pruning.pattern: "2:4"``, movement or magnitude): in every group of M
+  consecutive input weights of a row, the ``round(M * (1 - s_t))`` (at least N) largest
+  scores are kept, so the schedule ends at exactly N per group (``1 - N / M`` sparsity),
+  the layout GPU sparse tensor cores run (2:4 on Ampere or newer).
 """
 
 from __future__ import annotations
@@ -46,10 +50,12 @@ from torch import Tensor
 
 from ..registry import add_entry
 from .binarizers import (
+    NMBinarizer,
     SigmoidThresholdBinarizer,
     ThresholdBinarizer,
     TopKBinarizer,
     grouped,
+    nm_mask,
     topk_mask,
 )
 
@@ -82,6 +88,13 @@ class WeightRule(Protocol):
         ...
 
 
+def nm_keep(m: MaskedLinear) -> int:
+    """Entries kept per group of ``M`` under an N:M pattern at the layer's keep fraction:
+    ``round(M * keep_frac)``, never under N (the cubic schedule ends at ``1 - N / M``)."""
+    n, group = m.nm
+    return max(n, min(group, round(group * float(m.keep_frac))))
+
+
 def uses_topk(rule: WeightRule, cfg: object) -> bool:
     """Whether ``rule`` keeps a top fraction under ``cfg`` (so ``pruning.scope`` applies);
     a rule says so with an optional ``uses_topk(cfg)`` method (default: yes)."""
@@ -101,6 +114,8 @@ class TopKRule:
         return m.mask_scores
 
     def mask(self, m: MaskedLinear) -> Tensor:
+        if m.nm is not None:
+            return NMBinarizer.apply(m.mask_scores, nm_keep(m), m.nm[1])
         if m.global_scope:
             scores = self.importance(m)
             return ThresholdBinarizer.apply(scores, m.threshold.to(scores.dtype),
@@ -130,6 +145,8 @@ class MagnitudeRule(TopKRule):
         return m.weight.detach().abs()
 
     def mask(self, m: MaskedLinear) -> Tensor:
+        if m.nm is not None:
+            return nm_mask(self.importance(m), nm_keep(m), m.nm[1])
         if m.global_scope:
             return super().mask(m)
         return grouped(lambda s: topk_mask(s, float(m.keep_frac)),  # no gradient
