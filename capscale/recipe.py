@@ -74,9 +74,9 @@ class CAPRecipe:
         self.method = PRUNING_METHODS[cfg.pruning.method]
         self.data = load_task_data(cfg.data)
         m = cfg.model
-        check_encoder(m.name_or_path, m.adapter, m.trust_remote_code)
+        check_encoder(m.name_or_path, m.adapter, m.trust_remote_code, self.task)
         if m.teacher is not None:
-            check_teacher(m.teacher, self.data.num_labels, m.trust_remote_code)
+            check_teacher(m.teacher, self.data.num_labels, m.trust_remote_code, self.task)
         self.tokenizer = load_tokenizer(m.name_or_path, m.trust_remote_code)
         note = check_lengths(self.data, self.tokenizer, cfg.data)
         if note:
@@ -110,7 +110,7 @@ class CAPRecipe:
         self.student_init = (teacher_path if cfg.model.student_init == "teacher"
                              else cfg.model.name_or_path)
         bare = self._load(self.student_init).to(ctx.device)
-        self.adapter = adapter_for(bare, cfg.model.adapter)
+        self.adapter = adapter_for(bare, cfg.model.adapter, self.task)
         self.teacher = None
         wants_teacher = cfg.loss.w_kd > 0 or any(
             CONTRASTIVE_MODULES[n].source == "teacher" for n in cfg.cap.enabled_modules())
@@ -122,7 +122,8 @@ class CAPRecipe:
                              self._load, cfg.model.name_or_path,
                              cfg.model.student_init == "pretrained", self.teacher, bare,
                              self.loaders.bank, self.console)
-        labels = self.task.contrastive_labels(torch.as_tensor(np.asarray(data.train["labels"])))
+        labels = (self.task.contrastive_labels(torch.as_tensor(np.asarray(data.train["labels"])))
+                  if self.task.class_labels else torch.full((len(data.train),), -1))
         self.objective = build_objective(cfg.cap, len(data.train),
                                          hidden_size(bare, self.adapter), labels,
                                          cfg.train.seed, ctx)
@@ -185,7 +186,8 @@ class CAPRecipe:
 
     def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
         return evaluate(model if model is not None else self.student.model,
-                        self.loaders.eval, self.ctx, self.task, self.data.num_labels)
+                        self.loaders.eval, self.ctx, self.task, self.data.num_labels,
+                        self.loaders.eval_reference)
 
     def snapshot(self, train_mode: bool, what: str) -> None:
         self.objective.add_snapshot(self.refs, train_mode, what)
