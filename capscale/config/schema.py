@@ -87,8 +87,8 @@ class DataConfig:
         return [(self.max_length >= 8, "data.max_length", "must be >= 8"),
                 (0 < self.validation_fraction < 1, "data.validation_fraction",
                  "must be in (0, 1)"), *self.qa.check(),
-                (self.qa.doc_stride < self.max_length, "data.qa.doc_stride",
-                 "must be < data.max_length")]
+                (self.task_type != "qa" or self.qa.doc_stride < self.max_length,
+                 "data.qa.doc_stride", "must be < data.max_length")]
 
 
 @dataclass
