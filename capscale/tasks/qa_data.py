@@ -203,12 +203,15 @@ class QAEvalReference:
 
 def _windows(batch: dict[str, list], indices: list[int], tokenizer: PreTrainedTokenizerBase,
              cfg: DataConfig) -> dict[str, list]:
+    """The windows of a batch of examples (a ``datasets.map`` function; an example's
+    windows are all made in the batch that holds it)."""
     enc = tokenizer([q.lstrip() for q in batch["question"]], batch["context"],
                     truncation="only_second", max_length=cfg.max_length,
                     stride=cfg.qa.doc_stride, return_overflowing_tokens=True,
                     return_offsets_mapping=True, padding="max_length")
-    out: dict[str, list] = {k: [] for k in ("labels", "example_id", "offsets", "cls_index",
-                                            "representative")}
+    out: dict[str, list] = {k: [] for k in ("labels", "example_id", "offsets", "cls_index")}
+    first: dict[int, int] = {}  # example -> its first window, its first with the answer
+    answered: dict[int, int] = {}
     for f, sample in enumerate(enc.pop("overflow_to_sample_mapping")):
         seq = enc.sequence_ids(f)
         ids = enc["input_ids"][f]
@@ -229,15 +232,10 @@ def _windows(batch: dict[str, list], indices: list[int], tokenizer: PreTrainedTo
                                  else indices[sample])
         out["offsets"].append(offsets)
         out["cls_index"].append(cls)
-        out["representative"].append((sample, label != [cls, cls]))
-    # The representative window: the first containing the answer, else the first.
-    firsts: dict[int, int] = {}
-    answered: dict[int, int] = {}
-    for f, (sample, inside) in enumerate(out["representative"]):
-        firsts.setdefault(sample, f)
-        if inside:
+        first.setdefault(sample, f)
+        if label != [cls, cls]:
             answered.setdefault(sample, f)
-    chosen = {answered.get(s, f) for s, f in firsts.items()}
+    chosen = {answered.get(sample, f) for sample, f in first.items()}
     out["representative"] = [f in chosen for f in range(len(out["labels"]))]
     enc.pop("offset_mapping")
     return {**enc, **out}
