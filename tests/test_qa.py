@@ -113,6 +113,23 @@ def test_windows_offsets_and_example_ids(qa_model, tmp_path):
         assert torch.equal(bank[row]["input_ids"], train[first]["input_ids"])
 
 
+def test_gold_windows_decode_to_the_gold_answers_v2(qa_model, tmp_path):
+    """Logits that point at each window's label decode, over the real overflowing
+    windows, to every gold answer, and to "" for the unanswerable questions."""
+    cfg, data, tok, _ = _data(qa_model, tmp_path, SQUAD_V2)
+    loaders = build_loaders(data, tok, cfg.data, 8, 16, 0)
+    labels = np.array(_col(loaders.eval.dataset, "labels"))
+    logits = np.zeros((len(labels), cfg.data.max_length, 2), np.float32)
+    logits[np.arange(len(labels)), labels[:, 0], 0] = 10.0
+    logits[np.arange(len(labels)), labels[:, 1], 1] = 10.0
+    got = QA.metrics(logits, labels, 2, reference=loaders.eval_reference)
+    assert got["exact_match"] == got["f1"] == 100.0
+    assert (got["has_answer_total"], got["no_answer_total"]) == (56.0, 7.0)
+    logits[:, 0, :] = 11.0  # the null answer now beats every span
+    got = QA.metrics(logits, labels, 2, reference=loaders.eval_reference)
+    assert got["no_answer_exact_match"] == 100.0 and got["has_answer_exact_match"] == 0.0
+
+
 def test_flat_jsonl_reads_like_the_squad_file(qa_model, tmp_path):
     _, ref_data, _, _ = _data(qa_model, tmp_path)
     flat = tmp_path / "flat.jsonl"
@@ -296,9 +313,6 @@ def e2e(qa_model, tmp_path_factory):
 def test_qa_end_to_end_with_export(e2e, capsys):
     run, results = e2e["run"], e2e["results"]
     teacher, student = results["teacher_metrics"], results["pruned_metrics"]
-    print(f"\nteacher EM/F1 {teacher['exact_match']:.2f} / {teacher['f1']:.2f}; pruned "
-          f"student EM/F1 {student['exact_match']:.2f} / {student['f1']:.2f} at "
-          f"{results['sparsity']['linear_sparsity']:.2f} sparsity")
     assert results["task_metric"] == "f1" and teacher["f1"] > 30.0 and student["f1"] > 5.0
     assert results["sparsity"]["linear_sparsity"] == pytest.approx(0.5, abs=0.01)
     assert json.loads((e2e["out"] / "teacher" / "capscale_teacher.json").read_text())[
@@ -314,7 +328,6 @@ def test_qa_end_to_end_with_export(e2e, capsys):
     with torch.no_grad():
         got = output_logits(loaded(**e2e["batch"]))
     diff = float((got - e2e["masked"]).abs().max())
-    print(f"export parity: max |start/end logit difference| {diff:.2e}")
     torch.testing.assert_close(got, e2e["masked"], atol=1e-5, rtol=1e-5)
     again = evaluate(loaded, run.loaders.eval, DistContext(), QA, 2,
                      run.loaders.eval_reference)
@@ -324,6 +337,10 @@ def test_qa_end_to_end_with_export(e2e, capsys):
     assert main(["evaluate", "--config", str(e2e["out"] / "config.yaml")]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == pytest.approx(
         student)
+    print(f"\nteacher EM/F1 {teacher['exact_match']:.2f} / {teacher['f1']:.2f}; pruned "
+          f"student EM/F1 {student['exact_match']:.2f} / {student['f1']:.2f} at "
+          f"{results['sparsity']['linear_sparsity']:.2f} sparsity; export parity: max "
+          f"|start/end logit difference| {diff:.2e}")
 
 
 def test_packaged_squad_config_has_the_reference_settings():
