@@ -215,6 +215,20 @@ def skeleton(config: PretrainedConfig, trust_remote_code: bool = False,
                          f"{config.model_type!r} ({first})") from None
 
 
+def for_task(adapter: EncoderAdapter, task: Any, model: nn.Module) -> EncoderAdapter:
+    """``adapter`` with ``task.head_linear`` as its head path when the task names one
+    and ``model`` has a linear layer there (QA: ``qa_outputs``), else unchanged."""
+    path = getattr(task, "head_linear", None)
+    if not path or path == adapter.head_linear:
+        return adapter
+    try:
+        head = model.get_submodule(path)
+    except AttributeError:
+        return adapter
+    return dataclasses.replace(adapter, head_linear=path) if isinstance(
+        head, nn.Linear) else adapter
+
+
 def _linear_list(root: nn.Module) -> dict[str, nn.Linear]:
     return {n: m for n, m in root.named_modules() if isinstance(m, nn.Linear) and n}
 
@@ -357,5 +371,6 @@ def validate_encoder(config: PretrainedConfig, spec: AdapterSpec = None,
         logger.warning("%s: adapter paths not checked before loading: the model could not "
                        "be built on the meta device (%s: %s)", what, type(err).__name__, err)
         return adapter
+    adapter = for_task(adapter, task, model)
     check_adapter(adapter, model, what)
     return adapter

@@ -106,7 +106,7 @@ def evaluate_cmd(args: argparse.Namespace) -> int:
     """Task metrics of an exported (or any Hugging Face) model on the config's eval split."""
     from capscale.config import load_config
     from capscale.console import Console
-    from capscale.data import Collator, load_task_data, make_loader, tokenize
+    from capscale.data import check_lengths, eval_loader, load_task_data
     from capscale.distributed import DistContext
     from capscale.evaluation import evaluate
     from capscale.models import check_teacher, load_classifier, load_tokenizer
@@ -116,12 +116,13 @@ def evaluate_cmd(args: argparse.Namespace) -> int:
     task = get_task(cfg.data.task_type)
     model_dir = args.model or str(Path(cfg.output_dir) / "pruned" / "model")
     data = load_task_data(cfg.data)
-    check_teacher(model_dir, data.num_labels)  # the same head-size check as a teacher
+    check_teacher(model_dir, data.num_labels, task=task)  # the same check as a teacher
     tokenizer = load_tokenizer(model_dir)
+    if hasattr(task, "check_lengths"):  # QA: questions too long for a window skipped
+        check_lengths(data, tokenizer, cfg.data)
     model = load_classifier(model_dir, data.num_labels, data.label_names, task=task)
-    loader = make_loader(tokenize(data.validation, tokenizer, cfg.data),
-                         cfg.train.eval_batch_size, Collator(tokenizer.pad_token_id or 0))
-    metrics = evaluate(model, loader, DistContext(), task, data.num_labels)
+    loader, reference = eval_loader(data, tokenizer, cfg.data, cfg.train.eval_batch_size)
+    metrics = evaluate(model, loader, DistContext(), task, data.num_labels, reference)
     Console(progress=False).table(f"evaluation of {model_dir}",
                                   [(k, f"{v:.4f}") for k, v in metrics.items()])
     print(json.dumps(metrics))
@@ -158,9 +159,10 @@ def export_cmd(args: argparse.Namespace) -> int:
                           "exports a physically smaller model at the end of the run; "
                           "resume the run to its end, which exports")
     data = load_task_data(cfg.data)
+    task = get_task(cfg.data.task_type)
     model = load_classifier(cfg.model.name_or_path, data.num_labels, data.label_names,
-                            cfg.model.trust_remote_code, get_task(cfg.data.task_type))
-    adapter = adapter_for(model, cfg.model.adapter)
+                            cfg.model.trust_remote_code, task)
+    adapter = adapter_for(model, cfg.model.adapter, task)
     if cfg.pruning.method != "none":
         attach_masks(model, adapter, cfg.pruning.method, cfg.pruning.score_init,
                      cfg.pruning.min_keep)

@@ -4,6 +4,10 @@ Every train example gets an ``example_id`` (its row in the training set) that th
 representation banks are indexed by, so bank rows stay matched to examples whatever the
 sampler or the number of ranks. Data problems (missing column, empty text, unknown or
 out-of-range label) raise :class:`DataError` before any model is loaded.
+
+A task may prepare its data itself through optional hooks (capscale.tasks.Task):
+extractive QA checks its examples, reads SQuAD-layout JSON files, and tokenises each
+example into one or more windows that all carry the example's id.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from transformers import PreTrainedTokenizerBase
 from .config import DataConfig
 from .errors import DataError
 from .tasks import get_task
+from .tasks.qa_data import read_squad_file
 
 datasets.disable_progress_bars()
 
@@ -107,6 +112,9 @@ def load_raw(cfg: DataConfig) -> datasets.DatasetDict:
         files = {"train": cfg.train_file}
         if cfg.validation_file:
             files["validation"] = cfg.validation_file
+        squad = {k: read_squad_file(f) for k, f in files.items()}
+        if all(ds is not None for ds in squad.values()):  # SQuAD-layout JSON files
+            return datasets.DatasetDict(squad)
         return _read_files(files, cfg.file_encoding)
     raw = datasets.load_dataset(cfg.dataset_name, cfg.dataset_config)
     out = {"train": raw[cfg.train_split]}
@@ -135,6 +143,8 @@ def _check_texts(ds: datasets.Dataset, col: str, split: str) -> None:
 def load_task_data(cfg: DataConfig) -> TaskData:
     """Load, split, subsample and validate the task data (no model needed)."""
     raw = load_raw(cfg)
+    task = get_task(cfg.task_type)
+    prepare = getattr(task, "prepare_splits", None)
     notes = []
     train = raw["train"]
     if "validation" in raw:
@@ -147,7 +157,8 @@ def load_task_data(cfg: DataConfig) -> TaskData:
     for ds, name in ((train, "train"), (validation, "validation")):
         if len(ds) == 0:
             raise DataError(f"{name} data is empty")
-        _check_columns(ds, cfg, name)
+        if prepare is None:
+            _check_columns(ds, cfg, name)
     if cfg.max_train_samples and cfg.max_train_samples < len(train):
         notes.append(f"subsampled train to {cfg.max_train_samples} of {len(train)} rows")
         train = train.shuffle(seed=cfg.split_seed).select(range(cfg.max_train_samples))
@@ -155,16 +166,20 @@ def load_task_data(cfg: DataConfig) -> TaskData:
         notes.append(f"subsampled validation to {cfg.max_eval_samples} of "
                      f"{len(validation)} rows")
         validation = validation.shuffle(seed=cfg.split_seed).select(range(cfg.max_eval_samples))
-    for ds, name in ((train, "train"), (validation, "validation")):
-        _check_texts(ds, cfg.text_column, name)
-        if cfg.text_pair_column:
-            _check_texts(ds, cfg.text_pair_column, name)
-    task = get_task(cfg.task_type)
-    names = task.label_names(cfg, train)
-    if names is not None and len(names) < 2:
-        raise DataError(f"classification needs at least 2 labels, found {names}")
-    train = task.encode_labels(train, cfg, names, "train")
-    validation = task.encode_labels(validation, cfg, names, "validation")
+    if prepare is not None:
+        train, validation, more = prepare(train, validation, cfg)
+        notes += more
+        names = task.label_names(cfg, train)
+    else:
+        for ds, name in ((train, "train"), (validation, "validation")):
+            _check_texts(ds, cfg.text_column, name)
+            if cfg.text_pair_column:
+                _check_texts(ds, cfg.text_pair_column, name)
+        names = task.label_names(cfg, train)
+        if names is not None and len(names) < 2:
+            raise DataError(f"classification needs at least 2 labels, found {names}")
+        train = task.encode_labels(train, cfg, names, "train")
+        validation = task.encode_labels(validation, cfg, names, "validation")
     train = train.add_column("example_id", list(range(len(train))))
     return TaskData(train, validation, names, notes)
 
@@ -191,7 +206,13 @@ def check_lengths(data: TaskData, tokenizer: PreTrainedTokenizerBase, cfg: DataC
 
     Raises:
         DataError: when there are any and ``data.truncation`` is ``error``.
+
+    A task with its own ``check_lengths`` (QA: questions too long for a window are
+    skipped, counted) decides instead.
     """
+    own = getattr(get_task(cfg.task_type), "check_lengths", None)
+    if own is not None:
+        return own(data, tokenizer, cfg)
     counts, first = {}, None
     for split, ds in (("train", data.train), ("validation", data.validation)):
         texts = list(ds[cfg.text_column])
@@ -253,14 +274,39 @@ class Loaders:
     eval: DataLoader
     bank: DataLoader  # the whole training set in a fixed order (bank encoding)
     importance: DataLoader  # train order of its own (structured importance draws)
+    eval_reference: Any = None  # what the task's metrics need beside the logits (QA)
+
+
+def tokenized_splits(data: TaskData, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig
+                     ) -> tuple[datasets.Dataset, datasets.Dataset, datasets.Dataset, Any]:
+    """(train rows, bank rows: one per training example, eval rows, eval reference).
+
+    One row per example, unless the task makes its own ``features`` (QA: windows; the
+    bank set then holds each example's representative window).
+    """
+    features = getattr(get_task(cfg.task_type), "features", None)
+    if features is not None:
+        return features(data, tokenizer, cfg)
+    train_tok = tokenize(data.train, tokenizer, cfg)
+    return train_tok, train_tok, tokenize(data.validation, tokenizer, cfg), None
+
+
+def eval_loader(data: TaskData, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig,
+                batch_size: int) -> tuple[DataLoader, Any]:
+    """The evaluation loader of one process and its reference (see :class:`Loaders`)."""
+    features = getattr(get_task(cfg.task_type), "features", None)
+    if features is not None:
+        _, _, eval_tok, reference = features(data, tokenizer, cfg)
+    else:
+        eval_tok, reference = tokenize(data.validation, tokenizer, cfg), None
+    return make_loader(eval_tok, batch_size, Collator(tokenizer.pad_token_id or 0)), reference
 
 
 def build_loaders(data: TaskData, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig,
                   batch_size: int, eval_batch_size: int, seed: int, rank: int = 0,
                   world_size: int = 1) -> Loaders:
     """Tokenise the splits and wrap them in loaders (sharded when ``world_size > 1``)."""
-    train_tok = tokenize(data.train, tokenizer, cfg)
-    eval_tok = tokenize(data.validation, tokenizer, cfg)
+    train_tok, bank_tok, eval_tok, reference = tokenized_splits(data, tokenizer, cfg)
     coll = Collator(tokenizer.pad_token_id or 0)
     if world_size > 1:
         def sampler(ds: Any, shuffle: bool) -> DistributedSampler:
@@ -269,10 +315,11 @@ def build_loaders(data: TaskData, tokenizer: PreTrainedTokenizerBase, cfg: DataC
             make_loader(train_tok, batch_size, coll, sampler=sampler(train_tok, True),
                         drop_last=True),
             make_loader(eval_tok, eval_batch_size, coll, sampler=sampler(eval_tok, False)),
-            make_loader(train_tok, eval_batch_size, coll, sampler=sampler(train_tok, False)),
+            make_loader(bank_tok, eval_batch_size, coll, sampler=sampler(bank_tok, False)),
             make_loader(train_tok, batch_size, coll, sampler=sampler(train_tok, True),
-                        drop_last=True))
+                        drop_last=True), reference)
     return Loaders(make_loader(train_tok, batch_size, coll, shuffle=True, seed=seed),
                    make_loader(eval_tok, eval_batch_size, coll),
-                   make_loader(train_tok, eval_batch_size, coll),
-                   make_loader(train_tok, batch_size, coll, shuffle=True, seed=seed))
+                   make_loader(bank_tok, eval_batch_size, coll),
+                   make_loader(train_tok, batch_size, coll, shuffle=True, seed=seed),
+                   reference)

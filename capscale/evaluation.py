@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .data import model_inputs
+from .models import output_logits
 
 if TYPE_CHECKING:
     from .distributed import DistContext
@@ -18,18 +19,20 @@ if TYPE_CHECKING:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, ctx: DistContext, task: Task,
-             num_labels: int) -> dict[str, float]:
+             num_labels: int, reference: Any = None) -> dict[str, float]:
     """``task``'s metrics over every example of ``loader``'s dataset, each counted once.
 
     Under several ranks the logits are gathered, and the rows a DistributedSampler adds
     to even out the shards (repeats of the first examples) are dropped, so the result
-    equals one process on the whole set.
+    equals one process on the whole set. ``reference``: what the task's metrics need
+    beside the logits (QA: the windows' offsets and the examples' answers), passed on
+    as ``task.metrics(..., reference=reference)`` when given.
     """
     was_training = model.training
     model.eval()
     logits, labels = [], []
     for batch in loader:
-        logits.append(model(**model_inputs(batch, ctx.device)).logits.float())
+        logits.append(output_logits(model(**model_inputs(batch, ctx.device))).float())
         labels.append(batch["labels"].to(ctx.device))
     model.train(was_training)
     all_logits = ctx.gather(torch.cat(logits)).cpu().numpy()
@@ -41,4 +44,6 @@ def evaluate(model: nn.Module, loader: DataLoader, ctx: DistContext, task: Task,
                                 for r in range(ctx.world_size)])
         keep = np.argsort(order, kind="stable")[:n]
         all_logits, all_labels = all_logits[keep], all_labels[keep]
+    if reference is not None:
+        return task.metrics(all_logits, all_labels, num_labels, reference=reference)
     return task.metrics(all_logits, all_labels, num_labels)

@@ -1,8 +1,9 @@
 """Export: a plain Hugging Face model directory, the masks, and a sparsity report.
 
 The exported model has the masks multiplied into its weights and no capscale module
-left in it, so ``AutoModelForSequenceClassification.from_pretrained(dir)`` loads it with
-transformers alone and gives the masked model's logits.
+left in it, so the task's Auto class (``AutoModelForSequenceClassification``,
+``AutoModelForQuestionAnswering``, ...) loads it with transformers alone and gives the
+masked model's logits.
 """
 
 from __future__ import annotations
@@ -23,6 +24,19 @@ from .pruning.physical import prune_structure
 from .pruning.structured import strip_mask_hooks, structured_param_counts
 
 REMOTE_CODE = "capscale_pruned"  # module name of the loader written next to the model
+# The end of a task model's class name -> the Auto class that loads it.
+AUTO_CLASSES = {"ForSequenceClassification": "AutoModelForSequenceClassification",
+                "ForQuestionAnswering": "AutoModelForQuestionAnswering",
+                "ForTokenClassification": "AutoModelForTokenClassification"}
+
+
+def auto_class_name(class_name: str) -> str:
+    """The Auto class of a task model class (``BertForQuestionAnswering`` ->
+    ``AutoModelForQuestionAnswering``); AutoModelForSequenceClassification otherwise."""
+    for suffix, auto in AUTO_CLASSES.items():
+        if class_name.endswith(suffix):
+            return auto
+    return "AutoModelForSequenceClassification"
 
 
 def export_pruned(model: PreTrainedModel, adapter: EncoderAdapter, out_dir: str | Path,
@@ -74,9 +88,11 @@ def export_structured(model: PreTrainedModel, adapter: EncoderAdapter, heads: li
     Writes ``out_dir/{model/, structure.json, sparsity_report.json}``. Per-layer head
     counts and FFN widths go to ``config.capscale_structure``; a ~60-line loader
     (capscale/pruning/hf_pruned_model.py, torch + transformers only) is saved beside the
-    weights and registered in ``config.auto_map``, so::
+    weights and registered in ``config.auto_map`` under the Auto class of the model's
+    task (:func:`auto_class_name`), so::
 
         AutoModelForSequenceClassification.from_pretrained(dir, trust_remote_code=True)
+        AutoModelForQuestionAnswering.from_pretrained(dir, trust_remote_code=True)  # QA
 
     loads it without capscale (transformers 5 cannot express per-layer head counts
     through stock config fields; see that file).
@@ -97,7 +113,7 @@ def export_structured(model: PreTrainedModel, adapter: EncoderAdapter, heads: li
     strip_mask_hooks(target)
     structure = prune_structure(target, adapter, heads, ffn)
     target.config.capscale_structure = structure
-    target.config.auto_map = {"AutoModelForSequenceClassification":
+    target.config.auto_map = {auto_class_name(type(target).__name__):
                               f"{REMOTE_CODE}.CapscalePrunedModel"}
     target.save_pretrained(out / "model", safe_serialization=True)
     template = (Path(__file__).parent / "pruning" / "hf_pruned_model.py").read_text()

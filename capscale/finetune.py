@@ -20,7 +20,7 @@ from .data import TaskData, build_loaders, model_inputs
 from .distributed import DistContext, make_strategy
 from .evaluation import evaluate
 from .loop import Phases, TrainLoop
-from .models import load_classifier
+from .models import load_classifier, output_logits
 from .state import RunState
 from .step import Student, Update, linear_warmup_decay, param_groups
 from .tasks import Task
@@ -68,7 +68,7 @@ def finetune_teacher(cfg: Config, ctx: DistContext, data: TaskData,
 
     def step(batch: dict[str, torch.Tensor]) -> dict[str, float]:
         with phases("forward"):
-            logits = wrapped(**model_inputs(batch, ctx.device)).logits
+            logits = output_logits(wrapped(**model_inputs(batch, ctx.device)))
         losses = {"ce": task.loss(logits, batch["labels"].to(ctx.device))}
         return update(losses, state.step, state.batches_drawn)
 
@@ -76,7 +76,8 @@ def finetune_teacher(cfg: Config, ctx: DistContext, data: TaskData,
     wrapped.train()
     TrainLoop(state, loaders.train, total, step, console, "fine-tuning the dense teacher",
               lr_fn=student.lr, world_size=ctx.world_size).run()
-    metrics = evaluate(wrapped, loaders.eval, ctx, task, data.num_labels)
+    metrics = evaluate(wrapped, loaders.eval, ctx, task, data.num_labels,
+                       loaders.eval_reference)
     key = task.main_metric
     console.log(f"dense teacher: {key} {metrics[key]:.4f} after {state.step} steps "
                 f"({time.perf_counter() - start:.0f} s)")

@@ -2,14 +2,16 @@
 
 The student and all references are ordinary Hugging Face models with the task's head
 (capscale.tasks). The ``head`` representation is captured by a forward pre-hook on the
-classification head's final linear layer (its input), so no modeling code is forked
-and the hook keeps working when the model is wrapped by DDP, ZeRO-3 or FSDP2.
+head's final linear layer (its input), so no modeling code is forked and the hook keeps
+working when the model is wrapped by DDP, ZeRO-3 or FSDP2. A head applied to every
+token (QA's span head) gives the first token's vector.
 """
 
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +24,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from .adapter_specs import AdapterSpec, resolve_adapter, validate_encoder
+from .adapter_specs import AdapterSpec, for_task, resolve_adapter, validate_encoder
 from .adapters import EncoderAdapter
 from .errors import ModelError
 from .tasks import Task, get_task
@@ -47,12 +49,25 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedToke
                                          trust_remote_code=trust_remote_code)
 
 
-def adapter_for(model_or_config: PreTrainedModel | object, spec: AdapterSpec = None
-                ) -> EncoderAdapter:
+def adapter_for(model_or_config: PreTrainedModel | object, spec: AdapterSpec = None,
+                task: Task | None = None) -> EncoderAdapter:
     """The encoder adapter for a model (by ``config.model_type``) or as ``model.adapter``
-    gives it: a name, an import path or a mapping (see capscale.adapter_specs)."""
+    gives it: a name, an import path or a mapping (see capscale.adapter_specs); with
+    ``task`` and a model, the task's head path when the model has it."""
     config = getattr(model_or_config, "config", model_or_config)
-    return resolve_adapter(spec, config.model_type)
+    adapter = resolve_adapter(spec, config.model_type)
+    if isinstance(model_or_config, nn.Module):
+        return for_task(adapter, task, model_or_config)
+    return adapter
+
+
+def output_logits(output: Any) -> Tensor:
+    """A task model's logits: ``output.logits``, or for span heads the start and end
+    logits stacked as ``(B, L, 2)``."""
+    logits = getattr(output, "logits", None)
+    if logits is None and getattr(output, "start_logits", None) is not None:
+        return torch.stack([output.start_logits, output.end_logits], dim=-1)
+    return logits
 
 
 def load_classifier(name: str, num_labels: int, label_names: list[str] | None = None,
@@ -81,9 +96,17 @@ def read_config(name: str, trust_remote_code: bool = False, what: str = "model"
                          ) from None
 
 
-def check_teacher(name: str, num_labels: int, trust_remote_code: bool = False) -> None:
-    """Raise before loading weights if a teacher's head does not fit the task."""
+def check_teacher(name: str, num_labels: int, trust_remote_code: bool = False,
+                  task: Task | None = None) -> None:
+    """Raise before loading weights if a teacher's head does not fit the task (its
+    output count; with ``task``, its architecture)."""
     config = read_config(name, trust_remote_code, "model.teacher")
+    suffix = getattr(task, "architecture_suffix", None)
+    archs = getattr(config, "architectures", None) or []
+    if suffix and archs and not any(a.endswith(suffix) for a in archs):
+        raise ModelError(f"teacher {name} is a {archs[0]}, not a *{suffix} model for the "
+                         f"{task.name} task; give a teacher fine-tuned on it, or leave "
+                         "model.teacher unset to fine-tune one first")
     if config.num_labels != num_labels:
         raise ModelError(f"teacher {name} has {config.num_labels} output labels but the task "
                          f"has {num_labels}; give a teacher fine-tuned on this task, or leave "
@@ -169,7 +192,7 @@ def forward_with_representation(model: nn.Module, inputs: dict[str, Tensor],
     if rep is None:
         raise RuntimeError("the representation tap saw no forward; is adapter.head_linear "
                            "the head's final linear layer?")
-    return out.logits, F.normalize(rep.float(), dim=-1)
+    return output_logits(out), F.normalize(rep.float(), dim=-1)
 
 
 def hidden_size(model: PreTrainedModel, adapter: EncoderAdapter) -> int:

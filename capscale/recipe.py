@@ -78,9 +78,9 @@ class CAPRecipe:
         self.method = PRUNING_METHODS[cfg.pruning.method]
         self.data = load_task_data(cfg.data)
         m = cfg.model
-        check_encoder(m.name_or_path, m.adapter, m.trust_remote_code)
+        check_encoder(m.name_or_path, m.adapter, m.trust_remote_code, self.task)
         if m.teacher is not None:
-            check_teacher(m.teacher, self.data.num_labels, m.trust_remote_code)
+            check_teacher(m.teacher, self.data.num_labels, m.trust_remote_code, self.task)
         self.tokenizer = load_tokenizer(m.name_or_path, m.trust_remote_code)
         note = check_lengths(self.data, self.tokenizer, cfg.data)
         if note:
@@ -114,7 +114,7 @@ class CAPRecipe:
         self.student_init = (teacher_path if cfg.model.student_init == "teacher"
                              else cfg.model.name_or_path)
         bare = self._load(self.student_init).to(ctx.device)
-        self.adapter = adapter_for(bare, cfg.model.adapter)
+        self.adapter = adapter_for(bare, cfg.model.adapter, self.task)
         if cfg.train.freeze_embeddings:  # before the optimiser and the wrapping
             frozen = freeze_embeddings(bare)
             self.console.log(f"embeddings frozen ({frozen:,} parameters)")
@@ -129,7 +129,8 @@ class CAPRecipe:
                              self._load, cfg.model.name_or_path,
                              cfg.model.student_init == "pretrained", self.teacher, bare,
                              self.loaders.bank, self.console, cfg.cap.snapshot_head_dropout)
-        labels = self.task.contrastive_labels(torch.as_tensor(np.asarray(data.train["labels"])))
+        labels = (self.task.contrastive_labels(torch.as_tensor(np.asarray(data.train["labels"])))
+                  if self.task.class_labels else torch.full((len(data.train),), -1))
         self.snapshots = SnapshotSchedule(cfg, self.controller.current_sparsity, self.snapshot)
         views, hidden = self.snapshot_views(), hidden_size(bare, self.adapter)
         self.snapshot_plan = self._plan_snapshots(views, hidden, bare)
@@ -232,7 +233,8 @@ class CAPRecipe:
 
     def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
         return evaluate(model if model is not None else self.student.model,
-                        self.loaders.eval, self.ctx, self.task, self.data.num_labels)
+                        self.loaders.eval, self.ctx, self.task, self.data.num_labels,
+                        self.loaders.eval_reference)
 
     def snapshot(self, train_mode: bool, what: str) -> None:
         self.objective.add_snapshot(self.refs, train_mode, what)

@@ -134,10 +134,14 @@ def export_figures(model_dir: Path, sparsity: dict[str, Any], batches: int,
                      f"{sparse / 2**20:.2f} MiB"))
     if batches <= 0 or not files:
         return rows
-    from transformers import AutoModelForSequenceClassification
+    import transformers
 
-    model = AutoModelForSequenceClassification.from_pretrained(
-        model_dir, trust_remote_code=structured or trust_remote_code).eval()
+    from .export import auto_class_name
+
+    config = json.loads((model_dir / "config.json").read_text())
+    auto = getattr(transformers, auto_class_name((config.get("architectures") or [""])[0]))
+    model = auto.from_pretrained(model_dir,
+                                 trust_remote_code=structured or trust_remote_code).eval()
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (batch_size, seq_len), generator=torch.Generator()
                         .manual_seed(0))

@@ -26,7 +26,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from .data import model_inputs
 from .loop import Phases, finite_or_raise
-from .models import RepresentationTap, forward_with_representation
+from .models import RepresentationTap, forward_with_representation, output_logits
 
 if TYPE_CHECKING:
     from .config import Config
@@ -81,7 +81,7 @@ class CAPLoss:
             losses["ce"] = cfg.loss.w_ce * self.task.loss(logits, labels)
         if self.teacher is not None and cfg.loss.w_kd > 0:
             with self.phases("teacher"), torch.no_grad():
-                t_logits = self.teacher(**inputs).logits
+                t_logits = output_logits(self.teacher(**inputs))
             losses["kd"] = cfg.loss.w_kd * self.task.distill(logits, t_logits,
                                                              cfg.loss.kd_temperature)
         if self.objective is not None:

@@ -17,8 +17,7 @@ from typing import Any, Literal
 
 from .loader import ConfigError, get_dotted
 from .pruning_schema import PruningConfig, StructuredConfig
-
-Check = tuple[bool, str, str]  # (ok, field, why)
+from .qa import Check, QAConfig
 
 
 @dataclass
@@ -32,9 +31,8 @@ class ModelConfig:
     # first (see ``teacher_training``) and caches it under ``<output_dir>/teacher``.
     teacher: str | None = None
     # Where the encoder keeps its prunable matrices (capscale.adapter_specs): None (the
-    # adapter of the config's ``model_type``, built in or from an installed plug-in), a
-    # registered name, an import path ``package.module:ATTRIBUTE``, or a mapping of
-    # EncoderAdapter fields (module paths) written here.
+    # adapter of the config's ``model_type``, built in or a plug-in), a registered name,
+    # an import path ``package.module:ATTRIBUTE``, or a mapping of EncoderAdapter fields.
     adapter: str | dict[str, Any] | None = None
     # Student initialisation: ``pretrained`` (the reference recipe) or ``teacher``.
     student_init: Literal["pretrained", "teacher"] = "pretrained"
@@ -70,8 +68,10 @@ class DataConfig:
     text_column: str = "sentence"
     text_pair_column: str | None = None
     label_column: str = "label"
-    # A name in the task table (capscale.tasks): ``classification``, ``regression``.
+    # A name in the task table (capscale.tasks): ``classification``, ``regression``,
+    # ``qa`` (extractive QA: its columns and windows are ``data.qa``).
     task_type: str = "classification"
+    qa: QAConfig = field(default_factory=QAConfig)
     # Fixed label order (strings as they appear in the data). None: sorted label set.
     label_names: list[str] | None = None
     max_length: int = 128
@@ -81,11 +81,11 @@ class DataConfig:
     max_eval_samples: int | None = None
 
     def check(self) -> list[Check]:
-        return [
-            (self.max_length >= 8, "data.max_length", "must be >= 8"),
-            (0 < self.validation_fraction < 1, "data.validation_fraction",
-             "must be in (0, 1)"),
-        ]
+        return [(self.max_length >= 8, "data.max_length", "must be >= 8"),
+                (0 < self.validation_fraction < 1, "data.validation_fraction",
+                 "must be in (0, 1)"), *self.qa.check(),
+                (self.task_type != "qa" or self.qa.doc_stride < self.max_length,
+                 "data.qa.doc_stride", "must be < data.max_length")]
 
 
 @dataclass
@@ -114,8 +114,9 @@ class CAPConfig:
     num_negatives: int = 4096
     # ``faithful``: the reference's double division; ``clean``: normalise once.
     normalization: Literal["faithful", "clean"] = "faithful"
-    # ``head``: input of the classifier's final linear (BERT: pooler output);
-    # ``cls``: last-layer first-token state; ``mean``: masked mean of the last layer.
+    # ``head``: input of the task head's final linear (BERT: pooler output; QA: the
+    # first token's last-layer state); ``cls``: last-layer first-token state; ``mean``:
+    # masked mean of the last layer.
     representation: Literal["head", "cls", "mean"] = "head"
     bank_dtype: Literal["float32", "bfloat16"] = "float32"
     bank_device: Literal["cpu", "accelerator"] = "cpu"
@@ -207,7 +208,7 @@ class TrainConfig:
     max_nonfinite_skips: int = 10
     # Collectives that wait longer than this raise instead of hanging (a dead rank).
     collective_timeout_s: float = 600.0
-    # Test hook: these batches' losses (by count of batches drawn) are made NaN. Leave empty.
+    # Test hook: losses of these batches (0-based count drawn) made NaN. Leave empty.
     debug_nan_batches: list[int] = field(default_factory=list)
 
     def check(self) -> list[Check]:
@@ -245,12 +246,10 @@ class TeacherTrainingConfig:
 class CheckpointConfig:
     """Resumable checkpoints of the pruning run (see capscale.checkpoint)."""
 
-    # Save every N optimiser steps (0: never).
-    every_steps: int = 0
+    every_steps: int = 0  # save every N optimiser steps (0: never)
     # Keep the newest K checkpoints; older ones are deleted after a save succeeds.
     keep_last: int = 2
-    # Where they go; None: ``<output_dir>/checkpoints``.
-    dir: str | None = None
+    dir: str | None = None  # where they go; None: ``<output_dir>/checkpoints``
 
     def check(self) -> list[Check]:
         return [

@@ -1,9 +1,11 @@
 """Loads a capscale structured-pruned encoder with transformers alone.
 
 capscale copies this file next to an exported model (as ``capscale_pruned.py``, with
-``BASE_CLASS`` set to the model's class) and points ``config.auto_map`` at it:
+``BASE_CLASS`` set to the model's class) and points ``config.auto_map`` at it under
+the Auto class of the model's task:
 
     AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True)
+    AutoModelForQuestionAnswering.from_pretrained(path, trust_remote_code=True)
 
 Stock transformers builds every layer with ``config.num_attention_heads`` heads and
 ``config.intermediate_size`` neurons, and transformers 5 has no ``pruned_heads`` any

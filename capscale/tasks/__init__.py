@@ -5,7 +5,9 @@ that differs between, say, classification and regression: reading the label colu
 (:meth:`Task.label_names`, :meth:`Task.encode_labels`), the Hugging Face head class the
 student, references and export use, the supervised loss, logit distillation, the
 metrics and the main one, and which labels the supervised contrastive terms may use.
-A new task (extractive QA, token classification, ...) is one more entry::
+Extractive QA (``qa``, capscale.tasks.qa) also brings its own data preparation through
+optional hooks (see :class:`Task`). A new task (token classification, ...) is one more
+entry::
 
     from capscale.tasks import register_task
     register_task(MyTask())
@@ -14,10 +16,12 @@ A new task (extractive QA, token classification, ...) is one more entry::
 from __future__ import annotations
 
 from .base import TASKS, Task, get_task, register_task
+from .qa import QuestionAnsweringTask
 from .sequence import ClassificationTask, RegressionTask
 
 register_task(ClassificationTask())
 register_task(RegressionTask())
+register_task(QuestionAnsweringTask())
 
-__all__ = ["TASKS", "ClassificationTask", "RegressionTask", "Task", "get_task",
-           "register_task"]
+__all__ = ["TASKS", "ClassificationTask", "QuestionAnsweringTask", "RegressionTask", "Task",
+           "get_task", "register_task"]

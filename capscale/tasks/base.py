@@ -24,6 +24,21 @@ class Task(Protocol):
         class_labels: whether labels are classes (supervised contrastive terms use them
             as keys; otherwise every label is -1 and only unsupervised terms apply).
         main_metric: the metric reported as "the" score (retained %, summaries).
+
+    Optional members, looked up with ``getattr`` (a task without them gets the
+    sequence-level behaviour; capscale.tasks.qa has them all):
+
+    * ``model_class``: the Auto class of the task model (default
+      AutoModelForSequenceClassification); ``architecture_suffix``: the end of a
+      fitting checkpoint's architecture name (a teacher is checked against it).
+    * ``head_linear``: path of the head's final linear layer in the task model, used
+      instead of the adapter's when the model has it.
+    * ``prepare_splits(train, validation, cfg) -> (train, validation, notes)``: checked
+      examples instead of the text / label column checks and ``encode_labels``.
+    * ``check_lengths(data, tokenizer, cfg) -> note``: instead of the truncation count.
+    * ``features(data, tokenizer, cfg) -> (train, bank, eval, eval_reference)``:
+      tokenised datasets instead of one row per example; the bank set has one row per
+      training example; ``eval_reference`` is handed to ``metrics(..., reference=)``.
     """
 
     name: str
