@@ -298,7 +298,9 @@ def e2e(qa_model, tmp_path_factory):
         "teacher_training.max_steps": 150, "teacher_training.epochs": 100,
         "teacher_training.lr": 3e-3, "teacher_training.batch_size": 16,
         "teacher_training.warmup_ratio": 0.0, "model.student_init": "teacher",
-        "train.max_steps": 12, "train.epochs": 3, "train.eval_every": 6})
+        "train.max_steps": 12, "train.epochs": 3, "train.eval_every": 6,
+        # snapshots inside the short run (the epoch schedule's first one is at epoch 1)
+        "cap.snapshot_schedule": "milestones"})
     torch.manual_seed(0)
     run = CAPRecipe(load_config(None, as_list(over)), DistContext(), Console(enabled=False))
     run.setup()
