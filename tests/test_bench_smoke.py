@@ -129,8 +129,8 @@ def test_fidelity_paper_budget_lists_loadable_commands(capsys):
     assert fidelity.main(["--budget", "paper", "--list", "--sparsities", "0.9", "0.97",
                           "--methods", "movement", "soft_movement"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 16  # 2 tasks x 2 methods x {KD, CAP} x 2 sparsities
-    for task in ("mnli", "qqp"):
+    assert len(lines) == 24  # 3 tasks x 2 methods x {KD, CAP} x 2 sparsities
+    for task in ("mnli", "qqp", "squad"):
         rows = [ln for ln in lines if f"_{task}_" in ln]
         assert "model.teacher" not in rows[0]
         assert all(f"model.teacher=outputs/paper/movement_kd_{task}_97_seed0/teacher" in ln

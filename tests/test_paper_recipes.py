@@ -33,8 +33,10 @@ def test_the_paper_rows_are_all_there():
                     f"magnitude_kd_{task}_{sp}"} <= names
         for sp in (90, 97):
             assert {f"cap_soft_{task}_{sp}", f"soft_movement_kd_{task}_{sp}"} <= names
-    assert {"cap_f_mnli", "cap_f_qqp", "cap_f_sst2"} <= names
-    assert len(names) == 29
+    assert {"cap_f_mnli", "cap_f_qqp", "cap_f_sst2", "cap_f_squad"} <= names
+    for sp in (90, 97):
+        assert {f"{k}_squad_{sp}" for k in UNSTRUCTURED} <= names
+    assert len(names) == 40
 
 
 def _common(cfg, task: str) -> None:
@@ -62,6 +64,9 @@ def test_recipe_holds_the_reference_hyperparameters(path):
     cfg = load_config(path)
     name = path.stem
     assert Path(cfg.output_dir).name == name
+    if "squad" in name:
+        _squad(cfg, name)
+        return
     if name.startswith("cap_f_"):
         task = name.removeprefix("cap_f_")
         _common(cfg, task)
@@ -97,6 +102,33 @@ def test_recipe_holds_the_reference_hyperparameters(path):
     expected = (True, 0.1, 10.0) if cap else (False,)
     assert all((w.enabled, w.w_unsup, w.w_sup)[: len(expected)] == expected
                for w in c.modules.values())
+
+
+def _squad(cfg, name: str) -> None:
+    """SQuAD v1.1 rows: the reference's QA settings (unsupervised terms on the CLS state)."""
+    d, c, p, t = cfg.data, cfg.cap, cfg.pruning, cfg.train
+    assert (d.task_type, d.dataset_name, d.max_length) == ("qa", "squad", 384)
+    assert (d.qa.doc_stride, d.qa.version_2_with_negative) == (128, False)
+    assert cfg.model.name_or_path == "bert-base-uncased" and cfg.model.teacher is None
+    assert (c.representation, c.num_negatives, c.max_snapshots) == ("cls", 4096, None)
+    assert all(w.w_sup == 0.0 for w in c.modules.values())
+    assert (cfg.loss.w_ce, cfg.loss.w_kd) == (0.1, 0.9)
+    if name == "cap_f_squad":
+        assert p.method == "structured" and cfg.loss.kd_temperature == 1.0
+        assert c.temperature == 0.3 and not c.snapshot_train_mode
+        assert all((w.enabled, w.w_unsup) == (True, 0.3) for w in c.modules.values())
+        assert (t.lr, t.batch_size, t.weight_decay, t.warmup_ratio) == (2e-5, 16, 0.01, 0.1)
+        return
+    key, sp = re.fullmatch(r"(\w+)_squad_(\d+)", name).groups()
+    method, cap = UNSTRUCTURED[key]
+    assert p.method == method and p.final_sparsity == int(sp) / 100
+    assert (p.initial_warmup, p.final_warmup, p.scope) == (5400, 10800, "local")
+    assert (t.epochs, t.batch_size, t.lr, t.warmup_steps, t.freeze_embeddings) == (
+        10, 16, 3e-5, 5400, True)
+    assert cfg.loss.kd_temperature == 2.0 and c.temperature == 0.1
+    assert all((w.enabled, w.w_unsup) == (cap, 0.5) for w in c.modules.values())
+    if method == "soft_movement":
+        assert (p.soft_threshold, p.final_lambda) == ("schedule", {90: 600, 97: 2000}[int(sp)])
 
 
 def test_readme_maps_every_recipe_to_its_command():
