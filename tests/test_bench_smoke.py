@@ -169,3 +169,14 @@ def test_quantized_speed_smoke(tmp_path):
     assert res["accuracy"]["onnxruntime fp32"]["max_abs_logit_diff"] < 1e-4
     assert res["bytes"]["onnxruntime int8"] < res["bytes"]["onnxruntime fp32"]
     assert "| onnxruntime int8 | 2 |" in (tmp_path / "quantized_speed.md").read_text()
+
+
+def test_sparse_size_smoke(tmp_path):
+    """bench/sparse_size.py on a 2-layer model: the sparse checkpoint is smaller and
+    reloads exactly; the compressed-tensors probe records what transformers did."""
+    bench = _bench("sparse_size")
+    assert bench.main(["--tiny", "--sparsities", "0.9", "--out", str(tmp_path)]) == 0
+    row = json.loads((tmp_path / "sparse_size.json").read_text())["rows"][0]
+    assert row["capscale_sparse_bytes"] < row["dense_bytes"]
+    assert row["capscale_max_abs_logit_diff"] == 0.0
+    assert "loads" in row["compressed_tensors_bitmask"]
