@@ -96,6 +96,17 @@ def test_int8_is_smaller_and_scored_on_the_dev_set(masked_run):
     assert dev["agreement"]["onnx"] == 1.0 and 0.0 <= dev["agreement"]["int8"] <= 1.0
 
 
+def test_run_report_lists_the_formats(masked_run):
+    from capscale.report import write_report
+
+    _, _, out = masked_run
+    md = write_report(out.parent, speed_batches=0).read_text()
+    assert "ONNX INT8 (dynamic quantisation): onnx/model_int8.onnx" in md
+    assert "sparse checkpoint (bitmask + values): sparse/" in md
+    assert "dev set (16 examples), int8" in md and "argmax agreement" in md
+    assert "CSR (estimate)" not in md  # measured, so no estimate
+
+
 def test_sparse_checkpoint_of_the_run_equals_the_dense_one(masked_run):
     _, results, out = masked_run
     sparse = results["export_formats"]["sparse"]
