@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from structured_models import tiny_inputs, tiny_model
+from structured_models import CONFIGS, tiny_inputs, tiny_model
 from tiny import eval_inputs, run_cap
 from transformers import AutoModelForSequenceClassification
 
@@ -241,3 +241,23 @@ def test_sparse_refuses_a_remote_architecture(tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="not a transformers class"):
         write_sparse(tmp_path / "m", tmp_path / "s")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_structured_exports_of_every_family_convert_to_onnx(family, tmp_path):
+    """Each family's physically smaller export (its trust_remote_code loader, per-layer
+    head counts and FFN widths) converts and matches the masked model."""
+    model = tiny_model(family)
+    adapter = adapter_for(model)
+    masks = StructuredMasks(model, adapter)
+    heads = [torch.arange(masks.num_heads) % 2 == i % 2 for i in range(masks.num_layers)]
+    ffn = [torch.arange(n) % 3 != 0 for n in masks.intermediate]
+    masks.set(heads, ffn)
+    inputs = tiny_inputs(batch=3, length=11)
+    with torch.no_grad():
+        masked = model(**inputs).logits
+    export_structured(model, adapter, heads, ffn, tmp_path)
+    assert write_formats(tmp_path, ["onnx"], tiny_inputs(batch=2, length=17, seed=5))["ok"]
+    got = onnx_logits(onnx_session(tmp_path / "onnx" / "model.onnx"), inputs)
+    np.testing.assert_allclose(got, masked.numpy(), rtol=0, atol=1e-4)
