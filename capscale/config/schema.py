@@ -287,7 +287,10 @@ class ExportConfig:
     onnx_atol: float = 1e-4
     # INT8 check: max abs logit difference from the PyTorch export / largest |logit|.
     int8_rtol: float = 0.1
-    # Dev examples the ONNX / INT8 models are scored on (None: the whole dev set).
+    # Dev examples the ONNX / INT8 models are scored on (None: the whole dev set). The
+    # main rank writes the formats at the end of a run while the other ranks wait at
+    # the final barrier (train.collective_timeout_s); for a long dev set cap it here, or
+    # write the formats after the run with ``capscale export --add-to``.
     dev_examples: int | None = None
 
     def check(self) -> list[Check]:

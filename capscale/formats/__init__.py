@@ -119,10 +119,12 @@ def write_formats(out_dir: str | Path, formats: Iterable[str],
     from .onnx_export import sample_inputs as random_inputs
 
     out, say = Path(out_dir), log or (lambda _: None)
-    wanted = [f for f in FORMATS if f in set(formats) | ({"onnx"} if "int8" in formats else set())]
-    unknown = set(formats) - set(FORMATS)
-    if unknown:
-        raise ValueError(f"unknown export formats {sorted(unknown)}; known: {FORMATS}")
+    formats = list(formats)
+    asked = set(formats) | ({"onnx"} if "int8" in formats else set())
+    if asked - set(FORMATS):
+        raise ValueError(f"unknown export formats {sorted(asked - set(FORMATS))}; "
+                         f"known: {', '.join(FORMATS)}")
+    wanted = [f for f in FORMATS if f in asked]
     model = load_export(out / "model", trust_remote_code)
     batch = _inputs(batch) if batch is not None else random_inputs(model, 8, 32)
     with torch.no_grad():
