@@ -5,6 +5,7 @@
     capscale prune --config capscale/configs/demo_minilm_tweets.yaml [key=value ...]
     capscale evaluate --config X.yaml [--model outputs/run/pruned/model] [key=value ...]
     capscale export --config X.yaml [--checkpoint latest|DIR] [--out DIR] [key=value ...]
+                    [--formats onnx int8 sparse] [--add-to EXPORT_DIR]
     capscale report outputs/run
     capscale inspect MODEL [--trust-remote-code] [--adapter SPEC]
 
@@ -23,6 +24,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .errors import INPUT_ERRORS, describe
 
@@ -131,7 +133,8 @@ def evaluate_cmd(args: argparse.Namespace) -> int:
 
 @_guarded
 def export_cmd(args: argparse.Namespace) -> int:
-    """Bake a checkpoint's masks into a plain Hugging Face model directory."""
+    """Bake a checkpoint's masks into a plain Hugging Face model directory, and write
+    its extra formats (``--formats onnx int8 sparse``, each checked against it)."""
     import torch
 
     from capscale.checkpoint import STATE_FILE, checkpoint_root, list_checkpoints
@@ -139,12 +142,23 @@ def export_cmd(args: argparse.Namespace) -> int:
     from capscale.data import load_task_data
     from capscale.errors import ConfigError
     from capscale.export import export_pruned
+    from capscale.formats.card import run_facts
     from capscale.models import adapter_for, load_classifier, load_tokenizer
     from capscale.pruning import attach_masks
+    from capscale.pruning.masked import configure_masks
     from capscale.pruning.methods import PRUNING_METHODS
     from capscale.tasks import get_task
 
-    cfg = load_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if args.formats:
+        overrides.append(f"export.formats=[{','.join(args.formats)}]")
+    cfg = load_config(args.config, overrides)
+    data = load_task_data(cfg.data)
+    if args.add_to:  # an existing export (a structured run's, say): formats only
+        out = Path(args.add_to)
+        if not (out / "model" / "config.json").is_file():
+            raise ConfigError(f"--add-to {out}: not an export folder (no model/config.json)")
+        return _write_formats(cfg, data, out)
     path = Path(args.checkpoint) if args.checkpoint != "latest" else None
     if path is None or not (path / STATE_FILE).is_file():
         found = list_checkpoints(path or checkpoint_root(cfg))
@@ -157,24 +171,50 @@ def export_cmd(args: argparse.Namespace) -> int:
     if PRUNING_METHODS[cfg.pruning.method].physical_export:
         raise ConfigError(f"--checkpoint {path}: pruning.method={cfg.pruning.method} "
                           "exports a physically smaller model at the end of the run; "
-                          "resume the run to its end, which exports")
+                          "resume the run to its end, which exports (then --add-to DIR "
+                          "writes more formats of it)")
     data = load_task_data(cfg.data)
     task = get_task(cfg.data.task_type)
     model = load_classifier(cfg.model.name_or_path, data.num_labels, data.label_names,
                             cfg.model.trust_remote_code, task)
     adapter = adapter_for(model, cfg.model.adapter, task)
     if cfg.pruning.method != "none":
-        attach_masks(model, adapter, cfg.pruning.method, cfg.pruning.score_init,
-                     cfg.pruning.min_keep)
+        configure_masks(attach_masks(model, adapter, cfg.pruning.method,
+                                     cfg.pruning.score_init, cfg.pruning.min_keep).values(),
+                        cfg.pruning)
     # The keep-fraction / threshold buffers in the state fix each mask as it was saved.
     model.load_state_dict(torch.load(path / "model.pt", weights_only=True))
     out = Path(args.out or Path(cfg.output_dir) / f"export-{path.name}")
     report = export_pruned(model, adapter, out,
                            load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code),
-                           inplace=True, extra={"checkpoint": str(path)})
+                           inplace=True, extra={"checkpoint": str(path), "run": run_facts(cfg)})
     print(f"exported {path} to {out} (encoder sparsity "
           f"{100 * report['encoder_sparsity']:.2f}%)")
-    return 0
+    return _write_formats(cfg, data, out)
+
+
+def _write_formats(cfg: Any, data: Any, out: Path) -> int:
+    """``export.formats`` of the export in ``out``, checked on the config's dev set;
+    1 when a check failed."""
+    if not set(cfg.export.formats) - {"pytorch"}:
+        return 0
+    from capscale.data import Collator, make_loader, tokenize
+    from capscale.formats import DevSet, write_formats
+    from capscale.models import load_tokenizer
+    from capscale.tasks import get_task
+
+    e = cfg.export
+    tokenizer = load_tokenizer(str(out / "model"), cfg.model.trust_remote_code)
+    dev = make_loader(tokenize(data.validation, tokenizer, cfg.data),
+                      cfg.train.eval_batch_size, Collator(tokenizer.pad_token_id or 0))
+    found = write_formats(out, e.formats, next(iter(dev)),
+                          DevSet(dev, get_task(cfg.data.task_type), data.num_labels,
+                                 e.dev_examples),
+                          cfg.model.trust_remote_code, e.onnx_atol, e.int8_rtol, print)
+    if not found["ok"]:
+        print(f"capscale: an export format failed its check; see {out / 'sparsity_report.json'}",
+              file=sys.stderr)
+    return 0 if found["ok"] else 1
 
 
 def report_cmd(args: argparse.Namespace) -> int:
@@ -232,6 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     p = _parser("export", export_cmd.__doc__ or "")
     p.add_argument("--checkpoint", default="latest", help="latest, or a checkpoint directory")
     p.add_argument("--out", help="destination (default: <output_dir>/export-<checkpoint>)")
+    p.add_argument("--formats", nargs="+", metavar="FORMAT",
+                   help="export.formats: pytorch (always written), onnx, int8, sparse")
+    p.add_argument("--add-to", metavar="DIR", help="write --formats of an existing export "
+                   "folder (e.g. <output_dir>/pruned) instead of exporting a checkpoint")
     return export_cmd(p.parse_args(argv))
 
 

@@ -1,9 +1,11 @@
-"""Export: a plain Hugging Face model directory, the masks, and a sparsity report.
+"""Export: a plain Hugging Face model directory, the masks, a sparsity report and a
+model card (``model/README.md``, capscale.formats.card).
 
 The exported model has the masks multiplied into its weights and no capscale module
 left in it, so the task's Auto class (``AutoModelForSequenceClassification``,
 ``AutoModelForQuestionAnswering``, ...) loads it with transformers alone and gives the
-masked model's logits.
+masked model's logits. capscale.formats writes the same model as ONNX, INT8 ONNX or a
+sparse checkpoint, each checked against this one.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from safetensors.torch import save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .adapters import EncoderAdapter
+from .formats.card import write_model_card
 from .pruning import MaskedLinear, bake_masks, sparsity_report
 from .pruning.nm import check_pattern
 from .pruning.physical import prune_structure
@@ -42,7 +45,8 @@ def auto_class_name(class_name: str) -> str:
 def export_pruned(model: PreTrainedModel, adapter: EncoderAdapter, out_dir: str | Path,
                   tokenizer: PreTrainedTokenizerBase | None = None, inplace: bool = False,
                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Bake the masks and write ``out_dir/{model/, masks.safetensors, sparsity_report.json}``.
+    """Bake the masks and write ``out_dir/{model/, masks.safetensors, sparsity_report.json}``
+    and the model card ``model/README.md``.
 
     Args:
         model: the (unwrapped) masked student.
@@ -75,8 +79,8 @@ def export_pruned(model: PreTrainedModel, adapter: EncoderAdapter, out_dir: str 
                for name, m in masks.items()}, str(out / "masks.safetensors"))
     report = {**report, **(extra or {})}
     (out / "sparsity_report.json").write_text(json.dumps(report, indent=1))
+    write_model_card(out, report)
     return report
-
 
 
 def export_structured(model: PreTrainedModel, adapter: EncoderAdapter, heads: list[torch.Tensor],
@@ -85,7 +89,7 @@ def export_structured(model: PreTrainedModel, adapter: EncoderAdapter, heads: li
                       extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write a physically smaller model: pruned heads and FFN neurons sliced away.
 
-    Writes ``out_dir/{model/, structure.json, sparsity_report.json}``. Per-layer head
+    Writes ``out_dir/{model/, structure.json, sparsity_report.json}`` and the card. Per-layer head
     counts and FFN widths go to ``config.capscale_structure``; a ~60-line loader
     (capscale/pruning/hf_pruned_model.py, torch + transformers only) is saved beside the
     weights and registered in ``config.auto_map`` under the Auto class of the model's
@@ -136,4 +140,5 @@ def export_structured(model: PreTrainedModel, adapter: EncoderAdapter, heads: li
               "intermediate_per_layer": structure["intermediate_per_layer"],
               **(extra or {})}
     (out / "sparsity_report.json").write_text(json.dumps(report, indent=1))
+    write_model_card(out, report)
     return report

@@ -37,6 +37,7 @@ from .distributed import DistContext, make_strategy
 from .evaluation import evaluate
 from .export import export_pruned
 from .finetune import finetune_teacher
+from .formats.card import run_facts
 from .hooks import EvalSchedule, RecordHook, SnapshotSchedule
 from .loop import Phases, PhaseTotals, TrainLoop
 from .models import (
@@ -50,7 +51,7 @@ from .models import (
     load_classifier,
     load_tokenizer,
 )
-from .pruning.masked import MaskedLinear
+from .pruning.masked import MaskedLinear, configure_masks
 from .pruning.methods import PRUNING_METHODS
 from .references import RunReferences
 from .results import build_results, print_summary, save_history, write_results
@@ -262,10 +263,8 @@ class CAPRecipe:
         """A bare student of the same structure, masks attached (values not loaded)."""
         model = self._load(self.student_init)
         self.controller.attach(model)
-        scope = getattr(getattr(self.controller, "pruner", None), "global_scope", False)
-        for mod in model.modules():
-            if isinstance(mod, MaskedLinear):
-                mod.global_scope = scope
+        configure_masks([m for m in model.modules() if isinstance(m, MaskedLinear)],
+                        self.cfg.pruning)
         return model
 
     def full_student(self) -> nn.Module | None:
@@ -329,8 +328,32 @@ class CAPRecipe:
         if self.ctx.is_main:
             save_history(out, self.state)
         if export:
-            self.controller.export(out / "pruned", {"results": results})
+            t0 = time.perf_counter()
+            report = self.controller.export(out / "pruned", {"results": results,
+                                                             "run": run_facts(self.cfg)})
+            if report is not None and set(self.cfg.export.formats) - {"pytorch"}:
+                results["export_formats"] = self.write_formats(out / "pruned")
+            results["seconds"]["export"] = time.perf_counter() - t0
         return results
+
+    def write_formats(self, dest: Path) -> dict[str, Any]:
+        """The extra ``export.formats`` of the export in ``dest``, checked on the first dev
+        batch and scored on the dev set (main rank; capscale.formats)."""
+        from .data import Collator, make_loader, tokenize
+        from .formats import DevSet, write_formats
+
+        e = self.cfg.export
+        dev = make_loader(tokenize(self.data.validation, self.tokenizer, self.cfg.data),
+                          self.cfg.train.eval_batch_size,
+                          Collator(self.tokenizer.pad_token_id or 0))
+        found = write_formats(dest, e.formats, next(iter(dev)),
+                              DevSet(dev, self.task, self.data.num_labels, e.dev_examples),
+                              self.cfg.model.trust_remote_code, e.onnx_atol, e.int8_rtol,
+                              self.console.log)
+        if not found["ok"]:
+            self.console.log(f"WARNING: an export format failed its check; see "
+                             f"{dest / 'sparsity_report.json'} (formats)")
+        return found
 
 
 def prune(cfg: Config, ctx: DistContext, console: Console, export: bool = True,

@@ -126,7 +126,9 @@ def export_figures(model_dir: Path, sparsity: dict[str, Any], batches: int,
     rows.append(("exported model (dense safetensors)", f"{dense / 2**20:.2f} MiB"))
     # A structured export is already physically smaller and needs its loader file.
     structured = (model_dir.parent / "structure.json").is_file()
-    if not structured:
+    formats = sparsity.get("formats") or {}
+    rows += _format_rows(formats)
+    if not structured and "sparse" not in formats:
         pruned = sparsity.get("pruned_weights", 0)
         # CSR for the pruned matrices: a float32 value + an int32 column index per kept one.
         sparse = dense - 4 * pruned + 4 * (sparsity.get("prunable_weights", 0) - pruned)
@@ -153,6 +155,28 @@ def export_figures(model_dir: Path, sparsity: dict[str, Any], batches: int,
     ms = 1000 * (time.perf_counter() - t0) / batches
     rows.append((f"forward latency, batch {batch_size} x {seq_len} tokens, CPU dense kernels",
                  f"{ms:.1f} ms ({batch_size * 1000 / ms:.0f} ex/s)"))
+    return rows
+
+
+def _format_rows(formats: dict[str, Any]) -> list[tuple[str, str]]:
+    """The extra export formats (capscale.formats): size and check of each, and the
+    dev-set scores of the ONNX / INT8 models next to the PyTorch one."""
+    rows = []
+    for name, label in (("sparse", "sparse checkpoint (bitmask + values)"),
+                        ("onnx", "ONNX fp32"), ("int8", "ONNX INT8 (dynamic quantisation)")):
+        f = formats.get(name)
+        if f:
+            rows.append((f"{label}: {f['path']}",
+                         f"{f['bytes'] / 2**20:.2f} MiB; max abs logit diff "
+                         f"{f['max_abs_diff']:.1e} (tolerance {f['tolerance']:.1e}, "
+                         f"{'passed' if f['ok'] else 'FAILED'})"))
+    dev = formats.get("dev") or {}
+    for runtime, metrics in (dev.get("metrics") or {}).items():
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        agree = (dev.get("agreement") or {}).get(runtime)
+        rows.append((f"dev set ({dev['examples']} examples), {runtime}",
+                     shown + (f"; argmax agreement {100 * agree:.1f}%" if agree is not None
+                              else "")))
     return rows
 
 

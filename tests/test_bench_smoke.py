@@ -155,3 +155,28 @@ def test_fair_baselines_smoke(tmp_path):
     assert all(r["phase"] == "sweep" and r["lr"] == 2e-4 for r in runs)
     md = (tmp_path / "out" / "fair_baselines_smoke.md").read_text()
     assert "lr 0.0002" in md and "| movement | 90% |" in md
+
+
+def test_quantized_speed_smoke(tmp_path):
+    """bench/quantized_speed.py on a 2-layer model: every runtime timed and compared."""
+    bench = _bench("quantized_speed")
+    assert bench.main(["--tiny", "--length", "8", "--repeats", "1", "--batches", "2",
+                       "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "quantized_speed.json").read_text())
+    assert [r["runtime"] for r in res["rows"]] == [
+        "torch fp32", "torch int8", "torch int8 per-channel", "onnxruntime fp32",
+        "onnxruntime int8"]
+    assert res["accuracy"]["onnxruntime fp32"]["max_abs_logit_diff"] < 1e-4
+    assert res["bytes"]["onnxruntime int8"] < res["bytes"]["onnxruntime fp32"]
+    assert "| onnxruntime int8 | 2 |" in (tmp_path / "quantized_speed.md").read_text()
+
+
+def test_sparse_size_smoke(tmp_path):
+    """bench/sparse_size.py on a 2-layer model: the sparse checkpoint is smaller and
+    reloads exactly; the compressed-tensors probe records what transformers did."""
+    bench = _bench("sparse_size")
+    assert bench.main(["--tiny", "--sparsities", "0.9", "--out", str(tmp_path)]) == 0
+    row = json.loads((tmp_path / "sparse_size.json").read_text())["rows"][0]
+    assert row["capscale_sparse_bytes"] < row["dense_bytes"]
+    assert row["capscale_max_abs_logit_diff"] == 0.0
+    assert "loads" in row["compressed_tensors_bitmask"]

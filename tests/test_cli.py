@@ -51,6 +51,22 @@ def test_export_of_the_last_checkpoint_equals_the_final_export(pruned, tmp_path)
     assert all(torch.equal(wa[k], wb[k]) for k in wb)
 
 
+def test_export_with_formats(pruned, tmp_path):
+    """``--formats sparse``: the sparse checkpoint beside the export, checked equal, and
+    the model card lists it."""
+    config, _ = pruned
+    dest = tmp_path / "export"
+    assert main(["export", "--config", str(config), "--out", str(dest),
+                 "--formats", "sparse"]) == 0
+    report = json.loads((dest / "sparsity_report.json").read_text())
+    sparse = report["formats"]["sparse"]
+    assert sparse["ok"] and sparse["max_abs_diff"] == 0.0
+    assert sparse["bytes"] == (dest / "sparse" / "model.safetensors").stat().st_size
+    card = (dest / "model" / "README.md").read_text()
+    assert "sparse/" in card and report["run"]["method"] == "movement"
+    assert main(["export", "--config", str(config), "--formats", "tflite"]) == 2
+
+
 def test_report_subcommand(pruned, capsys):
     _, out = pruned
     (out / "report" / "report.md").unlink()

@@ -60,6 +60,10 @@ def cross_section_rules(cfg: Config) -> list[str]:
                    f": supervised contrastive terms need class labels; set w_sup to 0 for "
                    f"every module ({', '.join(supervised)}) of a {cfg.data.task_type} task")
     method = PRUNING_METHODS[cfg.pruning.method]
+    if "sparse" in cfg.export.formats and method.physical_export:
+        out.append(f"export.formats sparse: pruning.method={cfg.pruning.method} exports a "
+                   "physically smaller dense model, with no zeros to store sparsely; drop "
+                   "sparse (onnx / int8 apply)")
     objective = OBJECTIVES[cfg.cap.mode]
     refusal = method.refuses(objective.name)
     if refusal:

@@ -275,6 +275,43 @@ class ReportConfig:
 
 
 @dataclass
+class ExportConfig:
+    """What the export at the end of a run writes (capscale.export, capscale.formats)."""
+
+    # ``pytorch`` (the Hugging Face checkpoint, always written), ``onnx`` (fp32 ONNX),
+    # ``int8`` (ONNX with dynamically quantised INT8 weights; implies onnx), ``sparse``
+    # (an unstructured export as bitmask + values). onnx / int8 need the ``onnx`` extra.
+    formats: list[str] = field(default_factory=lambda: ["pytorch"])
+    # ONNX check: max abs logit difference from the PyTorch export.
+    onnx_atol: float = 1e-4
+    # INT8 check: max abs logit difference from the PyTorch export / largest |logit|.
+    int8_rtol: float = 0.1
+    # Dev examples the ONNX / INT8 models are scored on (None: the whole dev set). The
+    # main rank writes the formats at the end of a run while the other ranks wait at
+    # the final barrier (train.collective_timeout_s); for a long dev set cap it here, or
+    # write the formats after the run with ``capscale export --add-to``.
+    dev_examples: int | None = None
+
+    def check(self) -> list[Check]:
+        import importlib.util
+
+        from ..formats import FORMATS, NEEDS
+
+        missing = sorted({p for f in self.formats for p in NEEDS.get(f, ())
+                          if importlib.util.find_spec(p) is None})
+        return [
+            (all(f in FORMATS for f in self.formats), "export.formats",
+             f"each one of {', '.join(FORMATS)}"),
+            (not missing, "export.formats", f"needs {', '.join(missing)}: pip install "
+             "'capscale[onnx]' (or bash scripts/setup.sh)"),
+            (self.onnx_atol > 0, "export.onnx_atol", "must be > 0"),
+            (self.int8_rtol > 0, "export.int8_rtol", "must be > 0"),
+            (self.dev_examples is None or self.dev_examples >= 1, "export.dev_examples",
+             "must be >= 1 or null (all)"),
+        ]
+
+
+@dataclass
 class DistributedConfig:
     """Sharded strategies (``strategy: zero3`` / ``fsdp2``); see ds_configs/README.md."""
 
@@ -302,7 +339,7 @@ DATA_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 SECTIONS = ("model", "data", "pruning", "structured", "cap", "loss", "train",
-            "teacher_training", "checkpoint", "report", "distributed")
+            "teacher_training", "checkpoint", "report", "export", "distributed")
 
 
 @dataclass
@@ -319,6 +356,7 @@ class Config:
     teacher_training: TeacherTrainingConfig = field(default_factory=TeacherTrainingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     # Continue a killed run: ``latest`` (newest checkpoint in checkpoint.dir; a fresh
     # start when there is none) or a checkpoint directory. None: start fresh.
     resume: str | None = None

@@ -10,7 +10,7 @@ would be lost, whereas a functional mask always holds.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import torch
@@ -152,6 +152,28 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
     return n, m
 
 
+def configure_masks(modules: Iterable[MaskedLinear], cfg: PruningConfig) -> bool:
+    """Set every layer's mask mode from the pruning config: top-k or the schedule's
+    threshold (``steered``), one global threshold (``global_scope``), an N:M pattern
+    (``nm``). Returns ``global_scope``. A model whose masks are rebuilt from saved
+    state (an export's skeleton, ``capscale export``) needs it as the run's did."""
+    modules = list(modules)
+    rule = modules[0].rule if modules else None
+    steered = rule is not None and uses_topk(rule, cfg)
+    pattern = getattr(cfg, "pattern", "unstructured")
+    nm = parse_pattern(pattern)
+    global_scope = (cfg.scope == "global" and rule is not None and rule.supports_global
+                    and steered and nm is None)
+    if nm is not None:
+        bad = [m for m in modules if m.in_features % nm[1]]
+        if bad:
+            raise ValueError(f"pruning.pattern {pattern}: a prunable matrix has "
+                             f"{bad[0].in_features} inputs, not a multiple of {nm[1]}")
+    for m in modules:
+        m.global_scope, m.steered, m.nm = global_scope, steered, nm
+    return global_scope
+
+
 def _replace(model: nn.Module, qualified: str, new: nn.Module) -> None:
     parent_name, _, child = qualified.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -249,21 +271,7 @@ class Pruner:
         self.all_reduce = all_reduce
         self.local_importance = local_importance or (lambda m: m.importance())
         self.sparsity = cfg.initial_sparsity
-        steered = self.rule is not None and uses_topk(self.rule, cfg)
-        nm = parse_pattern(getattr(cfg, "pattern", "unstructured"))
-        self.global_scope = (cfg.scope == "global" and self.rule is not None
-                             and self.rule.supports_global and steered
-                             and getattr(cfg, "pattern", "unstructured") == "unstructured")
-        if nm is not None:
-            bad = [k for k, m in modules.items() if m.in_features % nm[1]]
-            if bad:
-                raise ValueError(f"pruning.pattern {cfg.pattern}: {bad[0]} has "
-                                 f"{modules[bad[0]].in_features} inputs, not a multiple of "
-                                 f"{nm[1]}")
-        for m in modules.values():
-            m.global_scope = self.global_scope
-            m.steered = steered
-            m.nm = nm
+        self.global_scope = configure_masks(modules.values(), cfg)
 
     def schedule(self, step: int) -> float:
         """Scheduled target sparsity at ``step`` (the cubic schedule)."""
