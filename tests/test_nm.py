@@ -42,6 +42,12 @@ def test_two_four_cap_run_exports_the_exact_pattern(method, tiny_model_factory, 
     assert kept <= {2, 3, 4} and kept != {2}
     pruner.update(recipe.state.step)
     model = recipe.student.model.eval()
+    # The skeleton a sharded run's export loads into rebuilds the same N:M masks.
+    skeleton = recipe._skeleton()
+    skeleton.load_state_dict(model.state_dict())
+    names = recipe.adapter.qualified_names(model)
+    for key, mask in pruner.masks().items():
+        assert torch.equal(skeleton.get_submodule(names[key]).mask().bool(), mask), key
     inputs = eval_inputs(recipe)
     with torch.no_grad():
         masked = model(**inputs).logits
