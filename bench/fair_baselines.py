@@ -7,7 +7,11 @@ Here each of movement and soft movement (``soft_threshold: target``, so both rea
 sparsity asked), with KD alone and with CAP (PrC + FiC + SnC), first runs a small sweep
 of learning rates at 90% on seed 0 (``sweep``), keeps the rate with the best dev
 accuracy, then runs seeds 0, 1, 2 at 90% and 97% at that rate (``main``; seed 0 at 90%
-is the sweep's run). The table says which rate each cell used.
+is the sweep's run). The table says which rate each cell used. Every run starts its
+scores from the weights' magnitude (``pruning.score_warm_start: magnitude``, scale 0.1;
+``--warm-start 0`` for the reference's zero scores): at this budget movement + KD from
+zero scores ends at the majority class at every rate tried (bench/short_schedule.py has
+the mechanism), and a collapsed baseline would flatter CAP.
 
 Protocol (the fidelity benchmark's ``cpu`` budget, shortened to fit two one-thread
 workers in about two hours): packaged all-MiniLM-L6-v2, its teacher fine-tuned on the
@@ -147,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--work", default=str(ROOT / "bench" / "cache"))
     p.add_argument("--poll-s", type=float, default=30.0)
+    p.add_argument("--warm-start", type=float, default=0.1, metavar="SCALE",
+                   help="pruning.score_warm_start: magnitude at this scale for every run "
+                        "(0: off, the reference's zero scores)")
     args = p.parse_args(argv)
     k, n = (int(x) for x in args.worker.split("/"))
     METHODS[:] = args.methods  # the grid of this call (module-level: tables read it)
@@ -189,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
                          f"{n} worker(s); load average at the start {os.getloadavg()[0]:.2f}",
               "protocol": f"{budget['max_train_samples']} train rows, {budget['max_steps']} "
                           f"steps of batch {budget['batch_size']}, length "
-                          f"{budget['max_length']}, student from the teacher",
+                          f"{budget['max_length']}, student from the teacher, scores "
+                          + (f"warm-started from |W| (scale {args.warm_start:g})"
+                             if args.warm_start > 0 else "from 0"),
               "dense_accuracy": teacher_metrics["accuracy"], "lrs": args.lrs}
 
     def done() -> list[dict[str, Any]]:
@@ -201,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
             f"_lr{r['lr']:g}"), 42 + r["seed"]), {"model": {"teacher": teacher_path}})
         cfg = merge_dicts(cfg, fid.run_config(r["method"], r["sparsity"], r["cap"]))
         cfg = merge_dicts(cfg, {"train": {"lr": r["lr"]}})
+        if args.warm_start > 0:
+            cfg["pruning"].update(score_warm_start="magnitude",
+                                  score_warm_start_scale=args.warm_start)
         if r["method"] == "soft_movement":  # one steered threshold over all matrices
             cfg["pruning"]["scope"] = "global"
         if r["method"] == "soft_movement":

@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default=str(ROOT / "bench" / "cache" / "cpu"))
     p.add_argument("--budget", default="cpu", help="fidelity budget (smoke for a check)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--report", action="store_true", help="only write the table of what is done")
     args = p.parse_args(argv)
     fid = _fidelity()
     import torch
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     json_path = out / f"short_schedule{suffix}.json"
     done = json.loads(json_path.read_text())["runs"] if json_path.is_file() else []
     load_before = os.getloadavg()
-    for part, name, patches in runs(args.long):
+    for part, name, patches in [] if args.report else runs(args.long):
         if any(r["part"] == part and r["name"] == name for r in done):
             continue
         cfg_dict = merge_dicts(fid.base_config(budget, work / "short" / part / name.replace(
@@ -161,7 +162,11 @@ def main(argv: list[str] | None = None) -> int:
         console.log(f"{part} / {name}: accuracy {record['accuracy']:.4f}")
         load_before = os.getloadavg()
     dense = teacher_metrics["accuracy"]
-    lines = [f"Dense teacher accuracy {100 * dense:.2f}.", "",
+    meta = json.loads(json_path.read_text()) if json_path.is_file() else {}
+    lines = [f"# Short schedules ({meta.get('command', '')})", "",
+             f"{meta.get('machine', '')}; dense teacher accuracy {100 * dense:.2f}."
+             + ("" if any(r["part"] == "long" for r in done) else
+                " The long part has no finished run in this file."), "",
              "| part | run | KD loss: last dense step -> max of the next 5 | accuracy | "
              "sparsity | scores tied at the first prune |", "|---|---|---|---|---|---|"]
     for r in done:
