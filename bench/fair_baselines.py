@@ -33,7 +33,6 @@ main runs. Writes ``fair_baselines.md`` next to it.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -53,11 +52,10 @@ SEEDS = [0, 1, 2]
 
 
 def _fidelity() -> Any:
-    spec = importlib.util.spec_from_file_location("bench_fidelity", ROOT / "bench" / "fidelity.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    """bench/fidelity.py (its budgets, teacher and run helpers)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import fidelity
+    return fidelity
 
 
 def key(r: dict[str, Any]) -> tuple:
@@ -169,7 +167,6 @@ def main(argv: list[str] | None = None) -> int:
     from capscale.distributed import init_distributed
     from capscale.finetune import finetune_teacher
     from capscale.models import load_tokenizer
-    from capscale.recipe import prune
     from capscale.tasks import get_task
 
     setup_environment()
@@ -217,13 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg["pruning"]["scope"] = "global"
         if r["method"] == "soft_movement":
             cfg["pruning"].pop("final_lambda", None)  # steered threshold: default lambda
-        t0 = time.perf_counter()
-        res = prune(config_from_dict(cfg), ctx, console, export=False,
-                    teacher_metrics=teacher_metrics)
-        record = {**r, "accuracy": res["pruned_metrics"]["accuracy"],
-                  "linear_sparsity": res["sparsity"]["linear_sparsity"],
-                  "encoder_sparsity": res["sparsity"]["encoder_sparsity"],
-                  "steps": res["steps"], "seconds": time.perf_counter() - t0}
+        record = fid.run_record(r, config_from_dict(cfg), ctx, console, teacher_metrics)
         _save(json_path, header, record)
         console.log(f"{r['phase']} {r['method']} cap={r['cap']} {r['sparsity']} "
                     f"seed {r['seed']} lr {r['lr']:g}: {record['accuracy']:.4f}")

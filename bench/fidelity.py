@@ -110,6 +110,17 @@ def run_config(method: str, sparsity: float, cap: bool, drop: str | None = None
     return {"pruning": pruning, "cap": {"modules": modules}}
 
 
+def run_record(r: dict[str, Any], cfg: Any, ctx: Any, console: Console,
+               teacher_metrics: dict[str, float]) -> dict[str, Any]:
+    """Prune with ``cfg`` (no export); ``r`` plus the run's accuracy, sparsity and time."""
+    t0 = time.perf_counter()
+    res = prune(cfg, ctx, console, export=False, teacher_metrics=teacher_metrics)
+    return {**r, "accuracy": res["pruned_metrics"]["accuracy"],
+            "encoder_sparsity": res["sparsity"]["encoder_sparsity"],
+            "linear_sparsity": res["sparsity"]["linear_sparsity"],
+            "steps": res["steps"], "seconds": time.perf_counter() - t0}
+
+
 def plan(sparsities: list[float], seeds: list[int], ablation: bool) -> list[dict[str, Any]]:
     """Every run, most informative first: seed by seed, movement (with and without CAP)
     before the other methods, the highest sparsity first, the ablation after the
@@ -365,12 +376,7 @@ def main(argv: list[str] | None = None) -> int:
             merge_dicts(base_config(budget, work / run_dir(r), 42 + r["seed"]),
                   {"model": {"teacher": teacher_path}}),
             merge_dicts(run_config(r["method"], r["sparsity"], r["cap"], r["drop"]), sets)))
-        t0 = time.perf_counter()
-        res = prune(cfg, ctx, console, export=False, teacher_metrics=teacher_metrics)
-        record = {**r, "accuracy": res["pruned_metrics"]["accuracy"],
-                  "encoder_sparsity": res["sparsity"]["encoder_sparsity"],
-                  "linear_sparsity": res["sparsity"]["linear_sparsity"],
-                  "steps": res["steps"], "seconds": time.perf_counter() - t0}
+        record = run_record(r, cfg, ctx, console, teacher_metrics)
         save_run(json_path, header, record)
         console.log(f"{name}: accuracy {record['accuracy']:.4f}, encoder sparsity "
                     f"{record['encoder_sparsity']:.4f}, {record['seconds']:.0f} s")

@@ -28,7 +28,6 @@ Writes ``bench/results/short_schedule.json`` (resumable: finished runs are kept)
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -42,11 +41,10 @@ sys.path.insert(0, str(ROOT))
 
 
 def _fidelity() -> Any:
-    spec = importlib.util.spec_from_file_location("bench_fidelity", ROOT / "bench" / "fidelity.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    """bench/fidelity.py (its budgets, teacher and run helpers)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import fidelity
+    return fidelity
 
 
 KD_ONLY = {"cap": {"modules": {m: {"enabled": False} for m in ("prc", "fic", "snc")}}}
