@@ -229,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         for i, r in enumerate(main_runs(done())):
             if i % n == k and not any(key(d) == key(r) for d in done()):
                 execute(r)
+    if args.report and json_path.is_file():  # the header of the runs, not of this call
+        header = {k: v for k, v in json.loads(json_path.read_text()).items() if k != "runs"}
     _save(json_path, header, None)
     md = markdown(done(), header)
     (out / f"fair_baselines{suffix}.md").write_text(md)
