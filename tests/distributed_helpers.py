@@ -247,3 +247,23 @@ def family_worker(rank: int, world: int, port: int, strategy: str,
         torch.save(records, Path(out_dir) / "records.pt")
     dist.barrier()
     dist.destroy_process_group()
+
+
+def assert_losses_and_grads_match(one: dict[str, Any], two: dict[str, Any],
+                                  required: set[str]) -> None:
+    """``two`` (2 ranks) gives ``one``'s (one process) loss terms and full gradients.
+
+    Losses to rel 1e-5 and abs 1e-7 (a KL between almost equal float32 distributions is
+    a difference of logs, exact only to ~1e-7 absolute); gradients to atol 1e-5 and
+    rtol 1e-4 (reduction order differs between an all-reduce and one process' sums).
+    """
+    import pytest
+
+    assert set(two["losses"]) == set(one["losses"]) >= required
+    for name, value in one["losses"].items():
+        assert two["losses"][name] == pytest.approx(value, rel=1e-5, abs=1e-7), name
+    assert set(two["grads"]) == set(one["grads"])
+    assert any(n.endswith("mask_scores") for n in one["grads"])
+    for name, grad in one["grads"].items():
+        torch.testing.assert_close(two["grads"][name], grad, atol=1e-5, rtol=1e-4,
+                                   msg=lambda m, n=name: f"{n}: {m}")

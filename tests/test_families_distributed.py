@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 from distributed_helpers import (
     FAMILY_OVERRIDES,
     GLOBAL_BATCH,
+    assert_losses_and_grads_match,
     build_run,
     family_worker,
     free_port,
@@ -61,15 +62,7 @@ def test_family_two_ranks_match_one_process(family, strategy, assets, single,
                                             tmp_path_factory):
     one = single[family]
     two = two_ranks(strategy, assets, tmp_path_factory)[family]
-    assert set(two["losses"]) == set(one["losses"]) >= {"ce", "kd", "prc_unsup", "fic_sup",
-                                                        "snc_unsup"}
-    for name, value in one["losses"].items():
-        assert two["losses"][name] == pytest.approx(value, rel=1e-5, abs=1e-7), name
-    assert set(two["grads"]) == set(one["grads"])
-    assert any(n.endswith("mask_scores") for n in one["grads"])
-    for name, grad in one["grads"].items():
-        torch.testing.assert_close(two["grads"][name], grad, atol=1e-5, rtol=1e-4,
-                                   msg=lambda m, n=name: f"{n}: {m}")
+    assert_losses_and_grads_match(one, two, {"ce", "kd", "prc_unsup", "fic_sup", "snc_unsup"})
     for key, mask in one["masks"].items():
         assert 0 < int((~mask).sum()) < mask.numel(), key
         assert torch.equal(two["masks"][key], mask), key

@@ -138,20 +138,6 @@ class MaskedLinear(nn.Linear):
         return f"{super().extra_repr()}, method={self.method}"
 
 
-def parse_pattern(pattern: str) -> tuple[int, int] | None:
-    """``"unstructured"`` -> None; ``"N:M"`` -> (N, M) with 0 < N < M."""
-    if pattern == "unstructured":
-        return None
-    try:
-        n, m = (int(x) for x in pattern.split(":"))
-    except ValueError:
-        raise ValueError(f"pruning.pattern {pattern!r}: expected 'unstructured' or 'N:M' "
-                         "such as '2:4'") from None
-    if not 0 < n < m:
-        raise ValueError(f"pruning.pattern {pattern!r}: need 0 < N < M")
-    return n, m
-
-
 def configure_masks(modules: Iterable[MaskedLinear], cfg: PruningConfig) -> bool:
     """Set every layer's mask mode from the pruning config: top-k or the schedule's
     threshold (``steered``), one global threshold (``global_scope``), an N:M pattern
@@ -160,8 +146,8 @@ def configure_masks(modules: Iterable[MaskedLinear], cfg: PruningConfig) -> bool
     modules = list(modules)
     rule = modules[0].rule if modules else None
     steered = rule is not None and uses_topk(rule, cfg)
-    pattern = getattr(cfg, "pattern", "unstructured")
-    nm = parse_pattern(pattern)
+    pattern = cfg.pattern
+    nm = cfg.nm()  # (N, M) or None; the config checked the spelling
     global_scope = (cfg.scope == "global" and rule is not None and rule.supports_global
                     and steered and nm is None)
     if nm is not None:
