@@ -225,7 +225,7 @@ def report_cmd(args: argparse.Namespace) -> int:
         print(f"capscale: {args.output_dir} has no results.json: is it a finished run's "
               "output_dir?", file=sys.stderr)
         return 2
-    print(write_report(args.output_dir, args.speed_batches))
+    print(write_report(args.output_dir, args.speed_batches, args.frontier))
     return 0
 
 
@@ -256,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         p = _parser("report", report_cmd.__doc__ or "", config=False)
         p.add_argument("output_dir")
         p.add_argument("--speed-batches", type=int, default=5)
+        p.add_argument("--frontier", help="a bench/frontier.py results file: time at its "
+                       "shape and plot this run among its points")
         return report_cmd(p.parse_args(argv))
     if sub == "inspect":
         p = _parser("inspect", inspect_cmd.__doc__ or "", config=False)

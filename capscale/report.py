@@ -4,7 +4,8 @@
 ``evals.json``, ``results.json``, ``pruned/sparsity_report.json``, ``pruned/model``) and
 writes ``report/report.md``, ``report/report.html`` and their plots: the sparsity
 schedule, every loss component over steps, per-layer sparsity by matrix type, accuracy
-against sparsity, and the export's size and speed. ``capscale report DIR`` re-runs it.
+against sparsity, the export's size and speed, and where the model sits on the
+accuracy / speed frontier (capscale.placement). ``capscale report DIR`` re-runs it.
 
 :class:`Trackers` forwards every step's record to accelerate's trackers (TensorBoard by
 default); a tracker whose package is missing is skipped with a logged note.
@@ -203,8 +204,12 @@ def _results_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
-def write_report(output_dir: str | Path, speed_batches: int = 5) -> Path:
+def write_report(output_dir: str | Path, speed_batches: int = 5,
+                 frontier: str | Path | None = None) -> Path:
     """Write ``<output_dir>/report/report.{md,html}`` and their PNG plots.
+
+    ``frontier``: a bench/frontier.py results file; the report then times the export and
+    the dense model at its shape (batch 32 x 128) and plots the run among its points.
 
     Returns:
         the markdown file.
@@ -236,6 +241,13 @@ def write_report(output_dir: str | Path, speed_batches: int = 5) -> Path:
         sections.append(("Export", export_figures(out / "pruned" / "model", sparsity,
                                                   speed_batches, trust_remote_code=trust),
                          None))
+        if results:
+            from .placement import placement
+            rows, image = placement(out, results, out / "pruned" / "model", speed_batches,
+                                    *((32, 128) if frontier else (8, 64)),
+                                    frontier=Path(frontier) if frontier else None,
+                                    plot_path=dest / "frontier.png")
+            sections.append(("Where this model sits", rows, image))
     md = dest / "report.md"
     md.write_text(_markdown(out.name, sections))
     (dest / "report.html").write_text(_html(out.name, sections))

@@ -40,6 +40,9 @@ def build_results(recipe: CAPRecipe, sparsity: dict[str, Any]) -> dict[str, Any]
     curve = getattr(recipe.controller, "curve", None)
     if curve is not None:  # the accuracy-vs-sparsity curve, one point per milestone
         results["curve"] = curve()
+    latency = getattr(recipe.controller, "latency", None)
+    if latency is not None and latency.enabled:  # pruning.target_latency_ms
+        results["latency"] = latency.summary()
     return results
 
 

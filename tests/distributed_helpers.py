@@ -154,6 +154,9 @@ def train_and_record(run: Any, ctx: Any) -> dict[str, Any]:
         out["export_masks_equal"] = all(torch.equal(
             plain.get_submodule(names[k]).mask().bool().cpu(), v) for k, v in live.items())
     out["sparsity"] = run.controller.report()["linear_sparsity"]
+    if hasattr(run.controller, "pruners"):  # hybrid: heads and FFN neurons apart
+        out["unit_keep"] = run.controller.keep()
+        out["ffn_thresholds"] = [run.controller.pruners[1].global_threshold(k) for k in keeps]
     return out
 
 
@@ -177,6 +180,9 @@ def worker(rank: int, world: int, port: int, strategy: str, assets: dict[str, st
     ctx = init_distributed(strategy)
     run = build_run(assets, ctx, GLOBAL_BATCH // world)
     record = {**train_and_record(run, ctx), **teacher_record(run), "strategy": ctx.strategy}
+    del run
+    record["hybrid"] = train_and_record(
+        build_run(assets, ctx, GLOBAL_BATCH // world, **HYBRID_OVERRIDES), ctx)
     if rank == 0:
         torch.save(record, Path(out_dir) / "record.pt")
     if smoke:
@@ -226,6 +232,8 @@ def make_family_assets(root: Path, family: str) -> dict[str, str]:
     return paths
 
 
+# Movement scores on whole heads and neurons, seeded by their norms (no ties: exact masks).
+HYBRID_OVERRIDES = {"pruning.method": "hybrid", "pruning.score_warm_start": "magnitude"}
 FAMILY_OVERRIDES = {"pruning.scope": "local"}  # per logical matrix top-k (fused maps split)
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.multiprocessing as mp
 from distributed_helpers import (
     GLOBAL_BATCH,
+    HYBRID_OVERRIDES,
     assert_losses_and_grads_match,
     build_run,
     free_port,
@@ -39,9 +40,11 @@ def assets(tmp_path_factory):
 def single(assets):
     torch.set_num_threads(1)
     run = build_run(assets, DistContext(), GLOBAL_BATCH)
+    hybrid = build_run(assets, DistContext(), GLOBAL_BATCH, **HYBRID_OVERRIDES)
     return {**train_and_record(run, run.ctx), **teacher_record(run),
             "teacher_full_bytes": sum(p.numel() * p.element_size()
-                                      for p in run.teacher.parameters())}
+                                      for p in run.teacher.parameters()),
+            "hybrid": train_and_record(hybrid, hybrid.ctx)}
 
 
 _JOBS: dict[str, dict] = {}
@@ -92,6 +95,25 @@ def test_global_threshold_on_sharded_scores(strategy, assets, single, tmp_path_f
     assert single["thresholds"] == single["thresholds_full"]
     # And the sharded run's scores track the single-process run's.
     assert dist_rec["thresholds"] == pytest.approx(single["thresholds"], rel=1e-4)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "zero3", "fsdp2"])
+def test_hybrid_units_follow_shards(strategy, assets, single, tmp_path_factory):
+    """Hybrid pruning (scores per head and per FFN neuron, inside the sharded student):
+    every loss term and gradient, the head and neuron masks, the two global thresholds
+    (from this rank's shard of the scores) and the export copy's masks equal one
+    process'."""
+    one, two = single["hybrid"], two_ranks(strategy, assets, tmp_path_factory)["hybrid"]
+    assert_losses_and_grads_match(one, two, {"ce", "kd", "prc_unsup", "fic_unsup",
+                                             "snc_unsup"})
+    for kind, (a, b) in enumerate(zip(one["unit_keep"], two["unit_keep"])):
+        assert any(int((~m).sum()) for m in a), kind  # really pruned
+        assert all(torch.equal(x, y) for x, y in zip(a, b)), kind
+    assert two["thresholds"] == two["thresholds_full"]
+    assert two["ffn_thresholds"] == pytest.approx(one["ffn_thresholds"], rel=1e-4)
+    assert two["thresholds"] == pytest.approx(one["thresholds"], rel=1e-4)
+    assert two["export_masks_equal"] and one["export_masks_equal"]
+    assert two["sparsity"] == pytest.approx(one["sparsity"])
 
 
 @pytest.mark.parametrize("strategy", ["zero3", "fsdp2"])

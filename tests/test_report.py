@@ -82,3 +82,22 @@ def test_loss_plot_includes_components_that_start_mid_run():
                {"step": 2, "ce": 0.4, "prc_unsup": 0.3, "snc_unsup": 0.2, "loss": 0.9,
                 "sparsity": 0.1}]
     assert loss_names(history) == ["ce", "prc_unsup", "snc_unsup", "loss"]
+
+
+def test_report_places_the_run_on_a_frontier(run_dir, tmp_path):
+    """With a frontier file the report times the export against the dense model it came
+    from (same process, same shape) and plots the run among the frontier's points."""
+    frontier = tmp_path / "frontier.json"
+    frontier.write_text(json.dumps({"points": [
+        {"name": "dense", "runtime": "torch fp32", "relative_accuracy": 1.0,
+         "speedup_b32": 1.0},
+        {"name": "hybrid 50%", "runtime": "onnxruntime int8", "relative_accuracy": 0.97,
+         "speedup_b32": 3.5}]}))
+    md = write_report(run_dir, speed_batches=1, frontier=frontier).read_text()
+    results = json.loads((run_dir / "results.json").read_text())
+    rel = results["pruned_metrics"]["accuracy"] / results["teacher_metrics"]["accuracy"]
+    assert "## Where this model sits" in md
+    assert f"| accuracy, % of the dense teacher | {100 * rel:.1f}% |" in md
+    assert "speed-up over the dense model (PyTorch fp32, batch 32 x " in md
+    assert "(frontier.png)" in md
+    assert (run_dir / "report" / "frontier.png").read_bytes()[:8] == PNG_SIGNATURE

@@ -24,7 +24,8 @@ class PruningConfig:
     # M consecutive input weights of a row kept, the layout GPU sparse tensor cores run;
     # ``final_sparsity`` must then be 1 - N / M.
     pattern: str = "unstructured"
-    # Fraction of prunable encoder weights removed at the end of the schedule.
+    # Fraction of prunable encoder weights removed at the end of the schedule (structured
+    # cubic and hybrid: the fraction of heads and of FFN neurons).
     final_sparsity: float = 0.9
     initial_sparsity: float = 0.0
     # ``local``: top-k per matrix (reference); ``global``: one threshold over all matrices.
@@ -55,6 +56,17 @@ class PruningConfig:
     # strategy. Off (the reference): a pruned weight keeps its value and its score a
     # gradient (dL/dW' * W), so it can regrow; the forward output is the same either way.
     zero_pruned_weights: bool = False
+    # Latency target (structured, hybrid): measure the model the run would export (hybrid:
+    # every ``latency_every`` steps while pruning; structured: after each update), at
+    # batch ``latency_batch_size`` x ``latency_seq_length`` tokens on the run's device,
+    # and stop pruning at the first sparsity whose latency (ms, median of
+    # ``latency_repeats`` forwards) is at most the target; ``final_sparsity`` is then the
+    # most it may prune (see capscale.pruning.latency).
+    target_latency_ms: float | None = None
+    latency_batch_size: int = 32
+    latency_seq_length: int = 128
+    latency_repeats: int = 3
+    latency_every: int = 50
 
     def nm(self) -> tuple[int, int] | None:
         """(N, M) of an N:M pattern, None when unstructured (ValueError if malformed)."""
@@ -96,6 +108,12 @@ class PruningConfig:
             (self.score_warm_start_scale > 0, "pruning.score_warm_start_scale", "must be > 0"),
             (0 < self.final_threshold < 1, "pruning.final_threshold", "must be in (0, 1)"),
             (0 <= self.min_keep <= 1, "pruning.min_keep", "must be in [0, 1]"),
+            (self.target_latency_ms is None or self.target_latency_ms > 0,
+             "pruning.target_latency_ms", "must be > 0 or null"),
+            (min(self.latency_batch_size, self.latency_seq_length, self.latency_repeats,
+                 self.latency_every) >= 1, "pruning.latency_batch_size",
+             "latency_batch_size, latency_seq_length, latency_repeats and latency_every "
+             "must be >= 1"),
         ]
 
 

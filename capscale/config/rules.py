@@ -64,6 +64,10 @@ def cross_section_rules(cfg: Config) -> list[str]:
         out.append(f"export.formats sparse: pruning.method={cfg.pruning.method} exports a "
                    "physically smaller dense model, with no zeros to store sparsely; drop "
                    "sparse (onnx / int8 apply)")
+    if cfg.pruning.target_latency_ms is not None and not method.physical_export:
+        out.append(f"pruning.target_latency_ms: pruning.method={cfg.pruning.method} exports "
+                   "a dense model that runs at dense speed; a latency target needs a "
+                   "physically smaller method (structured or hybrid)")
     objective = OBJECTIVES[cfg.cap.mode]
     refusal = method.refuses(objective.name)
     if refusal:

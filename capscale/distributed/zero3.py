@@ -202,7 +202,7 @@ class ZeRO3Strategy(Strategy):
 
     def local_importance(self, m: MaskedLinear) -> Tensor:
         p = m.mask_scores if m.mask_scores is not None else m.weight
-        numel = m.in_features * m.out_features
+        numel = m.num_scores
         start, size = self._partition(numel)
         valid = max(0, min(size, numel - start))  # drop the zero padding of the last rank
         local = p.ds_tensor.detach().reshape(-1)[:valid]

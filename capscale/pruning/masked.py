@@ -90,6 +90,11 @@ class MaskedLinear(nn.Linear):
             new.mask_scores.data = new.mask_scores.data.to(linear.weight.device)
         return new
 
+    @property
+    def num_scores(self) -> int:
+        """Entries the mask ranks (one per weight; fewer in subclasses scoring blocks)."""
+        return self.in_features * self.out_features
+
     def importance(self) -> Tensor:
         """What the mask ranks (learned scores, or ``|W|`` for magnitude pruning)."""
         return self.rule.importance(self)
@@ -160,7 +165,7 @@ def configure_masks(modules: Iterable[MaskedLinear], cfg: PruningConfig) -> bool
     return global_scope
 
 
-def _replace(model: nn.Module, qualified: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, qualified: str, new: nn.Module) -> None:
     parent_name, _, child = qualified.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
@@ -179,7 +184,7 @@ def attach_masks(model: nn.Module, adapter: EncoderAdapter, method: str | Weight
             lin, method, score_init, min_keep)
         groups = adapter.row_groups(key.split(".", 1)[1], new.out_features, num_heads)
         new.row_groups = list(groups.values()) if groups else None
-        _replace(model, qname, new)
+        replace_module(model, qname, new)
         out[key] = new
     return out
 
@@ -195,7 +200,7 @@ def bake_masks(model: nn.Module) -> dict[str, Tensor]:
         if isinstance(mod, MaskedLinear):
             with torch.no_grad():
                 masks[name] = mod.mask().detach().bool().cpu()
-            _replace(model, name, mod.to_linear())
+            replace_module(model, name, mod.to_linear())
     return masks
 
 
@@ -257,6 +262,8 @@ class Pruner:
         self.all_reduce = all_reduce
         self.local_importance = local_importance or (lambda m: m.importance())
         self.sparsity = cfg.initial_sparsity
+        # A cap on the schedule (a latency target met at this sparsity), or None.
+        self.ceiling: float | None = None
         self.global_scope = configure_masks(modules.values(), cfg)
 
     def schedule(self, step: int) -> float:
@@ -266,8 +273,11 @@ class Pruner:
 
     @torch.no_grad()
     def update(self, step: int) -> float:
-        """Move every mask to the schedule's target for ``step``; return the target."""
+        """Move every mask to the schedule's target for ``step`` (at most ``ceiling``);
+        return the target."""
         target = self.schedule(step)
+        if self.ceiling is not None:
+            target = min(target, self.ceiling)
         self.sparsity = target
         if self.rule is not None:
             self.rule.set_target(self, target)
@@ -287,7 +297,7 @@ class Pruner:
 
     def global_threshold(self, keep_frac: float) -> float:
         """Threshold keeping ``keep_frac`` of all prunable weights (exact, shard-safe)."""
-        numel = sum(m.in_features * m.out_features for m in self.modules.values())
+        numel = sum(m.num_scores for m in self.modules.values())
         k = round(keep_frac * numel)
         if k <= 0:
             return float("inf")
@@ -301,7 +311,7 @@ class Pruner:
         ``keep_frac`` of all weights are kept (up to one entry per matrix and rank)."""
         if not math.isfinite(threshold):
             return 1.0
-        numel = sum(m.in_features * m.out_features for m in self.modules.values())
+        numel = sum(m.num_scores for m in self.modules.values())
         local = [self.local_importance(m).detach() for m in self.modules.values()]
         counts = torch.tensor([float(sum(int((t > threshold).sum()) for t in local)),
                                float(sum(int((t == threshold).sum()) for t in local))],

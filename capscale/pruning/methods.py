@@ -10,6 +10,8 @@ sparsity and exports. Built-in entries:
 * ``movement`` / ``soft_movement`` / ``magnitude``: unstructured weight masks through a
   :mod:`~capscale.pruning.rules` rule and the cubic schedule (:class:`WeightPruning`);
 * ``structured``: heads and FFN neurons, CAP-f (:mod:`capscale.pruning.structured_run`);
+* ``hybrid``: movement scores on whole heads and FFN neurons, exported physically
+  smaller (:mod:`capscale.pruning.hybrid`);
 * ``none``: no pruning (distillation and contrastive terms only).
 
 A new unstructured method is one rule and one entry::
@@ -284,6 +286,23 @@ class StructuredPruning:
         return StructuredController(run)
 
 
+class HybridPruning:
+    """``hybrid``: movement scores on whole heads and FFN neurons, exported physically
+    smaller (capscale.pruning.hybrid)."""
+
+    name = "hybrid"
+    learns_scores = True
+    physical_export = True
+    evaluates_itself = False
+
+    def refuses(self, objective: str) -> str | None:
+        return None
+
+    def controller(self, run: PruningRun) -> PruningController:
+        from .hybrid import HybridController
+        return HybridController(run)
+
+
 PRUNING_METHODS: dict[str, Any] = {}
 
 
@@ -301,5 +320,6 @@ def register_pruning_method(method: PruningMethod, overwrite: bool = False) -> P
 for _name in ("movement", "soft_movement", "magnitude"):
     register_pruning_method(WeightPruning(WEIGHT_RULES[_name]))
 register_pruning_method(StructuredPruning())
+register_pruning_method(HybridPruning())
 register_pruning_method(NoPruning())
 

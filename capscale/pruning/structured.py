@@ -258,7 +258,8 @@ def structured_param_counts(model: nn.Module, adapter: EncoderAdapter,
                                                          + (ffn_in.bias is not None))
         pruned += int((~f).sum()) * (per_neuron + lins["ffn_out"].out_features)
     encoder = sum(int(getattr(p, "ds_numel", p.numel()))
-                  for p in adapter.layer_modules(model).parameters())
+                  for n, p in adapter.layer_modules(model).named_parameters()
+                  if not n.endswith("mask_scores"))  # learned scores are not weights
     return {"pruned_parameters": pruned, "encoder_parameters": encoder,
             "encoder_sparsity": pruned / max(encoder, 1),
             "layer_applications": adapter.applications(model)}

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ..loop import LoopHook, set_epoch
+from .latency import LatencyTarget
 from .schedule import cubic_sparsity, warmup_steps
 from .structured import (
     Importance,
@@ -66,6 +67,7 @@ class StructuredController(LoopHook):
         self._masks: StructuredMasks | None = None
         self.level = 0.0  # fraction of heads and of FFN neurons currently pruned
         self.pending: list[float] = []  # milestones still to evaluate and snapshot
+        self.latency = LatencyTarget(run)  # pruning.target_latency_ms
 
     # -- the controller protocol -----------------------------------------------------
     def attach(self, model: nn.Module) -> None:
@@ -130,8 +132,10 @@ class StructuredController(LoopHook):
                 index = step // per
                 if index > 0:
                     self._milestone(self.scfg.levels[index - 1])
-                with self.run.phases("mask_update"):
-                    self.prune_to(self.scfg.levels[index])
+                if not self.latency.frozen:  # a met latency target stops pruning
+                    with self.run.phases("mask_update"):
+                        self.prune_to(self.scfg.levels[index])
+                    self._check_latency()
                 self.run.fresh_optimizer(step, per)
             return
         if step % self.scfg.update_every:
@@ -141,22 +145,40 @@ class StructuredController(LoopHook):
         target = cubic_sparsity(step, total, p.initial_sparsity, p.final_sparsity,
                                 warmup_steps(p.initial_warmup, total),
                                 warmup_steps(p.final_warmup, total))
-        if target > self.level + EPS:
+        if target > self.level + EPS and not self.latency.frozen:
             self._flush(target)
             with self.run.phases("mask_update"):
                 self.prune_to(target)
+            self._check_latency()
+
+    def _check_latency(self) -> None:
+        """With a latency target: measure the export at the current masks (pruning
+        stops for good once it is met)."""
+        if self.latency.enabled:
+            self.latency.check(self.level, lambda copy: self.masks.keep())
 
     def on_end(self) -> None:
         if self.scfg.schedule == "iterative":
             if self.pending:
                 self._milestone(self.pending[-1])
+            self._latency_verdict()
             return
         final = self.run.cfg.pruning.final_sparsity
-        if self.level < final - EPS:  # the last update may fall between steps
+        if self.level < final - EPS and not self.latency.frozen:  # last update between steps
             self.prune_to(final)
+            self._check_latency()
+        self._latency_verdict()
         self._flush(math.inf)
         if not self.run.state.evals:
             self._milestone(self.level)
+
+    def _latency_verdict(self) -> None:
+        if self.latency.enabled and not self.latency.frozen:
+            last = self.latency.measured[-1]["ms"] if self.latency.measured else float("nan")
+            self.run.console.log(
+                f"[yellow]latency target {self.latency.target_ms:g} ms not met at the "
+                f"final sparsity {self.level:.0%} ({last:.1f} ms); raise "
+                "pruning.final_sparsity (structured.levels) or the target[/]")
 
     def _flush(self, upto: float) -> None:
         while self.pending and self.level >= self.pending[0] - EPS \
@@ -264,9 +286,11 @@ class StructuredController(LoopHook):
     def state_dict(self) -> dict[str, Any]:
         heads, ffn = self.masks.keep()
         return {"level": self.level, "pending": self.pending,
-                "heads": [h.tolist() for h in heads], "ffn": [f.tolist() for f in ffn]}
+                "heads": [h.tolist() for h in heads], "ffn": [f.tolist() for f in ffn],
+                "latency": self.latency.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.level, self.pending = state["level"], list(state["pending"])
+        self.latency.load_state_dict(state.get("latency", {}))
         self.masks.set([torch.tensor(h) for h in state["heads"]],
                        [torch.tensor(f) for f in state["ffn"]])

@@ -1,0 +1,270 @@
+"""Hybrid pruning: movement scores learned on whole heads and FFN neurons.
+
+Block movement pruning (Lagunas et al., "Block Pruning For Faster Transformers", EMNLP
+2021) learns one movement score per block of weights instead of one per weight, so
+that what it prunes can be cut out of the model. capscale's ``hybrid`` method learns
+a score per attention head and per FFN neuron (blocks the size of a head: the head's
+``d`` input columns of ``attn_out`` and, through them, its Q / K / V rows; an FFN
+neuron's ``ffn_out`` column and, through it, its ``ffn_in`` row), trained with the
+weights by the same straight-through top-k as movement pruning and moved along the
+same cubic schedule. The export is CAP-f's: a dense, physically smaller model with the
+pruned heads and neurons sliced away (a layer left with none keeps one zeroed unit).
+
+How the mask reaches the scores: ``attn_out`` (and ``ffn_out``) become
+:class:`UnitMaskedLinear`, which computes ``y = W (m * x) + b`` with ``m`` the unit mask
+repeated over each unit's columns. For a head ``h`` with columns ``C_h``::
+
+    dL/dS_h = dL/dm_h = sum_{c in C_h} sum_i W_ic * dL/dW'_ic
+
+the sum of the weight-level movement scores (``dL/dW' * W``) over the block, which is
+block movement's score gradient. A pruned head's context is multiplied by 0, so its Q,
+K, V rows and the columns stop learning, as if removed; the score keeps its gradient
+and the head can come back while the schedule runs.
+
+Sparsity is the fraction of heads and of FFN neurons pruned (the same for both, as in
+CAP-f, so the two are compared at the same level). ``pruning.scope: local`` keeps the
+top ``1 - s_t`` heads and neurons of every layer; ``global`` ranks heads across layers
+and neurons across layers (two thresholds: a head's score sums many more columns than a
+neuron's, so the two are never ranked together), which removes more from layers that
+need less.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from .latency import LatencyTarget
+from .masked import MaskedLinear, Pruner, replace_module
+from .methods import WeightMaskController
+from .rules import WEIGHT_RULES
+from .structured import structured_param_counts
+
+if TYPE_CHECKING:
+    from ..adapters import EncoderAdapter
+    from .methods import PruningRun
+
+UNIT_ROLES = ("attn_out", "ffn_out")
+
+
+class UnitMaskedLinear(MaskedLinear):
+    """``y = W (m * x) + b``: a linear map whose input columns come in units (heads of
+    ``unit_size`` columns, or single FFN neurons), with one learned score per unit.
+
+    It is a :class:`MaskedLinear` whose ``mask_scores`` has one entry per unit, so the
+    :class:`~capscale.pruning.masked.Pruner` (top-k per layer, or one exact global
+    threshold over sharded scores) and the checkpoint / export machinery drive it
+    unchanged; :meth:`mask` is the (units,) keep mask.
+    """
+
+    unit_size: int = 1
+
+    @classmethod
+    def wrap(cls, linear: nn.Linear, unit_size: int, score_init: float = 0.0
+             ) -> UnitMaskedLinear:
+        """Wrap ``linear`` (same Parameters) with ``in_features / unit_size`` scores."""
+        if linear.in_features % unit_size:
+            raise ValueError(f"{linear.in_features} input columns do not split into units "
+                             f"of {unit_size}")
+        new = cls.from_linear(linear, WEIGHT_RULES["movement"], score_init, 0.0)
+        new.unit_size = unit_size
+        new.mask_scores = nn.Parameter(torch.full(
+            (linear.in_features // unit_size,), float(score_init),
+            device=new.mask_scores.device))
+        return new
+
+    @property
+    def num_scores(self) -> int:
+        return self.in_features // self.unit_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        m = self.mask().to(x.dtype)
+        if self.unit_size > 1:
+            m = m.repeat_interleave(self.unit_size)
+        return F.linear(x * m, self.weight, self.bias)
+
+    def to_linear(self) -> nn.Linear:
+        """A plain nn.Linear with the pruned units' columns zeroed (same outputs)."""
+        with torch.no_grad():
+            cols = self.mask().to(self.weight.dtype).repeat_interleave(self.unit_size)
+            lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                            device=self.weight.device, dtype=self.weight.dtype)
+            lin.weight.copy_(self.weight * cols)
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin
+
+    def extra_repr(self) -> str:
+        return f"{nn.Linear.extra_repr(self)}, units={self.num_scores}x{self.unit_size}"
+
+
+def attach_unit_masks(model: nn.Module, adapter: EncoderAdapter, score_init: float = 0.0
+                      ) -> dict[str, UnitMaskedLinear]:
+    """Swap every layer's ``attn_out`` and ``ffn_out`` for a :class:`UnitMaskedLinear`;
+    return them by ``layer.role``."""
+    head_size = adapter.head_size(model.config)
+    out: dict[str, UnitMaskedLinear] = {}
+    for key, qname in adapter.qualified_names(model).items():
+        role = key.split(".", 1)[1]
+        if role not in UNIT_ROLES:
+            continue
+        lin = model.get_submodule(qname)
+        if not isinstance(lin, UnitMaskedLinear):
+            lin = UnitMaskedLinear.wrap(lin, head_size if role == "attn_out" else 1,
+                                        score_init)
+            replace_module(model, qname, lin)
+        out[key] = lin
+    return out
+
+
+def unit_keep(modules: dict[str, UnitMaskedLinear], layers: int
+              ) -> tuple[list[Tensor], list[Tensor]]:
+    """(heads per layer, neurons per layer) bool keep masks, on CPU."""
+    with torch.no_grad():
+        heads = [modules[f"{i}.attn_out"].mask().detach().bool().cpu() for i in range(layers)]
+        ffn = [modules[f"{i}.ffn_out"].mask().detach().bool().cpu() for i in range(layers)]
+    return heads, ffn
+
+
+def unmask(model: nn.Module) -> None:
+    """Replace every UnitMaskedLinear by a plain nn.Linear (pruned columns zeroed)."""
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, UnitMaskedLinear):
+            replace_module(model, name, mod.to_linear())
+
+
+@torch.no_grad()
+def warm_start_units(modules: dict[str, UnitMaskedLinear], scale: float) -> None:
+    """Scores from the L2 norm of each unit's columns, ``scale * n / mean(n)`` per
+    matrix (``pruning.score_warm_start: magnitude``)."""
+    for m in modules.values():
+        w = m.weight.detach().float()
+        norms = w.pow(2).sum(0).reshape(m.num_scores, m.unit_size).sum(1).sqrt()
+        m.mask_scores.copy_(scale * norms / norms.mean().clamp_min(1e-12))
+
+
+class HybridController(WeightMaskController):
+    """``hybrid``: unit masks moved along the cubic schedule, a physical export."""
+
+    def __init__(self, run: PruningRun) -> None:
+        super().__init__(WEIGHT_RULES["movement"], run)
+        self.pruners: list[Pruner] = []
+
+    def attach(self, model: nn.Module) -> dict[str, MaskedLinear]:
+        return attach_unit_masks(model, self.run.adapter, self.run.cfg.pruning.score_init)
+
+    def setup(self, model: nn.Module) -> None:
+        run, p = self.run, self.run.cfg.pruning
+        modules = self.attach(model)
+        if p.score_warm_start == "magnitude":
+            warm_start_units(modules, p.score_warm_start_scale)
+        sharded = run.ctx.distributed and run.strategy.shards_parameters
+        reduce = run.ctx.all_reduce_sum if sharded else None
+        # Heads and neurons are thresholded apart (their scores differ in scale).
+        self.pruners = [Pruner({k: m for k, m in modules.items() if k.endswith(role)}, p,
+                               run.total_steps, all_reduce=reduce,
+                               local_importance=run.strategy.local_importance)
+                        for role in UNIT_ROLES]
+        self.pruner = self.pruners[0]
+        if p.final_sparsity > p.initial_sparsity and self.pruner.t_i >= run.total_steps:
+            raise ConfigError(f"pruning.initial_warmup = {p.initial_warmup:g}: "
+                              f"{self.pruner.t_i} steps at the initial sparsity, but the run "
+                              f"has {run.total_steps} steps, so it would never prune")
+        run.strategy.bind_masks(modules.values(), False)  # mask caches; nothing to zero
+        self.modules = modules
+        self.latency = LatencyTarget(run, prepare=unmask)
+
+    def score_parameters(self) -> list[nn.Parameter]:
+        return [s for pr in self.pruners for s in pr.score_parameters()]
+
+    def before_step(self, step: int) -> None:
+        if self.latency.due(step, self.pruner.sparsity):
+            self._check_latency()
+        with self.run.phases("mask_update"):
+            for pr in self.pruners:
+                pr.update(step)
+
+    def _check_latency(self) -> None:
+        """Measure the export at the current masks; cap the schedule there if met."""
+        def keep(copy: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
+            units = attach_unit_masks(copy, self.run.adapter)
+            return unit_keep(units, len(self.run.adapter.layer_modules(copy)))
+        if self.latency.check(self.pruner.sparsity, keep):
+            for pr in self.pruners:
+                pr.ceiling = self.pruner.sparsity
+
+    def on_end(self) -> None:
+        if self.latency.enabled and not self.latency.frozen:
+            self.sync_masks()
+            if not self._measured_now():
+                self._check_latency()
+            if not self.latency.frozen:
+                self.run.console.log(
+                    f"[yellow]latency target {self.latency.target_ms:g} ms not met at "
+                    f"the final sparsity {self.pruner.sparsity:.1%} "
+                    f"({self.latency.measured[-1]['ms']:.1f} ms); raise "
+                    "pruning.final_sparsity or the target[/]")
+
+    def _measured_now(self) -> bool:
+        m = self.latency.measured
+        return bool(m) and abs(m[-1]["sparsity"] - self.pruner.sparsity) < 1e-9
+
+    def sync_masks(self) -> None:
+        for pr in self.pruners:
+            pr.update(self.run.state.step)
+
+    def keep(self) -> tuple[list[Tensor], list[Tensor]]:
+        """Head and neuron keep masks (collective under sharding: gathers the scores)."""
+        run = self.run
+        with run.strategy.gathered(run.student_module()) as bare:
+            return unit_keep(self.modules, len(run.adapter.layer_modules(bare)))
+
+    def report(self) -> dict[str, Any]:
+        run = self.run
+        with run.strategy.gathered(run.student_module()) as bare:
+            heads, ffn = unit_keep(self.modules, len(run.adapter.layer_modules(bare)))
+            return unit_report(bare, run.adapter, heads, ffn)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sparsity": self.pruner.sparsity, "latency": self.latency.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.latency.load_state_dict(state.get("latency", {}))
+        for pr in self.pruners:
+            pr.sparsity = state["sparsity"]
+            pr.ceiling = self.latency.met_at
+
+    def export(self, out_dir: Path, extra: dict[str, Any] | None = None
+               ) -> dict[str, Any] | None:
+        """The physically smaller student (pruned heads and neurons sliced away)."""
+        from ..export import export_structured
+
+        model = self.run.full_student()  # collective
+        if model is None:
+            return None
+        modules = attach_unit_masks(model, self.run.adapter)  # the copy's own modules
+        heads, ffn = unit_keep(modules, len(self.run.adapter.layer_modules(model)))
+        unmask(model)
+        return export_structured(model, self.run.adapter, heads, ffn, out_dir,
+                                 self.run.tokenizer, inplace=True, extra=extra)
+
+
+def unit_report(model: nn.Module, adapter: EncoderAdapter, heads: list[Tensor],
+                ffn: list[Tensor]) -> dict[str, Any]:
+    """Sparsity of a unit-pruned model in the keys of ``sparsity_report`` plus the head
+    and FFN fractions (the structured report)."""
+    counts = structured_param_counts(model, adapter, heads, ffn)
+    prunable = sum(lin.in_features * lin.out_features
+                   for lin in adapter.prunable_linears(model).values())
+    total = sum(int(getattr(p, "ds_numel", p.numel())) for n, p in model.named_parameters()
+                if not n.endswith("mask_scores"))
+    return {**counts,
+            "head_sparsity": 1 - sum(int(h.sum()) for h in heads) / sum(h.numel() for h in heads),
+            "ffn_sparsity": 1 - sum(int(f.sum()) for f in ffn) / sum(f.numel() for f in ffn),
+            "linear_sparsity": counts["pruned_parameters"] / prunable,
+            "total_sparsity": counts["pruned_parameters"] / total}

@@ -1,0 +1,153 @@
+"""A latency target for the physically smaller methods (``structured``, ``hybrid``).
+
+With ``pruning.target_latency_ms`` set, the run measures, as it prunes, the forward
+latency of the model it would export (heads and FFN neurons sliced away, written and
+reloaded the way the export is, then timed at ``pruning.latency_batch_size`` x
+``pruning.latency_seq_length`` tokens on the run's device) and stops pruning at the
+first sparsity whose latency meets the target: the schedule's sparsity is capped there
+and the rest of the run retrains at it. ``pruning.final_sparsity`` is then the most it
+may prune; a run that reaches it without meeting the target says so in its results.
+
+Latency is a property of the machine (its cores, their load, the thread count): the
+target is met where it is measured. The measurement is the median of
+``pruning.latency_repeats`` timed forwards after one warm-up, taken on the main rank
+(the other ranks wait for its decision).
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from ..adapters import EncoderAdapter
+    from .methods import PruningRun
+
+
+def time_forward(model: nn.Module, batch_size: int, seq_length: int, repeats: int = 3,
+                 device: torch.device | str = "cpu") -> float:
+    """Median milliseconds of ``repeats`` forwards of ``model`` (after one warm-up) on
+    random token ids of shape (batch_size, seq_length)."""
+    model = model.to(device).eval()
+    ids = torch.randint(5, max(6, model.config.vocab_size), (batch_size, seq_length),
+                        generator=torch.Generator().manual_seed(0)).to(device)
+    mask = torch.ones_like(ids)
+    times = []
+    with torch.inference_mode():
+        for i in range(repeats + 1):
+            if torch.device(device).type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model(input_ids=ids, attention_mask=mask)
+            if torch.device(device).type == "cuda":
+                torch.cuda.synchronize()
+            if i:
+                times.append(1000 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def exported_latency(model: nn.Module, adapter: EncoderAdapter, heads: list[Tensor],
+                     ffn: list[Tensor], batch_size: int, seq_length: int, repeats: int = 3,
+                     device: torch.device | str = "cpu",
+                     prepare: Callable[[nn.Module], None] | None = None) -> float:
+    """Latency (ms) of the export of ``model`` at these keep masks: a copy is sliced,
+    written as the export writes it, reloaded with transformers (its loader file) and
+    timed. ``model`` is left as it was; ``prepare`` edits the copy first (e.g. removes
+    capscale's masked layers)."""
+    import transformers
+
+    from ..export import auto_class_name, export_structured
+
+    target = copy.deepcopy(model).cpu()
+    if prepare is not None:
+        prepare(target)
+    with tempfile.TemporaryDirectory() as tmp:
+        export_structured(target, adapter, heads, ffn, tmp, inplace=True)
+        auto = getattr(transformers, auto_class_name(type(target).__name__))
+        loaded = auto.from_pretrained(Path(tmp) / "model", trust_remote_code=True)
+    del target
+    return time_forward(loaded, batch_size, seq_length, repeats, device)
+
+
+class LatencyTarget:
+    """The latency check of one run (see the module docstring).
+
+    ``check(level, keep)`` is collective: every rank calls it at the same step; the
+    main rank measures and all get its verdict. Its state (measurements, the sparsity
+    the target was met at) is part of the controller's checkpoint.
+    """
+
+    def __init__(self, run: PruningRun, prepare: Callable[[nn.Module], None] | None = None
+                 ) -> None:
+        p = run.cfg.pruning
+        self.run = run
+        self.prepare = prepare
+        self.target_ms: float | None = p.target_latency_ms
+        self.batch_size, self.seq_length = p.latency_batch_size, p.latency_seq_length
+        self.repeats = p.latency_repeats
+        self.measured: list[dict[str, float]] = []
+        self.met_at: float | None = None  # the sparsity the target was met at
+
+    @property
+    def enabled(self) -> bool:
+        return self.target_ms is not None
+
+    @property
+    def frozen(self) -> bool:
+        """Whether pruning stopped (the target is met)."""
+        return self.met_at is not None
+
+    def due(self, step: int, level: float) -> bool:
+        """Whether to measure at ``step`` (every ``latency_every`` steps, once pruning
+        has gone past the last measurement, until the target is met)."""
+        last = self.measured[-1]["sparsity"] if self.measured else 0.0
+        return (self.enabled and not self.frozen and step > 0
+                and step % self.run.cfg.pruning.latency_every == 0 and level > last + 1e-9)
+
+    def check(self, level: float,
+              keep: Callable[[nn.Module], tuple[list[Tensor], list[Tensor]]]) -> bool:
+        """Measure the export at ``level`` (``keep(copy)`` gives the head / neuron masks
+        of the unsharded copy on the main rank); True, and pruning stops, when it meets
+        the target."""
+        run = self.run
+        model = run.full_student()  # collective
+        verdict = torch.zeros(2, dtype=torch.float64)
+        if model is not None:
+            heads, ffn = keep(model)
+            ms = exported_latency(model, run.adapter, heads, ffn, self.batch_size,
+                                  self.seq_length, self.repeats, run.ctx.device, self.prepare)
+            verdict[0], verdict[1] = ms, float(ms <= self.target_ms)
+        if run.ctx.distributed:
+            verdict = run.ctx.all_reduce_sum(verdict)
+        ms, met = float(verdict[0]), bool(verdict[1] > 0)
+        self.measured.append({"step": run.state.step, "sparsity": level, "ms": ms})
+        run.console.log(f"latency at sparsity {level:.1%}: {ms:.1f} ms for batch "
+                        f"{self.batch_size} x {self.seq_length} (target {self.target_ms:g} "
+                        f"ms){': met, pruning stops here' if met else ''}")
+        if met:
+            self.met_at = level
+        return met
+
+    def summary(self) -> dict[str, Any] | None:
+        """What the results record: target, shape, every measurement, where it was met."""
+        if not self.enabled:
+            return None
+        return {"target_ms": self.target_ms, "batch_size": self.batch_size,
+                "seq_length": self.seq_length, "measured": self.measured,
+                "met": self.frozen, "met_at_sparsity": self.met_at,
+                "device": str(self.run.ctx.device), "threads": torch.get_num_threads()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"measured": self.measured, "met_at": self.met_at}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.measured = list(state.get("measured", []))
+        self.met_at = state.get("met_at")
