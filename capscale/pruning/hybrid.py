@@ -88,16 +88,10 @@ class UnitMaskedLinear(MaskedLinear):
             m = m.repeat_interleave(self.unit_size)
         return F.linear(x * m, self.weight, self.bias)
 
-    def to_linear(self) -> nn.Linear:
-        """A plain nn.Linear with the pruned units' columns zeroed (same outputs)."""
-        with torch.no_grad():
-            cols = self.mask().to(self.weight.dtype).repeat_interleave(self.unit_size)
-            lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                            device=self.weight.device, dtype=self.weight.dtype)
-            lin.weight.copy_(self.weight * cols)
-            if self.bias is not None:
-                lin.bias.copy_(self.bias)
-        return lin
+    def weight_mask(self) -> Tensor:
+        """(in_features,): the unit mask over each unit's columns (``to_linear`` zeroes
+        the pruned units' columns, which gives the same outputs)."""
+        return self.mask().repeat_interleave(self.unit_size)
 
     def extra_repr(self) -> str:
         return f"{nn.Linear.extra_repr(self)}, units={self.num_scores}x{self.unit_size}"

@@ -128,10 +128,14 @@ class MaskedLinear(nn.Linear):
             self.step_mask = self.mask_slicer(mask.detach().bool())
         return F.linear(x, self.weight * mask.to(self.weight.dtype), self.bias)
 
+    def weight_mask(self) -> Tensor:
+        """The mask in the weight's layout ((out, in), or what broadcasts to it)."""
+        return self.mask()
+
     def to_linear(self) -> nn.Linear:
         """A plain nn.Linear with the mask baked into its weight."""
         with torch.no_grad():
-            mask = self.mask().to(self.weight.dtype)
+            mask = self.weight_mask().to(self.weight.dtype)
             lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                             device=self.weight.device, dtype=self.weight.dtype)
             lin.weight.copy_(self.weight * mask)

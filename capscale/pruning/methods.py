@@ -286,17 +286,13 @@ class StructuredPruning:
         return StructuredController(run)
 
 
-class HybridPruning:
+class HybridPruning(StructuredPruning):
     """``hybrid``: movement scores on whole heads and FFN neurons, exported physically
     smaller (capscale.pruning.hybrid)."""
 
     name = "hybrid"
     learns_scores = True
-    physical_export = True
     evaluates_itself = False
-
-    def refuses(self, objective: str) -> str | None:
-        return None
 
     def controller(self, run: PruningRun) -> PruningController:
         from .hybrid import HybridController
