@@ -26,6 +26,8 @@ METHODS = {
     "soft_movement": "soft movement pruning (unstructured; scores above a threshold, L1)",
     "magnitude": "magnitude pruning (unstructured; smallest weights removed)",
     "structured": "structured CAP-f pruning (attention heads and FFN neurons removed)",
+    "hybrid": "hybrid pruning (movement scores on whole attention heads and FFN neurons, "
+              "which are removed)",
     "none": "no pruning (distillation / contrastive terms only)",
 }
 
