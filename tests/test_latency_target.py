@@ -78,3 +78,10 @@ def test_latency_target_needs_a_physically_smaller_method():
     with pytest.raises(ConfigError, match="target_latency_ms"):
         load_config(None, ["data.preset=tweets", "pruning.method=hybrid",
                               "pruning.target_latency_ms=-1"])
+
+
+def test_shipped_hybrid_latency_config_loads():
+    from pathlib import Path
+    cfg = load_config(Path(__file__).resolve().parent.parent / "capscale" / "configs"
+                      / "hybrid_minilm_tweets.yaml", [])
+    assert cfg.pruning.method == "hybrid" and cfg.pruning.target_latency_ms == 300
