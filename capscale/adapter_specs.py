@@ -41,7 +41,7 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, PretrainedConfig
 
 from .adapters import EncoderAdapter, get_adapter, registered_model_types
-from .errors import ConfigError, ModelError
+from .errors import ConfigError, ModelError, did_you_mean
 
 ENTRY_POINT_GROUP = "capscale.adapters"
 AdapterSpec = str | Mapping[str, Any] | EncoderAdapter | None
@@ -70,10 +70,8 @@ def adapter_from_mapping(spec: Mapping[str, Any], model_type: str | None = None,
     kwargs: dict[str, Any] = {}
     for key, value in spec.items():
         if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f"; did you mean {close[0]}?" if close else ""
-            raise ConfigError(f"{where}: unknown key {key!r}{hint} (valid keys: "
-                              f"{', '.join(fields)})")
+            raise ConfigError(f"{where}: unknown key {key!r}{did_you_mean(key, fields)} "
+                              f"(valid keys: {', '.join(fields)})")
         kwargs[key] = _field_value(key, value, f"{where}.{key}")
     if "model_types" not in kwargs:
         kwargs["model_types"] = (model_type,) if model_type else ()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import re
 import types
 import typing
@@ -22,7 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
-from ..errors import ConfigError
+from ..errors import ConfigError, did_you_mean
 
 
 def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
@@ -98,9 +97,8 @@ def build(cls: type, data: Any, prefix: str = "") -> Any:
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f"; did you mean {prefix}{close[0]}?" if close else ""
-            raise ConfigError(f"unknown config key {prefix}{key}{hint} "
+            raise ConfigError(f"unknown config key {prefix}{key}"
+                              f"{did_you_mean(key, fields, prefix)} "
                               f"(known: {', '.join(fields)})")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
