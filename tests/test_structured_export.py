@@ -106,3 +106,6 @@ def test_talking_heads_refused():
         vocab_size=101, talking_head=True))
     with pytest.raises(ValueError, match="talking_head"):
         StructuredMasks(model, adapter_for(model))
+    from capscale.pruning.hybrid import attach_unit_masks
+    with pytest.raises(ValueError, match="talking_head"):  # hybrid removes heads too
+        attach_unit_masks(model, adapter_for(model))

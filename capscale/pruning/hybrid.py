@@ -101,6 +101,10 @@ def attach_unit_masks(model: nn.Module, adapter: EncoderAdapter, score_init: flo
                       ) -> dict[str, UnitMaskedLinear]:
     """Swap every layer's ``attn_out`` and ``ffn_out`` for a :class:`UnitMaskedLinear`;
     return them by ``layer.role``."""
+    if getattr(model.config, "talking_head", False):
+        raise ValueError("hybrid pruning of heads is not supported with talking_head: true "
+                         "(projections mix the heads, so a head cannot be removed alone); "
+                         "use an unstructured method")
     head_size = adapter.head_size(model.config)
     out: dict[str, UnitMaskedLinear] = {}
     for key, qname in adapter.qualified_names(model).items():
