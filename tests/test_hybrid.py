@@ -84,3 +84,22 @@ def test_hybrid_scores_are_trained(tiny_model_factory, tiny_csv, tmp_path):
     assert any(all(any(p is s for p in g["params"]) for s in scores) for g in groups)
     assert all(float(s.detach().abs().max()) > 0 for s in scores)  # moved from 0
     assert run.controller.current_sparsity() == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("family", ["modernbert", "albert", "mpnet", "deberta"])
+def test_hybrid_on_other_layouts_exports_with_parity(family, tiny_model_factory, tiny_csv,
+                                                     tmp_path):
+    """Fused / gated (ModernBERT), shared (ALBERT), per-head inputs (MPNet) and per-head
+    vectors (DeBERTa v1): hybrid CAP exports a smaller model with the masked logits."""
+    run = run_cap(tiny_model_factory(family), tiny_csv, tmp_path / "run",
+                  "pruning.method=hybrid", "pruning.final_sparsity=0.5",
+                  "pruning.score_warm_start=magnitude")
+    inputs = eval_inputs(run)
+    with torch.no_grad():
+        masked = run.student.model.eval()(**inputs).logits
+    report = run.controller.export(tmp_path / "pruned")
+    assert report["exported_encoder_parameters"] < report["encoder_parameters"]
+    reloaded = AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "pruned" / "model", trust_remote_code=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, masked, rtol=1e-5, atol=1e-5)
