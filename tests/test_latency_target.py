@@ -85,3 +85,17 @@ def test_shipped_hybrid_latency_config_loads():
     cfg = load_config(Path(__file__).resolve().parent.parent / "capscale" / "configs"
                       / "hybrid_minilm_tweets.yaml", [])
     assert cfg.pruning.method == "hybrid" and cfg.pruning.target_latency_ms == 300
+
+
+def test_iterative_structured_stops_at_the_level_that_meets_it(tiny_model_factory, tiny_csv,
+                                                                tmp_path):
+    run = run_cap(tiny_model_factory("bert"), tiny_csv, tmp_path / "run",
+                  "pruning.method=structured", "structured.levels=[0.25,0.5]",
+                  "structured.retrain_steps=2", "structured.importance_fraction=0.5",
+                  f"pruning.target_latency_ms={REACHABLE}", "pruning.latency_batch_size=2",
+                  "pruning.latency_seq_length=8", "pruning.latency_repeats=1")
+    lat = run.controller.latency.summary()
+    assert lat["met_at_sparsity"] == 0.25 and len(lat["measured"]) == 1
+    ffn = run.controller.masks.keep()[1]
+    assert sum(int(f.sum()) for f in ffn) == round(0.75 * sum(f.numel() for f in ffn))
+    assert [e["sparsity"] for e in run.state.evals] == [0.25, 0.25]  # retrained, not pruned
