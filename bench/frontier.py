@@ -37,6 +37,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import sys
@@ -66,7 +67,7 @@ TARGETS = [(0.95, 8.0), (0.98, 3.0)]  # (fraction of dense accuracy, speed-up at
 
 
 def run_name(name: str) -> str:
-    return name.replace(" ", "_").replace("%", "").replace(":", "of")
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name.replace("%", "").replace(":", "of"))
 
 
 def point_config(fid: Any, args: argparse.Namespace, budget: dict[str, Any], work: Path,
@@ -78,7 +79,7 @@ def point_config(fid: Any, args: argparse.Namespace, budget: dict[str, Any], wor
                       {"model": {"teacher": teacher}})
     cfg = merge_dicts(cfg, fid.run_config(method, sparsity, True))
     pruning = cfg["pruning"]
-    pruning.update(score_warm_start="magnitude", score_warm_start_scale=0.1)
+    pruning.update(score_warm_start="magnitude", score_warm_start_scale=args.warm_start_scale)
     if pattern:
         pruning["pattern"] = pattern
     if method == "structured":
@@ -396,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-rows", type=int, default=1500)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--update-every", type=int, default=10)
+    p.add_argument("--warm-start-scale", type=float, default=0.1,
+                   help="pruning.score_warm_start_scale; other than 0.1 the points are a "
+                        "variant, named '<point> [warm start X]'")
     p.add_argument("--time", action="store_true", help="time the exports (run alone)")
     p.add_argument("--report", action="store_true", help="write frontier.md and the plot")
     p.add_argument("--length", type=int, default=128)
@@ -407,6 +411,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.only:
         POINTS[:] = [pt for pt in POINTS if pt[0] in args.only]
+    if args.warm_start_scale != 0.1:
+        POINTS[:] = [(f"{name} [warm start {args.warm_start_scale:g}]", *rest)
+                     for name, *rest in POINTS]
     import fidelity as fid
 
     args.out.mkdir(parents=True, exist_ok=True)
