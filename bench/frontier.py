@@ -34,6 +34,7 @@ accuracy, latency at batch 1 and 32, speed-up over dense PyTorch fp32 in the sam
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -334,11 +335,26 @@ def _closest(pts: list[dict[str, Any]], rel: float, speed: float) -> str:
         b = max(fast, key=lambda p: p["relative_accuracy"])
         parts.append(f"at >= {speed:g}x the best is {b['name']} ({b['runtime']}) with "
                      f"{100 * b['relative_accuracy']:.1f}%")
+    else:
+        b = max(pts, key=lambda p: p["speedup_b32"])
+        parts.append(f"no point reaches {speed:g}x; the fastest is {b['name']} "
+                     f"({b['runtime']}) at {b['speedup_b32']:.2f}x with "
+                     f"{100 * b['relative_accuracy']:.1f}%")
     if acc:
         b = max(acc, key=lambda p: p["speedup_b32"])
         parts.append(f"at >= {100 * rel:.0f}% the fastest is {b['name']} ({b['runtime']}) at "
                      f"{b['speedup_b32']:.2f}x")
     return "; ".join(parts) or "no point close"
+
+
+def interpolate(curve: list[dict[str, Any]], speed: float) -> float | None:
+    """Accuracy of a method's (speed-up, accuracy) curve at ``speed``, linear between its
+    two nearest points; None outside the curve."""
+    pts = sorted((p["speedup_b32"], p["accuracy"]) for p in curve)
+    for (s0, a0), (s1, a1) in itertools.pairwise(pts):
+        if s0 <= speed <= s1 and s1 > s0:
+            return a0 + (a1 - a0) * (speed - s0) / (s1 - s0)
+    return None
 
 
 def _comparisons(pts: list[dict[str, Any]]) -> list[str]:
@@ -350,6 +366,15 @@ def _comparisons(pts: list[dict[str, Any]]) -> list[str]:
             out.append(f"- {level}: hybrid {100 * h['accuracy']:.2f} at {h['speedup_b32']:.2f}x, "
                        f"CAP-f {100 * f['accuracy']:.2f} at {f['speedup_b32']:.2f}x "
                        f"({100 * (h['accuracy'] - f['accuracy']):+.2f} points)")
+    capf = [p for n, p in fp32.items() if n.startswith("CAP-f ")]
+    out += ["", "At equal measured speed-up (CAP-f's curve interpolated at each hybrid point):",
+            ""]
+    for name in ("hybrid 50%", "hybrid 75%", "hybrid 90%"):
+        h = fp32.get(name)
+        ref = interpolate(capf, h["speedup_b32"]) if h else None
+        if h and ref is not None:
+            out.append(f"- {h['speedup_b32']:.2f}x: hybrid {100 * h['accuracy']:.2f}, CAP-f "
+                       f"{100 * ref:.2f} ({100 * (h['accuracy'] - ref):+.2f} points)")
     nm, m50 = fp32.get("CAP-m 2:4"), fp32.get("CAP-m 50%")
     if nm and m50:
         out += ["", f"N:M 2:4 under CAP: {100 * nm['accuracy']:.2f} against unstructured "
