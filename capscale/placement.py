@@ -46,9 +46,11 @@ def _latency(model: torch.nn.Module, batch: int, length: int, repeats: int) -> f
 
 def placement(out: Path, results: dict[str, Any], model_dir: Path, repeats: int,
               batch: int = 8, length: int = 64, frontier: Path | None = None,
-              plot_path: Path | None = None) -> tuple[list[tuple[str, str]], str | None]:
+              plot_path: Path | None = None, trust_remote_code: bool = False
+              ) -> tuple[list[tuple[str, str]], str | None]:
     """Rows (speed-up over the dense model, accuracy as % of dense) and, with a
-    ``frontier`` file, the plot of this run among its points (file name or None)."""
+    ``frontier`` file, the plot of this run among its points (file name or None).
+    ``trust_remote_code``: the run's models ship their own modeling code."""
     from .formats import load_export
 
     rows: list[tuple[str, str]] = []
@@ -62,8 +64,15 @@ def placement(out: Path, results: dict[str, Any], model_dir: Path, repeats: int,
     speedup = None
     if dense_dir is not None and repeats > 0:
         from transformers import AutoModelForSequenceClassification
-        dense = AutoModelForSequenceClassification.from_pretrained(dense_dir).float().eval()
-        pruned_model = load_export(model_dir)
+        try:
+            dense = AutoModelForSequenceClassification.from_pretrained(
+                dense_dir, trust_remote_code=trust_remote_code).float().eval()
+        except (OSError, ValueError) as err:  # the report must not fail a finished run
+            rows.append(("speed-up over the dense model", f"not measured: {dense_dir} did "
+                         f"not load ({str(err).splitlines()[0][:160]})"))
+            dense_dir = None
+    if dense_dir is not None and repeats > 0:
+        pruned_model = load_export(model_dir, trust_remote_code)
         # At most the model's positions (RoBERTa-style embeddings reserve two).
         length = min(length, getattr(dense.config, "max_position_embeddings", length + 2) - 2)
         d_ms = _latency(dense, batch, length, repeats)

@@ -246,7 +246,7 @@ def write_report(output_dir: str | Path, speed_batches: int = 5,
             rows, image = placement(out, results, out / "pruned" / "model", speed_batches,
                                     *((32, 128) if frontier else (8, 64)),
                                     frontier=Path(frontier) if frontier else None,
-                                    plot_path=dest / "frontier.png")
+                                    plot_path=dest / "frontier.png", trust_remote_code=trust)
             sections.append(("Where this model sits", rows, image))
     md = dest / "report.md"
     md.write_text(_markdown(out.name, sections))
