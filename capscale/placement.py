@@ -14,8 +14,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
 
 def dense_reference(out: Path) -> Path | None:
     """The dense model a run started from (see the module docstring), or None."""
@@ -39,11 +37,6 @@ def dense_reference(out: Path) -> Path | None:
     return None
 
 
-def _latency(model: torch.nn.Module, batch: int, length: int, repeats: int) -> float:
-    from .pruning.latency import time_forward
-    return time_forward(model, batch, length, repeats)
-
-
 def placement(out: Path, results: dict[str, Any], model_dir: Path, repeats: int,
               batch: int = 8, length: int = 64, frontier: Path | None = None,
               plot_path: Path | None = None, trust_remote_code: bool = False
@@ -52,6 +45,7 @@ def placement(out: Path, results: dict[str, Any], model_dir: Path, repeats: int,
     ``frontier`` file, the plot of this run among its points (file name or None).
     ``trust_remote_code``: the run's models ship their own modeling code."""
     from .formats import load_export
+    from .pruning.latency import time_forward
 
     rows: list[tuple[str, str]] = []
     key = results.get("task_metric", "accuracy")
@@ -75,8 +69,8 @@ def placement(out: Path, results: dict[str, Any], model_dir: Path, repeats: int,
         pruned_model = load_export(model_dir, trust_remote_code)
         # At most the model's positions (RoBERTa-style embeddings reserve two).
         length = min(length, getattr(dense.config, "max_position_embeddings", length + 2) - 2)
-        d_ms = _latency(dense, batch, length, repeats)
-        p_ms = _latency(pruned_model, batch, length, repeats)
+        d_ms = time_forward(dense, batch, length, repeats)
+        p_ms = time_forward(pruned_model, batch, length, repeats)
         speedup = d_ms / p_ms
         rows.append((f"speed-up over the dense model (PyTorch fp32, batch {batch} x {length}, "
                      "this machine)", f"{speedup:.2f}x ({d_ms:.1f} ms -> {p_ms:.1f} ms)"))

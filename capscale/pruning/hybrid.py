@@ -201,12 +201,7 @@ class HybridController(WeightMaskController):
             self.sync_masks()
             if not self._measured_now():
                 self._check_latency()
-            if not self.latency.frozen:
-                self.run.console.log(
-                    f"[yellow]latency target {self.latency.target_ms:g} ms not met at "
-                    f"the final sparsity {self.pruner.sparsity:.1%} "
-                    f"({self.latency.measured[-1]['ms']:.1f} ms); raise "
-                    "pruning.final_sparsity or the target[/]")
+            self.latency.warn_if_missed(self.pruner.sparsity, "pruning.final_sparsity")
 
     def _measured_now(self) -> bool:
         m = self.latency.measured

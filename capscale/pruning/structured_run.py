@@ -161,24 +161,16 @@ class StructuredController(LoopHook):
         if self.scfg.schedule == "iterative":
             if self.pending:
                 self._milestone(self.pending[-1])
-            self._latency_verdict()
+            self.latency.warn_if_missed(self.level, "structured.levels")
             return
         final = self.run.cfg.pruning.final_sparsity
         if self.level < final - EPS and not self.latency.frozen:  # last update between steps
             self.prune_to(final)
             self._check_latency()
-        self._latency_verdict()
+        self.latency.warn_if_missed(self.level, "pruning.final_sparsity")
         self._flush(math.inf)
         if not self.run.state.evals:
             self._milestone(self.level)
-
-    def _latency_verdict(self) -> None:
-        if self.latency.enabled and not self.latency.frozen:
-            last = self.latency.measured[-1]["ms"] if self.latency.measured else float("nan")
-            self.run.console.log(
-                f"[yellow]latency target {self.latency.target_ms:g} ms not met at the "
-                f"final sparsity {self.level:.0%} ({last:.1f} ms); raise "
-                "pruning.final_sparsity (structured.levels) or the target[/]")
 
     def _flush(self, upto: float) -> None:
         while self.pending and self.level >= self.pending[0] - EPS \
