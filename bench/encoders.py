@@ -46,7 +46,7 @@ from capscale.config import load_config
 from capscale.console import Console
 from capscale.data import model_inputs
 from capscale.distributed import DistContext
-from capscale.models import resolve_model_path
+from capscale.models.loading import resolve_model_path
 from capscale.recipe import CAPRecipe
 
 FAMILIES = ("bert", "roberta", "xlm-roberta", "electra", "deberta-v2", "deberta",

@@ -359,9 +359,9 @@ def main(argv: list[str] | None = None) -> int:
         {"pruning": {"method": "none"}, "train": {"max_steps": 1},
          "cap": {"modules": {m: {"enabled": False} for m in ("prc", "fic", "snc")}}}))
     from capscale.data import load_task_data
-    from capscale.finetune import finetune_teacher
-    from capscale.models import load_tokenizer
+    from capscale.models.loading import load_tokenizer
     from capscale.tasks import get_task
+    from capscale.train.finetune import finetune_teacher
     data = load_task_data(teacher_cfg.data)
     teacher_path, teacher_metrics = finetune_teacher(
         teacher_cfg, ctx, data, load_tokenizer("minilm"),

@@ -172,9 +172,9 @@ def teacher_of(fid: Any, args: argparse.Namespace) -> tuple[str, float]:
     from capscale.console import Console
     from capscale.data import load_task_data
     from capscale.distributed import init_distributed
-    from capscale.finetune import finetune_teacher
-    from capscale.models import load_tokenizer
+    from capscale.models.loading import load_tokenizer
     from capscale.tasks import get_task
+    from capscale.train.finetune import finetune_teacher
 
     cfg = config_from_dict(merge_dicts(
         fid.base_config(fid.BUDGETS[args.budget], Path(args.work) / args.budget / "teacher_run",
@@ -202,8 +202,8 @@ def time_model(model_dir: Path, onnx_dir: Path, batches: list[int], length: int,
     """Latency (ms) per runtime and batch of an export (``model_dir`` + its ONNX files)."""
     import torch
 
-    from capscale.formats import load_export
-    from capscale.formats.onnx_export import onnx_logits, onnx_session
+    from capscale.export.formats import load_export
+    from capscale.export.onnx_export import onnx_logits, onnx_session
 
     model = load_export(model_dir)
     sessions = {"onnxruntime fp32": onnx_session(onnx_dir / "model.onnx", threads),
@@ -227,8 +227,8 @@ def dense_export(fid: Any, budget: str, teacher: str, dest: Path) -> dict[str, A
     accuracy (the dense point of every runtime)."""
     from capscale.config import config_from_dict, merge_dicts
     from capscale.data import Collator, load_task_data, make_loader, tokenize
-    from capscale.formats import DevSet, write_formats
-    from capscale.models import load_tokenizer
+    from capscale.export.formats import DevSet, write_formats
+    from capscale.models.loading import load_tokenizer
     from capscale.tasks import get_task
 
     report = dest / "sparsity_report.json"

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from transformers import AutoModelForSequenceClassification, BertConfig
 
-    from capscale.models import adapter_for
+    from capscale.models.loading import adapter_for
     from capscale.pruning.binarizers import nm_mask
     from capscale.pruning.nm import check_pattern, to_semi_structured
 

@@ -41,9 +41,9 @@ from capscale.config import load_config  # noqa: E402
 from capscale.console import Console  # noqa: E402
 from capscale.contrastive.online import OnlineObjective  # noqa: E402
 from capscale.distributed import DistContext  # noqa: E402
-from capscale.loop import LoopHook  # noqa: E402
-from capscale.models import load_tokenizer  # noqa: E402
+from capscale.models.loading import load_tokenizer  # noqa: E402
 from capscale.recipe import CAPRecipe  # noqa: E402
+from capscale.train.loop import LoopHook  # noqa: E402
 
 CACHE = ROOT / "bench" / "cache" / "online_vs_bank"
 COMMON = ["pruning.method=movement", "pruning.final_sparsity=0.8", "cap.num_negatives=1024",
@@ -92,7 +92,7 @@ def _model_bytes(model: nn.Module) -> int:
 
 
 class StepTimer(LoopHook):
-    """Seconds of each step's phases (capscale.loop.Phases), summed per step."""
+    """Seconds of each step's phases (capscale.train.loop.Phases), summed per step."""
 
     def __init__(self) -> None:
         self.current = 0.0

@@ -39,7 +39,7 @@ from capscale.config import config_from_dict  # noqa: E402
 from capscale.console import Console  # noqa: E402
 from capscale.contrastive.banks import RepresentationBank  # noqa: E402
 from capscale.distributed import init_distributed  # noqa: E402
-from capscale.models import load_classifier, load_tokenizer  # noqa: E402
+from capscale.models.loading import load_classifier, load_tokenizer  # noqa: E402
 from capscale.recipe import CAPRecipe  # noqa: E402
 
 

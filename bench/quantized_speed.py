@@ -8,8 +8,8 @@ thread each, on the same random batch (token ids 1000-1999, all attended):
 * ``torch fp32``: the PyTorch model;
 * ``torch int8``: ``torch.ao.quantization.quantize_dynamic`` (nn.Linear, qint8, one
   scale per weight matrix), and ``torch int8 per-channel`` (one scale per row);
-* ``onnxruntime fp32``: capscale.formats.onnx_export.export_onnx of the same model;
-* ``onnxruntime int8``: capscale.formats.onnx_export.quantize_int8 of that file (what
+* ``onnxruntime fp32``: capscale.export.onnx_export.export_onnx of the same model;
+* ``onnxruntime int8``: capscale.export.onnx_export.quantize_int8 of that file (what
   ``export.formats: [int8]`` writes: one scale per output channel).
 
 Each cell is the median of a few forwards after one warm-up; each INT8 model's logits
@@ -43,7 +43,7 @@ import torch
 import transformers
 from transformers import AutoModelForSequenceClassification, BertConfig
 
-from capscale.formats.onnx_export import export_onnx, onnx_session, quantize_int8
+from capscale.export.onnx_export import export_onnx, onnx_session, quantize_int8
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -56,7 +56,7 @@ def load_model(tiny: bool) -> tuple[torch.nn.Module, str]:
                          intermediate_size=64, vocab_size=3000, num_labels=3)
         return AutoModelForSequenceClassification.from_config(cfg).eval(), "tiny random BERT"
     try:
-        from capscale.models import resolve_model_path
+        from capscale.models.loading import resolve_model_path
 
         path = resolve_model_path("minilm")
         torch.manual_seed(0)

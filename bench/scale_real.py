@@ -137,7 +137,7 @@ def build_assets(root: Path, shape: Shape, n_train: int) -> dict[str, str]:
     elif not (enc / "config.json").exists():  # a child process: its memory is given back
         subprocess.run([sys.executable, __file__, "--_build", json.dumps(asdict(shape)),
                         str(enc)], check=True, env=_child_env())
-    from capscale.models import load_tokenizer
+    from capscale.models.loading import load_tokenizer
     tok = load_tokenizer("minilm")
     words = [w for w, i in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
              if w.isalpha() and len(w) > 3 and 2000 <= i < 12000]
@@ -160,7 +160,7 @@ def _build_encoder(shape: Shape, out: Path) -> None:
     import torch
     from transformers import RobertaConfig, RobertaForSequenceClassification
 
-    from capscale.models import load_tokenizer
+    from capscale.models.loading import load_tokenizer
     torch.set_num_threads(1)
     tok = load_tokenizer("minilm")
     cfg = RobertaConfig(hidden_size=shape.hidden, num_hidden_layers=shape.layers,
@@ -722,7 +722,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.argv[1:] if argv is None else argv),
         "model": {"name": shape.name, "params": shape.params(), "scored": shape.scored(),
                   "shape": asdict(shape)},
-        "tokenizer": "packaged MiniLM WordPiece (capscale.models.load_tokenizer('minilm'), "
+        "tokenizer": "packaged MiniLM WordPiece (capscale.models.loading.load_tokenizer('minilm'), "
                      "30522 ids); the embedding keeps 50265 rows (RoBERTa-large's vocab) "
                      "so the parameter count is RoBERTa-large's; pad_token_id 0, "
                      "type_vocab_size 1",

@@ -100,10 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     from capscale.console import Console
     from capscale.data import load_task_data
     from capscale.distributed import init_distributed
-    from capscale.finetune import finetune_teacher
-    from capscale.models import load_tokenizer
+    from capscale.models.loading import load_tokenizer
     from capscale.recipe import CAPRecipe, prune
     from capscale.tasks import get_task
+    from capscale.train.finetune import finetune_teacher
 
     setup_environment()
     torch.set_num_threads(args.threads)

@@ -4,10 +4,10 @@ layouts it was chosen against; and whether transformers loads compressed-tensors
 
 The model is the packaged all-MiniLM-L6-v2 (3-class head) with each prunable matrix
 magnitude-pruned to 90% and 97% (the paper's two levels), masks baked in and exported
-with capscale.export.export_pruned. For each level:
+with capscale.export.huggingface.export_pruned. For each level:
 
 * ``dense``: the export's model.safetensors (measured);
-* ``capscale sparse``: capscale.formats.sparse.write_sparse (measured), reloaded with
+* ``capscale sparse``: capscale.export.sparse.write_sparse (measured), reloaded with
   transformers (trust_remote_code) and compared with the dense export's logits;
 * ``CSR int32`` / ``CSR uint16``: values + column indices (4 or 2 bytes) + int32 row
   pointers for the coded matrices, the rest dense (computed from the tensors);
@@ -37,9 +37,9 @@ import transformers
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification, BertConfig
 
-from capscale.export import export_pruned
-from capscale.formats.sparse import pack_bits, write_sparse
-from capscale.models import adapter_for, resolve_model_path
+from capscale.export.huggingface import export_pruned
+from capscale.export.sparse import pack_bits, write_sparse
+from capscale.models.loading import adapter_for, resolve_model_path
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -3,7 +3,7 @@
 For the packaged MiniLM and a BERT-base-shaped model (random weights: speed does not
 depend on them), heads and FFN neurons are pruned at 50 / 75 / 90% with deterministic
 random importance (speed does not depend on which units are kept), exported with
-capscale.export.export_structured, re-loaded with transformers alone
+capscale.export.huggingface.export_structured, re-loaded with transformers alone
 (trust_remote_code) and timed against the dense model in the same process: median
 latency of repeated forwards at batch 1 and 32, sequence length 128.
 
@@ -29,8 +29,8 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import torch
 from transformers import AutoModelForSequenceClassification, BertConfig
 
-from capscale.export import export_structured
-from capscale.models import adapter_for, resolve_model_path
+from capscale.export.huggingface import export_structured
+from capscale.models.loading import adapter_for, resolve_model_path
 from capscale.pruning.structured import Importance, StructuredMasks, select_structure
 
 RESULTS = Path(__file__).parent / "results"

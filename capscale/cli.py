@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import INPUT_ERRORS, describe
+from capscale.errors import INPUT_ERRORS, describe
 
 SUBCOMMANDS = ("prune", "evaluate", "export", "report", "inspect")
 
@@ -68,11 +68,11 @@ def prune_cmd(argv: list[str]) -> int:
     """``capscale prune``: the whole job (see capscale.recipe.prune)."""
     import torch
 
-    from capscale.checkpoint import checkpoint_root, list_checkpoints
     from capscale.config import load_config
     from capscale.console import Console
     from capscale.distributed import init_distributed, shutdown_distributed
     from capscale.recipe import prune
+    from capscale.train.checkpoint import checkpoint_root, list_checkpoints
 
     p = _parser("prune", "Prune an encoder with CAP, evaluate it, export it.")
     args = p.parse_args(argv)
@@ -110,9 +110,9 @@ def evaluate_cmd(args: argparse.Namespace) -> int:
     from capscale.console import Console
     from capscale.data import check_lengths, eval_loader, load_task_data
     from capscale.distributed import DistContext
-    from capscale.evaluation import evaluate
-    from capscale.models import check_teacher, load_classifier, load_tokenizer
+    from capscale.models.loading import check_teacher, load_classifier, load_tokenizer
     from capscale.tasks import get_task
+    from capscale.train.evaluation import evaluate
 
     cfg = load_config(args.config, args.overrides)
     task = get_task(cfg.data.task_type)
@@ -137,17 +137,17 @@ def export_cmd(args: argparse.Namespace) -> int:
     its extra formats (``--formats onnx int8 sparse``, each checked against it)."""
     import torch
 
-    from capscale.checkpoint import STATE_FILE, checkpoint_root, list_checkpoints
     from capscale.config import load_config
     from capscale.data import load_task_data
     from capscale.errors import ConfigError
-    from capscale.export import export_pruned
-    from capscale.formats.card import run_facts
-    from capscale.models import adapter_for, load_classifier, load_tokenizer
+    from capscale.export.card import run_facts
+    from capscale.export.huggingface import export_pruned
+    from capscale.models.loading import adapter_for, load_classifier, load_tokenizer
     from capscale.pruning import attach_masks
     from capscale.pruning.masked import configure_masks
     from capscale.pruning.methods import PRUNING_METHODS
     from capscale.tasks import get_task
+    from capscale.train.checkpoint import STATE_FILE, checkpoint_root, list_checkpoints
 
     overrides = list(args.overrides)
     if args.formats:
@@ -199,8 +199,8 @@ def _write_formats(cfg: Any, data: Any, out: Path) -> int:
     if not set(cfg.export.formats) - {"pytorch"}:
         return 0
     from capscale.data import Collator, make_loader, tokenize
-    from capscale.formats import DevSet, write_formats
-    from capscale.models import load_tokenizer
+    from capscale.export.formats import DevSet, write_formats
+    from capscale.models.loading import load_tokenizer
     from capscale.tasks import get_task
 
     e = cfg.export
@@ -219,7 +219,7 @@ def _write_formats(cfg: Any, data: Any, out: Path) -> int:
 
 def report_cmd(args: argparse.Namespace) -> int:
     """(Re)write the markdown / HTML report of a finished run."""
-    from capscale.report import write_report
+    from capscale.report.document import write_report
 
     if not (Path(args.output_dir) / "results.json").is_file():
         print(f"capscale: {args.output_dir} has no results.json: is it a finished run's "
@@ -234,7 +234,7 @@ def inspect_cmd(args: argparse.Namespace) -> int:
     """Show how capscale reads an encoder (built on the meta device: no weights load): its
     class, adapter, layers and prunable matrices, or a suggested adapter when none fits."""
     from capscale.console import Console
-    from capscale.inspection import inspect_model, parse_adapter_option, render
+    from capscale.models.inspection import inspect_model, parse_adapter_option, render
 
     spec = parse_adapter_option(args.adapter) if args.adapter else None
     found = inspect_model(args.model, args.trust_remote_code, spec)

@@ -24,10 +24,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from transformers import PreTrainedTokenizerBase
 
-from .config import DataConfig
-from .errors import DataError
-from .tasks import get_task
-from .tasks.qa_data import read_squad_file
+from capscale.config import DataConfig
+from capscale.errors import DataError
+from capscale.tasks import get_task
+from capscale.tasks.qa_data import read_squad_file
 
 datasets.disable_progress_bars()
 

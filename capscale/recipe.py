@@ -10,7 +10,7 @@
   models in eval mode, so they are encoded again on a resume rather than saved),
   attaches the pruning method's masks, lets the strategy wrap the student, registers
   every stateful part with the checkpointer and restores the checkpoint when resuming.
-* :meth:`CAPRecipe.train`: the one loop (capscale.loop) with the pruning controller,
+* :meth:`CAPRecipe.train`: the one loop (capscale.train.loop) with the pruning controller,
   the snapshot and evaluation schedules and the trackers as hooks.
 * :meth:`CAPRecipe.finish`: sparsity report, export, results, report, summary.
 """
@@ -27,20 +27,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import Checkpointer, resolve_resume, saved_step
-from .config import Config, config_to_dict, save_config
-from .console import Console
-from .contrastive.modules import CONTRASTIVE_MODULES
-from .contrastive.objectives import build_objective, snapshot_memory
-from .data import build_loaders, check_lengths, load_task_data
-from .distributed import DistContext, make_strategy
-from .evaluation import evaluate
-from .export import export_pruned
-from .finetune import finetune_teacher
-from .formats.card import run_facts
-from .hooks import EvalSchedule, RecordHook, SnapshotSchedule
-from .loop import Phases, PhaseTotals, TrainLoop
-from .models import (
+from capscale.config import Config, config_to_dict, save_config
+from capscale.console import Console
+from capscale.contrastive.modules import CONTRASTIVE_MODULES
+from capscale.contrastive.objectives import build_objective, snapshot_memory
+from capscale.data import build_loaders, check_lengths, load_task_data
+from capscale.distributed import DistContext, make_strategy
+from capscale.export.card import run_facts
+from capscale.export.huggingface import export_pruned
+from capscale.models.loading import (
     RepresentationTap,
     adapter_for,
     check_encoder,
@@ -51,13 +46,25 @@ from .models import (
     load_classifier,
     load_tokenizer,
 )
-from .pruning.masked import MaskedLinear, configure_masks
-from .pruning.methods import PRUNING_METHODS
-from .references import RunReferences
-from .results import build_results, print_summary, save_history, write_results
-from .state import RankPart, RunState
-from .step import CAPLoss, Student, Update, linear_warmup_decay, lr_warmup, param_groups
-from .tasks import get_task
+from capscale.pruning.masked import MaskedLinear, configure_masks
+from capscale.pruning.methods import PRUNING_METHODS
+from capscale.report.results import build_results, print_summary, save_history, write_results
+from capscale.tasks import get_task
+from capscale.train.checkpoint import Checkpointer, resolve_resume, saved_step
+from capscale.train.evaluation import evaluate
+from capscale.train.finetune import finetune_teacher
+from capscale.train.hooks import EvalSchedule, RecordHook, SnapshotSchedule
+from capscale.train.loop import Phases, PhaseTotals, TrainLoop
+from capscale.train.references import RunReferences
+from capscale.train.state import RankPart, RunState
+from capscale.train.step import (
+    CAPLoss,
+    Student,
+    Update,
+    linear_warmup_decay,
+    lr_warmup,
+    param_groups,
+)
 
 
 class CAPRecipe:
@@ -338,9 +345,9 @@ class CAPRecipe:
 
     def write_formats(self, dest: Path) -> dict[str, Any]:
         """The extra ``export.formats`` of the export in ``dest``, checked on the first dev
-        batch and scored on the dev set (main rank; capscale.formats)."""
-        from .data import Collator, make_loader, tokenize
-        from .formats import DevSet, write_formats
+        batch and scored on the dev set (main rank; capscale.export.formats)."""
+        from capscale.data import Collator, make_loader, tokenize
+        from capscale.export.formats import DevSet, write_formats
 
         e = self.cfg.export
         dev = make_loader(tokenize(self.data.validation, self.tokenizer, self.cfg.data),
@@ -363,7 +370,10 @@ def prune(cfg: Config, ctx: DistContext, console: Console, export: bool = True,
     ``export=False`` skips writing the pruned model (benchmarks that only need metrics).
     ``teacher_metrics``: the given ``model.teacher``'s dev metrics when already known.
     """
-    from .report import Trackers, write_report  # matplotlib: loaded only when reporting
+    from capscale.report.document import (  # matplotlib: loaded only when reporting
+        Trackers,
+        write_report,
+    )
 
     start = time.perf_counter()
     recipe = CAPRecipe(cfg, ctx, console, teacher_metrics)

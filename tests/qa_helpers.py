@@ -26,7 +26,7 @@ def save_qa_model(path: Path, seed: int = 0, dropout: float = 0.1) -> Path:
     import transformers
     from transformers import AutoTokenizer
 
-    from capscale.models import resolve_model_path
+    from capscale.models.loading import resolve_model_path
 
     torch.manual_seed(seed)
     cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,

@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from transformers import BertConfig, BertForSequenceClassification
 
-from capscale.models import load_tokenizer
+from capscale.models.loading import load_tokenizer
 
 WORDS = {0: "awful bad sad terrible", 1: "plain okay table window",
          2: "great happy lovely good"}

@@ -13,7 +13,13 @@ import pytest
 import transformers
 from tiny import tiny_config
 
-from capscale.adapter_specs import (
+from capscale.cli import main
+from capscale.config import load_config
+from capscale.errors import ConfigError, ModelError
+from capscale.models.adapters import EncoderAdapter, get_adapter, registered_model_types
+from capscale.models.inspection import suggest_adapter
+from capscale.models.loading import check_encoder
+from capscale.models.specs import (
     adapter_fields,
     adapter_from_mapping,
     adapter_problems,
@@ -21,12 +27,6 @@ from capscale.adapter_specs import (
     skeleton,
     validate_encoder,
 )
-from capscale.adapters import EncoderAdapter, get_adapter, registered_model_types
-from capscale.cli import main
-from capscale.config import load_config
-from capscale.errors import ConfigError, ModelError
-from capscale.inspection import suggest_adapter
-from capscale.models import check_encoder
 
 ROOT = Path(__file__).resolve().parent.parent
 BERT_PATHS = {"layers": "encoder.layer", "query": "attention.self.query",
@@ -105,7 +105,7 @@ def test_names_and_import_paths(tmp_path, monkeypatch):
     assert resolve_adapter(None, "bert") is get_adapter("bert")
     assert resolve_adapter("roberta", "bert") is get_adapter("roberta")
     (tmp_path / "my_adapters.py").write_text(textwrap.dedent("""
-        from capscale.adapters import EncoderAdapter
+        from capscale.models.adapters import EncoderAdapter
         AS_OBJECT = EncoderAdapter(model_types=("mine",), layers="blocks")
         class Table:
             AS_MAPPING = {"layers": "stack", "query": "mixer.q"}
@@ -127,7 +127,7 @@ def test_names_and_import_paths(tmp_path, monkeypatch):
 
 
 PLUGIN = '''
-from capscale.adapters import EncoderAdapter
+from capscale.models.adapters import EncoderAdapter
 EMBER = {"layers": "stack", "query": "mixer.to_q", "key": "mixer.to_k",
          "value": "mixer.to_v", "attn_out": "mixer.to_out", "ffn_in": "ff.w_in",
          "ffn_out": "ff.w_out", "head_linear": "score", "num_heads_attr": "attn_heads"}
@@ -138,7 +138,7 @@ NOT_BERT = EncoderAdapter(model_types=("bert",), layers="elsewhere")
 
 PROBE = '''
 import json
-from capscale.adapter_specs import plugin_adapters, plugin_errors, resolve_adapter
+from capscale.models.specs import plugin_adapters, plugin_errors, resolve_adapter
 from capscale.errors import ModelError
 first = plugin_adapters()
 out = {"loaded_once": plugin_adapters() is first,
@@ -163,7 +163,7 @@ def test_entry_point_plugins_load_in_a_fresh_process(tmp_path):
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: glow-plugin\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text(
-        "[capscale.adapters]\nember = glow_plugin:EMBER\nglow = glow_plugin:PAIR\n"
+        "[capscale.models.adapters]\nember = glow_plugin:EMBER\nglow = glow_plugin:PAIR\n"
         "not_bert = glow_plugin:NOT_BERT\nbroken = glow_plugin:MISSING\n")
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{ROOT}:{site}", "OMP_NUM_THREADS": "1",
            "DS_ACCELERATOR": "cpu", "HOME": str(tmp_path)}

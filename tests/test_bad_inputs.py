@@ -15,7 +15,7 @@ from _tiny_run import make_model, overrides, setup
 from capscale.cli import main
 from capscale.config import load_config
 from capscale.data import check_lengths, load_task_data
-from capscale.models import load_tokenizer
+from capscale.models.loading import load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from capscale.contrastive.banks import RepresentationBank
 from capscale.contrastive.objectives import BankObjective, gathered_pairs
 from capscale.data import Collator, load_task_data, make_loader, model_inputs, tokenize
 from capscale.distributed import DistContext
-from capscale.models import (
+from capscale.models.loading import (
     RepresentationTap,
     adapter_for,
     forward_with_representation,

@@ -14,9 +14,9 @@ import pytest
 import transformers
 from tiny import sentiment_rows, tiny_config, write_csv
 
-from capscale.adapters import get_adapter
 from capscale.config import ConfigError, load_config
 from capscale.data import load_task_data
+from capscale.models.adapters import get_adapter
 from capscale.run import main
 
 NO_MODEL = "/nonexistent/capscale-test-model"

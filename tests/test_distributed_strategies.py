@@ -139,7 +139,7 @@ def test_entry_point_smoke(strategy, assets, tmp_path_factory):
     assert report["linear_sparsity"] > 0.25
     from transformers import AutoModelForSequenceClassification
 
-    from capscale.models import adapter_for
+    from capscale.models.loading import adapter_for
     model = AutoModelForSequenceClassification.from_pretrained(out / "pruned" / "model")
     names = adapter_for(model).qualified_names(model)
     assert set(report["per_matrix"]) == set(names)

@@ -24,9 +24,9 @@ from transformers import (
 )
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from capscale.adapters import ROLES, EncoderAdapter, register_adapter
-from capscale.export import export_pruned
-from capscale.models import resolve_model_path
+from capscale.export.huggingface import export_pruned
+from capscale.models.adapters import ROLES, EncoderAdapter, register_adapter
+from capscale.models.loading import resolve_model_path
 from capscale.pruning import MaskedLinear
 
 

@@ -20,8 +20,8 @@ from torch.utils.data import DistributedSampler
 
 from capscale.data import Collator, make_loader
 from capscale.distributed import DistContext
-from capscale.evaluation import evaluate
 from capscale.tasks import get_task
+from capscale.train.evaluation import evaluate
 
 ROWS, CLASSES, EVAL_BATCH = 13, 3, 3
 GOLD = [0, 1, 2, 0, 1, 2, 0, 1, 2, 1, 0, 2, 1]

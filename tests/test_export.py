@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from tiny import eval_inputs, run_cap
 from transformers import AutoModelForSequenceClassification
 
-from capscale.export import export_pruned
+from capscale.export.huggingface import export_pruned
 from capscale.pruning import MaskedLinear
 
 RELOAD = """

@@ -18,11 +18,11 @@ from tiny import eval_inputs, run_cap
 from transformers import AutoModelForSequenceClassification
 
 from capscale.config import ConfigError, load_config, save_config
-from capscale.export import export_pruned, export_structured
-from capscale.formats import load_export, write_formats
-from capscale.formats.onnx_export import onnx_logits, onnx_session
-from capscale.formats.sparse import pack_bits, write_sparse
-from capscale.models import adapter_for
+from capscale.export.formats import load_export, write_formats
+from capscale.export.huggingface import export_pruned, export_structured
+from capscale.export.onnx_export import onnx_logits, onnx_session
+from capscale.export.sparse import pack_bits, write_sparse
+from capscale.models.loading import adapter_for
 from capscale.pruning.structured import StructuredMasks
 
 FORMATS = "export.formats=[pytorch,onnx,int8,sparse]"
@@ -97,7 +97,7 @@ def test_int8_is_smaller_and_scored_on_the_dev_set(masked_run):
 
 
 def test_run_report_lists_the_formats(masked_run):
-    from capscale.report import write_report
+    from capscale.report.document import write_report
 
     _, _, out = masked_run
     md = write_report(out.parent, speed_batches=0).read_text()

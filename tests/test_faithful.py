@@ -20,9 +20,9 @@ from capscale.config import ConfigError, load_config
 from capscale.console import Console
 from capscale.data import model_inputs
 from capscale.distributed import DistContext
-from capscale.loop import LoopHook
-from capscale.models import forward_with_representation, resolve_model_path
+from capscale.models.loading import forward_with_representation, resolve_model_path
 from capscale.recipe import CAPRecipe
+from capscale.train.loop import LoopHook
 
 
 class ViewsPerStep(LoopHook):

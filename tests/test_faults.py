@@ -15,8 +15,8 @@ import time
 import pytest
 from _tiny_run import ROOT, command, env, overrides, rank_pid, setup
 
-from capscale.checkpoint import list_checkpoints
 from capscale.run import main
+from capscale.train.checkpoint import list_checkpoints
 
 
 @pytest.fixture(scope="module")

@@ -58,7 +58,7 @@ def test_missed_target_prunes_to_the_end_and_says_so(tiny_model_factory, tiny_cs
 def test_exported_latency_times_the_smaller_model(tiny_model_factory):
     from transformers import AutoModelForSequenceClassification
 
-    from capscale.models import adapter_for
+    from capscale.models.loading import adapter_for
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model_factory("bert"))
     adapter = adapter_for(model)
     layers = len(adapter.layer_modules(model))

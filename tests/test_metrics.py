@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from capscale.metrics import accuracy, f1, matthews, pearson, spearman
 from capscale.tasks import get_task
+from capscale.tasks.metrics import accuracy, f1, matthews, pearson, spearman
 
 BIN_PRED = np.array([1, 1, 0, 1, 0, 0])
 BIN_GOLD = np.array([1, 0, 0, 1, 1, 0])  # TP 2, TN 2, FP 1, FN 1

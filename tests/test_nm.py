@@ -8,7 +8,7 @@ from tiny import eval_inputs, run_cap
 from transformers import AutoModelForSequenceClassification
 
 from capscale.config import ConfigError, load_config
-from capscale.export import export_pruned
+from capscale.export.huggingface import export_pruned
 from capscale.pruning.binarizers import NMBinarizer, nm_mask
 from capscale.pruning.nm import check_pattern, to_semi_structured
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from capscale.cli import main
 from capscale.errors import ModelError
-from capscale.models import check_encoder, read_config
+from capscale.models.loading import check_encoder, read_config
 
 EMBER = {"layers": "stack", "query": "mixer.to_q", "key": "mixer.to_k", "value": "mixer.to_v",
          "attn_out": "mixer.to_out", "ffn_in": "ff.w_in", "ffn_out": "ff.w_out",

@@ -17,7 +17,7 @@ from capscale.contrastive.modules import (
     register_contrastive_module,
 )
 from capscale.pruning.methods import PRUNING_METHODS, WeightPruning, register_pruning_method
-from capscale.pruning.rules import WEIGHT_RULES, MagnitudeRule
+from capscale.pruning.weight_rules import WEIGHT_RULES, MagnitudeRule
 from capscale.run import main
 from capscale.tasks import TASKS, ClassificationTask, register_task
 

@@ -36,8 +36,7 @@ from capscale.console import Console
 from capscale.data import build_loaders, check_lengths, load_task_data, model_inputs
 from capscale.distributed import DistContext
 from capscale.errors import DataError, ModelError
-from capscale.evaluation import evaluate
-from capscale.models import (
+from capscale.models.loading import (
     RepresentationTap,
     adapter_for,
     check_teacher,
@@ -55,6 +54,7 @@ from capscale.tasks.qa_metrics import (
     normalize_answer,
     squad_scores,
 )
+from capscale.train.evaluation import evaluate
 
 QA = get_task("qa")
 

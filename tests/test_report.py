@@ -9,7 +9,7 @@ import pytest
 from _tiny_run import overrides, setup
 from matplotlib import image
 
-from capscale.report import Trackers, write_report
+from capscale.report.document import Trackers, write_report
 from capscale.run import main
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -77,7 +77,7 @@ def test_missing_or_unknown_trackers_are_skipped_with_a_note(tmp_path):
 
 
 def test_loss_plot_includes_components_that_start_mid_run():
-    from capscale.report import loss_names
+    from capscale.report.document import loss_names
     history = [{"step": 1, "ce": 0.5, "prc_unsup": 0.3, "loss": 0.8, "sparsity": 0.0},
                {"step": 2, "ce": 0.4, "prc_unsup": 0.3, "snc_unsup": 0.2, "loss": 0.9,
                 "sparsity": 0.1}]

@@ -20,8 +20,8 @@ import torch
 from _tiny_run import ROOT, command, descendants, env, overrides, run, setup
 from safetensors.torch import load_file
 
-from capscale.checkpoint import list_checkpoints, resolve_resume
 from capscale.config import ConfigError, load_config
+from capscale.train.checkpoint import list_checkpoints, resolve_resume
 
 EVERY = 3
 

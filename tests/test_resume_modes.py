@@ -27,7 +27,7 @@ from test_resume import (
     assert_same_run,
 )
 
-from capscale.checkpoint import list_checkpoints
+from capscale.train.checkpoint import list_checkpoints
 
 # 3 levels x 6 retraining steps: levels start at steps 0, 6, 12, so checkpoints every 3
 # steps land inside levels (3, 9, 15) and on their boundaries (6, 12).

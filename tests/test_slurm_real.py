@@ -38,8 +38,8 @@ import torch
 from _tiny_run import ROOT, descendants, overrides, setup
 from test_resume import assert_same_run
 
-from capscale.checkpoint import STATE_FILE, list_checkpoints
 from capscale.config import load_config, save_config
+from capscale.train.checkpoint import STATE_FILE, list_checkpoints
 
 pytestmark = pytest.mark.slurm
 

@@ -12,8 +12,8 @@ import torch
 from structured_models import CONFIGS, tiny_inputs, tiny_model
 from transformers import AutoModelForSequenceClassification
 
-from capscale.export import export_structured
-from capscale.models import adapter_for
+from capscale.export.huggingface import export_structured
+from capscale.models.loading import adapter_for
 from capscale.pruning.structured import StructuredMasks
 
 

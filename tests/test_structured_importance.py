@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from structured_models import tiny_inputs, tiny_model
 
 from capscale.distributed import DistContext
-from capscale.models import adapter_for
+from capscale.models.loading import adapter_for
 from capscale.pruning.structured import (
     Importance,
     StructuredMasks,

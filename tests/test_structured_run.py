@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel
 
 from capscale.config import ConfigError, load_config
-from capscale.models import resolve_model_path
+from capscale.models.loading import resolve_model_path
 from capscale.run import main
 
 

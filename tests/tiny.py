@@ -16,7 +16,7 @@ import torch
 import transformers
 from transformers import AutoTokenizer
 
-from capscale.models import resolve_model_path
+from capscale.models.loading import resolve_model_path
 
 MINILM_VOCAB = 30522  # the packaged tokenizer's vocabulary; token ids index the embeddings
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .loader import (
+from capscale.config.loader import (
     ConfigError,
     build,
     merge_dicts,
@@ -20,7 +20,7 @@ from .loader import (
     save_yaml,
     to_dict,
 )
-from .schema import (
+from capscale.config.schema import (
     DATA_PRESETS,
     CAPConfig,
     CheckpointConfig,

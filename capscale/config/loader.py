@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
-from ..errors import ConfigError, did_you_mean
+from capscale.errors import ConfigError, did_you_mean
 
 
 def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:

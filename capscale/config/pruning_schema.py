@@ -1,7 +1,7 @@
 """The pruning sections of the configuration: ``pruning`` and ``structured``.
 
 Part of the schema (capscale.config.schema re-exports both); each section checks its
-own values, cross-section rules live in capscale.config.rules.
+own values, cross-section rules live in capscale.checks.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class PruningConfig:
     # ``soft_threshold: target`` the top 1 - s_t of the scores (the scheduled sparsity
     # reached at every step; global with ``scope: global``), or ``schedule`` (the
     # reference) sigmoid(S) > tau_t with tau going 0 -> final_threshold, the sparsity
-    # left to the penalty (see capscale.pruning.rules).
+    # left to the penalty (see capscale.pruning.weight_rules).
     soft_threshold: Literal["target", "schedule"] = "target"
     final_threshold: float = 0.1
     final_lambda: float = 100.0

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .loader import ConfigError, get_dotted
-from .pruning_schema import PruningConfig, StructuredConfig
-from .qa import Check, QAConfig
+from capscale.config.loader import ConfigError, get_dotted
+from capscale.config.pruning_schema import PruningConfig, StructuredConfig
+from capscale.config.qa_schema import Check, QAConfig
 
 
 @dataclass
@@ -30,7 +30,7 @@ class ModelConfig:
     # Fine-tuned (dense) teacher: hub name or local path. None: capscale fine-tunes one
     # first (see ``teacher_training``) and caches it under ``<output_dir>/teacher``.
     teacher: str | None = None
-    # Where the encoder keeps its prunable matrices (capscale.adapter_specs): None (the
+    # Where the encoder keeps its prunable matrices (capscale.models.specs): None (the
     # adapter of the config's ``model_type``, built in or a plug-in), a registered name,
     # an import path ``package.module:ATTRIBUTE``, or a mapping of EncoderAdapter fields.
     adapter: str | dict[str, Any] | None = None
@@ -41,7 +41,7 @@ class ModelConfig:
 
     def check(self) -> list[Check]:
         if isinstance(self.adapter, dict):  # its keys and value types, before any model
-            from ..adapter_specs import adapter_from_mapping
+            from capscale.models.specs import adapter_from_mapping
 
             adapter_from_mapping(self.adapter)
         return []
@@ -244,7 +244,7 @@ class TeacherTrainingConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Resumable checkpoints of the pruning run (see capscale.checkpoint)."""
+    """Resumable checkpoints of the pruning run (see capscale.train.checkpoint)."""
 
     every_steps: int = 0  # save every N optimiser steps (0: never)
     # Keep the newest K checkpoints; older ones are deleted after a save succeeds.
@@ -276,7 +276,8 @@ class ReportConfig:
 
 @dataclass
 class ExportConfig:
-    """What the export at the end of a run writes (capscale.export, capscale.formats)."""
+    """What the export at the end of a run writes (capscale.export.huggingface,
+    capscale.export.formats)."""
 
     # ``pytorch`` (the Hugging Face checkpoint, always written), ``onnx`` (fp32 ONNX),
     # ``int8`` (ONNX with dynamically quantised INT8 weights; implies onnx), ``sparse``
@@ -295,7 +296,7 @@ class ExportConfig:
     def check(self) -> list[Check]:
         import importlib.util
 
-        from ..formats import FORMATS, NEEDS
+        from capscale.export.formats import FORMATS, NEEDS
 
         missing = sorted({p for f in self.formats for p in NEEDS.get(f, ())
                           if importlib.util.find_spec(p) is None})
@@ -373,7 +374,7 @@ class Config:
             for ok, name, why in getattr(self, section).check():
                 if not ok:
                     raise ConfigError(f"{name} = {get_dotted(self, name)!r}: {why}")
-        from .rules import cross_section_rules
+        from capscale.checks import cross_section_rules
 
         for rule in cross_section_rules(self):
             raise ConfigError(rule)

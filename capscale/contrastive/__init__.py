@@ -2,6 +2,6 @@
 module table (modules), the objectives and their table (objectives: bank mode; online:
 live references and the queue of queue.py)."""
 
-from . import objectives, online
+from capscale.contrastive import objectives, online
 
 __all__ = ["objectives", "online"]

@@ -29,7 +29,7 @@ from typing import Protocol
 
 from torch import nn
 
-from ..registry import add_entry
+from capscale.registry import add_entry
 
 
 class ReferenceLoader(Protocol):

@@ -27,14 +27,19 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from ..registry import add_entry
-from .banks import RepresentationBank
-from .modules import CONTRASTIVE_MODULES, ContrastiveModule, module_index
-from .nce import Candidates, build_candidates, candidate_log_probs, nce_from_log_probs
+from capscale.contrastive.banks import RepresentationBank
+from capscale.contrastive.modules import CONTRASTIVE_MODULES, ContrastiveModule, module_index
+from capscale.contrastive.nce import (
+    Candidates,
+    build_candidates,
+    candidate_log_probs,
+    nce_from_log_probs,
+)
+from capscale.registry import add_entry
 
 if TYPE_CHECKING:
-    from ..config import CAPConfig
-    from ..distributed import DistContext
+    from capscale.config import CAPConfig
+    from capscale.distributed import DistContext
 
 Reader = Callable[[dict[str, Tensor]], Tensor]  # model inputs -> (B, H) normalised
 

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from .nce import build_candidates
-from .objectives import (
+from capscale.contrastive.nce import build_candidates
+from capscale.contrastive.objectives import (
     OBJECTIVES,
     Reader,
     ReferenceProvider,
@@ -25,11 +25,11 @@ from .objectives import (
     gather_batch,
     module_terms,
 )
-from .queue import ReferenceQueue
+from capscale.contrastive.queue import ReferenceQueue
 
 if TYPE_CHECKING:
-    from ..config import CAPConfig
-    from ..distributed import DistContext
+    from capscale.config import CAPConfig
+    from capscale.distributed import DistContext
 
 
 class OnlineObjective(nn.Module):

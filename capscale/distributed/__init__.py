@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from .context import (
+from capscale.distributed.context import (
     DistContext,
     init_distributed,
     launcher_strategy,
     resolve_strategy,
     shutdown_distributed,
 )
-from .strategy import Strategy, local_param_bytes, unwrap
+from capscale.distributed.strategy import Strategy, local_param_bytes, unwrap
 
 STRATEGY_NAMES = ("single", "ddp", "zero3", "fsdp2")
 
@@ -28,10 +28,10 @@ def make_strategy(ctx: DistContext, options: Any = None) -> Strategy:
     if ctx.strategy in ("single", "ddp"):
         return Strategy(ctx, options)
     if ctx.strategy == "zero3":
-        from .zero3 import ZeRO3Strategy
+        from capscale.distributed.zero3 import ZeRO3Strategy
         return ZeRO3Strategy(ctx, options)
     if ctx.strategy == "fsdp2":
-        from .fsdp2 import FSDP2Strategy
+        from capscale.distributed.fsdp2 import FSDP2Strategy
         return FSDP2Strategy(ctx, options)
     raise ValueError(f"unknown strategy {ctx.strategy!r}; known: {', '.join(STRATEGY_NAMES)}")
 

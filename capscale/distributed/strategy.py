@@ -23,8 +23,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-from ..pruning.masked import MaskedLinear
-from .context import DistContext
+from capscale.distributed.context import DistContext
+from capscale.pruning.masked import MaskedLinear
 
 LrLambda = Callable[[int], float]
 
@@ -179,7 +179,7 @@ class Strategy:
     def unwrap(self, model: nn.Module) -> nn.Module:
         return unwrap(model)
 
-    # -- checkpoints (capscale.checkpoint) --------------------------------------------
+    # -- checkpoints (capscale.train.checkpoint) --------------------------------------------
     def save_state(self, path: Path, model: nn.Module, opt: Optimizer, sched: LambdaLR
                    ) -> list[Path]:
         """Write the student, optimiser and LR-schedule state under ``path``.

@@ -23,9 +23,9 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-from ..pruning.masked import MaskedLinear
-from .context import DistContext
-from .strategy import LrLambda, Strategy, unwrap
+from capscale.distributed.context import DistContext
+from capscale.distributed.strategy import LrLambda, Strategy, unwrap
+from capscale.pruning.masked import MaskedLinear
 
 
 def import_deepspeed() -> Any:

@@ -1,9 +1,14 @@
 """Pruning: straight-through binarizers, the cubic schedule, masked layers, accounting."""
 
-from .binarizers import SigmoidThresholdBinarizer, ThresholdBinarizer, TopKBinarizer, topk_mask
-from .masked import MaskedLinear, Pruner, attach_masks, bake_masks, kth_largest
-from .report import sparsity_report
-from .schedule import cubic_sparsity, warmup_steps
+from capscale.pruning.accounting import sparsity_report
+from capscale.pruning.binarizers import (
+    SigmoidThresholdBinarizer,
+    ThresholdBinarizer,
+    TopKBinarizer,
+    topk_mask,
+)
+from capscale.pruning.masked import MaskedLinear, Pruner, attach_masks, bake_masks, kth_largest
+from capscale.pruning.schedule import cubic_sparsity, warmup_steps
 
 __all__ = [
     "MaskedLinear",

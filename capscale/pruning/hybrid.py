@@ -38,16 +38,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError
-from .latency import LatencyTarget
-from .masked import MaskedLinear, Pruner, replace_module
-from .methods import WeightMaskController
-from .rules import WEIGHT_RULES
-from .structured import structured_param_counts
+from capscale.errors import ConfigError
+from capscale.pruning.latency import LatencyTarget
+from capscale.pruning.masked import MaskedLinear, Pruner, replace_module
+from capscale.pruning.methods import WeightMaskController
+from capscale.pruning.structured import structured_param_counts
+from capscale.pruning.weight_rules import WEIGHT_RULES
 
 if TYPE_CHECKING:
-    from ..adapters import EncoderAdapter
-    from .methods import PruningRun
+    from capscale.models.adapters import EncoderAdapter
+    from capscale.pruning.methods import PruningRun
 
 UNIT_ROLES = ("attn_out", "ffn_out")
 
@@ -235,7 +235,7 @@ class HybridController(WeightMaskController):
     def export(self, out_dir: Path, extra: dict[str, Any] | None = None
                ) -> dict[str, Any] | None:
         """The physically smaller student (pruned heads and neurons sliced away)."""
-        from ..export import export_structured
+        from capscale.export.huggingface import export_structured
 
         model = self.run.full_student()  # collective
         if model is None:

@@ -28,8 +28,8 @@ import torch
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
-    from ..adapters import EncoderAdapter
-    from .methods import PruningRun
+    from capscale.models.adapters import EncoderAdapter
+    from capscale.pruning.methods import PruningRun
 
 
 def time_forward(model: nn.Module, batch_size: int, seq_length: int, repeats: int = 3,
@@ -64,7 +64,7 @@ def exported_latency(model: nn.Module, adapter: EncoderAdapter, heads: list[Tens
     capscale's masked layers)."""
     import transformers
 
-    from ..export import auto_class_name, export_structured
+    from capscale.export.huggingface import auto_class_name, export_structured
 
     target = copy.deepcopy(model).cpu()
     if prepare is not None:

@@ -17,18 +17,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..adapters import EncoderAdapter
-from .rules import WeightRule, get_weight_rule, uses_topk
-from .schedule import cubic_sparsity, warmup_steps
+from capscale.models.adapters import EncoderAdapter
+from capscale.pruning.schedule import cubic_sparsity, warmup_steps
+from capscale.pruning.weight_rules import WeightRule, get_weight_rule, uses_topk
 
 if TYPE_CHECKING:
-    from ..config import PruningConfig
+    from capscale.config import PruningConfig
 
 AllReduceFn = Callable[[Tensor], Tensor]  # sums a tensor over ranks (identity at world 1)
 
 
 class MaskedLinear(nn.Linear):
-    """``y = x (W * M)^T + b`` with ``M`` computed by a weight rule (capscale.pruning.rules)
+    """``y = x (W * M)^T + b`` with ``M`` computed by a weight rule (capscale.pruning.weight_rules)
     from learned scores or from ``|W|``.
 
     The layer holds the state every rule shares: the scores (when the rule learns

@@ -3,12 +3,12 @@
 An entry (:class:`PruningMethod`) says what scores the method learns, whether its
 export removes what it prunes (a physically smaller model) or bakes masks into a dense
 checkpoint, which objectives it refuses, and builds the run's
-:class:`PruningController`: a :class:`~capscale.loop.LoopHook` that attaches masks to
+:class:`PruningController`: a :class:`~capscale.train.loop.LoopHook` that attaches masks to
 the student, moves them along its schedule, adds its regulariser to the loss, reports
 sparsity and exports. Built-in entries:
 
 * ``movement`` / ``soft_movement`` / ``magnitude``: unstructured weight masks through a
-  :mod:`~capscale.pruning.rules` rule and the cubic schedule (:class:`WeightPruning`);
+  :mod:`~capscale.pruning.weight_rules` rule and the cubic schedule (:class:`WeightPruning`);
 * ``structured``: heads and FFN neurons, CAP-f (:mod:`capscale.pruning.structured_run`);
 * ``hybrid``: movement scores on whole heads and FFN neurons, exported physically
   smaller (:mod:`capscale.pruning.hybrid`);
@@ -28,19 +28,19 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
-from ..loop import LoopHook
-from ..registry import add_entry
-from .masked import MaskedLinear, Pruner, attach_masks
-from .report import sparsity_report
-from .rules import WEIGHT_RULES, WeightRule, register_weight_rule
+from capscale.errors import ConfigError
+from capscale.pruning.accounting import sparsity_report
+from capscale.pruning.masked import MaskedLinear, Pruner, attach_masks
+from capscale.pruning.weight_rules import WEIGHT_RULES, WeightRule, register_weight_rule
+from capscale.registry import add_entry
+from capscale.train.loop import LoopHook
 
 if TYPE_CHECKING:
-    from ..adapters import EncoderAdapter
-    from ..config import Config
-    from ..distributed import DistContext, Strategy
-    from ..loop import Phases
-    from ..state import RunState
+    from capscale.config import Config
+    from capscale.distributed import DistContext, Strategy
+    from capscale.models.adapters import EncoderAdapter
+    from capscale.train.loop import Phases
+    from capscale.train.state import RunState
 
 
 class PruningRun(Protocol):
@@ -282,7 +282,7 @@ class StructuredPruning:
         return None
 
     def controller(self, run: PruningRun) -> PruningController:
-        from .structured_run import StructuredController
+        from capscale.pruning.structured_run import StructuredController
         return StructuredController(run)
 
 
@@ -295,7 +295,7 @@ class HybridPruning(StructuredPruning):
     evaluates_itself = False
 
     def controller(self, run: PruningRun) -> PruningController:
-        from .hybrid import HybridController
+        from capscale.pruning.hybrid import HybridController
         return HybridController(run)
 
 

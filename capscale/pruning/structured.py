@@ -1,6 +1,6 @@
 """Structured pruning of attention heads and FFN neurons through activation masks.
 
-Every encoder family exposes the same two seams (see capscale.adapters): the input of
+Every encoder family exposes the same two seams (see capscale.models.adapters): the input of
 the attention output projection ``attn_out`` is the concatenation of the heads'
 contexts (head ``h`` owns columns ``h*d:(h+1)*d``), and the input of the FFN down
 projection ``ffn_out`` holds one column per intermediate neuron. A forward pre-hook on
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..adapters import EncoderAdapter, get_submodule
+from capscale.models.adapters import EncoderAdapter, get_submodule
 
 AllReduceFn = Callable[[Tensor], Tensor]  # sums a tensor over ranks
 

@@ -32,21 +32,21 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from ..loop import LoopHook, set_epoch
-from .latency import LatencyTarget
-from .schedule import cubic_sparsity, warmup_steps
-from .structured import (
+from capscale.pruning.latency import LatencyTarget
+from capscale.pruning.schedule import cubic_sparsity, warmup_steps
+from capscale.pruning.structured import (
     Importance,
     StructuredMasks,
     select_structure,
     structured_param_counts,
     taylor_importance,
 )
+from capscale.train.loop import LoopHook, set_epoch
 
 if TYPE_CHECKING:
     from torch.utils.data import DataLoader
 
-    from .methods import PruningRun
+    from capscale.pruning.methods import PruningRun
 
 EPS = 1e-9
 LossFn = Callable[[nn.Module, dict[str, Tensor]], Tensor]  # (bare model, batch) -> loss
@@ -266,7 +266,7 @@ class StructuredController(LoopHook):
                ) -> dict[str, Any] | None:
         """Write the physically smaller student (heads and FFN neurons sliced away) from
         the main rank; collective (a sharded student is gathered first)."""
-        from ..export import export_structured
+        from capscale.export.huggingface import export_structured
 
         model = self.run.full_student()
         if model is None:

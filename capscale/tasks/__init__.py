@@ -15,9 +15,9 @@ entry::
 
 from __future__ import annotations
 
-from .base import TASKS, Task, get_task, register_task
-from .qa import QuestionAnsweringTask
-from .sequence import ClassificationTask, RegressionTask
+from capscale.tasks.base import TASKS, Task, get_task, register_task
+from capscale.tasks.qa import QuestionAnsweringTask
+from capscale.tasks.sequence import ClassificationTask, RegressionTask
 
 register_task(ClassificationTask())
 register_task(RegressionTask())

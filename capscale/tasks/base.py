@@ -7,12 +7,12 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import numpy as np
 from torch import Tensor, nn
 
-from ..registry import add_entry
+from capscale.registry import add_entry
 
 if TYPE_CHECKING:
     import datasets
 
-    from ..config import DataConfig
+    from capscale.config import DataConfig
 
 
 @runtime_checkable

@@ -1,7 +1,7 @@
 """Extractive question answering (SQuAD v1.1 / v2) on ``AutoModelForQuestionAnswering``.
 
 The model's start and end logits travel through capscale stacked as one ``(B, L, 2)``
-tensor (capscale.models.output_logits); a window's labels are its ``(start, end)``
+tensor (capscale.models.loading.output_logits); a window's labels are its ``(start, end)``
 token positions. What is computed (docs/algorithm.md, "Extractive QA"):
 
 * loss: the mean of the cross-entropies of the start and of the end position;
@@ -28,28 +28,28 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import AutoConfig, AutoModelForQuestionAnswering, PreTrainedModel
 
-from .qa_data import (
+from capscale.tasks.qa_data import (
     QAEvalReference,
     check_examples,
     drop_long_questions,
     qa_features,
 )
-from .qa_metrics import best_answers, squad_scores
+from capscale.tasks.qa_metrics import best_answers, squad_scores
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from ..config import DataConfig
+    from capscale.config import DataConfig
 
 
 class QuestionAnsweringTask:
     """Extractive QA: a start and an end position per question (see module docstring).
 
     Beyond the :class:`~capscale.tasks.Task` protocol it provides the optional hooks
-    capscale.data, capscale.models and capscale.export look for: ``prepare_splits``
-    (checked examples instead of labels), ``check_lengths`` (questions too long for a
-    window), ``features`` (token windows, the bank's windows and the decoding
-    reference), ``model_class`` / ``architecture_suffix`` (the head), and
+    capscale.data, capscale.models.loading and capscale.export.huggingface look for:
+    ``prepare_splits`` (checked examples instead of labels), ``check_lengths``
+    (questions too long for a window), ``features`` (token windows, the bank's windows
+    and the decoding reference), ``model_class`` / ``architecture_suffix`` (the head), and
     ``head_linear`` (where the ``head`` representation is read).
     """
 

@@ -33,13 +33,13 @@ from typing import TYPE_CHECKING, Any
 import datasets
 import numpy as np
 
-from ..errors import DataError
+from capscale.errors import DataError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from ..config import DataConfig
-    from ..config.qa import QAConfig
+    from capscale.config import DataConfig
+    from capscale.config.qa_schema import QAConfig
 
 QA_COLUMNS = ("id", "question", "context", "answers")
 

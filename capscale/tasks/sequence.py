@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
 
-from ..errors import DataError
-from ..metrics import accuracy, f1, matthews, pearson, spearman
+from capscale.errors import DataError
+from capscale.tasks.metrics import accuracy, f1, matthews, pearson, spearman
 
 if TYPE_CHECKING:
-    from ..config import DataConfig
+    from capscale.config import DataConfig
 
 
 def load_sequence_model(path: str, num_labels: int, label_names: list[str] | None,
@@ -26,7 +26,7 @@ def load_sequence_model(path: str, num_labels: int, label_names: list[str] | Non
     """An encoder with a sequence-level head of ``num_labels`` outputs.
 
     A checkpoint whose head has another size (e.g. a pre-trained encoder) gets a fresh
-    head; a *teacher* must match, which ``capscale.models.check_teacher`` verifies.
+    head; a *teacher* must match, which ``capscale.models.loading.check_teacher`` verifies.
     """
     config = AutoConfig.from_pretrained(path, num_labels=num_labels,
                                         trust_remote_code=trust_remote_code)

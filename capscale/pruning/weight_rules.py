@@ -48,8 +48,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from ..registry import add_entry
-from .binarizers import (
+from capscale.pruning.binarizers import (
     NMBinarizer,
     SigmoidThresholdBinarizer,
     ThresholdBinarizer,
@@ -58,9 +57,10 @@ from .binarizers import (
     nm_mask,
     topk_mask,
 )
+from capscale.registry import add_entry
 
 if TYPE_CHECKING:
-    from .masked import MaskedLinear, Pruner
+    from capscale.pruning.masked import MaskedLinear, Pruner
 
 
 @runtime_checkable
@@ -194,7 +194,7 @@ def register_weight_rule(rule: WeightRule, overwrite: bool = False) -> WeightRul
     """Make ``rule`` known by name to the masked layers (checkpoints and exports rebuild
     masks from the rule's name)."""
     if not isinstance(rule, WeightRule):
-        raise TypeError(f"{rule!r} does not implement capscale.pruning.rules.WeightRule")
+        raise TypeError(f"{rule!r} does not implement capscale.pruning.weight_rules.WeightRule")
     return add_entry(WEIGHT_RULES, rule.name, rule, "weight rule", overwrite)
 
 

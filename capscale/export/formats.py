@@ -10,7 +10,7 @@ load it: ``AutoModelForSequenceClassification.from_pretrained``, with
   of the ONNX model; check: max abs logit diff within ``int8_rtol`` x the largest
   |logit| of the batch, and the argmax agreement on it;
 * ``sparse``: ``sparse/``, the unstructured export as bitmask + kept values
-  (capscale.formats.sparse); check: its logits after loading equal the dense
+  (capscale.export.sparse); check: its logits after loading equal the dense
   export's (max abs diff within 1e-6), and its size next to the dense one.
 
 With a dev set, the task metrics of the PyTorch, ONNX and INT8 models on it and the
@@ -30,10 +30,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .card import write_model_card
+from capscale.export.card import write_model_card
 
 if TYPE_CHECKING:
-    from ..tasks import Task
+    from capscale.tasks import Task
 
 FORMATS = ("pytorch", "onnx", "int8", "sparse")
 ONNX_ATOL = 1e-4  # fp32 ONNX Runtime vs PyTorch: max abs logit difference
@@ -68,7 +68,7 @@ def load_export(model_dir: str | Path, trust_remote_code: bool = False) -> torch
 @torch.no_grad()
 def _dev_figures(model: torch.nn.Module, sessions: dict[str, Any], dev: DevSet
                  ) -> dict[str, Any]:
-    from .onnx_export import onnx_logits
+    from capscale.export.onnx_export import onnx_logits
 
     logits: dict[str, list[np.ndarray]] = {"pytorch": [], **{k: [] for k in sessions}}
     labels, n = [], 0
@@ -115,8 +115,8 @@ def write_formats(out_dir: str | Path, formats: Iterable[str],
         the ``formats`` entry of the report: per format its path, bytes, figures and
         ``ok``; ``ok`` at the top when every check passed.
     """
-    from .onnx_export import export_onnx, onnx_logits, onnx_session, quantize_int8
-    from .onnx_export import sample_inputs as random_inputs
+    from capscale.export.onnx_export import export_onnx, onnx_logits, onnx_session, quantize_int8
+    from capscale.export.onnx_export import sample_inputs as random_inputs
 
     out, say = Path(out_dir), log or (lambda _: None)
     formats = list(formats)
@@ -132,7 +132,7 @@ def write_formats(out_dir: str | Path, formats: Iterable[str],
     result: dict[str, Any] = {"check_batch": list(batch["input_ids"].shape)}
     sessions: dict[str, Any] = {}
     if "sparse" in wanted:
-        from .sparse import write_sparse
+        from capscale.export.sparse import write_sparse
 
         t0 = time.perf_counter()
         info = write_sparse(out / "model", out / "sparse")

@@ -9,7 +9,7 @@ The full objective of a batch (Xu et al., AAAI 2022, eq. 7)::
 :class:`CAPLoss` returns every component by name (they are logged separately);
 :class:`Update` checks that the total is finite on every rank, then backward, optimiser
 step and LR step through the strategy. Both time their parts through
-:class:`capscale.loop.Phases`.
+:class:`capscale.train.loop.Phases`.
 """
 
 from __future__ import annotations
@@ -24,14 +24,14 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-from .data import model_inputs
-from .loop import Phases, finite_or_raise
-from .models import RepresentationTap, forward_with_representation, output_logits
+from capscale.data import model_inputs
+from capscale.models.loading import RepresentationTap, forward_with_representation, output_logits
+from capscale.train.loop import Phases, finite_or_raise
 
 if TYPE_CHECKING:
-    from .config import Config
-    from .distributed import DistContext, Strategy
-    from .tasks import Task
+    from capscale.config import Config
+    from capscale.distributed import DistContext, Strategy
+    from capscale.tasks import Task
 
 
 @dataclass

@@ -3,8 +3,8 @@
 ``model.adapter`` says where an encoder keeps its prunable matrices, with no code:
 
 * unset: the adapter registered for the model's ``config.model_type``
-  (capscale.adapters), else one that an installed package declares under the Python
-  entry point group ``capscale.adapters`` (loaded once, on the first lookup);
+  (capscale.models.adapters), else one that an installed package declares under the Python
+  entry point group ``capscale.models.adapters`` (loaded once, on the first lookup);
 * a string: a registered name (or an entry point's name), or an import path
   ``package.module:ATTRIBUTE`` whose attribute is an EncoderAdapter or a mapping;
 * a mapping of EncoderAdapter fields, written in the YAML (lists become tuples;
@@ -40,10 +40,10 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, PretrainedConfig
 
-from .adapters import EncoderAdapter, get_adapter, registered_model_types
-from .errors import ConfigError, ModelError, did_you_mean
+from capscale.errors import ConfigError, ModelError, did_you_mean
+from capscale.models.adapters import EncoderAdapter, get_adapter, registered_model_types
 
-ENTRY_POINT_GROUP = "capscale.adapters"
+ENTRY_POINT_GROUP = "capscale.models.adapters"
 AdapterSpec = str | Mapping[str, Any] | EncoderAdapter | None
 _TUPLE_FIELDS = ("model_types", "extra_head_linears", "extra_head_params")
 _PLUGINS: dict[str, EncoderAdapter] | None = None
@@ -133,7 +133,7 @@ def import_adapter(path: str, model_type: str | None = None) -> EncoderAdapter:
 
 
 def plugin_adapters() -> dict[str, EncoderAdapter]:
-    """Adapters installed by packages (entry point group ``capscale.adapters``), by
+    """Adapters installed by packages (entry point group ``capscale.models.adapters``), by
     model_type and by entry point name; loaded once. An entry point loads to an
     EncoderAdapter, a list or tuple of them, or a mapping (whose ``model_types``
     default to the entry point's name). One that fails is skipped and reported in

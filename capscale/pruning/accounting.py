@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..adapters import LOGICAL_ROLES, EncoderAdapter
+from capscale.models.adapters import LOGICAL_ROLES, EncoderAdapter
 
 
 def sparsity_report(model: nn.Module, adapter: EncoderAdapter,

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 if TYPE_CHECKING:
-    from ..config import Config
+    from capscale.config import Config
 
 # Packaged model names -> the hub model they are a copy of.
 HUB_NAMES = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}

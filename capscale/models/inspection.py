@@ -1,7 +1,7 @@
 """``capscale inspect MODEL``: what capscale sees in an encoder, before any weight loads.
 
 The task model is built on the meta device from the config alone (``skeleton`` in
-capscale.adapter_specs). :func:`inspect_model` reports its class, the adapter that would be used (or
+capscale.models.specs). :func:`inspect_model` reports its class, the adapter that would be used (or
 why none fits), its layers and how often each is applied, and the prunable matrices of
 one layer with their shapes and logical row blocks (fused Q/K/V, gated FFN halves).
 When no adapter fits, :func:`suggest_adapter` guesses one from module names and shapes,
@@ -18,17 +18,17 @@ from typing import Any
 import yaml
 from torch import nn
 
-from .adapter_specs import (
+from capscale.console import Console
+from capscale.errors import ConfigError, ModelError
+from capscale.models.adapters import EncoderAdapter
+from capscale.models.loading import read_config
+from capscale.models.specs import (
     AdapterSpec,
     adapter_from_mapping,
     adapter_problems,
     resolve_adapter,
     skeleton,
 )
-from .adapters import EncoderAdapter
-from .console import Console
-from .errors import ConfigError, ModelError
-from .models import read_config
 
 # Last path segments that name Q / K / V maps, a fused Q/K/V map and an output projection.
 _QKV_WORDS = {"query": "q", "key": "k", "value": "v"}
@@ -274,7 +274,7 @@ def inspect_model(name: str, trust_remote_code: bool = False, spec: AdapterSpec 
 def parse_adapter_option(text: str) -> AdapterSpec:
     """``--adapter``: a YAML file (a config with ``model.adapter``, or the mapping
     itself), an inline YAML mapping, a registered name or an import path."""
-    from .config.loader import parse_yaml
+    from capscale.config.loader import parse_yaml
 
     path = Path(text)
     value = parse_yaml(path.read_text()) if path.is_file() else parse_yaml(text)

@@ -6,7 +6,7 @@ that transformers 5 accepts (>= 0.15) no longer ship sparse compressors, and
 transformers' compressed-tensors integration reads no ``sparsity_config``, so such a
 checkpoint loads with its pruned matrices missing (randomly initialised); see README
 "Export formats". The layout here is the same idea (bitmask + values, row-major),
-documented in capscale/formats/hf_sparse_model.py, the loader copied beside it.
+documented in capscale/export/hf_sparse_model.py, the loader copied beside it.
 """
 
 from __future__ import annotations

@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .config import Config
-    from .console import Console
-    from .recipe import CAPRecipe
-    from .state import RunState
+    from capscale.config import Config
+    from capscale.console import Console
+    from capscale.recipe import CAPRecipe
+    from capscale.train.state import RunState
 
 SPARSITY_KEYS = ("linear_sparsity", "encoder_sparsity", "total_sparsity")
 
@@ -32,7 +32,7 @@ def build_results(recipe: CAPRecipe, sparsity: dict[str, Any]) -> dict[str, Any]
         "world_size": recipe.ctx.world_size,
         "strategy": recipe.ctx.strategy,
         "method": cfg.pruning.method,
-        # mean milliseconds per step of each phase (capscale.loop.Phases), this rank
+        # mean milliseconds per step of each phase (capscale.train.loop.Phases), this rank
         "phase_ms": recipe.phase_totals.mean_ms(),
         # SnC views kept and their memory per rank, as logged before training
         "snapshots": recipe.snapshot_plan,

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .loop import LoopHook, Record
+from capscale.train.loop import LoopHook, Record
 
 if TYPE_CHECKING:
-    from .config import Config
+    from capscale.config import Config
 
 
 class SnapshotSchedule(LoopHook):

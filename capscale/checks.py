@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .schema import DATA_PRESETS
+from capscale.config.schema import DATA_PRESETS
 
 if TYPE_CHECKING:
-    from .schema import Config
+    from capscale.config.schema import Config
 
 
 def _table_name(value: str, table: dict[str, Any], key: str) -> str | None:
@@ -24,10 +24,10 @@ def cross_section_rules(cfg: Config) -> list[str]:
     the messages of the broken ones (empty: the config is consistent)."""
     # Function-level imports: the tables import no config at module level, so this is
     # the only direction of the dependency.
-    from ..contrastive.modules import CONTRASTIVE_MODULES
-    from ..contrastive.objectives import OBJECTIVES
-    from ..pruning.methods import PRUNING_METHODS
-    from ..tasks import TASKS
+    from capscale.contrastive.modules import CONTRASTIVE_MODULES
+    from capscale.contrastive.objectives import OBJECTIVES
+    from capscale.pruning.methods import PRUNING_METHODS
+    from capscale.tasks import TASKS
 
     out = [msg for msg in (
         _table_name(cfg.pruning.method, PRUNING_METHODS, "pruning.method"),

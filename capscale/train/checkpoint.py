@@ -32,8 +32,8 @@ from typing import Any
 
 import torch
 
-from .config import Config, config_to_dict
-from .errors import ConfigError
+from capscale.config import Config, config_to_dict
+from capscale.errors import ConfigError
 
 PREFIX = "step-"
 STATE_FILE = "trainer_state.json"

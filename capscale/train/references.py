@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from .contrastive.modules import ContrastiveModule
-from .contrastive.objectives import gathered_pairs
-from .data import model_inputs
-from .distributed.strategy import full_state, load_full_state
-from .models import (
+from capscale.contrastive.modules import ContrastiveModule
+from capscale.contrastive.objectives import gathered_pairs
+from capscale.data import model_inputs
+from capscale.distributed.strategy import full_state, load_full_state
+from capscale.models.loading import (
     RepresentationTap,
     forward_with_representation,
     freeze,
@@ -31,10 +31,10 @@ from .models import (
 )
 
 if TYPE_CHECKING:
-    from .adapters import EncoderAdapter
-    from .console import Console
-    from .distributed import DistContext, Strategy
-    from .step import Student
+    from capscale.console import Console
+    from capscale.distributed import DistContext, Strategy
+    from capscale.models.adapters import EncoderAdapter
+    from capscale.train.step import Student
 
 
 class RunReferences:

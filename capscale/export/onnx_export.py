@@ -5,7 +5,7 @@ the torch.export-based one: the TorchScript exporter is deprecated), batch and
 sequence axes dynamic; :func:`quantize_int8` rewrites it with ONNX Runtime's dynamic
 quantisation (weights stored as INT8, activations quantised per batch at run time, no
 calibration data); :func:`onnx_logits` runs either on the CPU execution provider.
-The checks that compare them with the PyTorch model live in capscale.formats.
+The checks that compare them with the PyTorch model live in capscale.export.formats.
 """
 
 from __future__ import annotations

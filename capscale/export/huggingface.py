@@ -1,10 +1,10 @@
 """Export: a plain Hugging Face model directory, the masks, a sparsity report and a
-model card (``model/README.md``, capscale.formats.card).
+model card (``model/README.md``, capscale.export.card).
 
 The exported model has the masks multiplied into its weights and no capscale module
 left in it, so the task's Auto class (``AutoModelForSequenceClassification``,
 ``AutoModelForQuestionAnswering``, ...) loads it with transformers alone and gives the
-masked model's logits. capscale.formats writes the same model as ONNX, INT8 ONNX or a
+masked model's logits. capscale.export.formats writes the same model as ONNX, INT8 ONNX or a
 sparse checkpoint, each checked against this one.
 """
 
@@ -19,12 +19,12 @@ import torch
 from safetensors.torch import save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .adapters import EncoderAdapter
-from .formats.card import write_model_card
-from .pruning import MaskedLinear, bake_masks, sparsity_report
-from .pruning.nm import check_pattern
-from .pruning.physical import prune_structure
-from .pruning.structured import strip_mask_hooks, structured_param_counts
+from capscale.export.card import write_model_card
+from capscale.export.physical import prune_structure
+from capscale.models.adapters import EncoderAdapter
+from capscale.pruning import MaskedLinear, bake_masks, sparsity_report
+from capscale.pruning.nm import check_pattern
+from capscale.pruning.structured import strip_mask_hooks, structured_param_counts
 
 REMOTE_CODE = "capscale_pruned"  # module name of the loader written next to the model
 # The end of a task model's class name -> the Auto class that loads it.
@@ -91,7 +91,7 @@ def export_structured(model: PreTrainedModel, adapter: EncoderAdapter, heads: li
 
     Writes ``out_dir/{model/, structure.json, sparsity_report.json}`` and the card. Per-layer head
     counts and FFN widths go to ``config.capscale_structure``; a ~60-line loader
-    (capscale/pruning/hf_pruned_model.py, torch + transformers only) is saved beside the
+    (capscale/export/hf_pruned_model.py, torch + transformers only) is saved beside the
     weights and registered in ``config.auto_map`` under the Auto class of the model's
     task (:func:`auto_class_name`), so::
 
@@ -120,7 +120,7 @@ def export_structured(model: PreTrainedModel, adapter: EncoderAdapter, heads: li
     target.config.auto_map = {auto_class_name(type(target).__name__):
                               f"{REMOTE_CODE}.CapscalePrunedModel"}
     target.save_pretrained(out / "model", safe_serialization=True)
-    template = (Path(__file__).parent / "pruning" / "hf_pruned_model.py").read_text()
+    template = (Path(__file__).parent / "hf_pruned_model.py").read_text()
     base = type(target).__name__
     (out / "model" / f"{REMOTE_CODE}.py").write_text(template.replace(
         'BASE_CLASS = "BertForSequenceClassification"', f'BASE_CLASS = "{base}"'))

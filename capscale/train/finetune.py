@@ -14,16 +14,16 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from .config import Config, config_to_dict
-from .console import Console
-from .data import TaskData, build_loaders, model_inputs
-from .distributed import DistContext, make_strategy
-from .evaluation import evaluate
-from .loop import Phases, TrainLoop
-from .models import load_classifier, output_logits
-from .state import RunState
-from .step import Student, Update, linear_warmup_decay, param_groups
-from .tasks import Task
+from capscale.config import Config, config_to_dict
+from capscale.console import Console
+from capscale.data import TaskData, build_loaders, model_inputs
+from capscale.distributed import DistContext, make_strategy
+from capscale.models.loading import load_classifier, output_logits
+from capscale.tasks import Task
+from capscale.train.evaluation import evaluate
+from capscale.train.loop import Phases, TrainLoop
+from capscale.train.state import RunState
+from capscale.train.step import Student, Update, linear_warmup_decay, param_groups
 
 
 def _fingerprint(cfg: Config) -> dict:

@@ -9,12 +9,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .data import model_inputs
-from .models import output_logits
+from capscale.data import model_inputs
+from capscale.models.loading import output_logits
 
 if TYPE_CHECKING:
-    from .distributed import DistContext
-    from .tasks import Task
+    from capscale.distributed import DistContext
+    from capscale.tasks import Task
 
 
 @torch.no_grad()

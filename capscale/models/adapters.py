@@ -4,7 +4,7 @@ capscale never forks modeling code. Everything architecture-specific that prunin
 needs is a handful of module paths, collected here in one small registry keyed by the
 Hugging Face ``config.model_type``. A custom encoder plugs in with one call::
 
-    from capscale.adapters import EncoderAdapter, register_adapter
+    from capscale.models.adapters import EncoderAdapter, register_adapter
     register_adapter(EncoderAdapter(
         model_types=("my-encoder",), layers="blocks",
         query="attn.q", key="attn.k", value="attn.v", attn_out="attn.o",
@@ -284,7 +284,7 @@ def get_adapter(model_type: str) -> EncoderAdapter:
     except KeyError:
         raise KeyError(f"no encoder adapter for model_type {model_type!r}; supported: "
                        f"{', '.join(registered_model_types())}. Register one with "
-                       "capscale.adapters.register_adapter(EncoderAdapter(...))") from None
+                       "capscale.models.adapters.register_adapter(EncoderAdapter(...))") from None
 
 
 def registered_model_types() -> list[str]:

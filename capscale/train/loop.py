@@ -24,9 +24,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .checkpoint import Checkpointer
-from .console import Console, format_losses
-from .state import RunState, set_rng_state
+from capscale.console import Console, format_losses
+from capscale.train.checkpoint import Checkpointer
+from capscale.train.state import RunState, set_rng_state
 
 Record = dict[str, Any]
 PHASES = ("mask_update", "forward", "teacher", "contrastive", "backward", "optimizer")

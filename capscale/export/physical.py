@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..adapters import EncoderAdapter
-from .structured import optional_linear, optional_param
+from capscale.models.adapters import EncoderAdapter
+from capscale.pruning.structured import optional_linear, optional_param
 
 
 def _sliced(lin: nn.Linear, rows: Tensor | None = None, cols: Tensor | None = None,
