@@ -42,7 +42,7 @@ from distributed_helpers import make_assets
 from structured_models import CONFIGS
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from capscale.config import load_config
+from capscale.checks import load_run_config
 from capscale.console import Console
 from capscale.data import model_inputs
 from capscale.distributed import DistContext
@@ -86,7 +86,7 @@ def run_one(family: str, method: str, model_dir: Path, data: dict[str, str], out
                  "train.eval_batch_size=16", "train.lr=1e-3", "train.progress=false",
                  *METHODS[method]]
     t0 = time.perf_counter()
-    recipe = CAPRecipe(load_config(None, overrides), DistContext(),
+    recipe = CAPRecipe(load_run_config(None, overrides), DistContext(),
                        Console(enabled=False, progress=False))
     recipe.setup()
     recipe.train()

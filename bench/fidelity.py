@@ -61,7 +61,7 @@ from capscale.config import (  # noqa: E402
 )
 from capscale.console import Console  # noqa: E402
 from capscale.distributed import init_distributed  # noqa: E402
-from capscale.recipe import prune  # noqa: E402
+from capscale.job import prune  # noqa: E402
 
 # Budgets: data size, steps, contrastive negatives and the student's start. "cpu" fits
 # a run in minutes on one core by starting the student from the fine-tuned teacher;

@@ -114,7 +114,7 @@ def train(args: argparse.Namespace, fid: Any, json_path: Path) -> None:
     from capscale.config import config_from_dict
     from capscale.console import Console
     from capscale.distributed import init_distributed
-    from capscale.recipe import prune
+    from capscale.job import prune
 
     setup_environment()
     torch.set_num_threads(args.threads)

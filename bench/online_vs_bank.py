@@ -37,13 +37,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-from capscale.config import load_config  # noqa: E402
+from capscale.checks import load_run_config  # noqa: E402
 from capscale.console import Console  # noqa: E402
 from capscale.contrastive.online import OnlineObjective  # noqa: E402
 from capscale.distributed import DistContext  # noqa: E402
 from capscale.models.loading import load_tokenizer  # noqa: E402
 from capscale.recipe import CAPRecipe  # noqa: E402
-from capscale.train.loop import LoopHook  # noqa: E402
+from capscale.train.hooks import LoopHook  # noqa: E402
 
 CACHE = ROOT / "bench" / "cache" / "online_vs_bank"
 COMMON = ["pruning.method=movement", "pruning.final_sparsity=0.8", "cap.num_negatives=1024",
@@ -92,7 +92,7 @@ def _model_bytes(model: nn.Module) -> int:
 
 
 class StepTimer(LoopHook):
-    """Seconds of each step's phases (capscale.train.loop.Phases), summed per step."""
+    """Seconds of each step's phases (capscale.train.hooks.Phases), summed per step."""
 
     def __init__(self) -> None:
         self.current = 0.0
@@ -109,7 +109,7 @@ class StepTimer(LoopHook):
 
 
 def run_mode(overrides: list[str], mode: str, out_dir: Path) -> dict[str, Any]:
-    cfg = load_config(None, [*COMMON, *overrides, f"cap.mode={mode}",
+    cfg = load_run_config(None, [*COMMON, *overrides, f"cap.mode={mode}",
                              f"output_dir={out_dir}"])
     cfg.train.epochs = 1_000  # max_steps decides; epochs only set the snapshot points
     ctx, console = DistContext(), Console(enabled=False, progress=False)

@@ -65,10 +65,10 @@ def listing(selected: list[dict[str, Any]], out_root: str = "outputs/paper") -> 
 def run(selected: list[dict[str, Any]], work: Path, out: Path, header: dict[str, Any],
         save_run: Any, table: Any, same: Any) -> int:
     """Run every selected row here (resumable through the results file)."""
-    from capscale.config import load_config
+    from capscale.checks import load_run_config
     from capscale.console import Console
     from capscale.distributed import init_distributed
-    from capscale.recipe import prune
+    from capscale.job import prune
 
     ctx = init_distributed()
     console = Console(enabled=ctx.is_main, progress=False)
@@ -87,7 +87,7 @@ def run(selected: list[dict[str, Any]], work: Path, out: Path, header: dict[str,
         if teacher.parent != out_dir and marker.is_file():
             overrides.append(f"model.teacher={teacher}")
             teacher_metrics = json.loads(marker.read_text()).get("metrics")
-        cfg = load_config(str(PAPER / f"{row['recipe']}.yaml"), overrides)
+        cfg = load_run_config(str(PAPER / f"{row['recipe']}.yaml"), overrides)
         t0 = time.perf_counter()
         res = prune(cfg, ctx, console, export=False, teacher_metrics=teacher_metrics)
         metric = "f1" if row["task"] == "squad" else "accuracy"

@@ -100,8 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     from capscale.console import Console
     from capscale.data import load_task_data
     from capscale.distributed import init_distributed
+    from capscale.job import prune
     from capscale.models.loading import load_tokenizer
-    from capscale.recipe import CAPRecipe, prune
+    from capscale.recipe import CAPRecipe
     from capscale.tasks import get_task
     from capscale.train.finetune import finetune_teacher
 

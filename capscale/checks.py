@@ -1,15 +1,79 @@
-"""Cross-section rules of the configuration: everything that involves more than one
-section, or a name from an extension table, checked in one place."""
+"""Checks above the configuration and the tables, run before any model loads.
+
+Each config section checks itself (capscale.config); what involves more than one
+section, or a name from an extension table (pruning methods, tasks, objectives,
+contrastive modules), is checked here, so that config/ imports nothing of the domain.
+:func:`load_run_config` is what the CLI and the recipe use: a loaded config with every
+rule checked. :func:`check_run_inputs` then checks the data, the model configs and the
+text lengths, and returns the data and the tokenizer.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from capscale.config.schema import DATA_PRESETS
+from capscale.config import DATA_PRESETS, Config, ConfigError, load_config
+from capscale.contrastive.modules import CONTRASTIVE_MODULES
+from capscale.contrastive.objectives import OBJECTIVES
+from capscale.data import TaskData, check_lengths, load_task_data
+from capscale.export.formats import FORMATS, NEEDS
+from capscale.models.loading import check_encoder, check_teacher, load_tokenizer
+from capscale.models.specs import adapter_from_mapping
+from capscale.pruning.methods import PRUNING_METHODS
+from capscale.tasks import TASKS, Task
 
 if TYPE_CHECKING:
-    from capscale.config.schema import Config
+    from transformers import PreTrainedTokenizerBase
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """:func:`capscale.config.load_config`, then every cross-section rule."""
+    return check_config(load_config(path, overrides))
+
+
+def check_config(cfg: Config) -> Config:
+    """Raise a ConfigError naming the first broken rule; returns ``cfg``."""
+    if isinstance(cfg.model.adapter, dict):  # its keys and value types, before any model
+        adapter_from_mapping(cfg.model.adapter)
+    for rule in [*_export_formats(cfg.export.formats), *cross_section_rules(cfg)]:
+        raise ConfigError(rule)
+    return cfg
+
+
+def _export_formats(formats: list[str]) -> list[str]:
+    """``export.formats``: known names, and the packages they need installed."""
+    if not all(f in FORMATS for f in formats):
+        return [f"export.formats = {formats!r}: each one of {', '.join(FORMATS)}"]
+    missing = sorted({p for f in formats for p in NEEDS.get(f, ())
+                      if importlib.util.find_spec(p) is None})
+    if missing:
+        return [f"export.formats = {formats!r}: needs {', '.join(missing)}: pip install "
+                "'capscale[onnx]' (or bash scripts/setup.sh)"]
+    return []
+
+
+def check_run_inputs(cfg: Config, task: Task) -> tuple[TaskData, PreTrainedTokenizerBase]:
+    """Load and check the data, check the student's (and a given teacher's) config and
+    the text lengths, load the tokenizer; nothing heavy is loaded. A note about
+    truncated texts joins ``data.notes``."""
+    data = load_task_data(cfg.data)
+    m = cfg.model
+    check_encoder(m.name_or_path, m.adapter, m.trust_remote_code, task)
+    if m.teacher is not None:
+        check_teacher(m.teacher, data.num_labels, m.trust_remote_code, task)
+    tokenizer = load_tokenizer(m.name_or_path, m.trust_remote_code)
+    note = check_lengths(data, tokenizer, cfg.data)
+    if note:
+        data.notes.append(note)
+    return data, tokenizer
+
+
+def wants_teacher(cfg: Config) -> bool:
+    """Whether the run uses the fine-tuned teacher (KD, or a contrastive module fed by it)."""
+    return cfg.loss.w_kd > 0 or any(CONTRASTIVE_MODULES[n].source == "teacher"
+                                    for n in cfg.cap.enabled_modules())
 
 
 def _table_name(value: str, table: dict[str, Any], key: str) -> str | None:
@@ -22,13 +86,6 @@ def _table_name(value: str, table: dict[str, Any], key: str) -> str | None:
 def cross_section_rules(cfg: Config) -> list[str]:
     """Every rule that involves more than one section, or an extension table; returns
     the messages of the broken ones (empty: the config is consistent)."""
-    # Function-level imports: the tables import no config at module level, so this is
-    # the only direction of the dependency.
-    from capscale.contrastive.modules import CONTRASTIVE_MODULES
-    from capscale.contrastive.objectives import OBJECTIVES
-    from capscale.pruning.methods import PRUNING_METHODS
-    from capscale.tasks import TASKS
-
     out = [msg for msg in (
         _table_name(cfg.pruning.method, PRUNING_METHODS, "pruning.method"),
         _table_name(cfg.data.task_type, TASKS, "data.task_type"),

@@ -65,19 +65,19 @@ def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
 
 
 def prune_cmd(argv: list[str]) -> int:
-    """``capscale prune``: the whole job (see capscale.recipe.prune)."""
+    """``capscale prune``: the whole job (see capscale.job.prune)."""
     import torch
 
-    from capscale.config import load_config
+    from capscale.checks import load_run_config
     from capscale.console import Console
     from capscale.distributed import init_distributed, shutdown_distributed
-    from capscale.recipe import prune
+    from capscale.job import prune
     from capscale.train.checkpoint import checkpoint_root, list_checkpoints
 
     p = _parser("prune", "Prune an encoder with CAP, evaluate it, export it.")
     args = p.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_run_config(args.config, args.overrides)
     except INPUT_ERRORS as err:
         print(describe(err), file=sys.stderr)
         return 2
@@ -93,7 +93,7 @@ def prune_cmd(argv: list[str]) -> int:
         print(describe(err), file=sys.stderr)
         code = 2
     except FloatingPointError as err:
-        found = list_checkpoints(checkpoint_root(cfg))
+        found = list_checkpoints(checkpoint_root(cfg.checkpoint.dir, cfg.output_dir))
         kept = (f"the last good checkpoint is {found[-1]} (resume=latest continues from it)"
                 if found else "no checkpoint was written (see checkpoint.every_steps)")
         print(f"capscale: {err}; {kept}; or set train.on_nonfinite=skip", file=sys.stderr)
@@ -106,7 +106,7 @@ def prune_cmd(argv: list[str]) -> int:
 @_guarded
 def evaluate_cmd(args: argparse.Namespace) -> int:
     """Task metrics of an exported (or any Hugging Face) model on the config's eval split."""
-    from capscale.config import load_config
+    from capscale.checks import load_run_config
     from capscale.console import Console
     from capscale.data import check_lengths, eval_loader, load_task_data
     from capscale.distributed import DistContext
@@ -114,13 +114,13 @@ def evaluate_cmd(args: argparse.Namespace) -> int:
     from capscale.tasks import get_task
     from capscale.train.evaluation import evaluate
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_run_config(args.config, args.overrides)
     task = get_task(cfg.data.task_type)
     model_dir = args.model or str(Path(cfg.output_dir) / "pruned" / "model")
     data = load_task_data(cfg.data)
     check_teacher(model_dir, data.num_labels, task=task)  # the same check as a teacher
     tokenizer = load_tokenizer(model_dir)
-    if hasattr(task, "check_lengths"):  # QA: questions too long for a window skipped
+    if task.skips_long_examples:  # QA: questions too long for a window skipped
         check_lengths(data, tokenizer, cfg.data)
     model = load_classifier(model_dir, data.num_labels, data.label_names, task=task)
     loader, reference = eval_loader(data, tokenizer, cfg.data, cfg.train.eval_batch_size)
@@ -135,16 +135,12 @@ def evaluate_cmd(args: argparse.Namespace) -> int:
 def export_cmd(args: argparse.Namespace) -> int:
     """Bake a checkpoint's masks into a plain Hugging Face model directory, and write
     its extra formats (``--formats onnx int8 sparse``, each checked against it)."""
-    import torch
-
-    from capscale.config import load_config
+    from capscale.checks import load_run_config
     from capscale.data import load_task_data
     from capscale.errors import ConfigError
     from capscale.export.card import run_facts
-    from capscale.export.huggingface import export_pruned
+    from capscale.export.writer import export_checkpoint, write_run_formats
     from capscale.models.loading import adapter_for, load_classifier, load_tokenizer
-    from capscale.pruning import attach_masks
-    from capscale.pruning.masked import configure_masks
     from capscale.pruning.methods import PRUNING_METHODS
     from capscale.tasks import get_task
     from capscale.train.checkpoint import STATE_FILE, checkpoint_root, list_checkpoints
@@ -152,65 +148,40 @@ def export_cmd(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.formats:
         overrides.append(f"export.formats=[{','.join(args.formats)}]")
-    cfg = load_config(args.config, overrides)
+    cfg = load_run_config(args.config, overrides)
+    task = get_task(cfg.data.task_type)
     data = load_task_data(cfg.data)
     if args.add_to:  # an existing export (a structured run's, say): formats only
         out = Path(args.add_to)
         if not (out / "model" / "config.json").is_file():
             raise ConfigError(f"--add-to {out}: not an export folder (no model/config.json)")
-        return _write_formats(cfg, data, out)
-    path = Path(args.checkpoint) if args.checkpoint != "latest" else None
-    if path is None or not (path / STATE_FILE).is_file():
-        found = list_checkpoints(path or checkpoint_root(cfg))
-        if not found:
-            raise ConfigError(f"--checkpoint {args.checkpoint}: no checkpoint found")
-        path = found[-1]
-    if not (path / "model.pt").is_file():  # zero3 / fsdp2 keep the student in rank shards
-        raise ConfigError(f"--checkpoint {path}: a sharded (zero3 / fsdp2) checkpoint has "
-                          "no model.pt to export; resume the run to its end, which exports")
-    if PRUNING_METHODS[cfg.pruning.method].physical_export:
-        raise ConfigError(f"--checkpoint {path}: pruning.method={cfg.pruning.method} "
-                          "exports a physically smaller model at the end of the run; "
-                          "resume the run to its end, which exports (then --add-to DIR "
-                          "writes more formats of it)")
-    data = load_task_data(cfg.data)
-    task = get_task(cfg.data.task_type)
-    model = load_classifier(cfg.model.name_or_path, data.num_labels, data.label_names,
-                            cfg.model.trust_remote_code, task)
-    adapter = adapter_for(model, cfg.model.adapter, task)
-    if cfg.pruning.method != "none":
-        configure_masks(attach_masks(model, adapter, cfg.pruning.method,
-                                     cfg.pruning.score_init, cfg.pruning.min_keep).values(),
-                        cfg.pruning)
-    # The keep-fraction / threshold buffers in the state fix each mask as it was saved.
-    model.load_state_dict(torch.load(path / "model.pt", weights_only=True))
-    out = Path(args.out or Path(cfg.output_dir) / f"export-{path.name}")
-    report = export_pruned(model, adapter, out,
-                           load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code),
-                           inplace=True, extra={"checkpoint": str(path), "run": run_facts(cfg)})
-    print(f"exported {path} to {out} (encoder sparsity "
-          f"{100 * report['encoder_sparsity']:.2f}%)")
-    return _write_formats(cfg, data, out)
+    else:
+        path = Path(args.checkpoint) if args.checkpoint != "latest" else None
+        if path is None or not (path / STATE_FILE).is_file():
+            found = list_checkpoints(path or checkpoint_root(cfg.checkpoint.dir,
+                                                             cfg.output_dir))
+            if not found:
+                raise ConfigError(f"--checkpoint {args.checkpoint}: no checkpoint found")
+            path = found[-1]
+        m = cfg.model
 
+        def load() -> tuple[Any, Any]:
+            model = load_classifier(m.name_or_path, data.num_labels, data.label_names,
+                                    m.trust_remote_code, task)
+            return model, adapter_for(model, m.adapter, task)
 
-def _write_formats(cfg: Any, data: Any, out: Path) -> int:
-    """``export.formats`` of the export in ``out``, checked on the config's dev set;
-    1 when a check failed."""
+        out = Path(args.out or Path(cfg.output_dir) / f"export-{path.name}")
+        report = export_checkpoint(path, PRUNING_METHODS[cfg.pruning.method], cfg.pruning,
+                                   load, out, load_tokenizer(m.name_or_path, m.trust_remote_code),
+                                   {"checkpoint": str(path), "run": run_facts(cfg)})
+        print(f"exported {path} to {out} (encoder sparsity "
+              f"{100 * report['encoder_sparsity']:.2f}%)")
     if not set(cfg.export.formats) - {"pytorch"}:
         return 0
-    from capscale.data import Collator, make_loader, tokenize
-    from capscale.export.formats import DevSet, write_formats
-    from capscale.models.loading import load_tokenizer
-    from capscale.tasks import get_task
-
-    e = cfg.export
-    tokenizer = load_tokenizer(str(out / "model"), cfg.model.trust_remote_code)
-    dev = make_loader(tokenize(data.validation, tokenizer, cfg.data),
-                      cfg.train.eval_batch_size, Collator(tokenizer.pad_token_id or 0))
-    found = write_formats(out, e.formats, next(iter(dev)),
-                          DevSet(dev, get_task(cfg.data.task_type), data.num_labels,
-                                 e.dev_examples),
-                          cfg.model.trust_remote_code, e.onnx_atol, e.int8_rtol, print)
+    found = write_run_formats(out, cfg.export, data,
+                              load_tokenizer(str(out / "model"), cfg.model.trust_remote_code),
+                              cfg.data, cfg.train.eval_batch_size, task,
+                              cfg.model.trust_remote_code, print)
     if not found["ok"]:
         print(f"capscale: an export format failed its check; see {out / 'sparsity_report.json'}",
               file=sys.stderr)

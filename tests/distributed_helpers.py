@@ -115,6 +115,8 @@ def local_rows(step: int, rank: int, world: int) -> tuple[int, int]:
 
 def train_and_record(run: Any, ctx: Any) -> dict[str, Any]:
     """Step 0 with losses and full grads recorded, then STEPS - 1 more steps; masks etc."""
+    from capscale.pruning.hybrid import HybridController
+
     rank, world = ctx.rank, ctx.world_size
     out: dict[str, Any] = {}
     pruner = run.controller.pruner
@@ -137,7 +139,8 @@ def train_and_record(run: Any, ctx: Any) -> dict[str, Any]:
                 out["masks"] = {k: v.cpu().clone() for k, v in pruner.masks().items()}
         run.train_step(batch_rows(run, *local_rows(step, rank, world)))
     # (hybrid: a few heads in all, so fractions that keep at least one)
-    keeps = (0.3, 0.5, 0.8) if hasattr(run.controller, "pruners") else (0.05, 0.5, 0.93)
+    hybrid = isinstance(run.controller, HybridController)
+    keeps = (0.3, 0.5, 0.8) if hybrid else (0.05, 0.5, 0.93)
     # Bisection over this rank's shards (all-reduced counts) ...
     out["thresholds"] = [pruner.global_threshold(k) for k in keeps]
     with run.strategy.gathered(model):
@@ -155,7 +158,7 @@ def train_and_record(run: Any, ctx: Any) -> dict[str, Any]:
         out["export_masks_equal"] = all(torch.equal(
             plain.get_submodule(names[k]).mask().bool().cpu(), v) for k, v in live.items())
     out["sparsity"] = run.controller.report()["linear_sparsity"]
-    if hasattr(run.controller, "pruners"):  # hybrid: heads and FFN neurons apart
+    if hybrid:  # heads and FFN neurons apart
         out["unit_keep"] = run.controller.keep()
         out["ffn_thresholds"] = [run.controller.pruners[1].global_threshold(k) for k in keeps]
     return out

@@ -65,11 +65,11 @@ def as_list(overrides: dict[str, Any]) -> list[str]:
 
 def build_qa_run(overrides: dict[str, Any], ctx: Any) -> Any:
     """A set-up CAPRecipe (banks filled) with one SnC snapshot taken."""
-    from capscale.config import load_config
+    from capscale.checks import load_run_config
     from capscale.console import Console
     from capscale.recipe import CAPRecipe
 
-    run = CAPRecipe(load_config(None, as_list(overrides)), ctx, Console(enabled=False))
+    run = CAPRecipe(load_run_config(None, as_list(overrides)), ctx, Console(enabled=False))
     run.setup()
     run.snapshot(True, "test snapshot")
     return run

@@ -13,8 +13,8 @@ import pytest
 import transformers
 from tiny import tiny_config
 
+from capscale.checks import load_run_config
 from capscale.cli import main
-from capscale.config import load_config
 from capscale.errors import ConfigError, ModelError
 from capscale.models.adapters import EncoderAdapter, get_adapter, registered_model_types
 from capscale.models.inspection import suggest_adapter
@@ -90,15 +90,15 @@ def test_config_takes_a_mapping_and_checks_its_keys_at_load(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("data:\n  preset: tweets\nmodel:\n  adapter:\n    layers: blocks\n"
                     "    query: attn.q\n")
-    cfg = load_config(path, ["model.adapter.key=attn.k", "model.adapter.ffn_gated=true"])
+    cfg = load_run_config(path, ["model.adapter.key=attn.k", "model.adapter.ffn_gated=true"])
     assert cfg.model.adapter == {"layers": "blocks", "query": "attn.q", "key": "attn.k",
                                  "ffn_gated": True}
-    assert load_config(path, ["model.adapter=pkg.mod:ADAPTER"]).model.adapter == \
+    assert load_run_config(path, ["model.adapter=pkg.mod:ADAPTER"]).model.adapter == \
         "pkg.mod:ADAPTER"
     with pytest.raises(ConfigError, match="unknown key 'qeury'; did you mean query"):
-        load_config(path, ["model.adapter.qeury=attn.q"])
+        load_run_config(path, ["model.adapter.qeury=attn.q"])
     with pytest.raises(ConfigError, match=r"model\.adapter = 3: expected"):
-        load_config(path, ["model.adapter=3"])
+        load_run_config(path, ["model.adapter=3"])
 
 
 def test_names_and_import_paths(tmp_path, monkeypatch):

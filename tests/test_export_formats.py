@@ -17,7 +17,8 @@ from structured_models import CONFIGS, tiny_inputs, tiny_model
 from tiny import eval_inputs, run_cap
 from transformers import AutoModelForSequenceClassification
 
-from capscale.config import ConfigError, load_config, save_config
+from capscale.checks import load_run_config
+from capscale.config import ConfigError, save_config
 from capscale.export.formats import load_export, write_formats
 from capscale.export.huggingface import export_pruned, export_structured
 from capscale.export.onnx_export import onnx_logits, onnx_session
@@ -224,11 +225,11 @@ def test_cli_adds_formats_to_an_export(masked_run, tmp_path, capsys):
 
 def test_formats_config_is_checked():
     with pytest.raises(ConfigError, match=r"export\.formats = "):
-        load_config(None, ["data.preset=tweets", "export.formats=[onnx,tflite]"])
+        load_run_config(None, ["data.preset=tweets", "export.formats=[onnx,tflite]"])
     with pytest.raises(ConfigError, match=r"export\.formats sparse"):
-        load_config(None, ["data.preset=tweets", "pruning.method=structured",
+        load_run_config(None, ["data.preset=tweets", "pruning.method=structured",
                            "export.formats=[sparse]"])
-    cfg = load_config(None, ["data.preset=tweets", "pruning.method=structured",
+    cfg = load_run_config(None, ["data.preset=tweets", "pruning.method=structured",
                              "export.formats=[onnx,int8]"])
     assert cfg.export.formats == ["onnx", "int8"]
 

@@ -16,13 +16,14 @@ from _tiny_run import overrides, run, setup
 from tiny import fast_overrides, tiny_config
 from transformers import AutoTokenizer
 
-from capscale.config import ConfigError, load_config
+from capscale.checks import load_run_config
+from capscale.config import ConfigError
 from capscale.console import Console
 from capscale.data import model_inputs
 from capscale.distributed import DistContext
 from capscale.models.loading import forward_with_representation, resolve_model_path
 from capscale.recipe import CAPRecipe
-from capscale.train.loop import LoopHook
+from capscale.train.hooks import LoopHook
 
 
 class ViewsPerStep(LoopHook):
@@ -38,7 +39,7 @@ class ViewsPerStep(LoopHook):
 
 def _recipe(model: Path, data: tuple[Path, Path], out: Path, *extra: str,
             console: Console | None = None) -> CAPRecipe:
-    cfg = load_config(None, [*fast_overrides(model, data, out), *extra])
+    cfg = load_run_config(None, [*fast_overrides(model, data, out), *extra])
     recipe = CAPRecipe(cfg, DistContext(), console or Console(enabled=False, progress=False))
     recipe.setup()
     return recipe
@@ -196,7 +197,7 @@ def test_warmups_in_steps(tiny_bert, tiny_csv, tmp_path):
                                  ["cap.max_snapshots=0"]])
 def test_ambiguous_warmups_are_refused(bad):
     with pytest.raises(ConfigError):
-        load_config(None, ["data.preset=tweets", *bad])
+        load_run_config(None, ["data.preset=tweets", *bad])
 
 
 

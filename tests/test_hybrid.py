@@ -61,7 +61,7 @@ def test_hybrid_cap_exports_smaller_with_parity(scope, tiny_model_factory, tiny_
     model = run.student.model.eval()
     with torch.no_grad():
         masked = model(**inputs).logits
-    exported = run.controller.export(tmp_path / "pruned")
+    exported = run.export(tmp_path / "pruned")
     assert exported["exported_encoder_parameters"] < exported["encoder_parameters"]
     structure = json.loads((tmp_path / "pruned" / "structure.json").read_text())
     assert structure["kept"]["heads"] == [torch.nonzero(h).flatten().tolist() for h in heads]
@@ -97,7 +97,7 @@ def test_hybrid_on_other_layouts_exports_with_parity(family, tiny_model_factory,
     inputs = eval_inputs(run)
     with torch.no_grad():
         masked = run.student.model.eval()(**inputs).logits
-    report = run.controller.export(tmp_path / "pruned")
+    report = run.export(tmp_path / "pruned")
     assert report["exported_encoder_parameters"] < report["encoder_parameters"]
     reloaded = AutoModelForSequenceClassification.from_pretrained(
         tmp_path / "pruned" / "model", trust_remote_code=True).eval()

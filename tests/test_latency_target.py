@@ -13,7 +13,7 @@ import pytest
 import torch
 from tiny import run_cap
 
-from capscale.config import load_config
+from capscale.checks import load_run_config
 from capscale.errors import ConfigError
 from capscale.pruning.latency import exported_latency, time_forward
 
@@ -73,16 +73,16 @@ def test_exported_latency_times_the_smaller_model(tiny_model_factory):
 
 def test_latency_target_needs_a_physically_smaller_method():
     with pytest.raises(ConfigError, match="target_latency_ms"):
-        load_config(None, ["data.preset=tweets", "pruning.method=movement",
+        load_run_config(None, ["data.preset=tweets", "pruning.method=movement",
                               "pruning.target_latency_ms=10"])
     with pytest.raises(ConfigError, match="target_latency_ms"):
-        load_config(None, ["data.preset=tweets", "pruning.method=hybrid",
+        load_run_config(None, ["data.preset=tweets", "pruning.method=hybrid",
                               "pruning.target_latency_ms=-1"])
 
 
 def test_shipped_hybrid_latency_config_loads():
     from pathlib import Path
-    cfg = load_config(Path(__file__).resolve().parent.parent / "capscale" / "configs"
+    cfg = load_run_config(Path(__file__).resolve().parent.parent / "capscale" / "configs"
                       / "hybrid_minilm_tweets.yaml", [])
     assert cfg.pruning.method == "hybrid" and cfg.pruning.target_latency_ms == 300
 

@@ -7,7 +7,8 @@ import torch
 from tiny import eval_inputs, run_cap
 from transformers import AutoModelForSequenceClassification
 
-from capscale.config import ConfigError, load_config
+from capscale.checks import load_run_config
+from capscale.config import ConfigError
 from capscale.export.huggingface import export_pruned
 from capscale.pruning.binarizers import NMBinarizer, nm_mask
 from capscale.pruning.nm import check_pattern, to_semi_structured
@@ -64,11 +65,11 @@ def test_two_four_cap_run_exports_the_exact_pattern(method, tiny_model_factory, 
 
 def test_pattern_config_is_checked():
     with pytest.raises(ConfigError, match=r"final_sparsity 0\.5"):
-        load_config(None, ["data.preset=tweets", "pruning.pattern=2:4"])
+        load_run_config(None, ["data.preset=tweets", "pruning.pattern=2:4"])
     with pytest.raises(ConfigError, match="movement or magnitude"):
-        load_config(None, ["data.preset=tweets", "pruning.pattern=1:4",
+        load_run_config(None, ["data.preset=tweets", "pruning.pattern=1:4",
                            "pruning.final_sparsity=0.75", "pruning.method=soft_movement"])
-    cfg = load_config(None, ["data.preset=tweets", "pruning.pattern=1:4",
+    cfg = load_run_config(None, ["data.preset=tweets", "pruning.pattern=1:4",
                              "pruning.final_sparsity=0.75"])
     assert cfg.pruning.nm() == (1, 4)
 

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from scale_helpers import run_ranks, tiny_bert, write_csv
 
-from capscale.config import CAPConfig, DataConfig, load_config
+from capscale.checks import load_run_config
+from capscale.config import CAPConfig, DataConfig
 from capscale.console import Console
 from capscale.contrastive.online import OnlineObjective
 from capscale.contrastive.queue import ReferenceQueue
@@ -156,7 +157,7 @@ def test_online_two_ranks_match_global_loss(assets) -> None:
 
 def test_cap_pruner_online_mode_trains(assets, tmp_path: Path) -> None:
     csv, a, b = assets
-    cfg = load_config(None, [
+    cfg = load_run_config(None, [
         f"model.name_or_path={a}", f"model.teacher={b}", f"data.train_file={csv}",
         "data.text_column=sentence", "data.label_column=label", "data.max_length=32",
         "cap.mode=online", "cap.queue_size=16", "cap.max_snapshots=2",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from capscale.config import load_config
+from capscale.checks import load_run_config
 
 ROOT = Path(__file__).resolve().parent.parent
 PAPER = ROOT / "capscale" / "configs" / "paper"
@@ -61,7 +61,7 @@ def _common(cfg, task: str) -> None:
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
 def test_recipe_holds_the_reference_hyperparameters(path):
-    cfg = load_config(path)
+    cfg = load_run_config(path)
     name = path.stem
     assert Path(cfg.output_dir).name == name
     if "squad" in name:
@@ -142,7 +142,7 @@ def test_packaged_recipe_by_relative_name_from_anywhere(tmp_path):
     here = os.getcwd()
     os.chdir(tmp_path)
     try:
-        cfg = load_config("paper/cap_m_qqp_90.yaml", ["train.lr=1e-4"])
+        cfg = load_run_config("paper/cap_m_qqp_90.yaml", ["train.lr=1e-4"])
     finally:
         os.chdir(here)
     assert cfg.data.dataset_config == "qqp" and cfg.train.lr == 1e-4

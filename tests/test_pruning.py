@@ -289,14 +289,14 @@ def test_score_warm_start_from_magnitude(tiny_model_factory, tiny_csv, tmp_path)
     masks are magnitude masks (per matrix); the default leaves every score at 0."""
     from tiny import fast_overrides
 
-    from capscale.config import load_config
+    from capscale.checks import load_run_config
     from capscale.console import Console
     from capscale.distributed import DistContext
     from capscale.pruning.binarizers import topk_mask
     from capscale.recipe import CAPRecipe
 
     def setup(*extra: str) -> CAPRecipe:
-        cfg = load_config(None, [*fast_overrides(tiny_model_factory("bert"), tiny_csv,
+        cfg = load_run_config(None, [*fast_overrides(tiny_model_factory("bert"), tiny_csv,
                                                  tmp_path / extra[0]), *extra[1:]])
         recipe = CAPRecipe(cfg, DistContext(), Console(enabled=False, progress=False))
         recipe.setup()

@@ -30,8 +30,9 @@ from qa_helpers import (
 )
 from transformers import AutoModelForQuestionAnswering
 
+from capscale.checks import load_run_config
 from capscale.cli import main
-from capscale.config import ConfigError, load_config, save_config
+from capscale.config import ConfigError, save_config
 from capscale.console import Console
 from capscale.data import build_loaders, check_lengths, load_task_data, model_inputs
 from capscale.distributed import DistContext
@@ -70,7 +71,7 @@ def _col(ds, name):
 
 
 def _data(qa_model, tmp_path, data=SQUAD, **extra):
-    cfg = load_config(None, as_list(qa_overrides(qa_model, tmp_path / "out", data, **extra)))
+    cfg = load_run_config(None, as_list(qa_overrides(qa_model, tmp_path / "out", data, **extra)))
     data = load_task_data(cfg.data)
     tok = load_tokenizer(str(qa_model))
     note = check_lengths(data, tok, cfg.data)
@@ -217,10 +218,10 @@ def test_loss_distillation_and_config_rules(qa_model, tiny_bert):
     assert QA.distill(s, t, T) == pytest.approx(float(kl.mean()) * T * T, rel=1e-5)
     assert QA.contrastive_labels(labels).tolist() == [-1, -1, -1]
     with pytest.raises(ConfigError, match="supervised contrastive terms need class labels"):
-        load_config(None, ["data.task_type=qa", f"data.train_file={SQUAD}",
+        load_run_config(None, ["data.task_type=qa", f"data.train_file={SQUAD}",
                            "data.max_length=384"])
     with pytest.raises(ConfigError, match="doc_stride"):
-        load_config(None, ["data.task_type=qa", f"data.train_file={SQUAD}",
+        load_run_config(None, ["data.task_type=qa", f"data.train_file={SQUAD}",
                            "data.qa.doc_stride=128", *as_list(NO_SUP)])
     with pytest.raises(ModelError, match="not a \\*ForQuestionAnswering"):
         check_teacher(str(tiny_bert), 2, task=QA)  # a sequence classifier
@@ -253,7 +254,7 @@ def test_bad_qa_data(qa_model, tmp_path):
     def shift(data):
         _first_qa(data)["answers"][0]["answer_start"] += 1
     bad = _squad_variant(tmp_path, shift)
-    cfg = load_config(None, as_list(qa_overrides(qa_model, tmp_path, **{
+    cfg = load_run_config(None, as_list(qa_overrides(qa_model, tmp_path, **{
         "data.train_file": str(bad), "data.validation_file": str(bad)})))
     data = load_task_data(cfg.data)
     assert len(data.train) == 55 and len(data.validation) == 56  # validation: kept
@@ -271,7 +272,7 @@ def test_bad_qa_data(qa_model, tmp_path):
     def empty(data):
         data[1]["paragraphs"][0]["context"] = "  "
     path = _squad_variant(tmp_path, empty)
-    cfg = load_config(None, as_list(qa_overrides(qa_model, tmp_path / "o", path)))
+    cfg = load_run_config(None, as_list(qa_overrides(qa_model, tmp_path / "o", path)))
     with pytest.raises(DataError, match="example 'nile-0' \\(row 7\\): empty context"):
         CAPRecipe(cfg, DistContext(), Console(enabled=False))  # before any model loads
 
@@ -284,7 +285,7 @@ def test_bad_qa_data(qa_model, tmp_path):
     assert len(data.train) == 55 and _col(data.train, "example_id") == list(range(55))
     assert "mount_everest-0" not in _col(data.train, "id")
     with pytest.raises(DataError, match=r"needs data\.qa\.version_2_with_negative: true"):
-        load_task_data(load_config(None, as_list(qa_overrides(
+        load_task_data(load_run_config(None, as_list(qa_overrides(
             qa_model, tmp_path, SQUAD_V2, **{"data.qa.version_2_with_negative": False}))
                                    ).data)
 
@@ -302,7 +303,7 @@ def e2e(qa_model, tmp_path_factory):
         # snapshots inside the short run (the epoch schedule's first one is at epoch 1)
         "cap.snapshot_schedule": "milestones"})
     torch.manual_seed(0)
-    run = CAPRecipe(load_config(None, as_list(over)), DistContext(), Console(enabled=False))
+    run = CAPRecipe(load_run_config(None, as_list(over)), DistContext(), Console(enabled=False))
     run.setup()
     run.train()
     batch = model_inputs(next(iter(run.loaders.eval)), "cpu")
@@ -346,7 +347,7 @@ def test_qa_end_to_end_with_export(e2e, capsys):
 
 
 def test_packaged_squad_config_has_the_reference_settings():
-    cfg = load_config("squad_bert_base.yaml")
+    cfg = load_run_config("squad_bert_base.yaml")
     assert (cfg.data.task_type, cfg.data.dataset_name, cfg.data.max_length) == (
         "qa", "squad", 384)
     assert (cfg.loss.w_ce, cfg.loss.w_kd, cfg.loss.kd_temperature) == (0.1, 0.9, 2.0)
@@ -364,7 +365,7 @@ def test_structured_cap_f_on_qa(qa_model, tmp_path):
         "structured.importance_fraction": 0.3, "loss.kd_temperature": 1.0,
         "cap.temperature": 0.3, "cap.snapshot_train_mode": False,
         **{f"cap.modules.{m}.w_unsup": 0.3 for m in ("prc", "fic", "snc")}})
-    run = CAPRecipe(load_config(None, as_list(over)), DistContext(), Console(enabled=False))
+    run = CAPRecipe(load_run_config(None, as_list(over)), DistContext(), Console(enabled=False))
     run.setup()
     run.train()
     assert [e["level"] for e in run.state.evals] == [0.25, 0.5]

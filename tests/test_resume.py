@@ -20,8 +20,9 @@ import torch
 from _tiny_run import ROOT, command, descendants, env, overrides, run, setup
 from safetensors.torch import load_file
 
-from capscale.config import ConfigError, load_config
-from capscale.train.checkpoint import list_checkpoints, resolve_resume
+from capscale.checks import load_run_config
+from capscale.config import ConfigError, config_to_dict
+from capscale.train.checkpoint import checkpoint_root, list_checkpoints, resolve_resume
 
 EVERY = 3
 
@@ -159,19 +160,22 @@ def test_kill_during_checkpoint_write_leaves_previous_checkpoint(assets, referen
 
 
 def test_resume_latest_without_checkpoint_starts_fresh(tmp_path):
-    cfg = load_config(None, ["data.preset=tweets", f"output_dir={tmp_path}", "resume=latest"])
-    assert resolve_resume(cfg) is None
+    cfg = load_run_config(None, ["data.preset=tweets", f"output_dir={tmp_path}", "resume=latest"])
+    assert resolve_resume(cfg.resume, checkpoint_root(cfg.checkpoint.dir, cfg.output_dir),
+                          config_to_dict(cfg)) is None
 
 
 def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
     ckpt = tmp_path / "checkpoints" / "step-00000003"
     ckpt.mkdir(parents=True)
     base = ["data.preset=tweets", f"output_dir={tmp_path}"]
-    from capscale.config import config_to_dict
-    saved = config_to_dict(load_config(None, base))
+    saved = config_to_dict(load_run_config(None, base))
     (ckpt / "trainer_state.json").write_text(json.dumps({"config": saved}))
-    assert resolve_resume(load_config(None, [*base, "resume=latest",
-                                             "train.progress=false"])) == ckpt
+
+    def resume(*extra: str) -> Path | None:
+        cfg = load_run_config(None, [*base, "resume=latest", *extra])
+        return resolve_resume(cfg.resume, checkpoint_root(cfg.checkpoint.dir, cfg.output_dir),
+                              config_to_dict(cfg))
+    assert resume("train.progress=false") == ckpt
     with pytest.raises(ConfigError, match=r"pruning.final_sparsity: 0.9 -> 0.8"):
-        resolve_resume(load_config(None, [*base, "resume=latest",
-                                          "pruning.final_sparsity=0.8"]))
+        resume("pruning.final_sparsity=0.8")

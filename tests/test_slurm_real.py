@@ -38,7 +38,8 @@ import torch
 from _tiny_run import ROOT, descendants, overrides, setup
 from test_resume import assert_same_run
 
-from capscale.config import load_config, save_config
+from capscale.checks import load_run_config
+from capscale.config import save_config
 from capscale.train.checkpoint import STATE_FILE, list_checkpoints
 
 pytestmark = pytest.mark.slurm
@@ -120,7 +121,7 @@ class Job:
         wrapper.chmod(0o755)
         if stall is not None:
             (self.dir / "stall").write_text(str(stall))
-        cfg = load_config(None, overrides(
+        cfg = load_run_config(None, overrides(
             assets, self.out, **{"checkpoint.every_steps": EVERY, "report.enabled": False,
                                  "train.collective_timeout_s": 120, "train.progress": True,
                                  **extra}))

@@ -10,7 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel
 
-from capscale.config import ConfigError, load_config
+from capscale.checks import load_run_config
+from capscale.config import ConfigError
 from capscale.models.loading import resolve_model_path
 from capscale.run import main
 
@@ -75,6 +76,6 @@ def test_structured_cubic_smoke(tiny_assets, tmp_path):
 
 def test_structured_config_errors():
     with pytest.raises(ConfigError, match=r"structured\.levels"):
-        load_config(None, ["data.preset=tweets", "structured.levels=[0.5, 0.3]"])
+        load_run_config(None, ["data.preset=tweets", "structured.levels=[0.5, 0.3]"])
     with pytest.raises(ConfigError, match=r"structured\.importance_fraction"):
-        load_config(None, ["data.preset=tweets", "structured.importance_fraction=0"])
+        load_run_config(None, ["data.preset=tweets", "structured.importance_fraction=0"])

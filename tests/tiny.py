@@ -109,12 +109,12 @@ def fast_overrides(model_dir: Path, data: tuple[Path, Path], out: Path) -> list[
 
 def run_cap(model_dir: Path, data: tuple[Path, Path], out: Path, *extra: str) -> Any:
     """Set up and train the real CAPRecipe; return it (its student still masked)."""
-    from capscale.config import load_config
+    from capscale.checks import load_run_config
     from capscale.console import Console
     from capscale.distributed import DistContext
     from capscale.recipe import CAPRecipe
 
-    cfg = load_config(None, [*fast_overrides(model_dir, data, out), *extra])
+    cfg = load_run_config(None, [*fast_overrides(model_dir, data, out), *extra])
     recipe = CAPRecipe(cfg, DistContext(), Console(enabled=False, progress=False))
     recipe.setup()
     recipe.train()

@@ -1,9 +1,11 @@
 """Typed run configuration: a YAML file, then ``key=value`` overrides, then validation.
 
-``schema.py`` holds capscale's sections (each checks itself) and the cross-section
-rules; ``loader.py`` the generic YAML / override / type-checking machinery. Unknown
-keys and impossible values raise :class:`ConfigError` naming the field before any
-model or dataset is loaded; the resolved config is written next to every output.
+``schema.py`` holds capscale's sections (each checks itself); ``loader.py`` the generic
+YAML / override / type-checking machinery. Unknown keys and impossible values raise
+:class:`ConfigError` naming the field before any model or dataset is loaded; the
+rules across sections and the extension tables' names are checked by capscale.checks
+(``load_run_config``), which the CLI and the recipe use. The resolved config is written
+next to every output.
 """
 
 from __future__ import annotations

@@ -1,14 +1,13 @@
 """capscale's configuration schema: one dataclass per section, each checking itself.
 
-Every section has a ``check()`` that lists its own impossible values; rules that tie
+Every section has a ``check()`` that lists its own impossible values. Rules that tie
 several sections together (supervised terms on a regression task, offload without
-ZeRO-3, a method an objective refuses, ...) live in ``rules.py``, the one place for
-them. Names that come from extension tables (``pruning.method``, ``data.task_type``,
-``cap.mode``, ``cap.modules``) are checked against those tables, so an entry
-registered from outside the package is accepted like a built-in one. Example:
-``load_config("capscale/configs/demo_minilm_tweets.yaml", ["train.lr=1e-4"])``.
+ZeRO-3, a method an objective refuses, ...) and names that come from extension tables
+(``pruning.method``, ``data.task_type``, ``cap.mode``, ``cap.modules``, so an entry
+registered from outside the package is accepted like a built-in one) are checked above
+the tables, in capscale.checks: this package imports nothing of the domain. Example:
+``load_run_config("capscale/configs/demo_minilm_tweets.yaml", ["train.lr=1e-4"])``.
 """
-
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -40,11 +39,7 @@ class ModelConfig:
     trust_remote_code: bool = False
 
     def check(self) -> list[Check]:
-        if isinstance(self.adapter, dict):  # its keys and value types, before any model
-            from capscale.models.specs import adapter_from_mapping
-
-            adapter_from_mapping(self.adapter)
-        return []
+        return []  # an inline adapter mapping is checked by capscale.checks
 
 
 @dataclass
@@ -294,17 +289,8 @@ class ExportConfig:
     dev_examples: int | None = None
 
     def check(self) -> list[Check]:
-        import importlib.util
-
-        from capscale.export.formats import FORMATS, NEEDS
-
-        missing = sorted({p for f in self.formats for p in NEEDS.get(f, ())
-                          if importlib.util.find_spec(p) is None})
+        # the format names and the packages they need: capscale.checks
         return [
-            (all(f in FORMATS for f in self.formats), "export.formats",
-             f"each one of {', '.join(FORMATS)}"),
-            (not missing, "export.formats", f"needs {', '.join(missing)}: pip install "
-             "'capscale[onnx]' (or bash scripts/setup.sh)"),
             (self.onnx_atol > 0, "export.onnx_atol", "must be > 0"),
             (self.int8_rtol > 0, "export.int8_rtol", "must be > 0"),
             (self.dev_examples is None or self.dev_examples >= 1, "export.dev_examples",
@@ -368,14 +354,11 @@ class Config:
     output_dir: str = "outputs/run"
 
     def validate(self) -> Config:
-        """Run every section's own checks, then the cross-section rules; raise a
-        ConfigError naming the first field that is wrong."""
+        """Run every section's own checks; raise a ConfigError naming the first field
+        that is wrong. The rules across sections and the extension tables' names are
+        checked above the tables (capscale.checks)."""
         for section in SECTIONS:
             for ok, name, why in getattr(self, section).check():
                 if not ok:
                     raise ConfigError(f"{name} = {get_dotted(self, name)!r}: {why}")
-        from capscale.checks import cross_section_rules
-
-        for rule in cross_section_rules(self):
-            raise ConfigError(rule)
         return self

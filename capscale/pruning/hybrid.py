@@ -31,23 +31,27 @@ need less.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from capscale.errors import ConfigError
+from capscale.pruning.controller import (
+    ExportPlan,
+    PruningContext,
+    PruningController,
+    PruningMethod,
+)
 from capscale.pruning.latency import LatencyTarget
-from capscale.pruning.masked import MaskedLinear, Pruner, replace_module
-from capscale.pruning.methods import WeightMaskController
+from capscale.pruning.masked import MaskedLinear, replace_module
 from capscale.pruning.structured import structured_param_counts
+from capscale.pruning.unstructured import WeightMaskController
 from capscale.pruning.weight_rules import WEIGHT_RULES
 
 if TYPE_CHECKING:
+    from capscale.config import PruningConfig
     from capscale.models.adapters import EncoderAdapter
-    from capscale.pruning.methods import PruningRun
 
 UNIT_ROLES = ("attn_out", "ffn_out")
 
@@ -147,45 +151,26 @@ def warm_start_units(modules: dict[str, UnitMaskedLinear], scale: float) -> None
 
 
 class HybridController(WeightMaskController):
-    """``hybrid``: unit masks moved along the cubic schedule, a physical export."""
+    """``hybrid``: unit masks moved along the cubic schedule (heads and neurons ranked
+    apart), a latency target, a physical export."""
 
-    def __init__(self, run: PruningRun) -> None:
-        super().__init__(WEIGHT_RULES["movement"], run)
-        self.pruners: list[Pruner] = []
+    zero_pruned_weights = False  # mask caches only: pruned units are sliced at export
 
-    def attach(self, model: nn.Module) -> dict[str, MaskedLinear]:
-        return attach_unit_masks(model, self.run.adapter, self.run.cfg.pruning.score_init)
-
-    def setup(self, model: nn.Module) -> None:
-        run, p = self.run, self.run.cfg.pruning
-        modules = self.attach(model)
-        if p.score_warm_start == "magnitude":
-            warm_start_units(modules, p.score_warm_start_scale)
-        sharded = run.ctx.distributed and run.strategy.shards_parameters
-        reduce = run.ctx.all_reduce_sum if sharded else None
-        # Heads and neurons are thresholded apart (their scores differ in scale).
-        self.pruners = [Pruner({k: m for k, m in modules.items() if k.endswith(role)}, p,
-                               run.total_steps, all_reduce=reduce,
-                               local_importance=run.strategy.local_importance)
-                        for role in UNIT_ROLES]
-        self.pruner = self.pruners[0]
-        if p.final_sparsity > p.initial_sparsity and self.pruner.t_i >= run.total_steps:
-            raise ConfigError(f"pruning.initial_warmup = {p.initial_warmup:g}: "
-                              f"{self.pruner.t_i} steps at the initial sparsity, but the run "
-                              f"has {run.total_steps} steps, so it would never prune")
-        run.strategy.bind_masks(modules.values(), False)  # mask caches; nothing to zero
-        self.modules = modules
+    def __init__(self, method: PruningMethod, run: PruningContext) -> None:
+        super().__init__(method, run)
         self.latency = LatencyTarget(run, prepare=unmask)
 
-    def score_parameters(self) -> list[nn.Parameter]:
-        return [s for pr in self.pruners for s in pr.score_parameters()]
+    def warm_start(self, modules: dict[str, MaskedLinear], scale: float) -> None:
+        warm_start_units(modules, scale)
+
+    def groups(self, modules: dict[str, MaskedLinear]) -> list[dict[str, MaskedLinear]]:
+        """Heads and neurons are thresholded apart (their scores differ in scale)."""
+        return [{k: m for k, m in modules.items() if k.endswith(role)} for role in UNIT_ROLES]
 
     def before_step(self, step: int) -> None:
         if self.latency.due(step, self.pruner.sparsity):
             self._check_latency()
-        with self.run.phases("mask_update"):
-            for pr in self.pruners:
-                pr.update(step)
+        super().before_step(step)
 
     def _check_latency(self) -> None:
         """Measure the export at the current masks; cap the schedule there if met."""
@@ -199,52 +184,62 @@ class HybridController(WeightMaskController):
     def on_end(self) -> None:
         if self.latency.enabled and not self.latency.frozen:
             self.sync_masks()
-            if not self._measured_now():
+            m = self.latency.measured
+            if not (m and abs(m[-1]["sparsity"] - self.pruner.sparsity) < 1e-9):
                 self._check_latency()
             self.latency.warn_if_missed(self.pruner.sparsity, "pruning.final_sparsity")
-
-    def _measured_now(self) -> bool:
-        m = self.latency.measured
-        return bool(m) and abs(m[-1]["sparsity"] - self.pruner.sparsity) < 1e-9
-
-    def sync_masks(self) -> None:
-        for pr in self.pruners:
-            pr.update(self.run.state.step)
 
     def keep(self) -> tuple[list[Tensor], list[Tensor]]:
         """Head and neuron keep masks (collective under sharding: gathers the scores)."""
         run = self.run
-        with run.strategy.gathered(run.student_module()) as bare:
-            return unit_keep(self.modules, len(run.adapter.layer_modules(bare)))
+        with run.strategy.gathered(run.student()) as bare:
+            return unit_keep(self.unit_modules, len(run.adapter.layer_modules(bare)))
+
+    @property
+    def unit_modules(self) -> dict[str, UnitMaskedLinear]:
+        return cast(dict[str, UnitMaskedLinear], self.modules)
 
     def report(self) -> dict[str, Any]:
         run = self.run
-        with run.strategy.gathered(run.student_module()) as bare:
-            heads, ffn = unit_keep(self.modules, len(run.adapter.layer_modules(bare)))
+        with run.strategy.gathered(run.student()) as bare:
+            heads, ffn = unit_keep(self.unit_modules, len(run.adapter.layer_modules(bare)))
             return unit_report(bare, run.adapter, heads, ffn)
 
+    def latency_summary(self) -> dict[str, Any] | None:
+        return self.latency.summary()
+
     def state_dict(self) -> dict[str, Any]:
-        return {"sparsity": self.pruner.sparsity, "latency": self.latency.state_dict()}
+        return {**super().state_dict(), "latency": self.latency.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.latency.load_state_dict(state.get("latency", {}))
+        super().load_state_dict(state)
         for pr in self.pruners:
-            pr.sparsity = state["sparsity"]
             pr.ceiling = self.latency.met_at
 
-    def export(self, out_dir: Path, extra: dict[str, Any] | None = None
-               ) -> dict[str, Any] | None:
-        """The physically smaller student (pruned heads and neurons sliced away)."""
-        from capscale.export.huggingface import export_structured
-
-        model = self.run.full_student()  # collective
-        if model is None:
-            return None
+    def export_plan(self, model: nn.Module) -> ExportPlan:
+        """The physically smaller student (pruned heads and neurons sliced away); the
+        copy's unit-masked layers become plain linears."""
         modules = attach_unit_masks(model, self.run.adapter)  # the copy's own modules
         heads, ffn = unit_keep(modules, len(self.run.adapter.layer_modules(model)))
         unmask(model)
-        return export_structured(model, self.run.adapter, heads, ffn, out_dir,
-                                 self.run.tokenizer, inplace=True, extra=extra)
+        return ExportPlan(heads, ffn)
+
+
+class HybridPruning(PruningMethod):
+    """``hybrid``: movement scores on whole heads and FFN neurons, exported physically
+    smaller."""
+
+    name = "hybrid"
+    learns_scores = True
+    physical_export = True
+
+    def attach(self, model: nn.Module, adapter: EncoderAdapter, pruning: PruningConfig
+               ) -> dict[str, MaskedLinear]:
+        return dict(attach_unit_masks(model, adapter, pruning.score_init))
+
+    def controller(self, run: PruningContext) -> PruningController:
+        return HybridController(self, run)
 
 
 def unit_report(model: nn.Module, adapter: EncoderAdapter, heads: list[Tensor],

@@ -25,11 +25,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import transformers
 from torch import Tensor, nn
+
+from capscale.export.huggingface import auto_class_name, export_structured
 
 if TYPE_CHECKING:
     from capscale.models.adapters import EncoderAdapter
-    from capscale.pruning.methods import PruningRun
+    from capscale.pruning.controller import PruningContext
 
 
 def time_forward(model: nn.Module, batch_size: int, seq_length: int, repeats: int = 3,
@@ -62,10 +65,6 @@ def exported_latency(model: nn.Module, adapter: EncoderAdapter, heads: list[Tens
     written as the export writes it, reloaded with transformers (its loader file) and
     timed. ``model`` is left as it was; ``prepare`` edits the copy first (e.g. removes
     capscale's masked layers)."""
-    import transformers
-
-    from capscale.export.huggingface import auto_class_name, export_structured
-
     target = copy.deepcopy(model).cpu()
     if prepare is not None:
         prepare(target)
@@ -85,9 +84,9 @@ class LatencyTarget:
     the target was met at) is part of the controller's checkpoint.
     """
 
-    def __init__(self, run: PruningRun, prepare: Callable[[nn.Module], None] | None = None
+    def __init__(self, run: PruningContext, prepare: Callable[[nn.Module], None] | None = None
                  ) -> None:
-        p = run.cfg.pruning
+        p = run.pruning
         self.run = run
         self.prepare = prepare
         self.target_ms: float | None = p.target_latency_ms
@@ -110,7 +109,7 @@ class LatencyTarget:
         has gone past the last measurement, until the target is met)."""
         last = self.measured[-1]["sparsity"] if self.measured else 0.0
         return (self.enabled and not self.frozen and step > 0
-                and step % self.run.cfg.pruning.latency_every == 0 and level > last + 1e-9)
+                and step % self.run.pruning.latency_every == 0 and level > last + 1e-9)
 
     def check(self, level: float,
               keep: Callable[[nn.Module], tuple[list[Tensor], list[Tensor]]]) -> bool:

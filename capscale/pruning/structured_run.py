@@ -26,12 +26,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from itertools import islice
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
+from capscale.pruning.controller import (
+    ExportPlan,
+    PruningContext,
+    PruningController,
+    PruningMethod,
+)
 from capscale.pruning.latency import LatencyTarget
 from capscale.pruning.schedule import cubic_sparsity, warmup_steps
 from capscale.pruning.structured import (
@@ -41,44 +46,35 @@ from capscale.pruning.structured import (
     structured_param_counts,
     taylor_importance,
 )
-from capscale.train.loop import LoopHook, set_epoch
+from capscale.train.loop import set_epoch
 
 if TYPE_CHECKING:
-    from torch.utils.data import DataLoader
-
-    from capscale.pruning.methods import PruningRun
+    from capscale.config import PruningConfig, StructuredConfig
 
 EPS = 1e-9
 LossFn = Callable[[nn.Module, dict[str, Tensor]], Tensor]  # (bare model, batch) -> loss
 
 
-class StructuredController(LoopHook):
-    """CAP-f's schedule on the shared loop (see the module docstring).
+class StructuredController(PruningController):
+    """CAP-f's schedule on the shared loop (see the module docstring). Importance uses
+    the context's ``importance_loader``, ``loss_fn`` and ``pause_references``; each
+    iterative level starts a ``fresh_optimizer``."""
 
-    The run must provide, beyond :class:`~capscale.pruning.methods.PruningRun`:
-    ``importance_loader`` (train batches of this rank), ``loss_fn`` (the full CAP loss
-    of a batch on a given model), ``fresh_optimizer(first_step, length)`` and
-    ``objective`` (whose updates are paused while importance is measured).
-    """
-
-    def __init__(self, run: PruningRun) -> None:
-        self.run = run
-        self.scfg = run.cfg.structured
+    def __init__(self, run: PruningContext) -> None:
+        super().__init__(run)
+        self.scfg = run.structured
         self._masks: StructuredMasks | None = None
         self.level = 0.0  # fraction of heads and of FFN neurons currently pruned
         self.pending: list[float] = []  # milestones still to evaluate and snapshot
         self.latency = LatencyTarget(run)  # pruning.target_latency_ms
 
     # -- the controller protocol -----------------------------------------------------
-    def attach(self, model: nn.Module) -> None:
-        """Structured masks stay outside the model (``masks.keep()`` says what to slice)."""
-
     @property
     def masks(self) -> StructuredMasks:
         """The head and neuron masks, hooked into the student as the strategy prepared
         it (made on first use, after the wrapping)."""
         if self._masks is None:
-            self._masks = StructuredMasks(self.run.strategy.unwrap(self.run.student_module()),
+            self._masks = StructuredMasks(self.run.strategy.unwrap(self.run.student()),
                                           self.run.adapter)
         return self._masks
 
@@ -86,31 +82,13 @@ class StructuredController(LoopHook):
         if self.scfg.schedule == "iterative":
             self.pending = list(self.scfg.levels)
         else:
-            final = self.run.cfg.pruning.final_sparsity
+            final = self.run.pruning.final_sparsity
             self.pending = [v for v in self.scfg.levels if v <= final + EPS]
 
     @property
     def steps_per_level(self) -> int:
         """Retraining steps after each iterative level."""
-        return self.scfg.retrain_steps or self.scfg.retrain_epochs * len(
-            self.run.loaders.train)
-
-    def planned_steps(self, default: int) -> int:
-        """Steps of the whole run: every level's retraining (iterative), else ``default``
-        (the train section's epochs / max_steps)."""
-        if self.scfg.schedule != "iterative":
-            return default
-        return self.steps_per_level * len(self.scfg.levels)
-
-    def planned_snapshots(self) -> int:
-        """SnC snapshots the run takes: one per milestone (``cubic``: at least one)."""
-        if self.scfg.schedule == "iterative":
-            return len(self.scfg.levels)
-        final = self.run.cfg.pruning.final_sparsity
-        return max(sum(v <= final + EPS for v in self.scfg.levels), 1)
-
-    def score_parameters(self) -> list[nn.Parameter]:
-        return []
+        return steps_per_level(self.scfg, self.run.steps_per_epoch)
 
     def lr_segment(self, step: int) -> tuple[int, int]:
         if self.scfg.schedule != "iterative":
@@ -120,9 +98,6 @@ class StructuredController(LoopHook):
 
     def current_sparsity(self) -> float:
         return self.level
-
-    def regularization(self) -> Tensor | None:
-        return None
 
     # -- schedule --------------------------------------------------------------------
     def before_step(self, step: int) -> None:
@@ -140,7 +115,7 @@ class StructuredController(LoopHook):
             return
         if step % self.scfg.update_every:
             return
-        p = self.run.cfg.pruning
+        p = self.run.pruning
         total = self.run.total_steps
         target = cubic_sparsity(step, total, p.initial_sparsity, p.final_sparsity,
                                 warmup_steps(p.initial_warmup, total),
@@ -163,7 +138,7 @@ class StructuredController(LoopHook):
                 self._milestone(self.pending[-1])
             self.latency.warn_if_missed(self.level, "structured.levels")
             return
-        final = self.run.cfg.pruning.final_sparsity
+        final = self.run.pruning.final_sparsity
         if self.level < final - EPS and not self.latency.frozen:  # last update between steps
             self.prune_to(final)
             self._check_latency()
@@ -184,13 +159,13 @@ class StructuredController(LoopHook):
         run = self.run
         metrics = run.evaluate()
         sp = self.masks.sparsity()
-        counts = structured_param_counts(run.strategy.unwrap(run.student_module()),
+        counts = structured_param_counts(run.strategy.unwrap(run.student()),
                                          run.adapter, *self.masks.keep())
         run.state.evals.append({"step": run.state.step, "level": level,
                                 "sparsity": self.level, **sp,
                                 "encoder_sparsity": counts["encoder_sparsity"],
                                 "metrics": metrics})
-        key = run.task.main_metric
+        key = run.main_metric
         run.console.log(f"milestone {level:.0%} (step {run.state.step}): {key} "
                         f"{metrics[key]:.4f}, encoder sparsity "
                         f"{counts['encoder_sparsity']:.3f}")
@@ -208,20 +183,19 @@ class StructuredController(LoopHook):
         is produced, no reduce-scatter runs and the optimiser sees nothing.
         """
         run = self.run
-        loader: DataLoader = run.loaders.importance
+        loader = run.importance_loader
         n = max(1, math.ceil(self.scfg.importance_fraction * len(loader)))
         # A fixed, seeded draw per epoch: a pure function of (seed, epoch), so a resumed
         # run draws what the uninterrupted one did (set_epoch alone chains from the
         # generator's last seed, which only the train loader's checkpoint restores).
         if loader.generator is not None:
-            loader.generator.manual_seed(run.cfg.train.seed)
+            loader.generator.manual_seed(run.seed)
         set_epoch(loader, 10_000 + run.state.epoch)
-        wrapped = run.student_module()
+        wrapped = run.student()
         bare = run.strategy.unwrap(wrapped)
         wrapped.eval()
         try:
-            with run.console.progress("importance", n) as bar, \
-                    run.objective.updates_paused():
+            with run.console.progress("importance", n) as bar, run.pause_references():
                 def batches() -> Iterator[dict[str, Tensor]]:
                     for b in islice(loader, n):
                         yield b
@@ -247,7 +221,7 @@ class StructuredController(LoopHook):
     # -- results ---------------------------------------------------------------------
     def report(self) -> dict[str, Any]:
         """Structured sparsity in the keys of sparsity_report, plus head / FFN fractions."""
-        model = self.run.strategy.unwrap(self.run.student_module())
+        model = self.run.strategy.unwrap(self.run.student())
         counts = structured_param_counts(model, self.run.adapter, *self.masks.keep())
         prunable = sum(lin.in_features * lin.out_features
                        for lin in self.run.adapter.prunable_linears(model).values())
@@ -258,22 +232,17 @@ class StructuredController(LoopHook):
 
     def curve(self) -> list[dict[str, Any]]:
         """The accuracy-vs-sparsity curve, one point per milestone."""
-        key = self.run.task.main_metric
+        key = self.run.main_metric
         return [{"level": e["level"], "encoder_sparsity": e["encoder_sparsity"],
                  key: e["metrics"][key]} for e in self.run.state.evals]
 
-    def export(self, out_dir: Path, extra: dict[str, Any] | None = None
-               ) -> dict[str, Any] | None:
-        """Write the physically smaller student (heads and FFN neurons sliced away) from
-        the main rank; collective (a sharded student is gathered first)."""
-        from capscale.export.huggingface import export_structured
+    def latency_summary(self) -> dict[str, Any] | None:
+        return self.latency.summary()
 
-        model = self.run.full_student()
-        if model is None:
-            return None
+    def export_plan(self, model: nn.Module) -> ExportPlan:
+        """The physically smaller student: heads and FFN neurons sliced away."""
         heads, ffn = self.masks.keep()
-        return export_structured(model, self.run.adapter, heads, ffn, out_dir, self.run.tokenizer,
-                          inplace=True, extra=extra)
+        return ExportPlan(heads, ffn)
 
     def state_dict(self) -> dict[str, Any]:
         heads, ffn = self.masks.keep()
@@ -286,3 +255,34 @@ class StructuredController(LoopHook):
         self.latency.load_state_dict(state.get("latency", {}))
         self.masks.set([torch.tensor(h) for h in state["heads"]],
                        [torch.tensor(f) for f in state["ffn"]])
+
+
+def steps_per_level(scfg: StructuredConfig, steps_per_epoch: int) -> int:
+    """Retraining steps after each iterative level."""
+    return scfg.retrain_steps or scfg.retrain_epochs * steps_per_epoch
+
+
+class StructuredPruning(PruningMethod):
+    """``structured`` (CAP-f): heads and FFN neurons, level by level (see module doc)."""
+
+    name = "structured"
+    physical_export = True
+    evaluates_itself = True
+
+    def planned_steps(self, default: int, structured: StructuredConfig,
+                      steps_per_epoch: int) -> int:
+        """Steps of the whole run: every level's retraining (iterative), else ``default``
+        (the train section's epochs / max_steps)."""
+        if structured.schedule != "iterative":
+            return default
+        return steps_per_level(structured, steps_per_epoch) * len(structured.levels)
+
+    def planned_snapshots(self, pruning: PruningConfig, structured: StructuredConfig
+                          ) -> int | None:
+        """SnC snapshots the run takes: one per milestone (``cubic``: at least one)."""
+        if structured.schedule == "iterative":
+            return len(structured.levels)
+        return max(sum(v <= pruning.final_sparsity + EPS for v in structured.levels), 1)
+
+    def controller(self, run: PruningContext) -> PruningController:
+        return StructuredController(run)

@@ -7,42 +7,53 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from capscale.config import Config
     from capscale.console import Console
-    from capscale.recipe import CAPRecipe
+    from capscale.distributed import DistContext
     from capscale.train.state import RunState
 
 SPARSITY_KEYS = ("linear_sparsity", "encoder_sparsity", "total_sparsity")
 
 
-def build_results(recipe: CAPRecipe, sparsity: dict[str, Any]) -> dict[str, Any]:
-    """What ``results.json`` holds (the total time is added by the caller)."""
-    cfg, state = recipe.cfg, recipe.state
-    key = recipe.task.main_metric
+def build_results(main_metric: str, teacher_metrics: dict[str, float] | None,
+                  state: RunState, sparsity: dict[str, Any], train_examples: int,
+                  eval_examples: int, notes: list[str], seconds: dict[str, float],
+                  ctx: DistContext, method: str, phase_ms: dict[str, float],
+                  snapshots: dict[str, Any] | None, curve: list[dict[str, Any]] | None,
+                  latency: dict[str, Any] | None) -> dict[str, Any]:
+    """What ``results.json`` holds (the total time is added by the caller).
+
+    Args:
+        main_metric: the task's main metric; teacher_metrics: the teacher's dev metrics.
+        state: the run's progress (its last evaluation gives the pruned metrics).
+        sparsity: the controller's report (``SPARSITY_KEYS`` are kept).
+        train_examples, eval_examples, notes: what the data loading said.
+        seconds: time per part of the run; phase_ms: mean milliseconds per step of each
+            phase (capscale.train.hooks.Phases), this rank.
+        ctx: ranks (world size, strategy); method: ``pruning.method``.
+        snapshots: SnC views kept and their memory per rank, as logged before training.
+        curve: the accuracy-vs-sparsity curve (structured), or None.
+        latency: the latency target's measurements, or None.
+    """
     results: dict[str, Any] = {
-        "task_metric": key,
-        "teacher_metrics": recipe.teacher_metrics,
+        "task_metric": main_metric,
+        "teacher_metrics": teacher_metrics,
         "pruned_metrics": state.evals[-1]["metrics"],
         "sparsity": {k: sparsity[k] for k in SPARSITY_KEYS},
         "steps": state.step,
-        "train_examples": len(recipe.data.train),
-        "eval_examples": len(recipe.data.validation),
-        "notes": recipe.data.notes,
-        "seconds": dict(recipe.seconds),
-        "world_size": recipe.ctx.world_size,
-        "strategy": recipe.ctx.strategy,
-        "method": cfg.pruning.method,
-        # mean milliseconds per step of each phase (capscale.train.loop.Phases), this rank
-        "phase_ms": recipe.phase_totals.mean_ms(),
-        # SnC views kept and their memory per rank, as logged before training
-        "snapshots": recipe.snapshot_plan,
+        "train_examples": train_examples,
+        "eval_examples": eval_examples,
+        "notes": notes,
+        "seconds": dict(seconds),
+        "world_size": ctx.world_size,
+        "strategy": ctx.strategy,
+        "method": method,
+        "phase_ms": phase_ms,
+        "snapshots": snapshots,
     }
-    curve = getattr(recipe.controller, "curve", None)
-    if curve is not None:  # the accuracy-vs-sparsity curve, one point per milestone
-        results["curve"] = curve()
-    latency = getattr(recipe.controller, "latency", None)
-    if latency is not None and latency.enabled:  # pruning.target_latency_ms
-        results["latency"] = latency.summary()
+    if curve is not None:
+        results["curve"] = curve
+    if latency is not None:  # pruning.target_latency_ms
+        results["latency"] = latency
     return results
 
 
@@ -56,18 +67,17 @@ def save_history(out_dir: str | Path, state: RunState) -> None:
     (out / "evals.json").write_text(json.dumps(state.evals, indent=1))
 
 
-def write_results(cfg: Config, results: dict[str, Any]) -> Path:
-    path = Path(cfg.output_dir) / "results.json"
+def write_results(output_dir: str | Path, results: dict[str, Any]) -> Path:
+    path = Path(output_dir) / "results.json"
     path.write_text(json.dumps(results, indent=1))
     return path
 
 
-def print_summary(console: Console, cfg: Config, r: dict[str, Any]) -> None:
-    """The table a user reads at the end of a run."""
+def print_summary(console: Console, r: dict[str, Any], method: str, output_dir: Path) -> None:
+    """The table a user reads at the end of a run (``method``: how it is named there)."""
     key = r["task_metric"]
     t = r["teacher_metrics"][key] if r["teacher_metrics"] else float("nan")
     p = r["pruned_metrics"][key]
-    cap = cfg.cap.enabled_modules()
     rows = [
         (f"dense teacher {key}", f"{t:.4f}"),
         (f"pruned student {key}", f"{p:.4f}"),
@@ -75,14 +85,13 @@ def print_summary(console: Console, cfg: Config, r: dict[str, Any]) -> None:
         ("encoder sparsity (paper convention)", f"{100 * r['sparsity']['encoder_sparsity']:.2f}%"),
         ("prunable-matrix sparsity", f"{100 * r['sparsity']['linear_sparsity']:.2f}%"),
         ("sparsity over all parameters", f"{100 * r['sparsity']['total_sparsity']:.2f}%"),
-        ("method", f"{cfg.pruning.method} + CAP ({', '.join(cap)})" if cap
-         else cfg.pruning.method),
+        ("method", method),
         ("train / eval examples", f"{r['train_examples']} / {r['eval_examples']}"),
         ("pruning steps", str(r["steps"])),
         ("time: teacher / pruning / total",
          f"{r['seconds']['teacher']:.0f} s / {r['seconds']['pruning']:.0f} s / "
          f"{r['seconds']['total']:.0f} s"),
-        ("output", str(Path(cfg.output_dir) / "pruned" / "model")),
+        ("output", str(Path(output_dir) / "pruned" / "model")),
     ]
     console.table("capscale result", rows)
     for note in r["notes"]:

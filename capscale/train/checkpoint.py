@@ -17,6 +17,11 @@ Writes are atomic: everything goes into ``.tmp-step-XXXXXXXX``, is fsynced, and 
 directory is renamed into place once every rank has written its part, so a kill during
 a save leaves the previous checkpoint as the latest one. ``trainer_state.json`` is
 written last and marks a checkpoint as complete.
+
+Saving joins the training loop as one more hook (:class:`CheckpointHook`, added last by
+the recipe, so every other hook has updated its state when the step is saved). The
+checkpointer is given its root, cadence, retention and the run's fingerprint (the
+resolved config as a dict, which a resume must match); it imports no config.
 """
 
 from __future__ import annotations
@@ -32,8 +37,8 @@ from typing import Any
 
 import torch
 
-from capscale.config import Config, config_to_dict
 from capscale.errors import ConfigError
+from capscale.train.hooks import LoopHook, Record
 
 PREFIX = "step-"
 STATE_FILE = "trainer_state.json"
@@ -46,8 +51,9 @@ RESUMABLE_CHANGES = ("resume", "output_dir", "checkpoint.", "report.", "train.pr
                      "train.collective_timeout_s", "train.debug_nan_batches")
 
 
-def checkpoint_root(cfg: Config) -> Path:
-    return Path(cfg.checkpoint.dir or Path(cfg.output_dir) / "checkpoints")
+def checkpoint_root(checkpoint_dir: str | None, output_dir: str | Path) -> Path:
+    """``checkpoint.dir``, or ``<output_dir>/checkpoints`` when it is not set."""
+    return Path(checkpoint_dir or Path(output_dir) / "checkpoints")
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
@@ -65,25 +71,32 @@ def saved_step(path: str | Path) -> int:
     return int(json.loads((Path(path) / STATE_FILE).read_text())["step"])
 
 
-def resolve_resume(cfg: Config) -> Path | None:
-    """The checkpoint ``cfg.resume`` names (None: start fresh).
+def resolve_resume(resume: str | None, root: Path, fingerprint: dict[str, Any]
+                   ) -> Path | None:
+    """The checkpoint ``resume`` names (None: start fresh).
+
+    Args:
+        resume: the config's ``resume``: None, ``latest`` (the newest checkpoint under
+            ``root``) or a checkpoint directory (or a folder of them).
+        root: the run's checkpoint folder (:func:`checkpoint_root`).
+        fingerprint: the run's resolved config as a dict.
 
     ``latest`` with no checkpoint yet starts fresh, so one command line serves both the
     first launch and every relaunch of a preemptible job. Raises ConfigError when the
     checkpoint was written by a run with a different config.
     """
-    if cfg.resume is None:
+    if resume is None:
         return None
-    path = Path(cfg.resume) if cfg.resume != "latest" else checkpoint_root(cfg)
+    path = Path(resume) if resume != "latest" else root
     if not (path / STATE_FILE).is_file():  # a checkpoints folder: its newest entry
         found = list_checkpoints(path)
         if not found:
-            if cfg.resume == "latest":
+            if resume == "latest":
                 return None
-            raise ConfigError(f"resume = {cfg.resume!r}: no checkpoint there")
+            raise ConfigError(f"resume = {resume!r}: no checkpoint there")
         path = found[-1]
     saved = json.loads((path / STATE_FILE).read_text())["config"]
-    changed = _config_changes(saved, config_to_dict(cfg))
+    changed = _config_changes(saved, fingerprint)
     if changed:
         raise ConfigError(f"resume = {path}: the checkpoint was written with a different "
                           f"config ({'; '.join(changed[:5])}); resume with the same config")
@@ -122,18 +135,21 @@ class _Entry:
 
 
 class Checkpointer:
-    """Saves registered entries every ``checkpoint.every_steps`` steps, keeps the newest K.
+    """Saves registered entries every ``every`` steps, keeps the newest ``keep_last``.
 
     Args:
-        cfg: the run config (saved with the state: a resume must use the same one).
+        root: the folder of the ``step-*`` checkpoints.
+        every: steps between checkpoints (0: never; :meth:`save` still works).
+        keep_last: how many complete checkpoints to keep.
+        fingerprint: the run's resolved config as a dict, saved with the state (a
+            resume must match it).
         ctx: the distributed context (every rank calls :meth:`save` and :meth:`load`).
     """
 
-    def __init__(self, cfg: Config, ctx: Any) -> None:
-        self.cfg, self.ctx = cfg, ctx
-        self.root = checkpoint_root(cfg)
-        self.every = cfg.checkpoint.every_steps
-        self.keep_last = cfg.checkpoint.keep_last
+    def __init__(self, root: str | Path, every: int, keep_last: int,
+                 fingerprint: dict[str, Any], ctx: Any) -> None:
+        self.root, self.every, self.keep_last = Path(root), every, keep_last
+        self.fingerprint, self.ctx = fingerprint, ctx
         self.entries: dict[str, _Entry] = {}
 
     def register(self, name: str, obj: Any, scope: str = "main") -> None:
@@ -181,7 +197,7 @@ class Checkpointer:
         if ctx.is_main:
             if os.environ.get(STALL_STEP_ENV) == str(step):
                 time.sleep(120)
-            state.update(step=step, world_size=ctx.world_size, config=config_to_dict(self.cfg))
+            state.update(step=step, world_size=ctx.world_size, config=self.fingerprint)
             (tmp / STATE_FILE).write_text(json.dumps(state))
             files.append(tmp / STATE_FILE)
         for f in files:
@@ -220,3 +236,15 @@ class Checkpointer:
             shutil.rmtree(old, ignore_errors=True)
         for stale in self.root.glob(f".tmp-{PREFIX}*"):  # left by a kill mid-save
             shutil.rmtree(stale, ignore_errors=True)
+
+
+class CheckpointHook(LoopHook):
+    """Saves ``checkpointer`` after every step it is due (the loop's last hook)."""
+
+    def __init__(self, checkpointer: Checkpointer) -> None:
+        self.checkpointer = checkpointer
+
+    def after_step(self, record: Record) -> None:
+        step = record["step"]
+        if self.checkpointer.due(step):
+            self.checkpointer.save(step)

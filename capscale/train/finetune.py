@@ -21,7 +21,8 @@ from capscale.distributed import DistContext, make_strategy
 from capscale.models.loading import load_classifier, output_logits
 from capscale.tasks import Task
 from capscale.train.evaluation import evaluate
-from capscale.train.loop import Phases, TrainLoop
+from capscale.train.hooks import Phases
+from capscale.train.loop import TrainLoop
 from capscale.train.state import RunState
 from capscale.train.step import Student, Update, linear_warmup_decay, param_groups
 

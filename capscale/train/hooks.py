@@ -1,93 +1,85 @@
-"""Loop hooks of a pruning run: snapshot schedule, evaluation schedule, trackers."""
+"""The ground floor of training: loop hooks, step records and timed phases.
+
+Nothing here knows a run, a config or a model. :class:`LoopHook` is what every part
+that joins the loop implements (pruning controllers, snapshot and evaluation schedules,
+the checkpoint hook, trackers); :class:`Phases` is how a step times its sections, and
+benchmarks and the report listen to it instead of copying the step.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
-from capscale.train.loop import LoopHook, Record
-
-if TYPE_CHECKING:
-    from capscale.config import Config
+Record = dict[str, Any]
+PHASES = ("mask_update", "forward", "teacher", "contrastive", "backward", "optimizer")
 
 
-class SnapshotSchedule(LoopHook):
-    """When the unstructured methods append an SnC snapshot (Xu et al. 2022, section 3.3).
+class Phases:
+    """Named, timed sections of a step: ``with phases("forward"): ...``.
 
-    ``cap.snapshot_schedule``: ``epoch`` takes one at the start of every epoch but the
-    first, as the reference does (its epoch-0 encoding of the still dense student is the
-    PrC bank, which capscale encodes at setup), so epoch e has R = e views;
-    ``cap.snapshot_first_epoch`` adds one at epoch 0 (R = e + 1). ``milestones`` takes
-    one as soon as the scheduled sparsity reaches each fraction of
-    ``cap.snapshot_milestones`` of the final sparsity. Snapshots are encoded in
-    ``cap.snapshot_train_mode`` (the reference: dropout on). The milestones still due
-    are checkpoint state.
-
-    Args:
-        cfg: the run config.
-        sparsity: the current scheduled sparsity.
-        snapshot: ``(train_mode, what)`` -> appends the current student.
+    Listeners get ``(name, seconds)`` after each section; with none the cost is one
+    ``perf_counter`` pair. ``sync`` (e.g. ``torch.cuda.synchronize``) is called around
+    timed sections when someone listens, so GPU work is counted where it is issued.
     """
 
-    def __init__(self, cfg: Config, sparsity: Callable[[], float],
-                 snapshot: Callable[[bool, str], None]) -> None:
-        self.cfg, self.sparsity, self.snapshot = cfg, sparsity, snapshot
-        self.pending = sorted(cfg.cap.snapshot_milestones)
+    def __init__(self, sync: Callable[[], None] | None = None) -> None:
+        self.listeners: list[Callable[[str, float], None]] = []
+        self.sync = sync
 
-    def planned(self, epochs: int) -> int:
-        """How many snapshots the schedule takes in a run of ``epochs`` epochs."""
-        cap = self.cfg.cap
-        if cap.snapshot_schedule == "milestones":
-            return len(cap.snapshot_milestones)
-        return epochs if cap.snapshot_first_epoch else max(epochs - 1, 0)
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        if not self.listeners:
+            yield
+            return
+        if self.sync is not None:
+            self.sync()
+        t0 = time.perf_counter()
+        yield
+        if self.sync is not None:
+            self.sync()
+        dt = time.perf_counter() - t0
+        for fn in self.listeners:
+            fn(name, dt)
+
+
+class PhaseTotals:
+    """A :class:`Phases` listener: seconds and count of each phase over a run."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def __call__(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+        self.counts[name] = self.counts.get(name, 0) + 1
+
+    def mean_ms(self) -> dict[str, float]:
+        """Mean milliseconds per occurrence, by phase, in ``PHASES`` order."""
+        order = [p for p in PHASES if p in self.seconds] + sorted(
+            p for p in self.seconds if p not in PHASES)
+        return {p: 1000 * self.seconds[p] / self.counts[p] for p in order}
+
+
+class LoopHook:
+    """Called by :class:`TrainLoop` at fixed points; every method is optional."""
 
     def on_epoch_start(self, epoch: int) -> None:
-        cap = self.cfg.cap
-        if cap.snapshot_schedule == "epoch" and (epoch > 0 or cap.snapshot_first_epoch):
-            self.snapshot(cap.snapshot_train_mode, f"snapshot, epoch {epoch}")
+        """A fresh epoch begins (not called for an epoch resumed mid-way)."""
+
+    def before_step(self, step: int) -> None:
+        """Before the step that takes the run from ``step`` to ``step + 1``."""
 
     def after_step(self, record: Record) -> None:
-        if self.cfg.cap.snapshot_schedule != "milestones":
-            return
-        final = self.cfg.pruning.final_sparsity
-        while self.pending and self.sparsity() >= self.pending[0] * final:
-            m = self.pending.pop(0)
-            self.snapshot(self.cfg.cap.snapshot_train_mode,
-                          f"snapshot at {m:.0%} of final sparsity")
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"pending": self.pending}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.pending = list(state["pending"])
-
-
-class EvalSchedule(LoopHook):
-    """Evaluate every ``train.eval_every`` steps and at the end of every epoch, once per
-    step (an epoch that ends on an ``eval_every`` step is evaluated once).
-
-    Args:
-        every: steps between evaluations (0: epoch ends only).
-        evaluate: ``(epoch)`` -> evaluates and records.
-        step: the run's current step.
-        last_evaluated: the step of the run's last evaluation (None: none yet).
-    """
-
-    def __init__(self, every: int, evaluate: Callable[[int], None],
-                 step: Callable[[], int], last_evaluated: Callable[[], int | None]) -> None:
-        self.every, self.evaluate = every, evaluate
-        self.step, self.last_evaluated = step, last_evaluated
-
-    def _evaluate(self, epoch: int) -> None:
-        if self.last_evaluated() != self.step():  # read from the run: survives a resume
-            self.evaluate(epoch)
-
-    def after_step(self, record: Record) -> None:
-        if self.every and record["step"] % self.every == 0:
-            self._evaluate(record["epoch"])
+        """After a completed step (not after a skipped one), with its record."""
 
     def on_epoch_end(self, epoch: int) -> None:
-        self._evaluate(epoch)
+        """An epoch ended (or the run reached its last step inside it)."""
+
+    def on_end(self) -> None:
+        """The loop finished."""
 
 
 class RecordHook(LoopHook):

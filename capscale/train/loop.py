@@ -7,14 +7,14 @@ so a resumed run draws the same batches and dropout masks as an uninterrupted on
 Everything else joins through :class:`LoopHook` (pruning schedules, snapshots,
 evaluation, trackers) and the step function.
 
-A step function times its parts with :class:`Phases` (``forward``, ``teacher``,
-``contrastive``, ``backward``, ``optimizer``, ``mask_update``); benchmarks and the
-report listen to the phases instead of copying the step.
+A step function times its parts with :class:`~capscale.train.hooks.Phases`
+(``forward``, ``teacher``, ``contrastive``, ``backward``, ``optimizer``,
+``mask_update``); benchmarks and the report listen to the phases instead of copying
+the step.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -25,76 +25,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler
 
 from capscale.console import Console, format_losses
-from capscale.train.checkpoint import Checkpointer
+from capscale.train.hooks import LoopHook, Record
 from capscale.train.state import RunState, set_rng_state
-
-Record = dict[str, Any]
-PHASES = ("mask_update", "forward", "teacher", "contrastive", "backward", "optimizer")
-
-
-class Phases:
-    """Named, timed sections of a step: ``with phases("forward"): ...``.
-
-    Listeners get ``(name, seconds)`` after each section; with none the cost is one
-    ``perf_counter`` pair. ``sync`` (e.g. ``torch.cuda.synchronize``) is called around
-    timed sections when someone listens, so GPU work is counted where it is issued.
-    """
-
-    def __init__(self, sync: Callable[[], None] | None = None) -> None:
-        self.listeners: list[Callable[[str, float], None]] = []
-        self.sync = sync
-
-    @contextlib.contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        if not self.listeners:
-            yield
-            return
-        if self.sync is not None:
-            self.sync()
-        t0 = time.perf_counter()
-        yield
-        if self.sync is not None:
-            self.sync()
-        dt = time.perf_counter() - t0
-        for fn in self.listeners:
-            fn(name, dt)
-
-
-class PhaseTotals:
-    """A :class:`Phases` listener: seconds and count of each phase over a run."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
-
-    def __call__(self, name: str, seconds: float) -> None:
-        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
-        self.counts[name] = self.counts.get(name, 0) + 1
-
-    def mean_ms(self) -> dict[str, float]:
-        """Mean milliseconds per occurrence, by phase, in ``PHASES`` order."""
-        order = [p for p in PHASES if p in self.seconds] + sorted(
-            p for p in self.seconds if p not in PHASES)
-        return {p: 1000 * self.seconds[p] / self.counts[p] for p in order}
-
-
-class LoopHook:
-    """Called by :class:`TrainLoop` at fixed points; every method is optional."""
-
-    def on_epoch_start(self, epoch: int) -> None:
-        """A fresh epoch begins (not called for an epoch resumed mid-way)."""
-
-    def before_step(self, step: int) -> None:
-        """Before the step that takes the run from ``step`` to ``step + 1``."""
-
-    def after_step(self, record: Record) -> None:
-        """After a completed step (not after a skipped one), with its record."""
-
-    def on_epoch_end(self, epoch: int) -> None:
-        """An epoch ended (or the run reached its last step inside it)."""
-
-    def on_end(self) -> None:
-        """The loop finished."""
 
 
 def set_epoch(loader: DataLoader, epoch: int) -> None:
@@ -117,8 +49,8 @@ class TrainLoop:
             FloatingPointError for a non-finite loss (nothing was updated then).
         console: progress and log lines.
         description: the progress bar's title.
-        hooks: called in order at each point (see :class:`LoopHook`).
-        checkpointer: saves the run when due after a step (None: never).
+        hooks: called in order at each point (see :class:`LoopHook`); saving
+            checkpoints is one of them (capscale.train.checkpoint.CheckpointHook).
         lr_fn: the current learning rate, for the records.
         on_nonfinite, max_nonfinite_skips: ``stop`` re-raises a non-finite step;
             ``skip`` drops the batch, up to that many in a row.
@@ -128,13 +60,11 @@ class TrainLoop:
     def __init__(self, state: RunState, loader: DataLoader, total_steps: int,
                  step_fn: Callable[[dict[str, Tensor]], Record], console: Console,
                  description: str, hooks: list[LoopHook] | None = None,
-                 checkpointer: Checkpointer | None = None,
                  lr_fn: Callable[[], float] | None = None, on_nonfinite: str = "stop",
                  max_nonfinite_skips: int = 0, world_size: int = 1) -> None:
         self.state, self.loader, self.total_steps = state, loader, total_steps
         self.step_fn, self.console, self.description = step_fn, console, description
         self.hooks = hooks or []
-        self.checkpointer = checkpointer
         self.lr_fn = lr_fn
         self.on_nonfinite, self.max_skips = on_nonfinite, max_nonfinite_skips
         self.world_size = world_size
@@ -165,8 +95,6 @@ class TrainLoop:
                         rec["lr"] = self.lr_fn()
                     st.history.append(rec)
                     self._call("after_step", rec)
-                    if self.checkpointer is not None and self.checkpointer.due(st.step):
-                        self.checkpointer.save(st.step)
                     bar.advance(1, _status(rec))
                 self._call("on_epoch_end", epoch)
         self._call("on_end")

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from capscale.contrastive.modules import ContrastiveModule
-from capscale.contrastive.objectives import gathered_pairs
+from capscale.contrastive.modules import CONTRASTIVE_MODULES, ContrastiveModule
+from capscale.contrastive.objectives import gathered_pairs, snapshot_memory
 from capscale.data import model_inputs
 from capscale.distributed.strategy import full_state, load_full_state
 from capscale.models.loading import (
@@ -31,6 +31,7 @@ from capscale.models.loading import (
 )
 
 if TYPE_CHECKING:
+    from capscale.config import CAPConfig
     from capscale.console import Console
     from capscale.distributed import DistContext, Strategy
     from capscale.models.adapters import EncoderAdapter
@@ -177,3 +178,38 @@ class RunReferences:
 def _copy_state(model: nn.Module, state: dict[str, Tensor]) -> None:
     for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
         t.copy_(state[name].to(t.device, t.dtype))
+
+
+def plan_snapshots(cap: CAPConfig, views: int, num_examples: int, hidden: int,
+                   world_size: int, student: nn.Module, adapter: EncoderAdapter,
+                   learns_scores: bool, shard_copies: bool, schedule: str,
+                   log: Callable[[str], None]) -> dict[str, Any] | None:
+    """The memory the SnC snapshots will take per rank, logged before anything is
+    encoded (None when no enabled module keeps snapshots).
+
+    Args:
+        cap: the ``cap`` section; views: R_max, the snapshots kept per example.
+        num_examples, hidden: bank rows and width.
+        student: the bare student (an online snapshot is a frozen copy of it, plus a
+            score per prunable weight when ``learns_scores``).
+        shard_copies: copies are sharded over the ranks (zero3 / fsdp2 with
+            ``distributed.shard_references``).
+        schedule: what decides when snapshots are taken (for the log).
+        log: where the line goes.
+    """
+    if not any(CONTRASTIVE_MODULES[n].snapshots for n in cap.enabled_modules()):
+        return None
+    copy_bytes = sum(t.numel() * t.element_size()
+                     for t in [*student.parameters(), *student.buffers()])
+    if learns_scores:
+        copy_bytes += sum(m.weight.numel() * 4
+                          for m in adapter.prunable_linears(student).values())
+    if shard_copies:
+        copy_bytes = -(-copy_bytes // world_size)
+    plan = snapshot_memory(cap, views, num_examples, hidden, world_size, copy_bytes)
+    plan["schedule"] = schedule
+    limit = "all" if cap.max_snapshots is None else "at most"
+    log(f"SnC ({schedule} schedule): {limit} {views} snapshot(s) kept, one "
+        f"{plan['per_view']} each: {plan['bytes_per_view'] / 2**30:.3f} GiB per "
+        f"snapshot, {plan['bytes'] / 2**30:.3f} GiB in all, per rank")
+    return plan

@@ -9,7 +9,7 @@ The full objective of a batch (Xu et al., AAAI 2022, eq. 7)::
 :class:`CAPLoss` returns every component by name (they are logged separately);
 :class:`Update` checks that the total is finite on every rank, then backward, optimiser
 step and LR step through the strategy. Both time their parts through
-:class:`capscale.train.loop.Phases`.
+:class:`capscale.train.hooks.Phases`.
 """
 
 from __future__ import annotations
@@ -26,10 +26,11 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from capscale.data import model_inputs
 from capscale.models.loading import RepresentationTap, forward_with_representation, output_logits
-from capscale.train.loop import Phases, finite_or_raise
+from capscale.train.hooks import Phases
+from capscale.train.loop import finite_or_raise
 
 if TYPE_CHECKING:
-    from capscale.config import Config
+    from capscale.config import LossConfig, TrainConfig
     from capscale.distributed import DistContext, Strategy
     from capscale.tasks import Task
 
@@ -51,7 +52,8 @@ class CAPLoss:
     """Every weighted component of the objective on one batch.
 
     Args:
-        cfg: the run config (``loss``, ``cap.representation``).
+        loss: the ``loss`` section (weights, KD temperature).
+        representation: ``cap.representation`` (where anchors are read).
         task: the task (supervised loss, distillation, contrastive labels).
         ctx: ranks and device.
         teacher: the frozen fine-tuned teacher (KD logits), or None.
@@ -60,30 +62,30 @@ class CAPLoss:
         phases: where the parts are timed.
     """
 
-    def __init__(self, cfg: Config, task: Task, ctx: DistContext, teacher: nn.Module | None,
-                 objective: Any, regularizer: Callable[[], Tensor | None],
-                 phases: Phases) -> None:
-        self.cfg, self.task, self.ctx = cfg, task, ctx
+    def __init__(self, loss: LossConfig, representation: str, task: Task, ctx: DistContext,
+                 teacher: nn.Module | None, objective: Any,
+                 regularizer: Callable[[], Tensor | None], phases: Phases) -> None:
+        self.weights, self.representation = loss, representation
+        self.task, self.ctx = task, ctx
         self.teacher, self.objective = teacher, objective
         self.regularizer, self.phases = regularizer, phases
 
     def __call__(self, model: nn.Module, tap: RepresentationTap, batch: dict[str, Tensor],
                  step: int) -> dict[str, Tensor]:
         """Components by name (``ce``, ``kd``, ``prc_unsup``, ..., ``l1``)."""
-        cfg, ctx = self.cfg, self.ctx
+        w, ctx = self.weights, self.ctx
         inputs = model_inputs(batch, ctx.device)
         labels = batch["labels"].to(ctx.device)
         with self.phases("forward"):
             logits, anchors = forward_with_representation(model, inputs, tap,
-                                                          cfg.cap.representation)
+                                                          self.representation)
         losses: dict[str, Tensor] = {}
-        if cfg.loss.w_ce > 0:
-            losses["ce"] = cfg.loss.w_ce * self.task.loss(logits, labels)
-        if self.teacher is not None and cfg.loss.w_kd > 0:
+        if w.w_ce > 0:
+            losses["ce"] = w.w_ce * self.task.loss(logits, labels)
+        if self.teacher is not None and w.w_kd > 0:
             with self.phases("teacher"), torch.no_grad():
                 t_logits = output_logits(self.teacher(**inputs))
-            losses["kd"] = cfg.loss.w_kd * self.task.distill(logits, t_logits,
-                                                             cfg.loss.kd_temperature)
+            losses["kd"] = w.w_kd * self.task.distill(logits, t_logits, w.kd_temperature)
         if self.objective is not None:
             with self.phases("contrastive"):
                 losses.update(self.objective(
@@ -166,3 +168,41 @@ def linear_warmup_decay(warmup: int, total: int) -> Callable[[int], float]:
             return step / warmup
         return max(0.0, (total - step) / max(total - warmup, 1))
     return factor
+
+
+class Optimizers:
+    """The student's AdamW and LR schedule, built through the strategy: ``prepare`` wraps
+    the bare student; ``fresh`` restarts both (each structured level retrains from fresh
+    AdamW moments and a restarted schedule).
+
+    Args:
+        strategy: how the student is wrapped and stepped.
+        train: the ``train`` section (lr, weight decay, warm-up, batch size, clipping).
+        score_lr: ``pruning.score_lr``, the learning rate of the method's scores.
+    """
+
+    def __init__(self, strategy: Strategy, train: TrainConfig, score_lr: float) -> None:
+        self.strategy, self.train, self.score_lr = strategy, train, score_lr
+
+    def lr_lambda(self, length: int) -> Callable[[int], float]:
+        """Linear warm-up (``train.warmup_steps`` or ``warmup_ratio``), linear decay."""
+        t = self.train
+        return linear_warmup_decay(lr_warmup(t.warmup_steps, t.warmup_ratio, length), length)
+
+    def prepare(self, bare: nn.Module, scores: list[nn.Parameter], length: int,
+                tap: RepresentationTap | None = None) -> Student:
+        """Wrap ``bare`` with an optimiser and an LR schedule of ``length`` steps."""
+        t = self.train
+        groups = param_groups(bare, t.lr, t.weight_decay, scores, self.score_lr)
+        model, opt, sched = self.strategy.prepare_student(
+            bare, groups, self.lr_lambda(length), micro_batch_size=t.batch_size,
+            grad_clip=t.grad_clip)
+        return Student(model, opt, sched, tap)
+
+    def fresh(self, student: Student, length: int) -> None:
+        """A new AdamW and LR schedule of ``length`` steps for the prepared ``student``."""
+        t = self.train
+        groups = param_groups(self.strategy.unwrap(student.model), t.lr, t.weight_decay, [],
+                              0.0)
+        student.optimizer, student.scheduler = self.strategy.fresh_optimizer(
+            student.model, student.optimizer, groups, self.lr_lambda(length))

@@ -1,0 +1,97 @@
+"""One way to write a run's export, used by the recipe at the end of a run and by
+``capscale export`` on a checkpoint.
+
+* :func:`masked_skeleton`: a bare model with the method's masks attached and set to the
+  run's mask mode, the structure a checkpoint's ``model.pt`` (or a sharded student's
+  gathered state) loads into;
+* :func:`write_export`: an :class:`~capscale.pruning.controller.ExportPlan` written as a
+  Hugging Face model directory (masks baked in, or physically smaller);
+* :func:`export_checkpoint`: a saved checkpoint of an unstructured run, exported;
+* :func:`write_run_formats`: the extra ``export.formats`` of an export, each checked
+  against it on the config's dev set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from capscale.data import Collator, make_loader, tokenize
+from capscale.errors import ConfigError
+from capscale.export.formats import DevSet, write_formats
+from capscale.export.huggingface import export_pruned, export_structured
+from capscale.pruning.controller import ExportPlan, PruningMethod
+from capscale.pruning.masked import MaskedLinear, configure_masks
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from capscale.config import DataConfig, ExportConfig, PruningConfig
+    from capscale.data import TaskData
+    from capscale.models.adapters import EncoderAdapter
+    from capscale.tasks import Task
+
+
+def masked_skeleton(model: nn.Module, adapter: EncoderAdapter, method: PruningMethod,
+                    pruning: PruningConfig) -> nn.Module:
+    """``model`` with ``method``'s masks attached, in the run's mask mode (top-k or
+    schedule threshold, global scope, N:M); its values are what a state dict loads."""
+    method.attach(model, adapter, pruning)
+    configure_masks([m for m in model.modules() if isinstance(m, MaskedLinear)], pruning)
+    return model
+
+
+def write_export(model: nn.Module, plan: ExportPlan, adapter: EncoderAdapter,
+                 out_dir: str | Path, tokenizer: PreTrainedTokenizerBase | None,
+                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``model`` as ``plan`` says (``model`` itself is baked or sliced); returns the
+    export's sparsity report."""
+    if plan.heads is not None and plan.ffn is not None:
+        return export_structured(model, adapter, plan.heads, plan.ffn, out_dir, tokenizer,
+                                 inplace=True, extra=extra)
+    return export_pruned(model, adapter, out_dir, tokenizer, inplace=True, extra=extra)
+
+
+def export_checkpoint(checkpoint: Path, method: PruningMethod, pruning: PruningConfig,
+                      load: Callable[[], tuple[nn.Module, EncoderAdapter]], out_dir: Path,
+                      tokenizer: PreTrainedTokenizerBase, extra: dict[str, Any]
+                      ) -> dict[str, Any]:
+    """Export the student saved in ``checkpoint`` (``model.pt``: single / ddp runs) into
+    ``out_dir``; ``load`` gives a bare model of the run's student and its adapter (called
+    once the checkpoint is known to be exportable)."""
+    if not (checkpoint / "model.pt").is_file():  # zero3 / fsdp2 keep rank shards
+        raise ConfigError(f"--checkpoint {checkpoint}: a sharded (zero3 / fsdp2) checkpoint "
+                          "has no model.pt to export; resume the run to its end, which "
+                          "exports")
+    if method.physical_export:
+        raise ConfigError(f"--checkpoint {checkpoint}: pruning.method={method.name} exports "
+                          "a physically smaller model at the end of the run; resume the run "
+                          "to its end, which exports (then --add-to DIR writes more formats "
+                          "of it)")
+    model, adapter = load()
+    masked_skeleton(model, adapter, method, pruning)
+    # The keep-fraction / threshold buffers in the state fix each mask as it was saved.
+    model.load_state_dict(torch.load(checkpoint / "model.pt", weights_only=True))
+    return write_export(model, ExportPlan(), adapter, out_dir, tokenizer, extra)
+
+
+def write_run_formats(dest: Path, export: ExportConfig, data: TaskData,
+                      tokenizer: PreTrainedTokenizerBase, data_cfg: DataConfig,
+                      batch_size: int, task: Task, trust_remote_code: bool,
+                      log: Callable[[str], None]) -> dict[str, Any]:
+    """The extra ``export.formats`` of the export in ``dest``, checked on the first dev
+    batch and scored on the dev set (capscale.export.formats); ``ok`` says whether every
+    check passed."""
+    dev = make_loader(tokenize(data.validation, tokenizer, data_cfg), batch_size,
+                      Collator(tokenizer.pad_token_id or 0))
+    found = write_formats(dest, export.formats, next(iter(dev)),
+                          DevSet(dev, task, data.num_labels, export.dev_examples),
+                          trust_remote_code, export.onnx_atol, export.int8_rtol, log)
+    if not found["ok"]:
+        log(f"WARNING: an export format failed its check; see "
+            f"{dest / 'sparsity_report.json'} (formats)")
+    return found
