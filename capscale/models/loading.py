@@ -200,7 +200,7 @@ def forward_with_representation(model: nn.Module, inputs: dict[str, Tensor],
     return output_logits(out), F.normalize(rep.float(), dim=-1)
 
 
-def hidden_size(model: PreTrainedModel, adapter: EncoderAdapter) -> int:
+def hidden_size(model: nn.Module, adapter: EncoderAdapter) -> int:
     """Width of the ``head`` representation: the head linear's ``in_features``."""
     return adapter.head(model).in_features
 

@@ -22,6 +22,8 @@ from capscale.pruning.schedule import cubic_sparsity, warmup_steps
 from capscale.pruning.weight_rules import WeightRule, get_weight_rule, uses_topk
 
 if TYPE_CHECKING:
+    from typing_extensions import Self
+
     from capscale.config import PruningConfig
 
 AllReduceFn = Callable[[Tensor], Tensor]  # sums a tensor over ranks (identity at world 1)
@@ -84,7 +86,7 @@ class MaskedLinear(nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, method: str | WeightRule, score_init: float = 0.0,
-                    min_keep: float = 0.005) -> MaskedLinear:
+                    min_keep: float = 0.005) -> Self:
         """Wrap ``linear`` without copying: the new module owns the same Parameters."""
         new = cls.__new__(cls)
         nn.Module.__init__(new)
