@@ -17,7 +17,7 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import yaml
 
@@ -76,7 +76,7 @@ def _section_table(tp: Any) -> type | None:
     if typing.get_origin(tp) is dict:
         _, value_tp = typing.get_args(tp)
         if dataclasses.is_dataclass(value_tp):
-            return value_tp
+            return cast(type, value_tp)  # an annotation: the class, not an instance
     return None
 
 
@@ -102,7 +102,7 @@ def build(cls: type, data: Any, prefix: str = "") -> Any:
                               f"(known: {', '.join(fields)})")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = build(tp, value or {}, f"{prefix}{key}.")
+            kwargs[key] = build(cast(type, tp), value or {}, f"{prefix}{key}.")
         elif (entry := _section_table(tp)) is not None:
             kwargs[key] = _build_table(entry, _default(fields[key]), value or {},
                                        f"{prefix}{key}.")

@@ -39,6 +39,12 @@ class RepresentationBank(nn.Module):
             ``id % shard_world == shard_rank`` (``shard_world == 1``: all rows).
     """
 
+    vectors: Tensor
+    written: Tensor
+    slot_order: Tensor
+    num_views_: Tensor
+    views_made: Tensor
+
     def __init__(self, num_examples: int, hidden: int, max_views: int = 1,
                  dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None, shard_rank: int = 0,

@@ -66,6 +66,8 @@ def build_candidates(current: Tensor, ids: Tensor, labels: Tensor, views: Tensor
     cid = [ids.repeat_interleave(r + 1)]
     clab = [labels.repeat_interleave(r + 1)]
     if extra_views is not None and extra_views.shape[0] > 0:
+        assert extra_ids is not None and extra_labels is not None, \
+            "extra_views needs extra_ids and extra_labels"
         e = extra_views.shape[0]
         vecs.append(extra_views.reshape(e * r, h).to(views.dtype))
         cid.append(extra_ids.repeat_interleave(r))
@@ -120,6 +122,7 @@ def contrastive_loss(anchors: Tensor, keys: Tensor, self_index: Tensor, cands: C
     """
     if global_keys is None:
         global_keys, global_self_index = keys, self_index
+    assert global_self_index is not None, "global_keys needs global_self_index"
     logp, is_self = candidate_log_probs(anchors, cands, self_index, temperature)
     return nce_from_log_probs(logp, is_self, keys, cand_keys, normalization, global_keys,
                               global_self_index, world_size)

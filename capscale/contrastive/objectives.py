@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 from torch import Tensor, nn
@@ -134,15 +134,16 @@ def module_terms(name: str, cfg: CAPConfig, cands: Candidates, anchors: Tensor, 
     # One (B, C) score matrix serves both terms (contrastive_loss, split in two).
     logp, is_self = candidate_log_probs(anchors, cands, cands.self_index(positions),
                                         cfg.temperature)
-    common = {"normalization": cfg.normalization, "world_size": world_size,
-              "global_self_index": cands.self_index(torch.arange(g_ids.shape[0], device=dev))}
+    g_self_index = cands.self_index(torch.arange(g_ids.shape[0], device=dev))
     if w.w_unsup > 0:
         out[f"{name}_unsup"] = w.w_unsup * nce_from_log_probs(
-            logp, is_self, ids.to(dev), cands.ids, global_keys=g_ids.to(dev), **common)
+            logp, is_self, ids.to(dev), cands.ids, cfg.normalization,
+            global_keys=g_ids.to(dev), global_self_index=g_self_index, world_size=world_size)
     if w.w_sup > 0 and supervised:
         out[f"{name}_sup"] = w.w_sup * nce_from_log_probs(
-            logp, is_self, labels.to(dev), cands.labels, global_keys=g_labels.to(dev),
-            **common)
+            logp, is_self, labels.to(dev), cands.labels, cfg.normalization,
+            global_keys=g_labels.to(dev), global_self_index=g_self_index,
+            world_size=world_size)
     return out
 
 
@@ -197,6 +198,7 @@ class BankObjective(nn.Module):
     """
 
     name = "bank"
+    train_labels: Tensor
 
     def __init__(self, cfg: CAPConfig, num_examples: int, hidden: int, train_labels: Tensor,
                  seed: int = 0, device: torch.device | str = "cpu", rank: int = 0,
@@ -237,7 +239,7 @@ class BankObjective(nn.Module):
     def fill(self, name: str, pairs: Iterator[tuple[Tensor, Tensor]]) -> int:
         """Write a new view of bank ``name`` by example id; every rank is handed the
         same gathered pairs and keeps every row (replicated) or the rows it owns."""
-        bank: RepresentationBank = self.banks[name]
+        bank = cast(RepresentationBank, self.banks[name])
         slot = bank.begin_view()
         for ids, vecs in pairs:
             bank.write(ids.cpu(), vecs.to(bank.vectors.device), slot)
@@ -261,13 +263,13 @@ class BankObjective(nn.Module):
             inputs: the batch's model inputs; unused (the views come from the banks).
         """
         losses: dict[str, Tensor] = {}
-        live = [n for n, b in self.banks.items() if b.num_views > 0]
+        live = [n for n, b in self.banks.items() if cast(RepresentationBank, b).num_views > 0]
         if not live:
             return losses
         current, g_ids, g_labels, positions = gather_batch(anchors, ids, labels, ctx)
         dev, dt = anchors.device, anchors.dtype
         for name in live:
-            bank: RepresentationBank = self.banks[name]
+            bank = cast(RepresentationBank, self.banks[name])
             extra = bank.sample_ids(bank.extra_count(self.cfg.num_negatives),
                                     self._generator(step, name))
             # One lookup (one collective when sharded) for the batch and the extras.

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -88,6 +88,7 @@ class OnlineObjective(nn.Module):
         held, modes = self.references[name], self.snapshot_modes.setdefault(name, [])
         held.append((copy, self.refs.reader(copy)))
         modes.append(train_mode)
+        assert self.cfg.max_snapshots is not None, "cap.max_snapshots must be resolved"
         while len(held) > self.cfg.max_snapshots:
             self.refs.release(held.pop(0)[0])
             modes.pop(0)
@@ -111,9 +112,10 @@ class OnlineObjective(nn.Module):
         dev, dt = anchors.device, anchors.dtype
         current, g_ids, g_labels, positions = gather_batch(anchors, ids, labels, ctx)
         supervised = bool((g_labels >= 0).all())
-        for name, queue in self.queues.items():
+        for name, module in self.queues.items():
             if not self.references[name]:
                 continue
+            queue = cast(ReferenceQueue, module)
             views = ctx.gather(self.encode(name, inputs)).to(dev, dt)  # (Bg, R, H)
             q_vecs, q_ids, q_labels = queue.entries()
             if q_vecs.shape[1] != views.shape[1]:  # queue from another snapshot set

@@ -26,6 +26,13 @@ class ReferenceQueue(nn.Module):
         dtype, device: storage.
     """
 
+    vectors: Tensor
+    ids: Tensor
+    labels: Tensor
+    ptr: Tensor
+    count: Tensor
+    views_: Tensor
+
     def __init__(self, size: int, max_views: int, hidden: int,
                  dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None) -> None:

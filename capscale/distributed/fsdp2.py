@@ -12,7 +12,7 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -26,6 +26,9 @@ from torch.optim.lr_scheduler import LambdaLR
 from capscale.distributed.context import DistContext
 from capscale.distributed.strategy import LrLambda, Strategy, unwrap
 from capscale.pruning.masked import MaskedLinear
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 DCP_DIR = "dcp"  # torch.distributed.checkpoint folder inside a checkpoint
 SCHED_FILE = "scheduler.pt"
@@ -95,22 +98,22 @@ class FSDP2Strategy(Strategy):
 
     def local_importance(self, m: MaskedLinear) -> Tensor:
         if m.mask_scores is not None:
-            return m.mask_scores.detach().to_local()
-        return m.weight.detach().to_local().abs()
+            return cast("DTensor", m.mask_scores.detach()).to_local()
+        return cast("DTensor", m.weight.detach()).to_local().abs()
 
     def mul_local_grad(self, p: Tensor, mask: Tensor) -> None:
         if p.grad is not None:
-            local = p.grad.to_local()
+            local = cast("DTensor", p.grad).to_local()
             _check(local, mask)
             local.mul_(mask.to(local.dtype))
 
     def mul_local_weight(self, p: Tensor, mask: Tensor) -> None:
-        local = p.detach().to_local()
+        local = cast("DTensor", p.detach()).to_local()
         _check(local, mask)
         local.mul_(mask.to(local.dtype))
 
     def full_grads(self, model: nn.Module) -> dict[str, Tensor]:
-        return {n: p.grad.full_tensor().detach().clone()
+        return {n: cast("DTensor", p.grad).full_tensor().detach().clone()
                 for n, p in unwrap(model).named_parameters() if p.grad is not None}
 
     @contextmanager
@@ -148,7 +151,7 @@ class FSDP2Strategy(Strategy):
                    ) -> None:
         """Read the shards back into this sharding (collective) and the LR schedule."""
         model_sd, optim_sd = get_state_dict(model, opt)  # the layout to load into
-        state = {"model": model_sd, "optim": optim_sd}
+        state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, checkpoint_id=path / DCP_DIR)
         set_state_dict(model, opt, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])

@@ -16,7 +16,7 @@ import itertools
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -119,11 +119,13 @@ class Strategy:
     @torch.no_grad()
     def _mask_grads(self) -> None:
         for m in self._zeroed():
+            assert m.step_mask is not None
             self.mul_local_grad(m.weight, m.step_mask)
 
     @torch.no_grad()
     def _mask_weights(self) -> None:
         for m in self._zeroed():
+            assert m.step_mask is not None
             self.mul_local_weight(m.weight, m.step_mask)
         for m in self.masked:  # scores / weights changed under the no-grad cache's key
             m.invalidate_mask_cache()
@@ -230,7 +232,7 @@ def load_full_state(target: nn.Module, source: nn.Module) -> nn.Module:
         target.get_buffer(name).copy_(buf)
     for name, mod in source.named_modules():
         if isinstance(mod, MaskedLinear):
-            target.get_submodule(name).global_scope = mod.global_scope
+            cast(MaskedLinear, target.get_submodule(name)).global_scope = mod.global_scope
     return target
 
 

@@ -16,7 +16,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -156,7 +156,8 @@ class ZeRO3Strategy(Strategy):
         the groups' lr / weight decay are set from ``param_groups``, one group each, as
         ``prepare_student`` built them.
         """
-        inner = opt.optimizer  # the basic optimiser over the flat fp32 partitions
+        # DeepSpeed (untyped) wraps the basic optimiser over the flat fp32 partitions.
+        inner: Optimizer = cast(Any, opt).optimizer
         if len(inner.param_groups) != len(param_groups):
             raise ValueError(f"fresh_optimizer: {len(param_groups)} groups given, the "
                              f"engine's optimiser has {len(inner.param_groups)}")
@@ -167,7 +168,7 @@ class ZeRO3Strategy(Strategy):
             group["lr"] = group["initial_lr"] = given["lr"]
             group["weight_decay"] = given.get("weight_decay", group["weight_decay"])
         sched = LambdaLR(inner, lr_lambda)  # what ``prepare_student`` gave the engine
-        model.lr_scheduler = sched  # the engine steps it inside ``model.step()``
+        cast(Any, model).lr_scheduler = sched  # the engine steps it inside ``model.step()``
         return opt, sched
 
     def prepare_reference(self, model: nn.Module) -> nn.Module:
@@ -179,12 +180,12 @@ class ZeRO3Strategy(Strategy):
 
     # -- stepping ----------------------------------------------------------------
     def backward(self, loss: Tensor, model: nn.Module) -> None:
-        model.backward(loss)
+        cast(Any, model).backward(loss)  # a DeepSpeed engine
 
     def step(self, model: nn.Module, opt: Optimizer, sched: LambdaLR, grad_clip: float) -> None:
         """DeepSpeed's step clips (config ``gradient_clipping``), steps and schedules."""
         self._mask_grads()
-        model.step()
+        cast(Any, model).step()
         self._mask_weights()
 
     # -- shards --------------------------------------------------------------------
@@ -205,7 +206,7 @@ class ZeRO3Strategy(Strategy):
         numel = m.num_scores
         start, size = self._partition(numel)
         valid = max(0, min(size, numel - start))  # drop the zero padding of the last rank
-        local = p.ds_tensor.detach().reshape(-1)[:valid]
+        local = _ds_partition(p).detach().reshape(-1)[:valid]
         return local if m.mask_scores is not None else local.abs()
 
     def mul_local_grad(self, p: Tensor, mask: Tensor) -> None:
@@ -218,7 +219,7 @@ class ZeRO3Strategy(Strategy):
         if fp32 is not None:
             self.ds.utils.safe_set_local_fp32_param(p, fp32 * _fit(mask, fp32))
         # The low-precision partition would only pick the fp32 values up next step.
-        p.ds_tensor.data.mul_(_fit(mask, p.ds_tensor))
+        _ds_partition(p).data.mul_(_fit(mask, _ds_partition(p)))
 
     def full_grads(self, model: nn.Module) -> dict[str, Tensor]:
         out = {}
@@ -233,7 +234,7 @@ class ZeRO3Strategy(Strategy):
     def gathered(self, model: nn.Module) -> Iterator[nn.Module]:
         bare = unwrap(model)
         if hasattr(model, "empty_partition_cache"):  # wait for and release prefetches
-            model.empty_partition_cache()
+            cast(Any, model).empty_partition_cache()
         with self.ds.zero.GatheredParameters(list(bare.parameters()), modifier_rank=None):
             yield bare
 
@@ -249,8 +250,9 @@ class ZeRO3Strategy(Strategy):
             this rank's partition files (and, on rank 0, the files no rank names).
         """
         folder = path / DS_DIR
-        model.save_checkpoint(str(folder), tag=DS_TAG, save_latest=False,
-                              client_state={"capscale_scheduler": sched.state_dict()})
+        cast(Any, model).save_checkpoint(  # a DeepSpeed engine
+            str(folder), tag=DS_TAG, save_latest=False,
+            client_state={"capscale_scheduler": sched.state_dict()})
         written = sorted(p for p in (folder / DS_TAG).rglob("*") if p.is_file())
         mine = [p for p in written if p.name.startswith(f"zero_pp_rank_{self.ctx.rank}_")]
         if self.ctx.is_main:  # files no rank names, and the folders' entries
@@ -262,7 +264,7 @@ class ZeRO3Strategy(Strategy):
                    ) -> None:
         """Load this rank's partitions (fp32 master weights, AdamW moments), then the
         LR schedule. Collective; needs the same world size as the save."""
-        loaded, client = model.load_checkpoint(
+        loaded, client = cast(Any, model).load_checkpoint(
             str(path / DS_DIR), tag=DS_TAG, load_optimizer_states=True,
             load_lr_scheduler_states=False)
         if loaded is None:
@@ -270,6 +272,11 @@ class ZeRO3Strategy(Strategy):
         sched.load_state_dict(client["capscale_scheduler"])
         for m in self.masked:  # weights / scores changed under the no-grad cache's key
             m.invalidate_mask_cache()
+
+
+def _ds_partition(p: Tensor) -> Tensor:
+    """This rank's flat partition of a ZeRO-3 parameter (DeepSpeed attaches ``ds_tensor``)."""
+    return cast(Any, p).ds_tensor
 
 
 def _fit(mask: Tensor, like: Tensor) -> Tensor:

@@ -20,7 +20,7 @@ position bias) are narrowed to a layer's kept heads by a pre-hook. It imports no
 but torch and transformers.
 """
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import transformers
@@ -33,7 +33,7 @@ def _swap(root: nn.Module, path: str, in_features: int | None = None,
           out_features: int | None = None) -> None:
     """Replace the linear map at ``path`` (when it exists) by one of the new size."""
     try:
-        old = root.get_submodule(path)
+        old = cast(nn.Linear, root.get_submodule(path))
     except AttributeError:
         return
     new = nn.Linear(in_features or old.in_features, out_features or old.out_features,
@@ -73,7 +73,7 @@ def resize_to_structure(model: nn.Module, structure: dict[str, Any]) -> None:
     if "layer_paths" in structure:
         layers = [base.get_submodule(p) for p in structure["layer_paths"]]
     else:
-        layers = list(base.get_submodule(structure["layers"]))
+        layers = list(cast(nn.ModuleList, base.get_submodule(structure["layers"])))
     d = structure["head_size"]
     kept_heads = structure.get("kept_heads") or [None] * len(layers)
     for layer, heads, inter, kept in zip(layers, structure["heads_per_layer"],
@@ -97,7 +97,10 @@ def resize_to_structure(model: nn.Module, structure: dict[str, Any]) -> None:
                 _head_slicer(index, name, kept), with_kwargs=True)
 
 
-class CapscalePrunedModel(getattr(transformers, BASE_CLASS)):
+_Base: Any = getattr(transformers, BASE_CLASS)  # the model's class, known at export time
+
+
+class CapscalePrunedModel(_Base):
     """The stock task model with per-layer pruned attention heads and FFN widths."""
 
     def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:

@@ -55,7 +55,10 @@ def dense_state_dict(file: str) -> dict[str, torch.Tensor]:
     return out
 
 
-class CapscaleSparseModel(getattr(transformers, BASE_CLASS)):
+_Base: Any = getattr(transformers, BASE_CLASS)  # the model's class, known at export time
+
+
+class CapscaleSparseModel(_Base):
     """The stock task model, read from a bitmask + values checkpoint."""
 
     @classmethod
@@ -69,6 +72,7 @@ class CapscaleSparseModel(getattr(transformers, BASE_CLASS)):
             config = cls.config_class.from_pretrained(config or pretrained_model_name_or_path,
                                                       **hub)
         file = transformers.utils.cached_file(pretrained_model_name_or_path, WEIGHTS, **hub)
+        assert file is not None  # cached_file raises when the weights are missing
         # transformers takes a state dict only without a path: the config carries the rest
         return super().from_pretrained(None, *args, config=config,
                                        state_dict=dense_state_dict(file), **kwargs)

@@ -43,7 +43,7 @@ def _sliced(lin: nn.Linear, rows: Tensor | None = None, cols: Tensor | None = No
     return new
 
 
-def _set(root: nn.Module, path: str, new: nn.Module) -> None:
+def _set(root: nn.Module, path: str, new: nn.Module | nn.Parameter) -> None:
     parent, _, name = path.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, name, new)
 

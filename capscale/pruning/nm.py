@@ -10,7 +10,7 @@ CUDA only); on a CPU the masked model runs at dense speed.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -50,7 +50,7 @@ def to_semi_structured(model: nn.Module, names: list[str], dtype: torch.dtype = 
 
     model.to(device="cuda", dtype=dtype)
     for name in names:
-        lin = model.get_submodule(name)
+        lin = cast(nn.Linear, model.get_submodule(name))
         lin.weight = nn.Parameter(to_sparse_semi_structured(lin.weight.detach()),
                                   requires_grad=False)
     return model

@@ -91,8 +91,15 @@ class WeightRule(Protocol):
 def nm_keep(m: MaskedLinear) -> int:
     """Entries kept per group of ``M`` under an N:M pattern at the layer's keep fraction:
     ``round(M * keep_frac)``, never under N (the cubic schedule ends at ``1 - N / M``)."""
+    assert m.nm is not None, "nm_keep needs an N:M layer"
     n, group = m.nm
     return max(n, min(group, round(group * float(m.keep_frac))))
+
+
+def _scores(m: MaskedLinear) -> Tensor:
+    """The learned scores of a layer whose rule has them (``has_scores``)."""
+    assert m.mask_scores is not None, f"{m.method} layer without mask scores"
+    return m.mask_scores
 
 
 def uses_topk(rule: WeightRule, cfg: object) -> bool:
@@ -111,7 +118,7 @@ class TopKRule:
     supports_global = True
 
     def importance(self, m: MaskedLinear) -> Tensor:
-        return m.mask_scores
+        return _scores(m)
 
     def mask(self, m: MaskedLinear) -> Tensor:
         if m.nm is not None:
@@ -181,7 +188,7 @@ class SoftMovementRule(TopKRule):
     def regularization(self, pruner: Pruner) -> Tensor | None:
         if not pruner.modules:
             return None
-        terms = [torch.sigmoid(m.mask_scores).mean() for m in pruner.modules.values()]
+        terms = [torch.sigmoid(_scores(m)).mean() for m in pruner.modules.values()]
         final = pruner.cfg.final_sparsity
         lam = pruner.cfg.final_lambda * (pruner.sparsity / final if final > 0 else 1.0)
         return lam * torch.stack(terms).mean()

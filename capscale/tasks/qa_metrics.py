@@ -29,7 +29,7 @@ from __future__ import annotations
 import re
 import string
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -87,8 +87,8 @@ def squad_scores(predictions: dict[str, str], golds: dict[str, list[str]]
     return out
 
 
-def _mean(values: object) -> float:
-    values = list(values)  # type: ignore[call-overload]
+def _mean(values: Iterable[float]) -> float:
+    values = list(values)
     return 100.0 * sum(values) / len(values) if values else 0.0
 
 
@@ -127,7 +127,8 @@ def best_answers(start: np.ndarray, end: np.ndarray, offsets: np.ndarray,
                 if not inside[e] or e < s or e - s + 1 > max_answer_length:
                     continue
                 score = float(start[f, s] + end[f, e])
-                if best[ex] is None or score > best[ex][0]:
+                current = best[ex]
+                if current is None or score > current[0]:
                     text = contexts[ex][int(offsets[f, s, 0]):int(offsets[f, e, 1])]
                     best[ex] = (score, text)
     out = []
