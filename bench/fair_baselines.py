@@ -160,8 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     fid = _fidelity()
     import torch
 
+    from capscale.checks import run_config_from_dict
     from capscale.cli import setup_environment
-    from capscale.config import config_from_dict, merge_dicts
+    from capscale.config import merge_dicts
     from capscale.console import Console
     from capscale.data import load_task_data
     from capscale.distributed import init_distributed
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     json_path = out / f"fair_baselines{suffix}.json"
     ctx = init_distributed()
     console = Console(enabled=True, progress=False)
-    teacher_cfg = config_from_dict(merge_dicts(
+    teacher_cfg = run_config_from_dict(merge_dicts(
         fid.base_config(fid.BUDGETS[args.budget], work / "teacher_run", 42),
         {"pruning": {"method": "none"}, "train": {"max_steps": 1},
          "cap": {"modules": {m: {"enabled": False} for m in ("prc", "fic", "snc")}}}))
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg["pruning"]["scope"] = "global"
         if r["method"] == "soft_movement":
             cfg["pruning"].pop("final_lambda", None)  # steered threshold: default lambda
-        record = fid.run_record(r, config_from_dict(cfg), ctx, console, teacher_metrics)
+        record = fid.run_record(r, run_config_from_dict(cfg), ctx, console, teacher_metrics)
         _save(json_path, header, record)
         console.log(f"{r['phase']} {r['method']} cap={r['cap']} {r['sparsity']} "
                     f"seed {r['seed']} lr {r['lr']:g}: {record['accuracy']:.4f}")

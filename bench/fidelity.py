@@ -52,10 +52,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from capscale.checks import run_config_from_dict  # noqa: E402
 from capscale.cli import setup_environment  # noqa: E402
 from capscale.config import (  # noqa: E402
     ConfigError,
-    config_from_dict,
     merge_dicts,
     parse_overrides,
 )
@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     work, out = Path(args.work) / args.budget, Path(args.out)
     try:  # the same parser as the command line's overrides; checked before any training
         sets = parse_overrides(args.set)
-        config_from_dict(merge_dicts(base_config(budget, work / "check", 0), sets))
+        run_config_from_dict(merge_dicts(base_config(budget, work / "check", 0), sets))
     except ConfigError as err:
         p.error(f"--set: {err}")
     out.mkdir(parents=True, exist_ok=True)
@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     suffix = "" if args.budget == "cpu" else f"_{args.budget}"
     json_path = out / f"fidelity{suffix}.json"
     # The dense teacher, trained once and reused by every run (and every invocation).
-    teacher_cfg = config_from_dict(merge_dicts(
+    teacher_cfg = run_config_from_dict(merge_dicts(
         base_config(budget, work / "teacher_run", 42),
         {"pruning": {"method": "none"}, "train": {"max_steps": 1},
          "cap": {"modules": {m: {"enabled": False} for m in ("prc", "fic", "snc")}}}))
@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
             continue  # another worker's, or finished (the json is the resume point)
         name = f"{label(r)} @ {r['sparsity']:.2f} seed {r['seed']}"
         console.log(f"run {i + 1}/{len(runs)}: {name}")
-        cfg = config_from_dict(merge_dicts(
+        cfg = run_config_from_dict(merge_dicts(
             merge_dicts(base_config(budget, work / run_dir(r), 42 + r["seed"]),
                   {"model": {"teacher": teacher_path}}),
             merge_dicts(run_config(r["method"], r["sparsity"], r["cap"], r["drop"]), sets)))

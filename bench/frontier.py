@@ -110,8 +110,8 @@ def _update(path: Path, key: str, items: list[dict[str, Any]], header: dict[str,
 def train(args: argparse.Namespace, fid: Any, json_path: Path) -> None:
     import torch
 
+    from capscale.checks import run_config_from_dict
     from capscale.cli import setup_environment
-    from capscale.config import config_from_dict
     from capscale.console import Console
     from capscale.distributed import init_distributed
     from capscale.job import prune
@@ -138,7 +138,7 @@ def train(args: argparse.Namespace, fid: Any, json_path: Path) -> None:
     for i, point in enumerate(POINTS):
         if i % n != k or any(r["name"] == point[0] for r in done):
             continue
-        cfg = config_from_dict(point_config(fid, args, budget, work, teacher, point))
+        cfg = run_config_from_dict(point_config(fid, args, budget, work, teacher, point))
         t0 = time.perf_counter()
         res = prune(cfg, ctx, console, export=True, teacher_metrics={"accuracy": dense})
         out = Path(cfg.output_dir) / "pruned"
@@ -168,7 +168,8 @@ def _rel(path: Path) -> str:
 
 def teacher_of(fid: Any, args: argparse.Namespace) -> tuple[str, float]:
     """The cached fine-tuned teacher (path, dev accuracy); fine-tuned when missing."""
-    from capscale.config import config_from_dict, merge_dicts
+    from capscale.checks import run_config_from_dict
+    from capscale.config import merge_dicts
     from capscale.console import Console
     from capscale.data import load_task_data
     from capscale.distributed import init_distributed
@@ -176,7 +177,7 @@ def teacher_of(fid: Any, args: argparse.Namespace) -> tuple[str, float]:
     from capscale.tasks import get_task
     from capscale.train.finetune import finetune_teacher
 
-    cfg = config_from_dict(merge_dicts(
+    cfg = run_config_from_dict(merge_dicts(
         fid.base_config(fid.BUDGETS[args.budget], Path(args.work) / args.budget / "teacher_run",
                         42),
         {"pruning": {"method": "none"}, "train": {"max_steps": 1},
@@ -225,7 +226,8 @@ def time_model(model_dir: Path, onnx_dir: Path, batches: list[int], length: int,
 def dense_export(fid: Any, budget: str, teacher: str, dest: Path) -> dict[str, Any]:
     """The dense teacher as an export folder with its ONNX / INT8 files and their dev
     accuracy (the dense point of every runtime)."""
-    from capscale.config import config_from_dict, merge_dicts
+    from capscale.checks import run_config_from_dict
+    from capscale.config import merge_dicts
     from capscale.data import Collator, load_task_data, make_loader, tokenize
     from capscale.export.formats import DevSet, write_formats
     from capscale.models.loading import load_tokenizer
@@ -238,7 +240,7 @@ def dense_export(fid: Any, budget: str, teacher: str, dest: Path) -> dict[str, A
         shutil.rmtree(dest / "model")
     shutil.copytree(teacher, dest / "model")
     report.write_text("{}")
-    cfg = config_from_dict(merge_dicts(fid.base_config(fid.BUDGETS[budget], dest, 42),
+    cfg = run_config_from_dict(merge_dicts(fid.base_config(fid.BUDGETS[budget], dest, 42),
                                        {"pruning": {"method": "none"}}))
     data = load_task_data(cfg.data)
     tok = load_tokenizer("minilm")

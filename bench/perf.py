@@ -34,8 +34,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from capscale.checks import run_config_from_dict  # noqa: E402
 from capscale.cli import setup_environment  # noqa: E402
-from capscale.config import config_from_dict  # noqa: E402
 from capscale.console import Console  # noqa: E402
 from capscale.contrastive.banks import RepresentationBank  # noqa: E402
 from capscale.distributed import init_distributed  # noqa: E402
@@ -71,7 +71,7 @@ def step_benchmark(steps: int, quick: bool, work: Path) -> dict[str, Any]:
     if not teacher_dir.is_dir():  # any 3-label classifier: speed does not depend on weights
         load_classifier("minilm", 3).save_pretrained(teacher_dir)
         load_tokenizer("minilm").save_pretrained(teacher_dir)
-    cfg = config_from_dict({
+    cfg = run_config_from_dict({
         "model": {"name_or_path": "minilm", "teacher": str(teacher_dir)},
         "data": {"preset": "tweets", "max_length": 64, "max_train_samples": n_train,
                  "max_eval_samples": 32},

@@ -220,7 +220,7 @@ def worker(spec: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
     torch.set_num_threads(1)
-    from capscale.config import config_from_dict
+    from capscale.checks import run_config_from_dict
     from capscale.console import Console
     from capscale.data import Collator
     from capscale.distributed import init_distributed, local_param_bytes
@@ -233,7 +233,7 @@ def worker(spec: dict[str, Any]) -> None:
     t_start = time.perf_counter()
     ctx = init_distributed(spec["strategy"])
     a, gb = spec["assets"], spec["global_batch"]
-    cfg = config_from_dict({
+    cfg = run_config_from_dict({
         "model": {"name_or_path": a["encoder"], "teacher": a["encoder"],
                   "student_init": "pretrained"},
         "data": {"train_file": a["train"], "validation_file": a["validation"],

@@ -95,8 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     fid = _fidelity()
     import torch
 
+    from capscale.checks import run_config_from_dict
     from capscale.cli import setup_environment
-    from capscale.config import config_from_dict, merge_dicts
+    from capscale.config import merge_dicts
     from capscale.console import Console
     from capscale.data import load_task_data
     from capscale.distributed import init_distributed
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     ctx = init_distributed()
     console = Console(enabled=True, progress=False)
-    teacher_cfg = config_from_dict(merge_dicts(
+    teacher_cfg = run_config_from_dict(merge_dicts(
         fid.base_config(budget, work / "teacher_run", 42),
         {"pruning": {"method": "none"}, "train": {"max_steps": 1}, **KD_ONLY}))
     data = load_task_data(teacher_cfg.data)
@@ -137,13 +138,13 @@ def main(argv: list[str] | None = None) -> int:
             # the scores at the first pruning step: a run stopped there
             probe = merge_dicts(cfg_dict, {"train": {"max_steps": cfg_dict["pruning"][
                 "initial_warmup"] + 1}, "output_dir": str(work / "probe" / name)})
-            recipe = CAPRecipe(config_from_dict(probe), ctx, console, teacher_metrics)
+            recipe = CAPRecipe(run_config_from_dict(probe), ctx, console, teacher_metrics)
             recipe.setup()
             recipe.train()
             record["ties_at_first_prune"] = ties(recipe)
             del recipe
         t0 = time.perf_counter()
-        res = prune(config_from_dict(cfg_dict), ctx, console, export=False,
+        res = prune(run_config_from_dict(cfg_dict), ctx, console, export=False,
                     teacher_metrics=teacher_metrics)
         hist = [json.loads(line) for line in
                 (Path(cfg_dict["output_dir"]) / "history.jsonl").read_text().splitlines()]

@@ -14,7 +14,7 @@ import importlib.util
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from capscale.config import DATA_PRESETS, Config, ConfigError, load_config
+from capscale.config import DATA_PRESETS, Config, ConfigError, config_from_dict, load_config
 from capscale.contrastive.modules import CONTRASTIVE_MODULES
 from capscale.contrastive.objectives import OBJECTIVES
 from capscale.data import TaskData, check_lengths, load_task_data
@@ -31,6 +31,11 @@ if TYPE_CHECKING:
 def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """:func:`capscale.config.load_config`, then every cross-section rule."""
     return check_config(load_config(path, overrides))
+
+
+def run_config_from_dict(data: dict[str, Any]) -> Config:
+    """:func:`capscale.config.config_from_dict`, then every cross-section rule."""
+    return check_config(config_from_dict(data))
 
 
 def check_config(cfg: Config) -> Config:

@@ -120,8 +120,7 @@ def evaluate_cmd(args: argparse.Namespace) -> int:
     data = load_task_data(cfg.data)
     check_teacher(model_dir, data.num_labels, task=task)  # the same check as a teacher
     tokenizer = load_tokenizer(model_dir)
-    if task.skips_long_examples:  # QA: questions too long for a window skipped
-        check_lengths(data, tokenizer, cfg.data)
+    check_lengths(data, tokenizer, cfg.data)  # QA: questions too long for a window skipped
     model = load_classifier(model_dir, data.num_labels, data.label_names, task=task)
     loader, reference = eval_loader(data, tokenizer, cfg.data, cfg.train.eval_batch_size)
     metrics = evaluate(model, loader, DistContext(), task, data.num_labels, reference)

@@ -144,7 +144,6 @@ def load_task_data(cfg: DataConfig) -> TaskData:
     """Load, split, subsample and validate the task data (no model needed)."""
     raw = load_raw(cfg)
     task = get_task(cfg.task_type)
-    prepare = getattr(task, "prepare_splits", None)
     notes = []
     train = raw["train"]
     if "validation" in raw:
@@ -157,8 +156,6 @@ def load_task_data(cfg: DataConfig) -> TaskData:
     for ds, name in ((train, "train"), (validation, "validation")):
         if len(ds) == 0:
             raise DataError(f"{name} data is empty")
-        if prepare is None:
-            _check_columns(ds, cfg, name)
     if cfg.max_train_samples and cfg.max_train_samples < len(train):
         notes.append(f"subsampled train to {cfg.max_train_samples} of {len(train)} rows")
         train = train.shuffle(seed=cfg.split_seed).select(range(cfg.max_train_samples))
@@ -166,12 +163,14 @@ def load_task_data(cfg: DataConfig) -> TaskData:
         notes.append(f"subsampled validation to {cfg.max_eval_samples} of "
                      f"{len(validation)} rows")
         validation = validation.shuffle(seed=cfg.split_seed).select(range(cfg.max_eval_samples))
-    if prepare is not None:
-        train, validation, more = prepare(train, validation, cfg)
+    prepared = task.prepare_splits(train, validation, cfg)
+    if prepared is not None:
+        train, validation, more = prepared
         notes += more
         names = task.label_names(cfg, train)
     else:
         for ds, name in ((train, "train"), (validation, "validation")):
+            _check_columns(ds, cfg, name)
             _check_texts(ds, cfg.text_column, name)
             if cfg.text_pair_column:
                 _check_texts(ds, cfg.text_pair_column, name)
@@ -199,37 +198,10 @@ def tokenize(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, cfg: Data
 
 def check_lengths(data: TaskData, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig
                   ) -> str | None:
-    """Count texts longer than ``cfg.max_length`` tokens (special tokens included).
-
-    Returns:
-        a note for the log when some will be truncated (``data.truncation: truncate``).
-
-    Raises:
-        DataError: when there are any and ``data.truncation`` is ``error``.
-
-    A task with its own ``check_lengths`` (QA: questions too long for a window are
-    skipped, counted) decides instead.
-    """
-    own = getattr(get_task(cfg.task_type), "check_lengths", None)
-    if own is not None:
-        return own(data, tokenizer, cfg)
-    counts, first = {}, None
-    for split, ds in (("train", data.train), ("validation", data.validation)):
-        texts = list(ds[cfg.text_column])
-        pairs = list(ds[cfg.text_pair_column]) if cfg.text_pair_column else None
-        lengths = [len(ids) for ids in tokenizer(texts, pairs, truncation=False)["input_ids"]]
-        over = [i for i, n in enumerate(lengths) if n > cfg.max_length]
-        counts[split] = len(over)
-        if over and first is None:
-            first = f"{split} row {over[0]} has {lengths[over[0]]} tokens"
-    if not any(counts.values()):
-        return None
-    what = (f"{counts['train']} train and {counts['validation']} validation texts are "
-            f"longer than data.max_length = {cfg.max_length} tokens ({first})")
-    if cfg.truncation == "error":
-        raise DataError(f"{what}; raise data.max_length, shorten them, or set "
-                        "data.truncation=truncate")
-    return f"{what}: truncated"
+    """What the task does with texts longer than ``cfg.max_length`` tokens
+    (:meth:`capscale.tasks.Task.check_lengths`: count them, and refuse them under
+    ``data.truncation: error``; QA skips the questions too long for a window)."""
+    return get_task(cfg.task_type).check_lengths(data, tokenizer, cfg)
 
 
 class Collator:
@@ -284,9 +256,9 @@ def tokenized_splits(data: TaskData, tokenizer: PreTrainedTokenizerBase, cfg: Da
     One row per example, unless the task makes its own ``features`` (QA: windows; the
     bank set then holds each example's representative window).
     """
-    features = getattr(get_task(cfg.task_type), "features", None)
-    if features is not None:
-        return features(data, tokenizer, cfg)
+    made = get_task(cfg.task_type).features(data, tokenizer, cfg)
+    if made is not None:
+        return made
     train_tok = tokenize(data.train, tokenizer, cfg)
     return train_tok, train_tok, tokenize(data.validation, tokenizer, cfg), None
 
@@ -294,9 +266,9 @@ def tokenized_splits(data: TaskData, tokenizer: PreTrainedTokenizerBase, cfg: Da
 def eval_loader(data: TaskData, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig,
                 batch_size: int) -> tuple[DataLoader, Any]:
     """The evaluation loader of one process and its reference (see :class:`Loaders`)."""
-    features = getattr(get_task(cfg.task_type), "features", None)
-    if features is not None:
-        _, _, eval_tok, reference = features(data, tokenizer, cfg)
+    made = get_task(cfg.task_type).features(data, tokenizer, cfg)
+    if made is not None:
+        _, _, eval_tok, reference = made
     else:
         eval_tok, reference = tokenize(data.validation, tokenizer, cfg), None
     return make_loader(eval_tok, batch_size, Collator(tokenizer.pad_token_id or 0)), reference

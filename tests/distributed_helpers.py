@@ -88,11 +88,11 @@ def free_port() -> int:
 
 def build_run(assets: dict[str, str], ctx: Any, batch_size: int, **overrides: Any) -> Any:
     """A set-up CAPRecipe on the tiny assets (banks filled, SnC snapshot taken)."""
-    from capscale.config import config_from_dict
+    from capscale.checks import run_config_from_dict
     from capscale.console import Console
     from capscale.recipe import CAPRecipe
 
-    cfg = config_from_dict(run_config(assets, "unused", **{"train.batch_size": batch_size,
+    cfg = run_config_from_dict(run_config(assets, "unused", **{"train.batch_size": batch_size,
                                                            **overrides}))
     run = CAPRecipe(cfg, ctx, Console(enabled=False))
     run.setup()

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from capscale.config import ConfigError, config_from_dict
+from capscale.checks import run_config_from_dict
+from capscale.config import ConfigError
 from capscale.distributed import (
     DistContext,
     Strategy,
@@ -43,14 +44,14 @@ def _cfg(**extra):
 
 
 def test_config_strategy_fields():
-    assert config_from_dict(_cfg(strategy="fsdp2")).strategy == "fsdp2"
+    assert run_config_from_dict(_cfg(strategy="fsdp2")).strategy == "fsdp2"
     with pytest.raises(ConfigError, match="strategy"):
-        config_from_dict(_cfg(strategy="fsdp1"))
+        run_config_from_dict(_cfg(strategy="fsdp1"))
     with pytest.raises(ConfigError, match="offload"):
-        config_from_dict(_cfg(strategy="fsdp2", distributed={"offload_params": True}))
+        run_config_from_dict(_cfg(strategy="fsdp2", distributed={"offload_params": True}))
     with pytest.raises(ConfigError, match="deepspeed_config"):
-        config_from_dict(_cfg(distributed={"deepspeed_config": "/no/such.json"}))
-    assert config_from_dict(_cfg()).pruning.zero_pruned_weights is False
+        run_config_from_dict(_cfg(distributed={"deepspeed_config": "/no/such.json"}))
+    assert run_config_from_dict(_cfg()).pruning.zero_pruned_weights is False
 
 
 def _sharded(cls, rank, world):

@@ -34,13 +34,13 @@ LEVELS = [0.25, 0.5]
 
 def build(assets: dict[str, str], ctx: Any) -> Any:
     """The real recipe, structured, reading the training set in a fixed order."""
-    from capscale.config import config_from_dict
+    from capscale.checks import run_config_from_dict
     from capscale.console import Console
     from capscale.data import Collator
     from capscale.recipe import CAPRecipe
 
     world, rank = ctx.world_size, ctx.rank
-    cfg = config_from_dict(run_config(assets, "unused", **{
+    cfg = run_config_from_dict(run_config(assets, "unused", **{
         "pruning.method": "structured", "structured.levels": LEVELS,
         "structured.retrain_steps": 2, "structured.importance_fraction": 0.5,
         "train.batch_size": GLOBAL_BATCH // world}))

@@ -159,6 +159,8 @@ class ContrastiveObjective(Protocol):
     name: str
     # "main": one copy, written by rank 0 and read by all; "rank": a file per rank.
     checkpoint_scope: str
+    # Built from live references (no training-set size, no banks): see build_objective.
+    online: bool
 
     def setup(self, refs: ReferenceProvider) -> None:
         """Fill what the fixed modules need (banks, or live references)."""
@@ -198,6 +200,7 @@ class BankObjective(nn.Module):
     """
 
     name = "bank"
+    online = False  # banks over the training set, encoded at setup
     train_labels: Tensor
 
     def __init__(self, cfg: CAPConfig, num_examples: int, hidden: int, train_labels: Tensor,
@@ -303,7 +306,8 @@ OBJECTIVES: dict[str, Any] = {"bank": BankObjective}
 
 def register_objective(name: str, cls: Any, overwrite: bool = False) -> Any:
     """Add an objective class (``cap.mode`` selects it); it is built like
-    :class:`BankObjective` or :class:`OnlineObjective` (see ``build_objective``)."""
+    :class:`BankObjective` or :class:`OnlineObjective` as its ``online`` flag says (see
+    ``build_objective``)."""
     return add_entry(OBJECTIVES, name, cls, "objective", overwrite)
 
 
@@ -315,7 +319,7 @@ def snapshot_memory(cfg: CAPConfig, views: int, num_examples: int, hidden: int,
     rows when ``cap.bank_sharding`` is sharded) in ``cap.bank_dtype``. Online mode: one
     frozen student copy per view, ``copy_bytes`` each (this rank's share of it).
     """
-    if getattr(OBJECTIVES[cfg.mode], "online", False):
+    if OBJECTIVES[cfg.mode].online:
         per_view, kind = copy_bytes, "student copy"
     else:
         rows = num_examples
@@ -332,7 +336,7 @@ def build_objective(cfg: CAPConfig, num_examples: int, hidden: int, train_labels
     """The objective ``cfg.mode`` names, for this run's data and ranks (``cfg``'s
     ``max_snapshots`` resolved to a number: see CAPRecipe.snapshot_views)."""
     cls = OBJECTIVES[cfg.mode]
-    if getattr(cls, "online", False):  # live references: no training-set size
+    if cls.online:  # live references: no training-set size
         return cls(cfg, hidden, ctx.device)
     return cls(cfg, num_examples, hidden, train_labels, seed, ctx.device, ctx.rank,
                ctx.world_size)

@@ -104,7 +104,7 @@ def check_teacher(name: str, num_labels: int, trust_remote_code: bool = False,
     """Raise before loading weights if a teacher's head does not fit the task (its
     output count; with ``task``, its architecture)."""
     config = read_config(name, trust_remote_code, "model.teacher")
-    suffix = getattr(task, "architecture_suffix", None)
+    suffix = task.architecture_suffix if task is not None else None
     archs = getattr(config, "architectures", None) or []
     if suffix and archs and not any(a.endswith(suffix) for a in archs):
         assert task is not None  # the suffix is the task's

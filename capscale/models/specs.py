@@ -34,7 +34,7 @@ import importlib
 import logging
 from collections.abc import Mapping
 from importlib import metadata
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -42,6 +42,9 @@ from transformers import AutoModelForSequenceClassification, PretrainedConfig
 
 from capscale.errors import ConfigError, ModelError, did_you_mean
 from capscale.models.adapters import EncoderAdapter, get_adapter, registered_model_types
+
+if TYPE_CHECKING:
+    from capscale.tasks import Task
 
 ENTRY_POINT_GROUP = "capscale.models.adapters"
 AdapterSpec = str | Mapping[str, Any] | EncoderAdapter | None
@@ -196,14 +199,14 @@ def resolve_adapter(spec: AdapterSpec, model_type: str) -> EncoderAdapter:
 
 
 def skeleton(config: PretrainedConfig, trust_remote_code: bool = False,
-             task: Any = None) -> nn.Module:
+             task: Task | None = None) -> nn.Module:
     """The task model of ``config`` on the meta device: every module, no weights.
 
     ``task.model_class`` (an Auto class) when the task has one, else
     AutoModelForSequenceClassification. Raises ModelError when that Auto class has no
     model for the config.
     """
-    auto = getattr(task, "model_class", None) or AutoModelForSequenceClassification
+    auto = (task.model_class if task is not None else None) or AutoModelForSequenceClassification
     try:
         with torch.device("meta"):
             return auto.from_config(config, trust_remote_code=trust_remote_code)
@@ -213,10 +216,10 @@ def skeleton(config: PretrainedConfig, trust_remote_code: bool = False,
                          f"{config.model_type!r} ({first})") from None
 
 
-def for_task(adapter: EncoderAdapter, task: Any, model: nn.Module) -> EncoderAdapter:
+def for_task(adapter: EncoderAdapter, task: Task | None, model: nn.Module) -> EncoderAdapter:
     """``adapter`` with ``task.head_linear`` as its head path when the task names one
     and ``model`` has a linear layer there (QA: ``qa_outputs``), else unchanged."""
-    path = getattr(task, "head_linear", None)
+    path = task.head_linear if task is not None else None
     if not path or path == adapter.head_linear:
         return adapter
     try:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from capscale.models.adapters import EncoderAdapter
 from capscale.pruning.schedule import cubic_sparsity, warmup_steps
-from capscale.pruning.weight_rules import WeightRule, get_weight_rule, uses_topk
+from capscale.pruning.weight_rules import WeightRule, get_weight_rule
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -163,7 +163,7 @@ def configure_masks(modules: Iterable[MaskedLinear], cfg: PruningConfig) -> bool
     state (an export's skeleton, ``capscale export``) needs it as the run's did."""
     modules = list(modules)
     rule = modules[0].rule if modules else None
-    steered = rule is not None and uses_topk(rule, cfg)
+    steered = rule is not None and rule.uses_topk(cfg)
     pattern = cfg.pattern
     nm = cfg.nm()  # (N, M) or None; the config checked the spelling
     global_scope = (cfg.scope == "global" and rule is not None and rule.supports_global

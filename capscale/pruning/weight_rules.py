@@ -60,6 +60,7 @@ from capscale.pruning.binarizers import (
 from capscale.registry import add_entry
 
 if TYPE_CHECKING:
+    from capscale.config import PruningConfig
     from capscale.pruning.masked import MaskedLinear, Pruner
 
 
@@ -87,6 +88,11 @@ class WeightRule(Protocol):
         """A loss term the method adds (None: nothing)."""
         ...
 
+    def uses_topk(self, cfg: PruningConfig) -> bool:
+        """Whether the rule keeps a top fraction under ``cfg`` (so ``pruning.scope``
+        and the steered threshold apply)."""
+        ...
+
 
 def nm_keep(m: MaskedLinear) -> int:
     """Entries kept per group of ``M`` under an N:M pattern at the layer's keep fraction:
@@ -100,13 +106,6 @@ def _scores(m: MaskedLinear) -> Tensor:
     """The learned scores of a layer whose rule has them (``has_scores``)."""
     assert m.mask_scores is not None, f"{m.method} layer without mask scores"
     return m.mask_scores
-
-
-def uses_topk(rule: WeightRule, cfg: object) -> bool:
-    """Whether ``rule`` keeps a top fraction under ``cfg`` (so ``pruning.scope`` applies);
-    a rule says so with an optional ``uses_topk(cfg)`` method (default: yes)."""
-    fn = getattr(rule, "uses_topk", None)
-    return bool(fn(cfg)) if callable(fn) else True
 
 
 class TopKRule:
@@ -134,6 +133,9 @@ class TopKRule:
 
     def regularization(self, pruner: Pruner) -> Tensor | None:
         return None
+
+    def uses_topk(self, cfg: PruningConfig) -> bool:
+        return True
 
 
 class MovementRule(TopKRule):
@@ -166,8 +168,8 @@ class SoftMovementRule(TopKRule):
 
     name = "soft_movement"
 
-    def uses_topk(self, cfg: object) -> bool:
-        return getattr(cfg, "soft_threshold", "target") == "target"
+    def uses_topk(self, cfg: PruningConfig) -> bool:
+        return cfg.soft_threshold == "target"
 
     def mask(self, m: MaskedLinear) -> Tensor:
         if m.steered:

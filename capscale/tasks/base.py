@@ -1,23 +1,24 @@
-"""The task protocol and its table."""
+"""The task base class and its table."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from torch import Tensor, nn
 
+from capscale.errors import DataError
 from capscale.registry import add_entry
 
 if TYPE_CHECKING:
     import datasets
+    from transformers import PreTrainedTokenizerBase
 
     from capscale.config import DataConfig
 
 
-@runtime_checkable
-class Task(Protocol):
-    """What capscale needs to know about a task.
+class Task:
+    """What capscale needs to know about a task; an entry of :data:`TASKS` subclasses it.
 
     Attributes:
         name: the ``data.task_type`` that selects it.
@@ -25,58 +26,102 @@ class Task(Protocol):
             as keys; otherwise every label is -1 and only unsupervised terms apply).
         main_metric: the metric reported as "the" score (retained %, summaries).
 
-    Optional members, looked up with ``getattr`` (a task without them gets the
-    sequence-level behaviour; capscale.tasks.qa has them all):
+    Optional capabilities are declared here with the sequence-level default, so every
+    caller uses them without asking whether they exist (capscale.tasks.qa overrides
+    them all):
 
-    * ``model_class``: the Auto class of the task model (default
+    * ``model_class``: the Auto class of the task model (None:
       AutoModelForSequenceClassification); ``architecture_suffix``: the end of a
       fitting checkpoint's architecture name (a teacher is checked against it).
     * ``head_linear``: path of the head's final linear layer in the task model, used
-      instead of the adapter's when the model has it.
-    * ``prepare_splits(train, validation, cfg) -> (train, validation, notes)``: checked
-      examples instead of the text / label column checks and ``encode_labels``.
-    * ``check_lengths(data, tokenizer, cfg) -> note``: instead of the truncation count.
-    * ``features(data, tokenizer, cfg) -> (train, bank, eval, eval_reference)``:
-      tokenised datasets instead of one row per example; the bank set has one row per
-      training example; ``eval_reference`` is handed to ``metrics(..., reference=)``.
+      instead of the adapter's when set.
+    * :meth:`prepare_splits`: checked examples instead of the text / label column
+      checks and ``encode_labels``.
+    * :meth:`check_lengths`: what to do with texts longer than ``data.max_length``.
+    * :meth:`features`: tokenised datasets instead of one row per example.
     """
 
-    name: str
-    class_labels: bool
-    main_metric: str
+    name: str = ""
+    class_labels: bool = True
+    main_metric: str = ""
+    model_class: Any = None
+    architecture_suffix: str | None = None
+    head_linear: str | None = None
 
     def label_names(self, cfg: DataConfig, train: datasets.Dataset) -> list[str] | None:
         """The label set (None where labels are not classes)."""
-        ...
+        raise NotImplementedError
 
     def encode_labels(self, ds: datasets.Dataset, cfg: DataConfig,
                       names: list[str] | None, split: str) -> datasets.Dataset:
         """``ds`` with a ``labels`` column; raises DataError naming a bad row."""
-        ...
+        raise NotImplementedError
 
     def load_model(self, path: str, num_labels: int, label_names: list[str] | None,
                    trust_remote_code: bool = False) -> nn.Module:
         """The encoder with this task's head (a fresh head when the checkpoint has none
         of the right size)."""
-        ...
+        raise NotImplementedError
 
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         """The supervised loss of a batch (scalar)."""
-        ...
+        raise NotImplementedError
 
     def distill(self, student_logits: Tensor, teacher_logits: Tensor,
                 temperature: float) -> Tensor:
         """The logit distillation loss of a batch (scalar)."""
-        ...
+        raise NotImplementedError
 
     def contrastive_labels(self, labels: Tensor) -> Tensor:
         """(B,) long keys of the supervised contrastive terms (-1: no class)."""
-        ...
+        raise NotImplementedError
 
-    def metrics(self, logits: np.ndarray, labels: np.ndarray, num_labels: int
-                ) -> dict[str, float]:
-        """Every metric of the task on the whole evaluation set."""
-        ...
+    def metrics(self, logits: np.ndarray, labels: np.ndarray, num_labels: int,
+                reference: Any = None) -> dict[str, float]:
+        """Every metric of the task on the whole evaluation set (``reference``: what
+        :meth:`features` returned for the evaluation rows, when it made them)."""
+        raise NotImplementedError
+
+    # -- optional capabilities, with the sequence-level default ----------------------
+    def prepare_splits(self, train: datasets.Dataset, validation: datasets.Dataset,
+                       cfg: DataConfig
+                       ) -> tuple[datasets.Dataset, datasets.Dataset, list[str]] | None:
+        """(train, validation, notes) as checked examples; None: the default column
+        checks and :meth:`encode_labels`."""
+        return None
+
+    def check_lengths(self, data: Any, tokenizer: PreTrainedTokenizerBase,
+                      cfg: DataConfig) -> str | None:
+        """Count the texts of ``data`` (a TaskData) longer than ``cfg.max_length`` tokens
+        (special tokens included); a note for the log when some will be truncated.
+
+        Raises:
+            DataError: when there are any and ``data.truncation`` is ``error``.
+        """
+        counts, first = {}, None
+        for split, ds in (("train", data.train), ("validation", data.validation)):
+            texts = list(ds[cfg.text_column])
+            pairs = list(ds[cfg.text_pair_column]) if cfg.text_pair_column else None
+            lengths = [len(ids) for ids in tokenizer(texts, pairs,
+                                                     truncation=False)["input_ids"]]
+            over = [i for i, n in enumerate(lengths) if n > cfg.max_length]
+            counts[split] = len(over)
+            if over and first is None:
+                first = f"{split} row {over[0]} has {lengths[over[0]]} tokens"
+        if not any(counts.values()):
+            return None
+        what = (f"{counts['train']} train and {counts['validation']} validation texts are "
+                f"longer than data.max_length = {cfg.max_length} tokens ({first})")
+        if cfg.truncation == "error":
+            raise DataError(f"{what}; raise data.max_length, shorten them, or set "
+                            "data.truncation=truncate")
+        return f"{what}: truncated"
+
+    def features(self, data: Any, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig
+                 ) -> tuple[datasets.Dataset, datasets.Dataset, datasets.Dataset, Any] | None:
+        """(train rows, bank rows: one per training example, eval rows, eval reference)
+        made by the task (QA: token windows); None: one tokenised row per example."""
+        return None
 
 
 TASKS: dict[str, Any] = {}
@@ -85,7 +130,8 @@ TASKS: dict[str, Any] = {}
 def register_task(task: Task, overwrite: bool = False) -> Task:
     """Add ``task`` to the table under ``task.name`` (``data.task_type`` selects it)."""
     if not isinstance(task, Task):
-        raise TypeError(f"{task!r} does not implement capscale.tasks.Task")
+        raise TypeError(f"{task!r} is not a capscale.tasks.Task (subclass it, or one of "
+                        "the built-in tasks)")
     return add_entry(TASKS, task.name, task, "task", overwrite)
 
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import AutoConfig, AutoModelForQuestionAnswering, PreTrainedModel
 
+from capscale.tasks.base import Task
 from capscale.tasks.qa_data import (
     QAEvalReference,
     check_examples,
@@ -42,11 +43,10 @@ if TYPE_CHECKING:
     from capscale.config import DataConfig
 
 
-class QuestionAnsweringTask:
+class QuestionAnsweringTask(Task):
     """Extractive QA: a start and an end position per question (see module docstring).
 
-    Beyond the :class:`~capscale.tasks.Task` protocol it provides the optional hooks
-    capscale.data, capscale.models.loading and capscale.export.huggingface look for:
+    It overrides every optional capability of :class:`~capscale.tasks.Task`:
     ``prepare_splits`` (checked examples instead of labels), ``check_lengths``
     (questions too long for a window), ``features`` (token windows, the bank's windows
     and the decoding reference), ``model_class`` / ``architecture_suffix`` (the head), and

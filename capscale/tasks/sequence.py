@@ -5,7 +5,7 @@ regression (MSE, MSE distillation, Pearson / Spearman), both on
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import datasets
 import numpy as np
@@ -15,6 +15,7 @@ from torch import Tensor
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
 
 from capscale.errors import DataError
+from capscale.tasks.base import Task
 from capscale.tasks.metrics import accuracy, f1, matthews, pearson, spearman
 
 if TYPE_CHECKING:
@@ -38,7 +39,7 @@ def load_sequence_model(path: str, num_labels: int, label_names: list[str] | Non
         path, config=config, ignore_mismatched_sizes=True, trust_remote_code=trust_remote_code)
 
 
-class ClassificationTask:
+class ClassificationTask(Task):
     """One label per text (pair) out of a fixed set."""
 
     name = "classification"
@@ -90,8 +91,8 @@ class ClassificationTask:
     def contrastive_labels(self, labels: Tensor) -> Tensor:
         return labels.long()
 
-    def metrics(self, logits: np.ndarray, labels: np.ndarray, num_labels: int
-                ) -> dict[str, float]:
+    def metrics(self, logits: np.ndarray, labels: np.ndarray, num_labels: int,
+                reference: Any = None) -> dict[str, float]:
         pred, gold = logits.argmax(-1), labels.astype(np.int64)
         return {"accuracy": accuracy(pred, gold), "f1": f1(pred, gold, num_labels),
                 "matthews": matthews(pred, gold, num_labels)}
@@ -126,7 +127,7 @@ class RegressionTask(ClassificationTask):
     def contrastive_labels(self, labels: Tensor) -> Tensor:
         return torch.full_like(labels, -1, dtype=torch.long)
 
-    def metrics(self, logits: np.ndarray, labels: np.ndarray, num_labels: int
-                ) -> dict[str, float]:
+    def metrics(self, logits: np.ndarray, labels: np.ndarray, num_labels: int,
+                reference: Any = None) -> dict[str, float]:
         pred, gold = logits.reshape(-1).astype(np.float64), labels.astype(np.float64)
         return {"pearson": pearson(pred, gold), "spearman": spearman(pred, gold)}
