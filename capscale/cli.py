@@ -177,14 +177,14 @@ def export_cmd(args: argparse.Namespace) -> int:
               f"{100 * report['encoder_sparsity']:.2f}%)")
     if not set(cfg.export.formats) - {"pytorch"}:
         return 0
-    found = write_run_formats(out, cfg.export, data,
-                              load_tokenizer(str(out / "model"), cfg.model.trust_remote_code),
-                              cfg.data, cfg.train.eval_batch_size, task,
-                              cfg.model.trust_remote_code, print)
-    if not found["ok"]:
+    formats = write_run_formats(out, cfg.export, data,
+                                load_tokenizer(str(out / "model"), cfg.model.trust_remote_code),
+                                cfg.data, cfg.train.eval_batch_size, task,
+                                cfg.model.trust_remote_code, print)
+    if not formats["ok"]:
         print(f"capscale: an export format failed its check; see {out / 'sparsity_report.json'}",
               file=sys.stderr)
-    return 0 if found["ok"] else 1
+    return 0 if formats["ok"] else 1
 
 
 def report_cmd(args: argparse.Namespace) -> int:

@@ -13,10 +13,11 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from capscale.export.card import write_model_card
@@ -42,7 +43,7 @@ def auto_class_name(class_name: str) -> str:
     return "AutoModelForSequenceClassification"
 
 
-def export_pruned(model: PreTrainedModel, adapter: EncoderAdapter, out_dir: str | Path,
+def export_pruned(model: nn.Module, adapter: EncoderAdapter, out_dir: str | Path,
                   tokenizer: PreTrainedTokenizerBase | None = None, inplace: bool = False,
                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Bake the masks and write ``out_dir/{model/, masks.safetensors, sparsity_report.json}``
@@ -62,7 +63,7 @@ def export_pruned(model: PreTrainedModel, adapter: EncoderAdapter, out_dir: str 
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    target = model if inplace else copy.deepcopy(model)
+    target = cast(PreTrainedModel, model if inplace else copy.deepcopy(model))
     keys = {v: k for k, v in adapter.qualified_names(target).items()}
     nm = next((m.nm for m in target.modules() if isinstance(m, MaskedLinear) and m.nm), None)
     masks = bake_masks(target)
@@ -83,7 +84,7 @@ def export_pruned(model: PreTrainedModel, adapter: EncoderAdapter, out_dir: str 
     return report
 
 
-def export_structured(model: PreTrainedModel, adapter: EncoderAdapter, heads: list[torch.Tensor],
+def export_structured(model: nn.Module, adapter: EncoderAdapter, heads: list[torch.Tensor],
                       ffn: list[torch.Tensor], out_dir: str | Path,
                       tokenizer: PreTrainedTokenizerBase | None = None, inplace: bool = False,
                       extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -113,7 +114,7 @@ def export_structured(model: PreTrainedModel, adapter: EncoderAdapter, heads: li
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     counts = structured_param_counts(model, adapter, heads, ffn)
-    target = model if inplace else copy.deepcopy(model)
+    target = cast(PreTrainedModel, model if inplace else copy.deepcopy(model))
     strip_mask_hooks(target)
     structure = prune_structure(target, adapter, heads, ffn)
     target.config.capscale_structure = structure

@@ -79,7 +79,7 @@ class UnitMaskedLinear(MaskedLinear):
         new.unit_size = unit_size
         new.mask_scores = nn.Parameter(torch.full(
             (linear.in_features // unit_size,), float(score_init),
-            device=new.mask_scores.device))
+            device=linear.weight.device))
         return new
 
     @property
@@ -117,8 +117,8 @@ def attach_unit_masks(model: nn.Module, adapter: EncoderAdapter, score_init: flo
             continue
         lin = model.get_submodule(qname)
         if not isinstance(lin, UnitMaskedLinear):
-            lin = UnitMaskedLinear.wrap(lin, head_size if role == "attn_out" else 1,
-                                        score_init)
+            size = head_size if role == "attn_out" else 1
+            lin = UnitMaskedLinear.wrap(cast(nn.Linear, lin), size, score_init)
             replace_module(model, qname, lin)
         out[key] = lin
     return out
@@ -147,6 +147,7 @@ def warm_start_units(modules: dict[str, UnitMaskedLinear], scale: float) -> None
     for m in modules.values():
         w = m.weight.detach().float()
         norms = w.pow(2).sum(0).reshape(m.num_scores, m.unit_size).sum(1).sqrt()
+        assert m.mask_scores is not None
         m.mask_scores.copy_(scale * norms / norms.mean().clamp_min(1e-12))
 
 
@@ -161,7 +162,7 @@ class HybridController(WeightMaskController):
         self.latency = LatencyTarget(run, prepare=unmask)
 
     def warm_start(self, modules: dict[str, MaskedLinear], scale: float) -> None:
-        warm_start_units(modules, scale)
+        warm_start_units(cast(dict[str, UnitMaskedLinear], modules), scale)
 
     def groups(self, modules: dict[str, MaskedLinear]) -> list[dict[str, MaskedLinear]]:
         """Heads and neurons are thresholded apart (their scores differ in scale)."""

@@ -22,11 +22,12 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import transformers
 from torch import Tensor, nn
+from transformers import PretrainedConfig
 
 from capscale.export.huggingface import auto_class_name, export_structured
 
@@ -40,7 +41,8 @@ def time_forward(model: nn.Module, batch_size: int, seq_length: int, repeats: in
     """Median milliseconds of ``repeats`` forwards of ``model`` (after one warm-up) on
     random token ids of shape (batch_size, seq_length)."""
     model = model.to(device).eval()
-    ids = torch.randint(5, max(6, model.config.vocab_size), (batch_size, seq_length),
+    vocab = int(cast(PretrainedConfig, model.config).vocab_size)
+    ids = torch.randint(5, max(6, vocab), (batch_size, seq_length),
                         generator=torch.Generator().manual_seed(0)).to(device)
     mask = torch.ones_like(ids)
     times = []
@@ -123,6 +125,7 @@ class LatencyTarget:
             heads, ffn = keep(model)
             ms = exported_latency(model, run.adapter, heads, ffn, self.batch_size,
                                   self.seq_length, self.repeats, run.ctx.device, self.prepare)
+            assert self.target_ms is not None  # checked only with a target
             verdict[0], verdict[1] = ms, float(ms <= self.target_ms)
         if run.ctx.distributed:
             verdict = run.ctx.all_reduce_sum(verdict)

@@ -184,6 +184,7 @@ class Checkpointer:
         state: dict[str, Any] = {}
         for e in self.entries.values():
             if e.scope == "files":
+                assert e.save is not None
                 files += e.save(tmp)
                 continue
             value = e.obj.state_dict()
@@ -217,6 +218,7 @@ class Checkpointer:
                               f"resumed with {ctx.world_size}; relaunch with the same number")
         for e in self.entries.values():
             if e.scope == "files":
+                assert e.load is not None
                 e.load(path)
             elif e.scope == "json":
                 e.obj.load_state_dict(state[e.name])

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sized
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ def evaluate(model: nn.Module, loader: DataLoader, ctx: DistContext, task: Task,
     all_logits = ctx.gather(torch.cat(logits)).cpu().numpy()
     all_labels = ctx.gather(torch.cat(labels)).cpu().numpy()
     if ctx.distributed:  # rank r holds examples r, r + world, ... (then the padding)
-        n = len(loader.dataset)
+        n = len(cast(Sized, loader.dataset))
         per_rank = len(all_labels) // ctx.world_size
         order = np.concatenate([np.arange(r, per_rank * ctx.world_size, ctx.world_size)
                                 for r in range(ctx.world_size)])

@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import cast
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from capscale.config import Config, config_to_dict
 from capscale.console import Console
@@ -84,7 +85,8 @@ def finetune_teacher(cfg: Config, ctx: DistContext, data: TaskData,
                 f"({time.perf_counter() - start:.0f} s)")
     plain = strategy.plain_copy(wrapped, load)  # collective
     if ctx.is_main:
-        plain.save_pretrained(out)
+        assert plain is not None  # the main rank gets the whole model
+        cast(PreTrainedModel, plain).save_pretrained(out)
         tokenizer.save_pretrained(out)
         marker.write_text(json.dumps({"fingerprint": _fingerprint(cfg), "metrics": metrics,
                                       "steps": state.step}, indent=1))

@@ -108,6 +108,7 @@ class RunReferences:
     def reader(self, model: nn.Module) -> Callable[[dict[str, Tensor]], Tensor]:
         if self.live is not None and model is self.live.model:
             tap = self.live.tap
+            assert tap is not None, "the student is prepared with its representation tap"
         else:
             tap = self.taps.setdefault(id(model), RepresentationTap(model, self.adapter))
         kind = self.kind
@@ -147,7 +148,7 @@ class RunReferences:
         return copy_
 
     def student_copy(self, train_mode: bool) -> nn.Module:
-        assert self.live is not None
+        assert self.live is not None and self.skeleton is not None
         if self.strategy.shards_parameters:
             target = self.skeleton()
             with self.strategy.gathered(self.live.model) as bare:
@@ -163,6 +164,7 @@ class RunReferences:
             return full_state(bare)
 
     def restore_copy(self, state: dict[str, Tensor], train_mode: bool) -> nn.Module:
+        assert self.live is not None and self.skeleton is not None
         if self.strategy.shards_parameters:
             target = self.skeleton()
             _copy_state(target, state)

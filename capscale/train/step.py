@@ -45,7 +45,7 @@ class Student:
     tap: RepresentationTap | None = None  # reads the contrastive representation
 
     def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
+        return float(self.scheduler.get_last_lr()[0])
 
 
 class CAPLoss:
@@ -70,9 +70,11 @@ class CAPLoss:
         self.teacher, self.objective = teacher, objective
         self.regularizer, self.phases = regularizer, phases
 
-    def __call__(self, model: nn.Module, tap: RepresentationTap, batch: dict[str, Tensor],
-                 step: int) -> dict[str, Tensor]:
-        """Components by name (``ce``, ``kd``, ``prc_unsup``, ..., ``l1``)."""
+    def __call__(self, model: nn.Module, tap: RepresentationTap | None,
+                 batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
+        """Components by name (``ce``, ``kd``, ``prc_unsup``, ..., ``l1``); ``tap``
+        reads the anchors (the prepared student always has one)."""
+        assert tap is not None, "a CAP student is prepared with its representation tap"
         w, ctx = self.weights, self.ctx
         inputs = model_inputs(batch, ctx.device)
         labels = batch["labels"].to(ctx.device)
@@ -139,7 +141,8 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float,
                  scores: list[nn.Parameter], score_lr: float) -> list[dict[str, Any]]:
     """AdamW groups: matrices (decayed), 1-D params (biases, norms), scores (own lr)."""
     score_ids = {id(p) for p in scores}
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for p in model.parameters():
         if not p.requires_grad or id(p) in score_ids:
             continue
