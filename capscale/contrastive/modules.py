@@ -64,7 +64,8 @@ class ContrastiveModule:
 
     def max_views(self, max_snapshots: int | None) -> int:
         """R_max: views kept per example. ``max_snapshots`` must be resolved to a number
-        first (``cap.max_snapshots: null`` means the schedule's count: capscale.recipe)."""
+        first (``cap.max_snapshots: null`` means the schedule's count:
+        capscale.train.schedules.snapshot_views)."""
         if not self.snapshots:
             return 1
         if max_snapshots is None:

@@ -45,7 +45,8 @@ Reader = Callable[[dict[str, Tensor]], Tensor]  # model inputs -> (B, H) normali
 
 
 class ReferenceProvider(Protocol):
-    """What an objective needs from the run (implemented by capscale.recipe)."""
+    """What an objective needs from the run (implemented by
+    capscale.train.references.RunReferences)."""
 
     def frozen(self, module: ContrastiveModule, persistent: bool) -> nn.Module:
         """The frozen model of a fixed module, prepared for the strategy; ``persistent``:
@@ -334,7 +335,7 @@ def snapshot_memory(cfg: CAPConfig, views: int, num_examples: int, hidden: int,
 def build_objective(cfg: CAPConfig, num_examples: int, hidden: int, train_labels: Tensor,
                     seed: int, ctx: DistContext) -> Any:
     """The objective ``cfg.mode`` names, for this run's data and ranks (``cfg``'s
-    ``max_snapshots`` resolved to a number: see CAPRecipe.snapshot_views)."""
+    ``max_snapshots`` resolved to a number: see capscale.train.schedules.snapshot_views)."""
     cls = OBJECTIVES[cfg.mode]
     if cls.online:  # live references: no training-set size
         return cls(cfg, hidden, ctx.device)
