@@ -115,7 +115,6 @@ def write_formats(out_dir: str | Path, formats: Iterable[str],
         the ``formats`` entry of the report: per format its path, bytes, figures and
         ``ok``; ``ok`` at the top when every check passed.
     """
-    from capscale.export.onnx_export import export_onnx, onnx_logits, onnx_session, quantize_int8
     from capscale.export.onnx_export import sample_inputs as random_inputs
 
     out, say = Path(out_dir), log or (lambda _: None)
@@ -132,40 +131,11 @@ def write_formats(out_dir: str | Path, formats: Iterable[str],
     result: dict[str, Any] = {"check_batch": list(batch["input_ids"].shape)}
     sessions: dict[str, Any] = {}
     if "sparse" in wanted:
-        from capscale.export.sparse import write_sparse
-
-        t0 = time.perf_counter()
-        info = write_sparse(out / "model", out / "sparse")
-        with torch.no_grad():
-            got = load_export(out / "sparse", trust_remote_code)(**batch).logits.numpy()
-        diff = float(np.abs(got - ref).max())
-        result["sparse"] = {"path": "sparse/", **info, "max_abs_diff": diff,
-                            "tolerance": SPARSE_ATOL, "ok": diff <= SPARSE_ATOL,
-                            "seconds": time.perf_counter() - t0}
-        say(f"sparse checkpoint: {info['bytes']:,} bytes (dense {info['dense_bytes']:,}, "
-            f"{info['ratio']:.2f}x smaller), max |Δlogit| {diff:.1e}")
+        result["sparse"] = _sparse(out, batch, ref, trust_remote_code, say)
     if "onnx" in wanted:
-        t0 = time.perf_counter()
-        path = export_onnx(model, out / "onnx" / "model.onnx")
-        sessions["onnx"] = onnx_session(path)
-        diff = float(np.abs(onnx_logits(sessions["onnx"], batch) - ref).max())
-        result["onnx"] = {"path": "onnx/model.onnx", "bytes": _bytes(path),
-                          "max_abs_diff": diff, "tolerance": onnx_atol,
-                          "ok": diff <= onnx_atol, "seconds": time.perf_counter() - t0}
-        say(f"ONNX: {path} (max |Δlogit| {diff:.1e}, tolerance {onnx_atol:g})")
+        result["onnx"] = _onnx(model, out, batch, ref, onnx_atol, sessions, say)
     if "int8" in wanted:
-        t0 = time.perf_counter()
-        path = quantize_int8(out / "onnx" / "model.onnx", out / "onnx" / "model_int8.onnx")
-        sessions["int8"] = onnx_session(path)
-        got = onnx_logits(sessions["int8"], batch)
-        diff, scale = float(np.abs(got - ref).max()), float(np.abs(ref).max())
-        result["int8"] = {"path": "onnx/model_int8.onnx", "bytes": _bytes(path),
-                          "max_abs_diff": diff, "tolerance": int8_rtol * scale,
-                          "rtol": int8_rtol, "ok": diff <= int8_rtol * scale,
-                          "argmax_agreement": float((got.argmax(-1) == ref.argmax(-1)).mean()),
-                          "seconds": time.perf_counter() - t0}
-        say(f"INT8 ONNX: {path} (max |Δlogit| {diff:.2e}, tolerance {int8_rtol:g} x "
-            f"{scale:.2f}; argmax agreement {100 * result['int8']['argmax_agreement']:.1f}%)")
+        result["int8"] = _int8(out, batch, ref, int8_rtol, sessions, say)
     if dev is not None and sessions:
         t0 = time.perf_counter()
         result["dev"] = {**_dev_figures(model, sessions, dev),
@@ -177,6 +147,56 @@ def write_formats(out_dir: str | Path, formats: Iterable[str],
     report_file.write_text(json.dumps(report, indent=1))
     write_model_card(out, report)
     return result
+
+
+def _sparse(out: Path, batch: dict[str, torch.Tensor], ref: np.ndarray,
+            trust_remote_code: bool, say: Callable[[str], None]) -> dict[str, Any]:
+    """The bitmask + values checkpoint, reloaded and compared with the export."""
+    from capscale.export.sparse import write_sparse
+
+    t0 = time.perf_counter()
+    info = write_sparse(out / "model", out / "sparse")
+    with torch.no_grad():
+        got = load_export(out / "sparse", trust_remote_code)(**batch).logits.numpy()
+    diff = float(np.abs(got - ref).max())
+    say(f"sparse checkpoint: {info['bytes']:,} bytes (dense {info['dense_bytes']:,}, "
+        f"{info['ratio']:.2f}x smaller), max |Δlogit| {diff:.1e}")
+    return {"path": "sparse/", **info, "max_abs_diff": diff, "tolerance": SPARSE_ATOL,
+            "ok": diff <= SPARSE_ATOL, "seconds": time.perf_counter() - t0}
+
+
+def _onnx(model: torch.nn.Module, out: Path, batch: dict[str, torch.Tensor], ref: np.ndarray,
+          atol: float, sessions: dict[str, Any], say: Callable[[str], None]
+          ) -> dict[str, Any]:
+    """fp32 ONNX, run in ONNX Runtime (its session joins ``sessions``) and compared."""
+    from capscale.export.onnx_export import export_onnx, onnx_logits, onnx_session
+
+    t0 = time.perf_counter()
+    path = export_onnx(model, out / "onnx" / "model.onnx")
+    sessions["onnx"] = onnx_session(path)
+    diff = float(np.abs(onnx_logits(sessions["onnx"], batch) - ref).max())
+    say(f"ONNX: {path} (max |Δlogit| {diff:.1e}, tolerance {atol:g})")
+    return {"path": "onnx/model.onnx", "bytes": _bytes(path), "max_abs_diff": diff,
+            "tolerance": atol, "ok": diff <= atol, "seconds": time.perf_counter() - t0}
+
+
+def _int8(out: Path, batch: dict[str, torch.Tensor], ref: np.ndarray, rtol: float,
+          sessions: dict[str, Any], say: Callable[[str], None]) -> dict[str, Any]:
+    """INT8 ONNX (dynamic quantisation of the fp32 ONNX), checked relative to the
+    logits' scale (its session joins ``sessions``)."""
+    from capscale.export.onnx_export import onnx_logits, onnx_session, quantize_int8
+
+    t0 = time.perf_counter()
+    path = quantize_int8(out / "onnx" / "model.onnx", out / "onnx" / "model_int8.onnx")
+    sessions["int8"] = onnx_session(path)
+    got = onnx_logits(sessions["int8"], batch)
+    diff, scale = float(np.abs(got - ref).max()), float(np.abs(ref).max())
+    agree = float((got.argmax(-1) == ref.argmax(-1)).mean())
+    say(f"INT8 ONNX: {path} (max |Δlogit| {diff:.2e}, tolerance {rtol:g} x "
+        f"{scale:.2f}; argmax agreement {100 * agree:.1f}%)")
+    return {"path": "onnx/model_int8.onnx", "bytes": _bytes(path), "max_abs_diff": diff,
+            "tolerance": rtol * scale, "rtol": rtol, "ok": diff <= rtol * scale,
+            "argmax_agreement": agree, "seconds": time.perf_counter() - t0}
 
 
 def _bytes(path: Path) -> int:
