@@ -13,7 +13,9 @@ With no subcommand the arguments go to ``prune``, so ``capscale --config X.yaml`
 ``python -m capscale.run --config X.yaml`` and ``accelerate launch capscale/run.py
 --config X.yaml`` are the same call of :func:`main`. Every subcommand returns 2 with a
 one-line message for a config, data or model error; ``prune`` returns 3 when a
-non-finite loss stopped the run; ``inspect`` returns 1 when no adapter fits the model.
+non-finite loss stopped the run, 4 when the written export did not reproduce the
+student (capscale.export.verify; the trained student is kept as a checkpoint);
+``inspect`` returns 1 when no adapter fits the model.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ def prune_cmd(argv: list[str]) -> int:
     from capscale.checks import load_run_config
     from capscale.console import Console
     from capscale.distributed import init_distributed, shutdown_distributed
+    from capscale.export.verify import ExportMismatch
     from capscale.job import prune
     from capscale.train.checkpoint import checkpoint_root, list_checkpoints
 
@@ -98,6 +101,13 @@ def prune_cmd(argv: list[str]) -> int:
                 if found else "no checkpoint was written (see checkpoint.every_steps)")
         print(f"capscale: {err}; {kept}; or set train.on_nonfinite=skip", file=sys.stderr)
         code = 3
+    except ExportMismatch as err:
+        found = list_checkpoints(checkpoint_root(cfg.checkpoint.dir, cfg.output_dir))
+        kept = (f"the trained student is kept in {found[-1]} (capscale export --checkpoint "
+                "latest, or resume=latest under zero3 / fsdp2, writes it again)" if found
+                else "no checkpoint was kept (checkpoint.final is off)")
+        print(f"capscale: export error: {err}; {kept}", file=sys.stderr)
+        code = 4
     finally:
         shutdown_distributed(ctx, ok=code == 0)
     return code

@@ -47,6 +47,8 @@ def prune(cfg: Config, ctx: DistContext, console: Console, export: bool = True,
     finally:
         if trackers is not None:
             trackers.finish()
+    if export and cfg.checkpoint.final:  # the export bakes masks into the student itself
+        recipe.checkpointer.ensure_saved(recipe.state.step)
     results = recipe.finish(export)
     results["seconds"]["total"] = time.perf_counter() - start
     if ctx.is_main:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from capscale.contrastive.objectives import build_objective
 from capscale.data import build_loaders
 from capscale.distributed import DistContext, make_strategy
 from capscale.export.card import run_facts
-from capscale.export.writer import masked_skeleton, write_export, write_run_formats
+from capscale.export.writer import masked_skeleton, write_run_formats, write_verified_export
 from capscale.models.loading import (
     RepresentationTap,
     adapter_for,
@@ -199,7 +200,6 @@ class CAPRecipe:
         return ckpt
 
     def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
-        """Task metrics of ``model`` (default: the student) on the evaluation set."""
         return evaluate(model if model is not None else self.student.model,
                         self.loaders.eval, self.ctx, self.task, self.data.num_labels,
                         self.loaders.eval_reference)
@@ -256,13 +256,13 @@ class CAPRecipe:
 
     def export(self, out_dir: Path, extra: dict[str, Any] | None = None
                ) -> dict[str, Any] | None:
-        """Write the pruned student as the controller plans it (collective: a sharded
-        student is gathered; the main rank writes and gets the report, others None)."""
-        model = self.full_student()
-        if model is None:
-            return None
-        return write_export(model, self.controller.export_plan(model), self.adapter, out_dir,
-                            self.tokenizer, extra)
+        """Write the pruned student as the controller plans it and verify it (collective:
+        a sharded student is gathered; the main rank writes and gets the report)."""
+        e = self.cfg.export
+        return write_verified_export(
+            self.full_student(), self.controller.export_plan, self.adapter, out_dir,
+            self.tokenizer, extra, list(islice(self.loaders.eval, e.verify_batches)),
+            e.verify_atol, self.cfg.model.trust_remote_code, self.ctx)
 
     def finish(self, export: bool = True) -> dict[str, Any]:
         """Report sparsity, export the pruned model, build the results (collective)."""
@@ -277,6 +277,7 @@ class CAPRecipe:
         if export:
             t0 = time.perf_counter()
             report = self.export(out, {"results": results, "run": run_facts(cfg)})
+            results["export_verified"] = report["verified"] if report is not None else None
             if report is not None and set(cfg.export.formats) - {"pytorch"}:
                 results["export_formats"] = write_run_formats(
                     out, cfg.export, self.data, self.tokenizer, cfg.data,

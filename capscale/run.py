@@ -35,8 +35,10 @@ Outputs in ``output_dir``: ``config.yaml``, ``teacher/`` (when fine-tuned here),
 ``report/`` (markdown + HTML + plots), ``checkpoints/`` (with ``checkpoint.every_steps``),
 ``tracking/`` (TensorBoard, when installed).
 
-Exit codes: 0 done; 2 a config, data or model error (one line on stderr says what to
-change; nothing was loaded); 3 a non-finite loss stopped the run.
+Exit codes: 0 done (the export was reloaded with transformers alone and reproduces the
+student); 2 a config, data or model error (one line on stderr says what to change;
+nothing was loaded); 3 a non-finite loss stopped the run; 4 the export did not
+reproduce the student (the trained student is kept as a checkpoint).
 """
 
 from __future__ import annotations

@@ -245,6 +245,10 @@ class CheckpointConfig:
     # Keep the newest K checkpoints; older ones are deleted after a save succeeds.
     keep_last: int = 2
     dir: str | None = None  # where they go; None: ``<output_dir>/checkpoints``
+    # Save the trained student before the export (unless the last save was that step),
+    # so that an export that fails its check can be written again by ``capscale export``
+    # (single / ddp) or by resuming the run (zero3 / fsdp2).
+    final: bool = True
 
     def check(self) -> list[Check]:
         return [
@@ -287,10 +291,17 @@ class ExportConfig:
     # the final barrier (train.collective_timeout_s); for a long dev set cap it here, or
     # write the formats after the run with ``capscale export --add-to``.
     dev_examples: int | None = None
+    # Every export is reloaded with transformers alone and run on the first
+    # ``verify_batches`` dev batches; each output must be within ``verify_atol`` of the
+    # masked student's, or the run fails (capscale.export.verify).
+    verify_batches: int = 2
+    verify_atol: float = 1e-4
 
     def check(self) -> list[Check]:
         # the format names and the packages they need: capscale.checks
         return [
+            (self.verify_batches >= 1, "export.verify_batches", "must be >= 1"),
+            (self.verify_atol > 0, "export.verify_atol", "must be > 0"),
             (self.onnx_atol > 0, "export.onnx_atol", "must be > 0"),
             (self.int8_rtol > 0, "export.int8_rtol", "must be > 0"),
             (self.dev_examples is None or self.dev_examples >= 1, "export.dev_examples",

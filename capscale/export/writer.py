@@ -6,6 +6,8 @@
   gathered state) loads into;
 * :func:`write_export`: an :class:`~capscale.pruning.controller.ExportPlan` written as a
   Hugging Face model directory (masks baked in, or physically smaller);
+* :func:`write_verified_export`: the same at the end of a run, then reloaded with
+  transformers alone and checked against the student (capscale.export.verify);
 * :func:`export_checkpoint`: a saved checkpoint of an unstructured run, exported;
 * :func:`write_run_formats`: the extra ``export.formats`` of an export, each checked
   against it on the config's dev set.
@@ -13,17 +15,20 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from capscale.data import Collator, make_loader, tokenize
 from capscale.errors import ConfigError
+from capscale.export.card import write_model_card
 from capscale.export.formats import DevSet, write_formats
 from capscale.export.huggingface import export_pruned, export_structured
+from capscale.export.verify import ExportMismatch, student_outputs, verify_export
 from capscale.pruning.controller import ExportPlan, PruningMethod
 from capscale.pruning.masked import MaskedLinear, configure_masks
 
@@ -32,6 +37,7 @@ if TYPE_CHECKING:
 
     from capscale.config import DataConfig, ExportConfig, PruningConfig
     from capscale.data import TaskData
+    from capscale.distributed import DistContext
     from capscale.models.adapters import EncoderAdapter
     from capscale.tasks import Task
 
@@ -54,6 +60,41 @@ def write_export(model: nn.Module, plan: ExportPlan, adapter: EncoderAdapter,
         return export_structured(model, adapter, plan.heads, plan.ffn, out_dir, tokenizer,
                                  inplace=True, extra=extra)
     return export_pruned(model, adapter, out_dir, tokenizer, inplace=True, extra=extra)
+
+
+def write_verified_export(model: nn.Module | None, plan: Callable[[nn.Module], ExportPlan],
+                          adapter: EncoderAdapter, out_dir: Path,
+                          tokenizer: PreTrainedTokenizerBase | None,
+                          extra: dict[str, Any] | None,
+                          batches: list[dict[str, Tensor]], atol: float,
+                          trust_remote_code: bool, ctx: DistContext) -> dict[str, Any] | None:
+    """Write ``model`` (the unsharded student with masks attached, on the main rank; None
+    on the others) as ``plan(model)`` says, then reload it and check it against the
+    student on ``batches`` (capscale.export.verify). Collective: every rank learns the
+    verdict and raises :class:`ExportMismatch` when it failed. Returns the export's
+    report (with ``verified``) on the main rank, None on the others."""
+    report, failure = None, ""
+    if model is not None:
+        expected = student_outputs(model, batches)
+        class_name = type(model).__name__
+        export_plan = plan(model)
+        report = write_export(model, export_plan, adapter, out_dir, tokenizer, extra)
+        try:
+            report["verified"] = verify_export(out_dir / "model", class_name,
+                                               export_plan.physical or trust_remote_code,
+                                               batches, expected, atol)
+        except ExportMismatch as err:
+            failure = str(err)
+        else:
+            (out_dir / "sparsity_report.json").write_text(json.dumps(report, indent=1))
+            write_model_card(out_dir, report)
+    failed = bool(failure)
+    if ctx.distributed:
+        failed = bool(ctx.all_reduce_sum(torch.tensor([float(failed)])).item() > 0)
+    if failed:
+        raise ExportMismatch(failure or "the export written by the main rank failed its "
+                             "check (its log says why)")
+    return report
 
 
 def export_checkpoint(checkpoint: Path, method: PruningMethod, pruning: PruningConfig,

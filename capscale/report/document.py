@@ -197,6 +197,10 @@ def _results_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
     rows = [(f"dense teacher {key}", f"{teacher:.4f}" if teacher is not None else "n/a"),
             (f"pruned student {key}", f"{results['pruned_metrics'][key]:.4f}")]
     rows += [(k.replace("_", " "), f"{100 * v:.2f}%") for k, v in results["sparsity"].items()]
+    verified = results.get("export_verified")
+    if verified:
+        rows.append(("export verified", f"max |Δoutput| {verified['max_abs_diff']:.1e} on "
+                     f"{verified['examples']} dev examples (tolerance {verified['tolerance']:g})"))
     rows += [("steps", str(results.get("steps"))),
              ("pruning time", f"{results.get('seconds', {}).get('pruning', 0):.0f} s")]
     rows += [(f"{phase.replace('_', ' ')} per step", f"{ms:.1f} ms")

@@ -73,6 +73,14 @@ def write_results(output_dir: str | Path, results: dict[str, Any]) -> Path:
     return path
 
 
+def _verified(v: dict[str, Any] | None) -> str:
+    """The summary's line on the export check (capscale.export.verify)."""
+    if not v:
+        return "not exported"
+    return (f"yes: max |Δoutput| {v['max_abs_diff']:.1e} on {v['examples']} dev examples "
+            f"(tolerance {v['tolerance']:g})")
+
+
 def print_summary(console: Console, r: dict[str, Any], method: str, output_dir: Path) -> None:
     """The table a user reads at the end of a run (``method``: how it is named there)."""
     key = r["task_metric"]
@@ -82,6 +90,7 @@ def print_summary(console: Console, r: dict[str, Any], method: str, output_dir: 
         (f"dense teacher {key}", f"{t:.4f}"),
         (f"pruned student {key}", f"{p:.4f}"),
         ("retained", f"{100 * p / t:.1f}%" if t == t and t else "n/a"),
+        ("export verified", _verified(r.get("export_verified"))),
         ("encoder sparsity (paper convention)", f"{100 * r['sparsity']['encoder_sparsity']:.2f}%"),
         ("prunable-matrix sparsity", f"{100 * r['sparsity']['linear_sparsity']:.2f}%"),
         ("sparsity over all parameters", f"{100 * r['sparsity']['total_sparsity']:.2f}%"),

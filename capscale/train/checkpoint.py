@@ -209,6 +209,17 @@ class Checkpointer:
         ctx.barrier()
         return final
 
+    def ensure_saved(self, step: int) -> Path:
+        """The checkpoint of ``step``: the newest one when it is that step, else a new
+        save. Collective (the main rank decides, every rank follows)."""
+        found = list_checkpoints(self.root) if self.ctx.is_main else []
+        have = torch.tensor([float(bool(found) and int(found[-1].name[len(PREFIX):]) == step)])
+        if self.ctx.distributed:
+            have = self.ctx.all_reduce_sum(have)
+        if have.item() > 0:
+            return self.root / f"{PREFIX}{step:08d}"
+        return self.save(step)
+
     def load(self, path: str | Path) -> dict[str, Any]:
         """Restore every registered entry from ``path``; returns the JSON state."""
         path, ctx = Path(path), self.ctx
