@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -260,9 +259,9 @@ class CAPRecipe:
         a sharded student is gathered; the main rank writes and gets the report)."""
         e = self.cfg.export
         return write_verified_export(
-            self.full_student(), self.controller.export_plan, self.adapter, out_dir,
-            self.tokenizer, extra, list(islice(self.loaders.eval, e.verify_batches)),
-            e.verify_atol, self.cfg.model.trust_remote_code, self.ctx)
+            self.student.model, self.full_student, self.controller.export_plan, self.adapter,
+            out_dir, self.tokenizer, extra, self.loaders.eval, e.verify_batches, e.verify_atol,
+            self.cfg.model.trust_remote_code, self.ctx)
 
     def finish(self, export: bool = True) -> dict[str, Any]:
         """Report sparsity, export the pruned model, build the results (collective)."""

@@ -31,14 +31,19 @@ def _batches(n: int = 2, rows: int = 4) -> list[dict[str, torch.Tensor]]:
              "attention_mask": torch.ones(rows, 9, dtype=torch.long)} for _ in range(n)]
 
 
+def _write(model, plan, out):
+    """One process: the student and its unsharded copy are the same module."""
+    return write_verified_export(model, lambda: model, plan, adapter_for(model), out, None,
+                                 None, _batches(), 2, 1e-4, False, DistContext())
+
+
 def _model(assets):
     return AutoModelForSequenceClassification.from_pretrained(assets["model"]).eval()
 
 
 def test_a_faithful_export_is_verified(assets, tmp_path):
     model = _model(assets)
-    report = write_verified_export(model, lambda m: ExportPlan(), adapter_for(model), tmp_path,
-                                   None, None, _batches(), 1e-4, False, DistContext())
+    report = _write(model, lambda m: ExportPlan(), tmp_path)
     v = report["verified"]
     assert v["ok"] and v["max_abs_diff"] <= 1e-6
     assert v["batches"] == 2 and v["examples"] == 8
@@ -61,8 +66,7 @@ def test_an_export_that_differs_from_the_student_is_refused(assets, tmp_path, da
 
     model = _model(assets)
     with pytest.raises(ExportMismatch) as err:
-        write_verified_export(model, faulty_plan, adapter_for(model), tmp_path, None, None,
-                              _batches(), 1e-4, False, DistContext())
+        _write(model, faulty_plan, tmp_path)
     msg = str(err.value)
     assert "\n" not in msg and str(tmp_path / "model") in msg
     assert "does not reproduce the student" in msg and "dev batch" in msg
@@ -76,8 +80,7 @@ def test_an_export_that_does_not_load_is_refused(assets, tmp_path):
 
     model = _model(assets)
     with pytest.raises(ExportMismatch, match="does not load or run with transformers alone"):
-        write_verified_export(model, unloadable, adapter_for(model), tmp_path, None, None,
-                              _batches(), 1e-4, False, DistContext())
+        _write(model, unloadable, tmp_path)
 
 
 def test_a_run_whose_export_fails_exits_4_and_keeps_the_student(assets, tmp_path,

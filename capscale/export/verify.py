@@ -1,7 +1,9 @@
 """An export checks itself before a run says it is done.
 
-The masked student's outputs on the first dev batches are recorded before the export
-is written (the export bakes masks into, or slices, that very copy); the written folder
+The student's outputs on the first dev batches are recorded before the export is
+written: the live student as it was trained and evaluated, with its masks and hooks
+(a forward every rank takes part in when it is sharded), since the export bakes masks
+into, or slices, the unsharded copy it writes. The written folder
 is then loaded the way its model card says, with transformers alone (the task's Auto
 class; ``trust_remote_code`` for a physically smaller export, whose loader is written
 beside the weights), and run on the same batches. The export is verified when every
@@ -30,11 +32,12 @@ class ExportMismatch(RuntimeError):
 
 
 @torch.no_grad()
-def student_outputs(model: nn.Module, batches: Iterable[dict[str, Tensor]]) -> list[Tensor]:
-    """``model``'s logits (CPU, fp32) on each batch, in eval mode (mode restored)."""
+def student_outputs(model: nn.Module, batches: Iterable[dict[str, Tensor]],
+                    device: torch.device | str) -> list[Tensor]:
+    """``model``'s logits (CPU, fp32) on each batch, in eval mode (mode restored); a
+    wrapped, sharded student is run as it was trained (collective)."""
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
     try:
         return [output_logits(model(**model_inputs(b, device))).float().cpu() for b in batches]
     finally:

@@ -16,7 +16,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -62,27 +63,30 @@ def write_export(model: nn.Module, plan: ExportPlan, adapter: EncoderAdapter,
     return export_pruned(model, adapter, out_dir, tokenizer, inplace=True, extra=extra)
 
 
-def write_verified_export(model: nn.Module | None, plan: Callable[[nn.Module], ExportPlan],
-                          adapter: EncoderAdapter, out_dir: Path,
-                          tokenizer: PreTrainedTokenizerBase | None,
-                          extra: dict[str, Any] | None,
-                          batches: list[dict[str, Tensor]], atol: float,
-                          trust_remote_code: bool, ctx: DistContext) -> dict[str, Any] | None:
-    """Write ``model`` (the unsharded student with masks attached, on the main rank; None
-    on the others) as ``plan(model)`` says, then reload it and check it against the
-    student on ``batches`` (capscale.export.verify). Collective: every rank learns the
-    verdict and raises :class:`ExportMismatch` when it failed. Returns the export's
-    report (with ``verified``) on the main rank, None on the others."""
+def write_verified_export(student: nn.Module, full_student: Callable[[], nn.Module | None],
+                          plan: Callable[[nn.Module], ExportPlan], adapter: EncoderAdapter,
+                          out_dir: Path, tokenizer: PreTrainedTokenizerBase | None,
+                          extra: dict[str, Any] | None, dev: Iterable[dict[str, Tensor]],
+                          batches: int, atol: float, trust_remote_code: bool,
+                          ctx: DistContext) -> dict[str, Any] | None:
+    """Run the live ``student`` (as the strategy prepared it) on the first ``batches``
+    of ``dev``, write ``full_student()`` (the unsharded copy with masks attached on the
+    main rank, None on the others) as ``plan(copy)`` says, then reload the export and
+    check it against the student's outputs (capscale.export.verify). Collective: every
+    rank learns the verdict and raises :class:`ExportMismatch` when it failed. Returns
+    the export's report (with ``verified``) on the main rank, None on the others."""
+    checked = list(islice(dev, batches))
+    expected = student_outputs(student, checked, ctx.device)  # collective when sharded
+    model = full_student()  # collective
     report, failure = None, ""
     if model is not None:
-        expected = student_outputs(model, batches)
         class_name = type(model).__name__
         export_plan = plan(model)
         report = write_export(model, export_plan, adapter, out_dir, tokenizer, extra)
         try:
             report["verified"] = verify_export(out_dir / "model", class_name,
                                                export_plan.physical or trust_remote_code,
-                                               batches, expected, atol)
+                                               checked, expected, atol)
         except ExportMismatch as err:
             failure = str(err)
         else:
