@@ -12,6 +12,7 @@ physically smaller model gives the masked student's logits (1e-5) and loads with
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -51,6 +52,9 @@ def build(assets: dict[str, str], ctx: Any) -> Any:
              for i in range(b * GLOBAL_BATCH + rank * per, b * GLOBAL_BATCH + (rank + 1) * per)]
     run.loaders.train = run.loaders.importance = DataLoader(
         ds, batch_size=per, sampler=order, collate_fn=Collator(0))
+    # the controller was handed the importance loader at setup: hand it this one
+    run.controller.run = dataclasses.replace(run.controller.run,
+                                             importance_loader=run.loaders.importance)
     return run
 
 
@@ -82,7 +86,7 @@ def record_run(run: Any, export_dir: Path) -> dict[str, Any]:
     run.student.model.eval()
     with torch.no_grad():
         out["logits"] = run.student.model(**batch).logits.cpu()
-    report = ctl.export(export_dir)  # collective; slices in place on one process
+    report = run.export(export_dir)  # collective; slices in place on one process
     if ctx.is_main:
         model = AutoModelForSequenceClassification.from_pretrained(
             export_dir / "model", trust_remote_code=True).eval()
