@@ -146,18 +146,19 @@ def find_checkpoint(spec: str, root: Path, ctx: Any = None, option: str = "resum
     """
     where = root if spec == "latest" else Path(spec)
     explicit, found = on_main(ctx, lambda: (_is_checkpoint(where), _candidates(where)))
+    said = (lambda x: f"{option} = {x}") if option == "resume" else (lambda x: f"{option} {x}")
     if explicit:
         verdict = verify_checkpoint(where, ctx)
         if verdict.problem is not None:
             raise CheckpointError(
-                f"{option} = {where}: damaged checkpoint: {verdict.problem}; resume from "
-                "another one (resume=latest uses the newest intact checkpoint)")
+                f"{said(where)}: damaged checkpoint: {verdict.problem}; use another one "
+                f"({said('latest')} takes the newest intact checkpoint)")
         _warn_unverified(verdict, ctx)
         return where
     if not found:
         if spec == "latest":
             return None
-        raise ConfigError(f"{option} = {spec!r}: no checkpoint there")
+        raise ConfigError(f"{said(repr(spec))}: no checkpoint there")
     first = None
     for path in found:
         verdict = verify_checkpoint(path, ctx)
@@ -166,7 +167,7 @@ def find_checkpoint(spec: str, root: Path, ctx: Any = None, option: str = "resum
             return path
         first = first or f"{path.name}: {verdict.problem}"
         _warn(ctx, f"checkpoint {path} is damaged or incomplete, skipped: {verdict.problem}")
-    raise CheckpointError(f"{option} = {spec}: no intact checkpoint in {where} "
+    raise CheckpointError(f"{said(spec)}: no intact checkpoint in {where} "
                           f"({len(found)} damaged; the newest, {first})")
 
 
