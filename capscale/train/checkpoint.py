@@ -9,9 +9,10 @@ saves and restores entries by name, in registration order:
   ``<name>.pt`` written by the main rank and read by every rank, ``"rank"`` into
   ``<name>_rank{r}.pt``, one per rank. ``state_dict`` is called on every rank for
   every scope (it may be a collective);
-* ``register_files(name, save, load)``: parts that write their own files, e.g. the
-  student and its optimiser through the strategy (``model.pt`` / ``optimizer.pt``, or
-  each rank's ZeRO-3 / FSDP2 shards under ``deepspeed/`` or ``dcp/``).
+* ``register_files(name, save, load, restored)``: parts that write their own files,
+  e.g. the student and its optimiser through the strategy (``model.pt`` /
+  ``optimizer.pt``, or each rank's ZeRO-3 / FSDP2 shards under ``deepspeed/`` or
+  ``dcp/``); ``restored()`` gives what they load into, scanned after a resume.
 
 Writes are atomic: everything goes into ``.tmp-step-XXXXXXXX``, is fsynced, and the
 directory is renamed into place once every rank has written its part, so a kill during
@@ -28,10 +29,8 @@ the newest intact one; when every checkpoint there is damaged it is a one-line e
 (:class:`~capscale.errors.CheckpointError`, exit code 2), and so is an explicitly named
 damaged checkpoint. A checkpoint written before checkpoints carried a manifest is
 accepted with a warning (its files are not verified; a file that cannot be read is
-then a one-line error). After loading, restored floating tensors are scanned
-(:meth:`Checkpointer.load`): a NaN anywhere, or an infinity in a parameter, an optimiser
-state or a ``.pt`` entry, is refused with one line naming the entry and the tensor
-(buffers may hold infinities: a mask threshold is -inf while everything is kept).
+then a one-line error). After loading, :meth:`Checkpointer.load` refuses non-finite
+restored tensors with one line naming the entry and the tensor, on every rank.
 
 Saving joins the training loop as one more hook (:class:`CheckpointHook`, added last by
 the recipe, so every other hook has updated its state when the step is saved). The
