@@ -152,7 +152,7 @@ def export_cmd(args: argparse.Namespace) -> int:
     from capscale.models.loading import adapter_for, load_classifier, load_tokenizer
     from capscale.pruning.methods import PRUNING_METHODS
     from capscale.tasks import get_task
-    from capscale.train.checkpoint import STATE_FILE, checkpoint_root, list_checkpoints
+    from capscale.train.checkpoint import checkpoint_root, find_checkpoint
 
     overrides = list(args.overrides)
     if args.formats:
@@ -165,13 +165,10 @@ def export_cmd(args: argparse.Namespace) -> int:
         if not (out / "model" / "config.json").is_file():
             raise ConfigError(f"--add-to {out}: not an export folder (no model/config.json)")
     else:
-        path = Path(args.checkpoint) if args.checkpoint != "latest" else None
-        if path is None or not (path / STATE_FILE).is_file():
-            found = list_checkpoints(path or checkpoint_root(cfg.checkpoint.dir,
-                                                             cfg.output_dir))
-            if not found:
-                raise ConfigError(f"--checkpoint {args.checkpoint}: no checkpoint found")
-            path = found[-1]
+        path = find_checkpoint(args.checkpoint, checkpoint_root(  # verified, see resume
+            cfg.checkpoint.dir, cfg.output_dir), option="--checkpoint")
+        if path is None:
+            raise ConfigError(f"--checkpoint {args.checkpoint}: no checkpoint found")
         m = cfg.model
 
         def load() -> tuple[Any, Any]:

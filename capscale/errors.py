@@ -11,6 +11,11 @@ class ConfigError(ValueError):
     """A configuration value is unknown, mistyped or impossible. The message names the field."""
 
 
+class CheckpointError(ConfigError):
+    """The checkpoint to resume from is damaged, incomplete or holds non-finite values.
+    The message names the checkpoint and the file (or tensor)."""
+
+
 class DataError(ValueError):
     """The task data does not fit the config. The message says what to change."""
 
@@ -19,7 +24,7 @@ class ModelError(ValueError):
     """A model could not be resolved or does not fit the task."""
 
 
-INPUT_ERRORS = (ConfigError, DataError, ModelError)
+INPUT_ERRORS = (ConfigError, CheckpointError, DataError, ModelError)
 
 
 def describe(err: Exception) -> str:

@@ -76,7 +76,7 @@ class CAPRecipe:
         check_config(cfg)
         self.cfg, self.ctx, self.console = cfg, ctx, console
         self.ckpt_root = checkpoint_root(cfg.checkpoint.dir, cfg.output_dir)
-        self.resume_from = resolve_resume(cfg.resume, self.ckpt_root, config_to_dict(cfg))
+        self.resume_from = resolve_resume(cfg.resume, self.ckpt_root, config_to_dict(cfg), ctx)
         self.task = get_task(cfg.data.task_type)
         self.method = PRUNING_METHODS[cfg.pruning.method]
         self.data, self.tokenizer = check_run_inputs(cfg, self.task)
@@ -189,10 +189,10 @@ class CAPRecipe:
         s = self.student
         ckpt.register("run", self.state, "json")
         ckpt.register("rng", RankPart(self.state), "rank")
-        ckpt.register_files(
-            "student",
-            lambda d: self.strategy.save_state(d, s.model, s.optimizer, s.scheduler),
-            lambda d: self.strategy.load_state(d, s.model, s.optimizer, s.scheduler))
+        ckpt.register_files(  # restored: scanned for non-finite values after a resume
+            "student", lambda d: self.strategy.save_state(d, s.model, s.optimizer, s.scheduler),
+            lambda d: self.strategy.load_state(d, s.model, s.optimizer, s.scheduler),
+            lambda: (s.model, s.optimizer))
         ckpt.register("pruning", self.controller, "json")
         ckpt.register("snapshots", self.snapshots, "json")
         ckpt.register("objective", self.objective, self.objective.checkpoint_scope)

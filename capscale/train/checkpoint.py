@@ -9,14 +9,28 @@ saves and restores entries by name, in registration order:
   ``<name>.pt`` written by the main rank and read by every rank, ``"rank"`` into
   ``<name>_rank{r}.pt``, one per rank. ``state_dict`` is called on every rank for
   every scope (it may be a collective);
-* ``register_files(name, save, load)``: parts that write their own files, e.g. the
-  student and its optimiser through the strategy (``model.pt`` / ``optimizer.pt``, or
-  each rank's ZeRO-3 / FSDP2 shards under ``deepspeed/`` or ``dcp/``).
+* ``register_files(name, save, load, restored)``: parts that write their own files,
+  e.g. the student and its optimiser through the strategy (``model.pt`` /
+  ``optimizer.pt``, or each rank's ZeRO-3 / FSDP2 shards under ``deepspeed/`` or
+  ``dcp/``); ``restored()`` gives what they load into, scanned after a resume.
 
 Writes are atomic: everything goes into ``.tmp-step-XXXXXXXX``, is fsynced, and the
 directory is renamed into place once every rank has written its part, so a kill during
 a save leaves the previous checkpoint as the latest one. ``trainer_state.json`` is
 written last and marks a checkpoint as complete.
+
+Every checkpoint carries ``manifest.json``, the size and sha256 of each of its files,
+written just before ``trainer_state.json``; a resume verifies it before anything loads
+(capscale.train.integrity says how, and what it costs).
+
+``resume=latest`` (or a folder of checkpoints) walks them newest first, skips a
+damaged or incomplete one with a warning naming the file that failed, and resumes from
+the newest intact one; when every checkpoint there is damaged it is a one-line error
+(:class:`~capscale.errors.CheckpointError`, exit code 2), and so is an explicitly named
+damaged checkpoint. A checkpoint written before checkpoints carried a manifest is
+accepted with a warning (its files are not verified; a file that cannot be read is
+then a one-line error). After loading, :meth:`Checkpointer.load` refuses non-finite
+restored tensors with one line naming the entry and the tensor, on every rank.
 
 Saving joins the training loop as one more hook (:class:`CheckpointHook`, added last by
 the recipe, so every other hook has updated its state when the step is saved). The
@@ -27,21 +41,37 @@ resolved config as a dict, which a resume must match); it imports no config.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import pickle
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from capscale.errors import ConfigError
+from capscale.errors import CheckpointError, ConfigError
 from capscale.train.hooks import LoopHook, Record
+from capscale.train.integrity import (
+    MANIFEST_FILE,
+    STATE_FILE,
+    Verdict,
+    file_digest,
+    fsync,
+    live_tensors,
+    nested_tensors,
+    nonfinite,
+    on_main,
+    one_line,
+    verify_checkpoint,
+    write_manifest,
+)
 
 PREFIX = "step-"
-STATE_FILE = "trainer_state.json"
+logger = logging.getLogger("capscale")
 # Test hook: sleep this long in the middle of writing the checkpoint of step
 # CAPSCALE_TEST_STALL_CHECKPOINT_STEP (a test SIGKILLs the process meanwhile).
 STALL_STEP_ENV = "CAPSCALE_TEST_STALL_CHECKPOINT_STEP"
@@ -71,36 +101,103 @@ def saved_step(path: str | Path) -> int:
     return int(json.loads((Path(path) / STATE_FILE).read_text())["step"])
 
 
-def resolve_resume(resume: str | None, root: Path, fingerprint: dict[str, Any]
-                   ) -> Path | None:
-    """The checkpoint ``resume`` names (None: start fresh).
+def resolve_resume(resume: str | None, root: Path, fingerprint: dict[str, Any],
+                   ctx: Any = None) -> Path | None:
+    """The intact checkpoint ``resume`` names (None: start fresh).
 
     Args:
-        resume: the config's ``resume``: None, ``latest`` (the newest checkpoint under
-            ``root``) or a checkpoint directory (or a folder of them).
+        resume: the config's ``resume``: None, ``latest`` (the newest intact checkpoint
+            under ``root``) or a checkpoint directory (or a folder of them).
         root: the run's checkpoint folder (:func:`checkpoint_root`).
         fingerprint: the run's resolved config as a dict.
+        ctx: the distributed context (None: one process). Collective: every rank
+            calls it and gets the main rank's choice.
 
     ``latest`` with no checkpoint yet starts fresh, so one command line serves both the
-    first launch and every relaunch of a preemptible job. Raises ConfigError when the
-    checkpoint was written by a run with a different config.
+    first launch and every relaunch of a preemptible job; damaged checkpoints are skipped
+    (see :func:`find_checkpoint`). Raises CheckpointError for a damaged explicit
+    checkpoint or when none is intact, ConfigError when the checkpoint was written by a
+    run with a different config.
     """
     if resume is None:
         return None
-    path = Path(resume) if resume != "latest" else root
-    if not (path / STATE_FILE).is_file():  # a checkpoints folder: its newest entry
-        found = list_checkpoints(path)
-        if not found:
-            if resume == "latest":
-                return None
-            raise ConfigError(f"resume = {resume!r}: no checkpoint there")
-        path = found[-1]
+    path = find_checkpoint(resume, root, ctx)
+    if path is None:
+        return None
     saved = json.loads((path / STATE_FILE).read_text())["config"]
     changed = _config_changes(saved, fingerprint)
     if changed:
         raise ConfigError(f"resume = {path}: the checkpoint was written with a different "
                           f"config ({'; '.join(changed[:5])}); resume with the same config")
     return path
+
+
+def find_checkpoint(spec: str, root: Path, ctx: Any = None, option: str = "resume"
+                    ) -> Path | None:
+    """The intact checkpoint ``spec`` names: ``latest`` (the newest intact one under
+    ``root``; None when there is no checkpoint at all), a checkpoint directory, or a
+    folder of them (its newest intact one). Collective (see :func:`verify_checkpoint`).
+
+    Skipped checkpoints are logged as warnings naming the file that failed. ``option``
+    names the setting in messages (``resume``, ``--checkpoint``). Raises CheckpointError
+    when a named checkpoint is damaged or every checkpoint there is, ConfigError when
+    ``spec`` holds no checkpoint.
+    """
+    where = root if spec == "latest" else Path(spec)
+    explicit, found = on_main(ctx, lambda: (_is_checkpoint(where), _candidates(where)))
+    said = (lambda x: f"{option} = {x}") if option == "resume" else (lambda x: f"{option} {x}")
+    if explicit:
+        verdict = verify_checkpoint(where, ctx)
+        if verdict.problem is not None:
+            raise CheckpointError(
+                f"{said(where)}: damaged checkpoint: {verdict.problem}; use another one "
+                f"({said('latest')} takes the newest intact checkpoint)")
+        _warn_unverified(verdict, ctx)
+        return where
+    if not found:
+        if spec == "latest":
+            return None
+        raise ConfigError(f"{said(repr(spec))}: no checkpoint there")
+    first = None
+    for path in found:
+        verdict = verify_checkpoint(path, ctx)
+        if verdict.problem is None:
+            _warn_unverified(verdict, ctx)
+            return path
+        first = first or f"{path.name}: {verdict.problem}"
+        _warn(ctx, f"checkpoint {path} is damaged or incomplete, skipped: {verdict.problem}")
+    raise CheckpointError(f"{said(spec)}: no intact checkpoint in {where} "
+                          f"({len(found)} damaged; the newest, {first})")
+
+
+def _warn(ctx: Any, msg: str) -> None:
+    if ctx is None or ctx.is_main:
+        logger.warning(msg)
+
+
+def _warn_unverified(verdict: Verdict, ctx: Any) -> None:
+    if verdict.unverified:
+        _warn(ctx, f"checkpoint {verdict.path} has no {MANIFEST_FILE} (written before "
+                   "checkpoints carried one): its files cannot be verified")
+
+
+def _step_of(path: Path) -> int | None:
+    tail = path.name[len(PREFIX):]
+    return int(tail) if path.name.startswith(PREFIX) and tail.isdigit() else None
+
+
+def _is_checkpoint(path: Path) -> bool:
+    """A checkpoint directory (complete or not), not a folder of them."""
+    return path.is_dir() and ((path / STATE_FILE).is_file() or (path / MANIFEST_FILE).is_file()
+                              or _step_of(path) is not None)
+
+
+def _candidates(root: Path) -> list[Path]:
+    """Every ``step-*`` directory under ``root`` (complete or not), newest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _step_of(p) is not None]
+    return sorted(found, key=lambda p: _step_of(p) or 0, reverse=True)
 
 
 def _config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -117,14 +214,6 @@ def _config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") 
     return out
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @dataclass
 class _Entry:
     name: str
@@ -132,6 +221,7 @@ class _Entry:
     scope: str = "main"  # json / main / rank / files
     save: Callable[[Path], list[Path]] | None = None
     load: Callable[[Path], None] | None = None
+    restored: Callable[[], Iterable[Any]] | None = None
 
 
 class Checkpointer:
@@ -159,10 +249,13 @@ class Checkpointer:
         self._add(_Entry(name, obj, scope))
 
     def register_files(self, name: str, save: Callable[[Path], list[Path]],
-                       load: Callable[[Path], None]) -> None:
+                       load: Callable[[Path], None],
+                       restored: Callable[[], Iterable[Any]] | None = None) -> None:
         """A part that writes its own files: ``save(dir)`` returns the files this rank
-        wrote (fsynced before the commit), ``load(dir)`` restores them."""
-        self._add(_Entry(name, scope="files", save=save, load=load))
+        wrote (hashed for the manifest, fsynced before the commit), ``load(dir)``
+        restores them; ``restored()``: the modules / optimisers they were loaded into
+        (scanned for non-finite values after loading)."""
+        self._add(_Entry(name, scope="files", save=save, load=load, restored=restored))
 
     def _add(self, entry: _Entry) -> None:
         if entry.name in self.entries:
@@ -195,14 +288,19 @@ class Checkpointer:
                               else f"{e.name}.pt")
                 torch.save(value, path)
                 files.append(path)
+        digests = {f.relative_to(tmp).as_posix(): file_digest(f) for f in files if f.is_file()}
+        for f in files:
+            fsync(f)
+        reported = ctx.all_gather_objects(digests)  # after every rank has written its part
         if ctx.is_main:
             if os.environ.get(STALL_STEP_ENV) == str(step):
                 time.sleep(120)
-            state.update(step=step, world_size=ctx.world_size, config=self.fingerprint)
-            (tmp / STATE_FILE).write_text(json.dumps(state))
-            files.append(tmp / STATE_FILE)
-        for f in files:
-            _fsync(f)
+            state.update(step=step, world_size=ctx.world_size, config=self.fingerprint,
+                         manifest=MANIFEST_FILE)
+            text = json.dumps(state).encode()
+            write_manifest(tmp, {k: v for part in reported for k, v in part.items()}, text)
+            (tmp / STATE_FILE).write_bytes(text)
+            fsync(tmp / STATE_FILE)
         ctx.barrier()
         if ctx.is_main:
             self._commit(tmp, final)
@@ -221,30 +319,65 @@ class Checkpointer:
         return self.save(step)
 
     def load(self, path: str | Path) -> dict[str, Any]:
-        """Restore every registered entry from ``path``; returns the JSON state."""
+        """Restore every registered entry from ``path``; returns the JSON state.
+
+        Collective. The checkpoint is expected verified (:func:`resolve_resume`); a file
+        of an older, unverified one that cannot be read is a CheckpointError. Restored
+        floating tensors are scanned (see the module doc): a non-finite value on any rank
+        is a CheckpointError on every rank, naming the entry and the tensor.
+        """
         path, ctx = Path(path), self.ctx
         state = json.loads((path / STATE_FILE).read_text())
         if state["world_size"] != ctx.world_size:
             raise ConfigError(f"resume = {path}: saved with {state['world_size']} processes, "
                               f"resumed with {ctx.world_size}; relaunch with the same number")
+        verified = (path / MANIFEST_FILE).is_file()
+        bad = None
         for e in self.entries.values():
-            if e.scope == "files":
-                assert e.load is not None
-                e.load(path)
-            elif e.scope == "json":
-                e.obj.load_state_dict(state[e.name])
-            else:
-                f = path / (f"{e.name}_rank{ctx.rank}.pt" if e.scope == "rank"
-                            else f"{e.name}.pt")
-                e.obj.load_state_dict(torch.load(f, map_location="cpu", weights_only=False))
+            try:
+                found = self._load_entry(e, path, state)
+            except (OSError, EOFError, RuntimeError, KeyError, pickle.UnpicklingError) as err:
+                if verified:  # intact files that do not load: a program error
+                    raise
+                raise CheckpointError(f"resume = {path}: {e.name} could not be restored from "
+                                      f"this unverified checkpoint ({one_line(err)})") from err
+            bad = bad or found
+        everyone = ctx.all_gather_objects(bad) if ctx.distributed else [bad]
+        for rank, problem in enumerate(everyone):
+            if problem is not None:
+                on = f" (rank {rank})" if ctx.distributed else ""
+                why = ("its files match the manifest: the run saved them" if verified else
+                       "it has no manifest: damaged, or saved so")
+                older = [c for c in list_checkpoints(path.parent)
+                         if (_step_of(c) or 0) < (_step_of(path) or 0)]
+                raise CheckpointError(
+                    f"resume = {path}: non-finite values restored{on}: {problem} ({why}); "
+                    f"resume from an earlier checkpoint (resume="
+                    f"{older[-1] if older else '<its directory>'})")
         return state
 
+    def _load_entry(self, e: _Entry, path: Path, state: dict[str, Any]) -> str | None:
+        """Restore one entry; returns what its non-finite scan found (None: clean)."""
+        if e.scope == "files":
+            assert e.load is not None
+            e.load(path)
+            found = nonfinite(live_tensors(e.restored())) if e.restored else None
+            return f"{e.name}: {found}" if found else None
+        if e.scope == "json":
+            e.obj.load_state_dict(state[e.name])
+            return None
+        f = path / (f"{e.name}_rank{self.ctx.rank}.pt" if e.scope == "rank" else f"{e.name}.pt")
+        value = torch.load(f, map_location="cpu", weights_only=False)
+        found = nonfinite(nested_tensors(value))
+        e.obj.load_state_dict(value)
+        return f"{f.name}: {found}" if found else None
+
     def _commit(self, tmp: Path, final: Path) -> None:
-        _fsync(tmp)
+        fsync(tmp)
         if final.exists():  # re-saving a step after resuming from an older checkpoint
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync(self.root)
+        fsync(self.root)
         for old in list_checkpoints(self.root)[: -self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         for stale in self.root.glob(f".tmp-{PREFIX}*"):  # left by a kill mid-save
