@@ -52,6 +52,12 @@ class Task:
         """The label set (None where labels are not classes)."""
         raise NotImplementedError
 
+    def check_labels(self, values: list[Any], feature: Any) -> tuple[int, str] | None:
+        """The first unusable label of a split's label column as read (``feature``: its
+        datasets feature) and why, e.g. ``(8, "missing label ('')")``; None: all usable.
+        The default accepts every value (:meth:`encode_labels` still checks them)."""
+        return None
+
     def encode_labels(self, ds: datasets.Dataset, cfg: DataConfig,
                       names: list[str] | None, split: str) -> datasets.Dataset:
         """``ds`` with a ``labels`` column; raises DataError naming a bad row."""
