@@ -19,7 +19,12 @@ from capscale.contrastive.modules import CONTRASTIVE_MODULES
 from capscale.contrastive.objectives import OBJECTIVES
 from capscale.data import TaskData, check_lengths, load_task_data
 from capscale.export.formats import FORMATS, NEEDS
-from capscale.models.loading import check_encoder, check_teacher, load_tokenizer
+from capscale.models.loading import (
+    check_encoder,
+    check_teacher,
+    load_tokenizer,
+    model_max_tokens,
+)
 from capscale.models.specs import adapter_from_mapping
 from capscale.pruning.methods import PRUNING_METHODS
 from capscale.tasks import TASKS, Task
@@ -66,10 +71,13 @@ def check_run_inputs(cfg: Config, task: Task) -> tuple[TaskData, PreTrainedToken
     data = load_task_data(cfg.data)
     m = cfg.model
     check_encoder(m.name_or_path, m.adapter, m.trust_remote_code, task)
+    limits = [model_max_tokens(m.name_or_path, m.trust_remote_code)]
     if m.teacher is not None:
         check_teacher(m.teacher, data.num_labels, m.trust_remote_code, task)
+        limits.append(model_max_tokens(m.teacher, m.trust_remote_code, "model.teacher"))
+    limit = min((n for n in limits if n is not None), default=None)
     tokenizer = load_tokenizer(m.name_or_path, m.trust_remote_code)
-    note = check_lengths(data, tokenizer, cfg.data)
+    note = check_lengths(data, tokenizer, cfg.data, limit)
     if note:
         data.notes.append(note)
     return data, tokenizer

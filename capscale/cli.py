@@ -138,7 +138,12 @@ def evaluate_cmd(args: argparse.Namespace) -> int:
     from capscale.console import Console
     from capscale.data import check_lengths, eval_loader, load_task_data
     from capscale.distributed import DistContext
-    from capscale.models.loading import check_teacher, load_classifier, load_tokenizer
+    from capscale.models.loading import (
+        check_teacher,
+        load_classifier,
+        load_tokenizer,
+        model_max_tokens,
+    )
     from capscale.tasks import get_task
     from capscale.train.evaluation import evaluate
 
@@ -147,8 +152,9 @@ def evaluate_cmd(args: argparse.Namespace) -> int:
     model_dir = args.model or str(Path(cfg.output_dir) / "pruned" / "model")
     data = load_task_data(cfg.data)
     check_teacher(model_dir, data.num_labels, task=task)  # the same check as a teacher
+    limit = model_max_tokens(model_dir, what="--model")
     tokenizer = load_tokenizer(model_dir)
-    check_lengths(data, tokenizer, cfg.data)  # QA: questions too long for a window skipped
+    check_lengths(data, tokenizer, cfg.data, limit)  # QA: long questions skipped
     model = load_classifier(model_dir, data.num_labels, data.label_names, task=task)
     loader, reference = eval_loader(data, tokenizer, cfg.data, cfg.train.eval_batch_size)
     metrics = evaluate(model, loader, DistContext(), task, data.num_labels, reference)

@@ -262,12 +262,14 @@ def tokenize(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, cfg: Data
     return out.with_format("torch")
 
 
-def check_lengths(data: TaskData, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig
-                  ) -> str | None:
+def check_lengths(data: TaskData, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig,
+                  max_positions: int | None = None) -> str | None:
     """What the task does with texts longer than ``cfg.max_length`` tokens
     (:meth:`capscale.tasks.Task.check_lengths`: count them, and refuse them under
-    ``data.truncation: error``; QA skips the questions too long for a window)."""
-    return get_task(cfg.task_type).check_lengths(data, tokenizer, cfg)
+    ``data.truncation: error``; QA skips the questions too long for a window).
+    ``max_positions``: the most tokens the model takes, when known."""
+    return get_task(cfg.task_type).check_lengths(data, tokenizer, cfg,
+                                                 max_positions=max_positions)
 
 
 class Collator:
