@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,19 @@ from capscale.tasks import get_task
 from capscale.tasks.qa_data import read_squad_file
 
 datasets.disable_progress_bars()
+
+
+class _ReaderFailure(logging.Filter):
+    """datasets' file readers log their failure before raising it; capscale reports the
+    raise as one DataError line (:func:`_read_files`), so the log line is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and str(record.msg).startswith("Failed to"))
+
+
+for _reader in ("csv", "json", "parquet"):
+    logging.getLogger(f"datasets.packaged_modules.{_reader}.{_reader}").addFilter(
+        _ReaderFailure())
 
 
 @dataclass
@@ -103,10 +118,12 @@ def _read_problem(files: dict[str, str], builder: str, encoding: str, err: BaseE
             fix = ("set data.file_encoding (e.g. latin-1, cp1252, utf-16) or convert the "
                    "file to UTF-8") if builder == "csv" else "convert the file to UTF-8"
             return f"data file {f} is not {encoding} text ({bad}); {fix}"
-    cause = chain[-1]
+    cause, names = chain[-1], list(dict.fromkeys(files.values()))
     text = next((ln.strip() for ln in str(cause).splitlines() if ln.strip()), "")
-    return (f"data file {' / '.join(dict.fromkeys(files.values()))} could not be read as "
-            f"{builder} ({type(cause).__name__}: {text[:300]}); check the file's format")
+    fix = ("; check that both files have the same columns, with the same kind of values"
+           if len(names) > 1 else "; check the file's format")
+    return (f"data file {' / '.join(names)} could not be read as {builder} "
+            f"({type(cause).__name__}: {text[:300]}){fix}")
 
 
 def _undecodable(path: Path, encoding: str) -> str | None:
@@ -219,6 +236,11 @@ def load_task_data(cfg: DataConfig) -> TaskData:
     if "validation" in raw:
         validation = raw["validation"]
     else:
+        held = math.ceil(cfg.validation_fraction * len(train))  # as datasets counts it
+        if len(train) - held < 1:
+            raise DataError(f"train data has {len(train)} row(s): holding out "
+                            f"data.validation_fraction = {cfg.validation_fraction} of it "
+                            "leaves none to train on; give data.validation_file or more rows")
         split = train.train_test_split(test_size=cfg.validation_fraction, seed=cfg.split_seed)
         train, validation = split["train"], split["test"]
         notes.append(f"no validation split: held out {len(validation)} of the "

@@ -89,7 +89,12 @@ class DataConfig:
                 (_known_encoding(self.file_encoding), "data.file_encoding",
                  "unknown encoding (e.g. utf-8, latin-1, cp1252, utf-16)"),
                 (0 < self.validation_fraction < 1, "data.validation_fraction",
-                 "must be in (0, 1)"), *self.qa.check(),
+                 "must be in (0, 1)"),
+                (self.max_train_samples is None or self.max_train_samples >= 0,
+                 "data.max_train_samples", "must be >= 0 or null (0 or null: all)"),
+                (self.max_eval_samples is None or self.max_eval_samples >= 0,
+                 "data.max_eval_samples", "must be >= 0 or null (0 or null: all)"),
+                *self.qa.check(),
                 (self.task_type != "qa" or self.qa.doc_stride < self.max_length,
                  "data.qa.doc_stride", "must be < data.max_length")]
 
