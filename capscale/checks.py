@@ -11,6 +11,7 @@ text lengths, and returns the data and the tokenizer.
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -76,11 +77,30 @@ def check_run_inputs(cfg: Config, task: Task) -> tuple[TaskData, PreTrainedToken
         check_teacher(m.teacher, data.num_labels, m.trust_remote_code, task)
         limits.append(model_max_tokens(m.teacher, m.trust_remote_code, "model.teacher"))
     limit = min((n for n in limits if n is not None), default=None)
+    check_output_dirs(cfg)
     tokenizer = load_tokenizer(m.name_or_path, m.trust_remote_code)
     note = check_lengths(data, tokenizer, cfg.data, limit)
     if note:
         data.notes.append(note)
     return data, tokenizer
+
+
+def check_output_dirs(cfg: Config) -> None:
+    """Raise a ConfigError when ``output_dir`` (or ``checkpoint.dir``) cannot be a folder
+    the run writes to: a regular file, under one, or not writable. Creates nothing."""
+    for key, value in (("output_dir", cfg.output_dir), ("checkpoint.dir", cfg.checkpoint.dir)):
+        if value is None:
+            continue
+        path = Path(value).absolute()
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        if not existing.is_dir():
+            where = "is a file" if existing == path else f"is under {existing}, a file"
+            raise ConfigError(f"{key} = {value!r}: {where}, not a folder; choose another "
+                              f"{key}")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            where = "" if existing == path else f" ({existing}, where it would be made)"
+            raise ConfigError(f"{key} = {value!r}: not writable{where}; choose another "
+                              f"{key} or change its permissions")
 
 
 def wants_teacher(cfg: Config) -> bool:
