@@ -120,12 +120,14 @@ class Task:
             top = max(range(len(lengths)), key=lengths.__getitem__, default=None)
             if top is not None and lengths[top] > longest[0]:
                 longest = (lengths[top], f"{split} row {top}")
-        if max_positions is not None and min(cfg.max_length, longest[0]) > max_positions:
+        cut = min(cfg.max_length, longest[0])  # what the model would be given
+        if max_positions is not None and cut > max_positions:
+            crash = ("which would crash the model" if cut == longest[0] else
+                     f"which cut to {cut} would still crash the model")
             raise ConfigError(
                 f"data.max_length = {cfg.max_length}: the model's position embeddings take "
-                f"at most {max_positions} tokens, and {longest[1]} has {longest[0]} "
-                f"(truncated to {min(cfg.max_length, longest[0])}, it would crash the model)"
-                f"; lower data.max_length to {max_positions} or less")
+                f"at most {max_positions} tokens, and {longest[1]} has {longest[0]}, "
+                f"{crash}; lower data.max_length to {max_positions} or less")
         if not any(counts.values()):
             return None
         what = (f"{counts['train']} train and {counts['validation']} validation texts are "
