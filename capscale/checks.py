@@ -134,8 +134,8 @@ def schedule_warning(cfg: Config, total_steps: int) -> str | None:
     limit = p.final_sparsity - p.initial_sparsity - 1e-9 if every > 1 else 0.1
     if after - before <= limit:
         return None
-    return (f"WARNING: {total_steps} optimiser steps are too few for the sparsity "
-            f"schedule: the mask update at step {step} goes from {before:.0%} to "
+    return (f"WARNING: a run of {total_steps} optimiser step(s) is too short for its "
+            f"sparsity schedule: the mask update at step {step} goes from {before:.0%} to "
             f"{after:.0%} sparsity at once; give more steps (train.epochs, train.max_steps) "
             "or shorter warm-ups (pruning.initial_warmup, pruning.final_warmup)")
 

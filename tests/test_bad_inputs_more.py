@@ -278,12 +278,12 @@ def test_one_step_run_and_too_many_negatives_warn(assets, tmp_path, capsys):
         "train.max_steps": 1, "report.enabled": "false", "report.trackers": "[]",
         "cap.num_negatives": 4096})]) == 0
     notes = json.loads((out / "results.json").read_text())["notes"]
-    short = [n for n in notes if "optimiser steps are too few" in n]
+    short = [n for n in notes if "is too short for its sparsity schedule" in n]
     assert short and "from 0% to 50% sparsity at once" in short[0], notes
     assert any("cap.num_negatives = 4096 is more than the 16 training examples" in n
                for n in notes), notes
     logged = capsys.readouterr()
-    assert "optimiser steps are too few" in logged.out + logged.err
+    assert "is too short for its sparsity schedule" in logged.out + logged.err
 
 
 def test_schedule_warning_only_for_short_cubic_schedules():
