@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import inspect
 import logging
 import math
 from collections.abc import Callable
@@ -289,9 +290,12 @@ def check_lengths(data: TaskData, tokenizer: PreTrainedTokenizerBase, cfg: DataC
     """What the task does with texts longer than ``cfg.max_length`` tokens
     (:meth:`capscale.tasks.Task.check_lengths`: count them, and refuse them under
     ``data.truncation: error``; QA skips the questions too long for a window).
-    ``max_positions``: the most tokens the model takes, when known."""
-    return get_task(cfg.task_type).check_lengths(data, tokenizer, cfg,
-                                                 max_positions=max_positions)
+    ``max_positions``: the most tokens the model takes, when known (not passed to a
+    plug-in task whose ``check_lengths`` predates it)."""
+    check = get_task(cfg.task_type).check_lengths
+    if "max_positions" not in inspect.signature(check).parameters:
+        return check(data, tokenizer, cfg)
+    return check(data, tokenizer, cfg, max_positions=max_positions)
 
 
 class Collator:
