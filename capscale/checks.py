@@ -11,6 +11,7 @@ text lengths, and returns the data and the tokenizer.
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,9 +20,16 @@ from capscale.contrastive.modules import CONTRASTIVE_MODULES
 from capscale.contrastive.objectives import OBJECTIVES
 from capscale.data import TaskData, check_lengths, load_task_data
 from capscale.export.formats import FORMATS, NEEDS
-from capscale.models.loading import check_encoder, check_teacher, load_tokenizer
+from capscale.models.loading import (
+    check_encoder,
+    check_teacher,
+    load_tokenizer,
+    model_max_tokens,
+)
 from capscale.models.specs import adapter_from_mapping
 from capscale.pruning.methods import PRUNING_METHODS
+from capscale.pruning.schedule import cubic_sparsity, warmup_steps
+from capscale.pruning.unstructured import NoPruning
 from capscale.tasks import TASKS, Task
 
 if TYPE_CHECKING:
@@ -66,13 +74,70 @@ def check_run_inputs(cfg: Config, task: Task) -> tuple[TaskData, PreTrainedToken
     data = load_task_data(cfg.data)
     m = cfg.model
     check_encoder(m.name_or_path, m.adapter, m.trust_remote_code, task)
+    limits = [model_max_tokens(m.name_or_path, m.trust_remote_code)]
     if m.teacher is not None:
         check_teacher(m.teacher, data.num_labels, m.trust_remote_code, task)
+        limits.append(model_max_tokens(m.teacher, m.trust_remote_code, "model.teacher"))
+    limit = min((n for n in limits if n is not None), default=None)
+    check_output_dirs(cfg)
     tokenizer = load_tokenizer(m.name_or_path, m.trust_remote_code)
-    note = check_lengths(data, tokenizer, cfg.data)
-    if note:
-        data.notes.append(note)
+    note = check_lengths(data, tokenizer, cfg.data, limit)
+    data.notes += [n for n in (note, negatives_warning(cfg, len(data.train))) if n]
     return data, tokenizer
+
+
+def check_output_dirs(cfg: Config) -> None:
+    """Raise a ConfigError when ``output_dir`` (or ``checkpoint.dir``) cannot be a folder
+    the run writes to: a regular file, under one, or not writable. Creates nothing."""
+    for key, value in (("output_dir", cfg.output_dir), ("checkpoint.dir", cfg.checkpoint.dir)):
+        if value is None:
+            continue
+        path = Path(value).absolute()
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        if not existing.is_dir():
+            where = "is a file" if existing == path else f"is under {existing}, a file"
+            raise ConfigError(f"{key} = {value!r}: {where}, not a folder; choose another "
+                              f"{key}")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            where = "" if existing == path else f" ({existing}, where it would be made)"
+            raise ConfigError(f"{key} = {value!r}: not writable{where}; choose another "
+                              f"{key} or change its permissions")
+
+
+def negatives_warning(cfg: Config, train_examples: int) -> str | None:
+    """A warning when the bank's extra negatives ask for more examples than there are."""
+    n = cfg.cap.num_negatives
+    if (n > train_examples and cfg.cap.enabled_modules()
+            and not OBJECTIVES[cfg.cap.mode].online):
+        return (f"WARNING: cap.num_negatives = {n} is more than the {train_examples} "
+                "training examples: every step takes the whole bank as extra negatives "
+                f"(no random draw); lower cap.num_negatives to {train_examples} or less")
+    return None
+
+
+def schedule_warning(cfg: Config, total_steps: int) -> str | None:
+    """A warning when the run is too short for its sparsity schedule: one mask update
+    raises the sparsity by more than 10 points (cubic schedules; a structured cubic one
+    when a single update goes all the way), e.g. one step from 0% to the final sparsity.
+    Iterative structured levels jump by design, and ``none`` does not prune."""
+    p = cfg.pruning
+    method = PRUNING_METHODS[cfg.pruning.method]
+    every = cfg.structured.update_every if method.evaluates_itself else 1
+    if (isinstance(method, NoPruning) or p.final_sparsity <= p.initial_sparsity
+            or (method.evaluates_itself and cfg.structured.schedule == "iterative")):
+        return None
+    t_i, t_f = warmup_steps(p.initial_warmup, total_steps), warmup_steps(p.final_warmup,
+                                                                          total_steps)
+    step = min((t_i // every + 1) * every, total_steps)  # the first update that prunes
+    before = p.initial_sparsity
+    after = cubic_sparsity(step, total_steps, p.initial_sparsity, p.final_sparsity, t_i, t_f)
+    limit = p.final_sparsity - p.initial_sparsity - 1e-9 if every > 1 else 0.1
+    if after - before <= limit:
+        return None
+    return (f"WARNING: a run of {total_steps} optimiser step(s) is too short for its "
+            f"sparsity schedule: the mask update at step {step} goes from {before:.0%} to "
+            f"{after:.0%} sparsity at once; give more steps (train.epochs, train.max_steps) "
+            "or shorter warm-ups (pruning.initial_warmup, pruning.final_warmup)")
 
 
 def wants_teacher(cfg: Config) -> bool:

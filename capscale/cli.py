@@ -26,7 +26,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from capscale.errors import INPUT_ERRORS, describe
 
@@ -47,8 +47,15 @@ def setup_environment() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (exit code 2, as argparse's own)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"capscale: usage error: {message} (see {self.prog} --help)\n")
+
+
 def _parser(name: str, doc: str, config: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"capscale {name}", description=doc)
+    p = _Parser(prog=f"capscale {name}", description=doc)
     if config:
         p.add_argument("--config", help="YAML config (a path, or a name in capscale/configs)")
         p.add_argument("overrides", nargs="*", help="key=value overrides")
@@ -66,11 +73,23 @@ def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
     return run
 
 
+def _run_config(args: argparse.Namespace) -> Any:
+    """The checked run config of a subcommand's ``--config`` and ``key=value``
+    arguments; a ConfigError when neither is given (nothing to run)."""
+    from capscale.checks import load_run_config
+    from capscale.errors import ConfigError
+
+    if args.config is None and not args.overrides:
+        raise ConfigError("no --config given: capscale prune --config X.yaml [key=value ...]"
+                          " (a path, or a name in capscale/configs such as "
+                          "demo_minilm_tweets.yaml)")
+    return load_run_config(args.config, args.overrides)
+
+
 def prune_cmd(argv: list[str]) -> int:
     """``capscale prune``: the whole job (see capscale.job.prune)."""
     import torch
 
-    from capscale.checks import load_run_config
     from capscale.console import Console
     from capscale.distributed import init_distributed, shutdown_distributed
     from capscale.export.verify import ExportMismatch
@@ -80,7 +99,7 @@ def prune_cmd(argv: list[str]) -> int:
     p = _parser("prune", "Prune an encoder with CAP, evaluate it, export it.")
     args = p.parse_args(argv)
     try:
-        cfg = load_run_config(args.config, args.overrides)
+        cfg = _run_config(args)
     except INPUT_ERRORS as err:
         print(describe(err), file=sys.stderr)
         return 2
@@ -116,21 +135,26 @@ def prune_cmd(argv: list[str]) -> int:
 @_guarded
 def evaluate_cmd(args: argparse.Namespace) -> int:
     """Task metrics of an exported (or any Hugging Face) model on the config's eval split."""
-    from capscale.checks import load_run_config
     from capscale.console import Console
     from capscale.data import check_lengths, eval_loader, load_task_data
     from capscale.distributed import DistContext
-    from capscale.models.loading import check_teacher, load_classifier, load_tokenizer
+    from capscale.models.loading import (
+        check_teacher,
+        load_classifier,
+        load_tokenizer,
+        model_max_tokens,
+    )
     from capscale.tasks import get_task
     from capscale.train.evaluation import evaluate
 
-    cfg = load_run_config(args.config, args.overrides)
+    cfg = _run_config(args)
     task = get_task(cfg.data.task_type)
     model_dir = args.model or str(Path(cfg.output_dir) / "pruned" / "model")
     data = load_task_data(cfg.data)
     check_teacher(model_dir, data.num_labels, task=task)  # the same check as a teacher
+    limit = model_max_tokens(model_dir, what="--model")
     tokenizer = load_tokenizer(model_dir)
-    check_lengths(data, tokenizer, cfg.data)  # QA: questions too long for a window skipped
+    check_lengths(data, tokenizer, cfg.data, limit)  # QA: long questions skipped
     model = load_classifier(model_dir, data.num_labels, data.label_names, task=task)
     loader, reference = eval_loader(data, tokenizer, cfg.data, cfg.train.eval_batch_size)
     metrics = evaluate(model, loader, DistContext(), task, data.num_labels, reference)
@@ -144,7 +168,6 @@ def evaluate_cmd(args: argparse.Namespace) -> int:
 def export_cmd(args: argparse.Namespace) -> int:
     """Bake a checkpoint's masks into a plain Hugging Face model directory, and write
     its extra formats (``--formats onnx int8 sparse``, each checked against it)."""
-    from capscale.checks import load_run_config
     from capscale.data import load_task_data
     from capscale.errors import ConfigError
     from capscale.export.card import run_facts
@@ -157,7 +180,7 @@ def export_cmd(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.formats:
         overrides.append(f"export.formats=[{','.join(args.formats)}]")
-    cfg = load_run_config(args.config, overrides)
+    cfg = _run_config(argparse.Namespace(config=args.config, overrides=overrides))
     task = get_task(cfg.data.task_type)
     data = load_task_data(cfg.data)
     if args.add_to:  # an existing export (a structured run's, say): formats only

@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import inspect
+import logging
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +34,19 @@ from capscale.tasks import get_task
 from capscale.tasks.qa_data import read_squad_file
 
 datasets.disable_progress_bars()
+
+
+class _ReaderFailure(logging.Filter):
+    """datasets' file readers log their failure before raising it; capscale reports the
+    raise as one DataError line (:func:`_read_files`), so the log line is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and str(record.msg).startswith("Failed to"))
+
+
+for _reader in ("csv", "json", "parquet"):
+    logging.getLogger(f"datasets.packaged_modules.{_reader}.{_reader}").addFilter(
+        _ReaderFailure())
 
 
 @dataclass
@@ -81,7 +98,48 @@ def _read_files(files: dict[str, str], encoding: str) -> datasets.DatasetDict:
         if not _has_rows(Path(f), builder, encoding, kwargs.get("sep", ",")):
             raise DataError(f"data file {f} has no rows (nothing after the header, or "
                             "nothing at all)")
-    return datasets.load_dataset(builder, data_files=files, **kwargs)
+    try:
+        return datasets.load_dataset(builder, data_files=files, **kwargs)
+    except Exception as err:  # the reader's own error, many lines deep: one line instead
+        raise DataError(_read_problem(files, builder, encoding, err)) from None
+
+
+def _read_problem(files: dict[str, str], builder: str, encoding: str, err: BaseException
+                  ) -> str:
+    """One line for a data file the reader refused: the file and byte that do not decode
+    (with the data.file_encoding to set), else the deepest cause's first line."""
+    chain = [err]
+    while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None \
+            and len(chain) < 20:
+        chain.append(nxt)
+    encoding = encoding if builder == "csv" else "utf-8"  # json / parquet: UTF-8 only
+    for f in dict.fromkeys(files.values()):
+        bad = _undecodable(Path(f), encoding)
+        if bad is not None:
+            fix = ("set data.file_encoding (e.g. latin-1, cp1252, utf-16) or convert the "
+                   "file to UTF-8") if builder == "csv" else "convert the file to UTF-8"
+            return f"data file {f} is not {encoding} text ({bad}); {fix}"
+    cause, names = chain[-1], list(dict.fromkeys(files.values()))
+    text = next((ln.strip() for ln in str(cause).splitlines() if ln.strip()), "")
+    fix = ("; check that both files have the same columns, with the same kind of values"
+           if len(names) > 1 else "; check the file's format")
+    return (f"data file {' / '.join(names)} could not be read as {builder} "
+            f"({type(cause).__name__}: {text[:300]}){fix}")
+
+
+def _undecodable(path: Path, encoding: str) -> str | None:
+    """Where ``path`` stops decoding as ``encoding`` ("byte 0xe9 on line 3"), or None."""
+    if path.suffix.lower() == ".parquet":
+        return None
+    data = path.read_bytes()
+    try:
+        data.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        return f"byte 0x{data[e.start]:02x} on line {line}"
+    except LookupError:
+        return f"unknown encoding {encoding!r}"
+    return None
 
 
 def _has_rows(path: Path, builder: str, encoding: str, sep: str) -> bool:
@@ -123,6 +181,35 @@ def load_raw(cfg: DataConfig) -> datasets.DatasetDict:
     return datasets.DatasetDict(out)
 
 
+def _sources(cfg: DataConfig) -> dict[str, str]:
+    """What each raw split was read from, for the rows named in error messages."""
+    if cfg.train_file is not None:
+        return {"train": cfg.train_file, "validation": cfg.validation_file or ""}
+    if cfg.preset is not None:
+        return {"train": f"data.preset {cfg.preset}"}
+    name = "/".join(n for n in (cfg.dataset_name, cfg.dataset_config) if n)
+    return {"train": f"{name} split {cfg.train_split!r}",
+            "validation": f"{name} split {cfg.validation_split!r}"}
+
+
+def _check_rows(raw: datasets.DatasetDict, cfg: DataConfig) -> None:
+    """Columns, texts and labels of every raw split, before any held-out split or
+    subsample, so that a bad row is named where it is in its file (rows counted from 0,
+    the header not counted)."""
+    task, sources = get_task(cfg.task_type), _sources(cfg)
+    for split, ds in raw.items():
+        def where(i: int, split: str = split) -> str:
+            return f"{split} row {i} of {sources.get(split) or split}"
+        _check_columns(ds, cfg, split)
+        _check_texts(ds, cfg.text_column, where)
+        if cfg.text_pair_column:
+            _check_texts(ds, cfg.text_pair_column, where)
+        bad = task.check_labels(ds[cfg.label_column], ds.features.get(cfg.label_column))
+        if bad is not None:
+            raise DataError(f"{where(bad[0])}, column {cfg.label_column!r}: {bad[1]}; fix "
+                            "the row or drop it")
+
+
 def _check_columns(ds: datasets.Dataset, cfg: DataConfig, split: str) -> None:
     needed = [cfg.text_column, cfg.label_column] + (
         [cfg.text_pair_column] if cfg.text_pair_column else [])
@@ -133,10 +220,11 @@ def _check_columns(ds: datasets.Dataset, cfg: DataConfig, split: str) -> None:
                             "data.text_pair_column / data.label_column")
 
 
-def _check_texts(ds: datasets.Dataset, col: str, split: str) -> None:
+def _check_texts(ds: datasets.Dataset, col: str, where: Callable[[int], str]) -> None:
+    """``where(i)``: how row ``i`` is named (``train row 8 of FILE``)."""
     for i, t in enumerate(ds[col]):
         if not isinstance(t, str) or not t.strip():
-            raise DataError(f"{split} row {i}: column {col!r} is empty or not text "
+            raise DataError(f"{where(i)}: column {col!r} is empty or not text "
                             f"({t!r}); clean the data or drop the row")
 
 
@@ -149,6 +237,11 @@ def load_task_data(cfg: DataConfig) -> TaskData:
     if "validation" in raw:
         validation = raw["validation"]
     else:
+        held = math.ceil(cfg.validation_fraction * len(train))  # as datasets counts it
+        if len(train) - held < 1:
+            raise DataError(f"train data has {len(train)} row(s): holding out "
+                            f"data.validation_fraction = {cfg.validation_fraction} of it "
+                            "leaves none to train on; give data.validation_file or more rows")
         split = train.train_test_split(test_size=cfg.validation_fraction, seed=cfg.split_seed)
         train, validation = split["train"], split["test"]
         notes.append(f"no validation split: held out {len(validation)} of the "
@@ -169,11 +262,7 @@ def load_task_data(cfg: DataConfig) -> TaskData:
         notes += more
         names = task.label_names(cfg, train)
     else:
-        for ds, name in ((train, "train"), (validation, "validation")):
-            _check_columns(ds, cfg, name)
-            _check_texts(ds, cfg.text_column, name)
-            if cfg.text_pair_column:
-                _check_texts(ds, cfg.text_pair_column, name)
+        _check_rows(raw, cfg)  # as read: a bad row is named as it is in its file
         names = task.label_names(cfg, train)
         if names is not None and len(names) < 2:
             raise DataError(f"classification needs at least 2 labels, found {names}")
@@ -196,12 +285,17 @@ def tokenize(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, cfg: Data
     return out.with_format("torch")
 
 
-def check_lengths(data: TaskData, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig
-                  ) -> str | None:
+def check_lengths(data: TaskData, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig,
+                  max_positions: int | None = None) -> str | None:
     """What the task does with texts longer than ``cfg.max_length`` tokens
     (:meth:`capscale.tasks.Task.check_lengths`: count them, and refuse them under
-    ``data.truncation: error``; QA skips the questions too long for a window)."""
-    return get_task(cfg.task_type).check_lengths(data, tokenizer, cfg)
+    ``data.truncation: error``; QA skips the questions too long for a window).
+    ``max_positions``: the most tokens the model takes, when known (not passed to a
+    plug-in task whose ``check_lengths`` predates it)."""
+    check = get_task(cfg.task_type).check_lengths
+    if "max_positions" not in inspect.signature(check).parameters:
+        return check(data, tokenizer, cfg)
+    return check(data, tokenizer, cfg, max_positions=max_positions)
 
 
 class Collator:

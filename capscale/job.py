@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from capscale.checks import schedule_warning
 from capscale.config import Config, config_to_dict, save_config
 from capscale.console import Console
 from capscale.distributed import DistContext
@@ -35,6 +36,10 @@ def prune(cfg: Config, ctx: DistContext, console: Console, export: bool = True,
     for note in recipe.data.notes:
         console.log(note)
     recipe.setup()
+    warning = schedule_warning(cfg, recipe.total_steps)  # the length is known by now
+    if warning is not None:
+        recipe.data.notes.append(warning)
+        console.log(warning)
     trackers = None
     if ctx.is_main and cfg.report.trackers:
         trackers = Trackers(cfg.report.trackers, out.name, out / "tracking",

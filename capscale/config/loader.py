@@ -160,8 +160,24 @@ _Loader.add_implicit_resolver(
     list("-+0123456789."))
 
 
-def parse_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
+def parse_yaml(text: str, source: str = "<text>") -> Any:
+    """YAML ``text`` (a SafeLoader subclass: no arbitrary objects); a syntax error is a
+    one-line ConfigError ``source:line:column: ...``."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as err:
+        raise ConfigError(yaml_error(err, source)) from None
+
+
+def yaml_error(err: yaml.YAMLError, source: str) -> str:
+    """``FILE:LINE:COLUMN: YAML syntax error: PROBLEM (CONTEXT at L:C)``, one line."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    context, cmark = getattr(err, "context", None), getattr(err, "context_mark", None)
+    if context and cmark is not None:
+        problem += f" ({context} at {cmark.line + 1}:{cmark.column + 1})"
+    return f"{where}: YAML syntax error: {' '.join(problem.split())}"
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -171,7 +187,8 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value (e.g. train.lr=1e-4)")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), parse_yaml(raw) if raw.strip() else None)
+        value = parse_yaml(raw, f"override {item!r}, value") if raw.strip() else None
+        _set_dotted(tree, key.strip(), value)
     return tree
 
 
@@ -196,7 +213,14 @@ def read_yaml_file(path: str | Path, search_dir: Path | None = None) -> dict[str
         if not found:
             raise ConfigError(f"config file {path} not found")
         p = found[0]
-    data = parse_yaml(p.read_text()) or {}
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {p}: not UTF-8 text (byte 0x{err.object[err.start]:02x}"
+                          f" at offset {err.start}); save it as UTF-8") from None
+    except OSError as err:
+        raise ConfigError(f"config file {p} cannot be read ({err.strerror or err})") from None
+    data = parse_yaml(text, str(p)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p}: expected a mapping at the top level")
     return data

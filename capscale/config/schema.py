@@ -10,6 +10,7 @@ the tables, in capscale.checks: this package imports nothing of the domain. Exam
 """
 from __future__ import annotations
 
+import codecs
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -40,6 +41,14 @@ class ModelConfig:
 
     def check(self) -> list[Check]:
         return []  # an inline adapter mapping is checked by capscale.checks
+
+
+def _known_encoding(name: str) -> bool:
+    try:
+        codecs.lookup(name)
+    except LookupError:
+        return False
+    return True
 
 
 @dataclass
@@ -77,8 +86,15 @@ class DataConfig:
 
     def check(self) -> list[Check]:
         return [(self.max_length >= 8, "data.max_length", "must be >= 8"),
+                (_known_encoding(self.file_encoding), "data.file_encoding",
+                 "unknown encoding (e.g. utf-8, latin-1, cp1252, utf-16)"),
                 (0 < self.validation_fraction < 1, "data.validation_fraction",
-                 "must be in (0, 1)"), *self.qa.check(),
+                 "must be in (0, 1)"),
+                (self.max_train_samples is None or self.max_train_samples >= 0,
+                 "data.max_train_samples", "must be >= 0 or null (0 or null: all)"),
+                (self.max_eval_samples is None or self.max_eval_samples >= 0,
+                 "data.max_eval_samples", "must be >= 0 or null (0 or null: all)"),
+                *self.qa.check(),
                 (self.task_type != "qa" or self.qa.doc_stride < self.max_length,
                  "data.qa.doc_stride", "must be < data.max_length")]
 

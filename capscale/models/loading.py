@@ -99,6 +99,47 @@ def read_config(name: str, trust_remote_code: bool = False, what: str = "model"
                          ) from None
 
 
+# Families whose position ids start after the padding index (RoBERTa's
+# create_position_ids_from_input_ids): the first ``pad_token_id + 1`` positions are never
+# given to a token.
+PADDING_OFFSET_TYPES = frozenset({
+    "roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "longformer", "data2vec-text",
+    "mpnet", "roberta-prelayernorm", "ibert", "luke", "markuplm", "layoutlmv3", "lilt",
+    "xmod", "esm"})
+# Families whose positions are computed, not looked up: no length limit from the config.
+UNBOUNDED_POSITION_TYPES = frozenset({"modernbert", "funnel"})
+
+
+def max_input_tokens(config: PretrainedConfig, trust_remote_code: bool = False
+                     ) -> tuple[int, str] | None:
+    """The most tokens (special ones included) one input may have, and where the number
+    comes from; None when the config sets no limit (rotary or relative positions only,
+    or modeling code of the model's own, which decides for itself)."""
+    positions = getattr(config, "max_position_embeddings", None)
+    own_code = trust_remote_code and not type(config).__module__.startswith("transformers.")
+    if (not isinstance(positions, int) or positions <= 0 or own_code
+            or config.model_type in UNBOUNDED_POSITION_TYPES
+            or getattr(config, "position_embedding_type", None) == "rotary"
+            or (config.model_type in ("deberta", "deberta-v2")
+                and not getattr(config, "position_biased_input", True))):
+        return None
+    why = f"config.max_position_embeddings = {positions}"
+    if config.model_type in PADDING_OFFSET_TYPES:
+        pad = getattr(config, "pad_token_id", None)
+        reserved = (pad if isinstance(pad, int) else 1) + 1
+        why += (f", less {reserved} that {config.model_type} reserves (positions start "
+                "after the padding index)")
+        positions -= reserved
+    return positions, why
+
+
+def model_max_tokens(name: str, trust_remote_code: bool = False,
+                     what: str = "model.name_or_path") -> int | None:
+    """:func:`max_input_tokens` of model ``name`` (its config alone), or None."""
+    found = max_input_tokens(read_config(name, trust_remote_code, what), trust_remote_code)
+    return found[0] if found is not None else None
+
+
 def check_teacher(name: str, num_labels: int, trust_remote_code: bool = False,
                   task: Task | None = None) -> None:
     """Raise before loading weights if a teacher's head does not fit the task (its

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from torch import Tensor, nn
 
-from capscale.errors import DataError
+from capscale.errors import ConfigError, DataError
 from capscale.registry import add_entry
 
 if TYPE_CHECKING:
@@ -52,6 +52,12 @@ class Task:
         """The label set (None where labels are not classes)."""
         raise NotImplementedError
 
+    def check_labels(self, values: list[Any], feature: Any) -> tuple[int, str] | None:
+        """The first unusable label of a split's label column as read (``feature``: its
+        datasets feature) and why, e.g. ``(8, "missing label ('')")``; None: all usable.
+        The default accepts every value (:meth:`encode_labels` still checks them)."""
+        return None
+
     def encode_labels(self, ds: datasets.Dataset, cfg: DataConfig,
                       names: list[str] | None, split: str) -> datasets.Dataset:
         """``ds`` with a ``labels`` column; raises DataError naming a bad row."""
@@ -91,14 +97,17 @@ class Task:
         return None
 
     def check_lengths(self, data: Any, tokenizer: PreTrainedTokenizerBase,
-                      cfg: DataConfig) -> str | None:
+                      cfg: DataConfig, max_positions: int | None = None) -> str | None:
         """Count the texts of ``data`` (a TaskData) longer than ``cfg.max_length`` tokens
         (special tokens included); a note for the log when some will be truncated.
+        ``max_positions``: the most tokens the model takes, when known.
 
         Raises:
-            DataError: when there are any and ``data.truncation`` is ``error``.
+            ConfigError: when ``data.max_length`` is more than ``max_positions`` and a
+                text is longer than the model takes (its batch would crash the model).
+            DataError: when texts are longer and ``data.truncation`` is ``error``.
         """
-        counts, first = {}, None
+        counts, first, longest = {}, None, (0, "")
         for split, ds in (("train", data.train), ("validation", data.validation)):
             texts = list(ds[cfg.text_column])
             pairs = list(ds[cfg.text_pair_column]) if cfg.text_pair_column else None
@@ -108,13 +117,30 @@ class Task:
             counts[split] = len(over)
             if over and first is None:
                 first = f"{split} row {over[0]} has {lengths[over[0]]} tokens"
+            top = max(range(len(lengths)), key=lengths.__getitem__, default=None)
+            if top is not None and lengths[top] > longest[0]:
+                longest = (lengths[top], f"{split} row {top}")
+        cut = min(cfg.max_length, longest[0])  # what the model would be given
+        if max_positions is not None and cut > max_positions:
+            crash = ("which would crash the model" if cut == longest[0] else
+                     f"which cut to {cut} would still crash the model")
+            raise ConfigError(
+                f"data.max_length = {cfg.max_length}: the model's position embeddings take "
+                f"at most {max_positions} tokens, and {longest[1]} has {longest[0]}, "
+                f"{crash}; lower data.max_length to {max_positions} or less")
         if not any(counts.values()):
             return None
         what = (f"{counts['train']} train and {counts['validation']} validation texts are "
                 f"longer than data.max_length = {cfg.max_length} tokens ({first})")
         if cfg.truncation == "error":
-            raise DataError(f"{what}; raise data.max_length, shorten them, or set "
-                            "data.truncation=truncate")
+            if max_positions is None:
+                fix = "raise data.max_length, shorten them"
+            elif cfg.max_length < max_positions:
+                fix = (f"raise data.max_length (the model takes up to {max_positions} "
+                       "tokens), shorten them")
+            else:  # already the model's limit: only shorter texts or truncation help
+                fix = f"shorten them ({max_positions} tokens is the most the model takes)"
+            raise DataError(f"{what}; {fix}, or set data.truncation=truncate")
         return f"{what}: truncated"
 
     def features(self, data: Any, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import AutoConfig, AutoModelForQuestionAnswering, PreTrainedModel
 
+from capscale.errors import ConfigError
 from capscale.tasks.base import Task
 from capscale.tasks.qa_data import (
     QAEvalReference,
@@ -70,9 +71,15 @@ class QuestionAnsweringTask(Task):
         return train, validation, [n for n in (n_train, n_val) if n]
 
     def check_lengths(self, data: Any, tokenizer: PreTrainedTokenizerBase,
-                      cfg: DataConfig) -> str | None:
+                      cfg: DataConfig, max_positions: int | None = None) -> str | None:
         """Drop the questions too long for a window from both splits of ``data`` (a
-        TaskData), numbering the training examples again; a note when any were."""
+        TaskData), numbering the training examples again; a note when any were. Windows
+        fill ``data.max_length`` tokens: more than ``max_positions`` is a ConfigError."""
+        if max_positions is not None and cfg.max_length > max_positions:
+            raise ConfigError(f"data.max_length = {cfg.max_length}: the model's position "
+                              f"embeddings take at most {max_positions} tokens, and QA "
+                              "windows fill data.max_length; lower data.max_length to "
+                              f"{max_positions} or less")
         notes = []
         data.train, note = drop_long_questions(data.train, tokenizer, cfg, "train")
         notes.append(note)

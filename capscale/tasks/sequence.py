@@ -39,6 +39,13 @@ def load_sequence_model(path: str, num_labels: int, label_names: list[str] | Non
         path, config=config, ignore_mismatched_sizes=True, trust_remote_code=trust_remote_code)
 
 
+def _missing(value: Any) -> str:
+    """How a missing label cell reads in a message."""
+    if value is None:  # pandas reads an empty CSV cell, NA, null, None, nan so
+        return "an empty cell, or NA / null / None / nan in a CSV"
+    return repr(value)
+
+
 class ClassificationTask(Task):
     """One label per text (pair) out of a fixed set."""
 
@@ -56,6 +63,17 @@ class ClassificationTask(Task):
         numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
         # Numbers in numeric order (0, 1, 2, 10), anything else in string order.
         return [str(v) for v in sorted(values, key=(lambda v: v) if numeric else str)]
+
+    def check_labels(self, values: list[Any], feature: Any) -> tuple[int, str] | None:
+        """An empty cell (None, blank, NaN; -1 in a ClassLabel column, a hub test split's
+        "no label") is refused: it would otherwise become a class of its own."""
+        class_label = isinstance(feature, datasets.ClassLabel)
+        for i, v in enumerate(values):
+            if (v is None or (isinstance(v, str) and not v.strip())
+                    or (isinstance(v, float) and math.isnan(v))
+                    or (class_label and isinstance(v, int) and v < 0)):
+                return i, f"missing label ({_missing(v)})"
+        return None
 
     def encode_labels(self, ds: datasets.Dataset, cfg: DataConfig,
                       names: list[str] | None, split: str) -> datasets.Dataset:
@@ -106,6 +124,33 @@ class RegressionTask(ClassificationTask):
     main_metric = "pearson"
 
     def label_names(self, cfg: DataConfig, train: datasets.Dataset) -> list[str] | None:
+        return None
+
+    def check_labels(self, values: list[Any], feature: Any) -> tuple[int, str] | None:
+        """Every target a finite number. Empty cells first, then text that is not a number
+        (one such cell makes a CSV column text: the numbers in it are named only when
+        nothing else is wrong), then NaN / infinity."""
+        def empty(v: Any) -> bool:
+            return v is None or (isinstance(v, str) and not v.strip())
+
+        def number(v: Any) -> float | None:
+            if isinstance(v, bool):
+                return None
+            try:
+                return float(v)
+            except (TypeError, ValueError):
+                return None
+        checks = [(empty, "missing regression label ({})"),
+                  (lambda v: number(v) is None, "regression label {} is not a number"),
+                  (lambda v: isinstance(v, str), "regression label {} is text, not a "
+                   "number"),
+                  (lambda v: not math.isfinite(number(v) or 0.0),
+                   "regression label {} is not a finite number")]
+        for test, why in checks:
+            bad = next((i for i, v in enumerate(values) if test(v)), None)
+            if bad is not None:
+                value = values[bad]
+                return bad, why.format(_missing(value) if empty(value) else repr(value))
         return None
 
     def encode_labels(self, ds: datasets.Dataset, cfg: DataConfig,
