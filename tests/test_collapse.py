@@ -1,4 +1,4 @@
-"""Collapse detection (capscale.train.collapse).
+"""Collapse detection (capscale.train.collapse) and the robust default it backs.
 
 The detector on synthetic step records (a jump that comes back, one that does not, one
 that lasts to the end, noise, a gradual rise, an evaluation at the majority-class rate),
@@ -15,6 +15,7 @@ import random
 import pytest
 from _tiny_run import overrides, setup
 
+from capscale.checks import load_run_config
 from capscale.cli import main
 from capscale.config import PruningConfig
 from capscale.train.collapse import CollapseDetector, majority_rate, remedies
@@ -170,6 +171,12 @@ def test_majority_rate_and_remedies():
     warm = remedies(PruningConfig(method="movement", score_warm_start="magnitude"))
     assert "score_warm_start" not in warm and "pruning.score_lr" in warm
     assert "score_lr" not in remedies(PruningConfig(method="magnitude"))
+
+
+def test_a_user_config_warm_starts_the_scores_from_magnitude():
+    assert PruningConfig().score_warm_start == "magnitude"
+    demo = load_run_config("demo_minilm_tweets.yaml")
+    assert demo.pruning.score_warm_start == "magnitude"
 
 
 @pytest.fixture(scope="module")
