@@ -113,6 +113,16 @@ def test_healthy_runs_raise_nothing():
         assert det.events == [] and warned == []
 
 
+def test_a_short_dense_phase_is_a_shorter_baseline():
+    rng = random.Random(8)
+    for dense, found in ((6, [7]), (2, [])):  # 5 steps before an update, mostly dense
+        kd = _noisy(0.01, dense, rng) + _noisy(0.3, 40, rng)
+        det, _ = _detect(_records(kd, _sparsity(dense, 40)))
+        assert [e["step"] for e in det.events] == found
+    assert "over the 6 steps before" in _detect(_records(
+        _noisy(0.01, 6, rng) + _noisy(0.3, 40, rng), _sparsity(6, 40)))[0].events[0]["message"]
+
+
 def test_a_jump_without_a_mask_update_is_not_this_detector_s():
     rng = random.Random(5)
     kd = _noisy(0.01, 20, rng) + _noisy(0.3, 40, rng)

@@ -8,7 +8,9 @@ an order of magnitude and never comes back, and the student ends at the majority
 
 * a **loss jump**: for each of the ``kd`` and ``ce`` components a run logs, the median of
   the ``after`` steps that start at a mask update (a step whose sparsity is above the
-  previous one) against the median of the ``before`` steps that precede it; a rise of
+  previous one) against the median of the ``before`` steps that precede it (fewer when
+  the run has fewer, down to ``min_before``; a run pruned from its first steps has no
+  level to compare with); a rise of
   ``factor`` (10x) or more that does not come back below ``sqrt(factor)`` times the
   earlier level (a trailing ``after``-step median) within ``patience`` steps, or by the
   end of the run, is a collapse. Medians, so a single noisy batch neither raises nor
@@ -72,17 +74,19 @@ class CollapseDetector(LoopHook):
         reference: the dense teacher's dev accuracy, or None.
         remedy: what the warnings advise (:func:`remedies`).
         warn: where a finding is written when it is made (the console's warnings).
-        factor, before, after, patience, tolerance, margin: the thresholds above.
+        factor, before, min_before, after, patience, tolerance, margin: the thresholds
+            above.
     """
 
     def __init__(self, history: list[Record], evals: list[dict[str, Any]],
                  majority: float | None, reference: float | None, remedy: str,
                  warn: Callable[[str], None], factor: float = 10.0, before: int = 10,
-                 after: int = 5, patience: int = 20, tolerance: float = 0.005,
-                 margin: float = 0.02) -> None:
+                 min_before: int = 5, after: int = 5, patience: int = 20,
+                 tolerance: float = 0.005, margin: float = 0.02) -> None:
         self.history, self.evals = history, evals
         self.majority, self.reference, self.remedy, self.warn = majority, reference, remedy, warn
         self.factor, self.before, self.after, self.patience = factor, before, after, patience
+        self.min_before = min_before
         self.tolerance, self.margin = tolerance, margin
         self.events: list[dict[str, Any]] = []
         self._seen = self._evals_seen = 0
@@ -149,19 +153,21 @@ class CollapseDetector(LoopHook):
                 self._report_jump(name, jump, f"within {self.patience} steps")
             return
         j = i - self.after + 1  # the mask update this record completes the window of
-        if j < max(self.before, 1):
+        if j < max(self.min_before, 1):
             return
         sp_now, sp_prev = self.history[j].get("sparsity"), self.history[j - 1].get("sparsity")
         if sp_now is None or sp_prev is None or sp_now <= sp_prev:
             return
-        before = self._values(name, j - self.before, j)
+        n = min(self.before, j)
+        before = self._values(name, j - n, j)
         after = self._values(name, j, i + 1)
         if before is None or after is None:
             return
         level, peak = statistics.median(before), statistics.median(after)
         if level > 0 and peak >= self.factor * level:
             self._open[name] = {"step": self.history[j].get("step", j + 1), "index": j,
-                                "sparsity": sp_now, "before": level, "after": peak}
+                                "sparsity": sp_now, "before": level, "after": peak,
+                                "before_steps": n}
 
     def _report_jump(self, name: str, jump: dict[str, Any], when: str) -> None:
         del self._open[name]
@@ -170,8 +176,9 @@ class CollapseDetector(LoopHook):
         message = (
             f"training collapse: the {name} loss jumped {ratio:.0f}x at the mask update of "
             f"step {jump['step']} (sparsity {jump['sparsity']:.1%}): median "
-            f"{jump['before']:.4g} over the {self.before} steps before, {jump['after']:.4g} "
-            f"over the {self.after} after, and it did not come back {when}. Remedies: "
+            f"{jump['before']:.4g} over the {jump['before_steps']} steps before, "
+            f"{jump['after']:.4g} over the {self.after} after, and it did not come back "
+            f"{when}. Remedies: "
             f"{self.remedy}")
         self._add({"kind": "loss_jump", "loss": name, "step": jump["step"],
                    "sparsity": jump["sparsity"], "before": jump["before"],
@@ -207,6 +214,7 @@ class CollapseDetector(LoopHook):
         thresholds used."""
         return {"detected": bool(self.events), "events": list(self.events),
                 "checks": {"loss_factor": self.factor, "before_steps": self.before,
+                           "min_before_steps": self.min_before,
                            "after_steps": self.after, "patience_steps": self.patience,
                            "majority_rate": self.majority, "reference_accuracy":
                            self.reference}}
