@@ -146,7 +146,7 @@ def test_an_evaluation_at_the_majority_class_rate():
              {"step": 30, "sparsity": 0.9, "metrics": {"accuracy": 0.3912}}]
     det, warned = _detect(history, evals, majority=0.3912, reference=0.7047)
     assert [(e["kind"], e["step"]) for e in det.events] == [("majority_class", 20)]
-    assert "majority-class rate 0.3912" in warned[0] and "dense teacher had 0.7047" in warned[0]
+    assert "the majority-class rate 0.3912; the dense teacher had 0.7047" in warned[0]
     # no teacher: an earlier evaluation of the run is the reference
     det, _ = _detect(history, evals, majority=0.3912, reference=None)
     assert "this run, earlier, had 0.7000" in det.events[0]["message"]

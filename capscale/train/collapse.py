@@ -197,9 +197,9 @@ class CollapseDetector(LoopHook):
             whose = "the dense teacher" if self.reference is not None else "this run, earlier,"
             message = (
                 f"training collapse: dev accuracy {acc:.4f} at step {ev.get('step')} "
-                f"(sparsity {ev.get('sparsity') or 0.0:.1%}) is at the majority-class "
-                f"rate {self.majority:.4f}: the student answers one class ({whose} had "
-                f"{reference:.4f}). Remedies: {self.remedy}")
+                f"(sparsity {ev.get('sparsity') or 0.0:.1%}) is no better than always "
+                f"answering the most frequent dev label (the majority-class rate "
+                f"{self.majority:.4f}; {whose} had {reference:.4f}). Remedies: {self.remedy}")
             self._add({"kind": "majority_class", "step": ev.get("step"),
                        "sparsity": ev.get("sparsity"), "accuracy": acc,
                        "majority_rate": self.majority, "reference": reference,
