@@ -181,6 +181,7 @@ def test_majority_rate_and_remedies():
     warm = remedies(PruningConfig(method="movement", score_warm_start="magnitude"))
     assert "score_warm_start" not in warm and "pruning.score_lr" in warm
     assert "score_lr" not in remedies(PruningConfig(method="magnitude"))
+    assert "structured.levels" in remedies(PruningConfig(method="structured"))
 
 
 def test_a_user_config_warm_starts_the_scores_from_magnitude():

@@ -9,16 +9,15 @@ an order of magnitude and never comes back, and the student ends at the majority
 * a **loss jump**: for each of the ``kd`` and ``ce`` components a run logs, the median of
   the ``after`` steps that start at a mask update (a step whose sparsity is above the
   previous one) against the median of the ``before`` steps that precede it (fewer when
-  the run has fewer, down to ``min_before``; a run pruned from its first steps has no
-  level to compare with); a rise of
-  ``factor`` (10x) or more that does not come back below ``sqrt(factor)`` times the
-  earlier level (a trailing ``after``-step median) within ``patience`` steps, or by the
-  end of the run, is a collapse. Medians, so a single noisy batch neither raises nor
-  clears it; one report per component.
+  the run has fewer, down to ``min_before``: a run pruned from its first steps has no
+  level to compare with). A rise of ``factor`` (10x) or more that does not come back
+  below ``sqrt(factor)`` times the earlier level (a trailing ``after``-step median)
+  within ``patience`` steps, or by the end of the run, is a collapse. Medians, so a
+  single noisy batch neither raises nor clears it; one report per component.
 * an **evaluation at the majority-class rate** (classification): dev accuracy at or below
   the share of the most frequent dev label (plus ``tolerance``), when the dense teacher
   (or, without one, an earlier evaluation of the run) was at least ``margin`` above it:
-  the student answers one class whatever the input. One report, the first.
+  the student does no better than always answering one class. One report, the first.
 
 Each finding is logged as a warning naming the remedies when it is made, and
 :meth:`CollapseDetector.summary` is what ``results.json`` (``collapse``), the summary
@@ -57,6 +56,9 @@ def remedies(pruning: PruningConfig) -> str:
     out = []
     if pruning.method in SCORED and pruning.score_warm_start == "none":
         out.append("pruning.score_warm_start=magnitude (scores start from |W| instead of 0)")
+    if pruning.method == "structured":
+        out.append("smaller steps between structured.levels or more retraining per level "
+                   "(structured.retrain_steps, retrain_epochs)")
     out.append("a longer schedule or a later pruning.initial_warmup (more dense steps "
                "before the first mask update)")
     if pruning.method in SCORED:
@@ -100,8 +102,9 @@ class CollapseDetector(LoopHook):
                 ) -> CollapseDetector:
         """The detector of a pruning run: its records, its dev set's majority-class rate
         (classification), its teacher's accuracy and the remedies for its settings."""
+        labelled = "labels" in (data.validation.column_names or [])
         majority = (majority_rate(data.validation["labels"])
-                    if task.class_labels and data.label_names else None)
+                    if task.class_labels and data.label_names and labelled else None)
         return cls(state.history, state.evals, majority,
                    (teacher_metrics or {}).get("accuracy"), remedies(pruning), warn)
 
