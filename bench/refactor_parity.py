@@ -38,8 +38,9 @@ def sha(path: Path) -> str:
 
 def run(mode: str, tmp: Path, assets: dict[str, Path]) -> dict:
     out = tmp / mode
+    # score_warm_start pinned: the recorded labels ran before its default became magnitude
     args = overrides(assets, out, **{"cap.mode": mode, "report.enabled": "false",
-                                     "train.seed": 7})
+                                     "train.seed": 7, "pruning.score_warm_start": "none"})
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", CAPSCALE_CPU="1",
                HF_HUB_OFFLINE="1")
     subprocess.run([sys.executable, "-m", "capscale.run", *args], check=True, env=env,

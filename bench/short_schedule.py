@@ -13,6 +13,15 @@ KD loss of every step and the dev accuracy at the end.
   magnitude.
 * ``long`` (``--long``): 97% in 200 steps (warm-ups 20 / 40 steps), movement + KD with
   and without the warm start, and movement + CAP without it.
+* ``collapse`` (``--collapse``): the fair-baselines budget at which movement + KD from
+  zero scores collapsed (bench/fair_baselines.py: 1500 train rows, ``--collapse-steps``
+  steps, warm-ups 10% / 20%), movement + KD to 90%, scores from 0 against capscale's
+  default (``score_warm_start: magnitude``, scale 0.1), the dev set subsampled to
+  ``--collapse-dev`` rows to fit the CPU. Each run records what the collapse detector
+  (capscale.train.collapse) reported: ``results.json``'s ``collapse``.
+
+The zero-score runs set ``pruning.score_warm_start: none`` explicitly (the schema's
+default is ``magnitude``).
 
 Also measured from the same runs: how many of the scores still tie at the first pruning
 step (``ties_at_first_prune``: the share of each matrix's scores equal to its k-th
@@ -20,6 +29,7 @@ largest, averaged), read from a separate 21-step run of each movement variant.
 
     PYTHONPATH=. python bench/short_schedule.py                # short part
     PYTHONPATH=. python bench/short_schedule.py --long         # both parts
+    PYTHONPATH=. python bench/short_schedule.py --collapse     # short and collapse parts
 
 Writes ``bench/results/short_schedule.json`` (resumable: finished runs are kept) and
 ``short_schedule.md``.
@@ -55,19 +65,31 @@ LONG = {"train": {"max_steps": 200},
         "pruning": {"final_sparsity": 0.97, "initial_warmup": 20, "final_warmup": 40}}
 WARM = {"pruning": {"score_warm_start": "magnitude", "score_warm_start_scale": 0.1}}
 WARM1 = {"pruning": {"score_warm_start": "magnitude", "score_warm_start_scale": 1.0}}
+ZERO = {"pruning": {"score_warm_start": "none"}}  # the reference's zero scores
 
 
-def runs(long: bool) -> list[tuple[str, str, list[dict[str, Any]]]]:
-    """(part, name, config patches) of every run."""
+def collapse_budget(steps: int, dev_rows: int, train_rows: int = 1500) -> dict[str, Any]:
+    return {"train": {"max_steps": steps},
+            "data": {"max_train_samples": train_rows, "max_eval_samples": dev_rows},
+            "pruning": {"final_sparsity": 0.9, "initial_warmup": 0.1, "final_warmup": 0.2}}
+
+
+def runs(long: bool, collapse: dict[str, Any] | None = None
+         ) -> list[tuple[str, str, list[dict[str, Any]]]]:
+    """(part, name, config patches) of every run (``collapse``: that part's budget)."""
     mv = {"pruning": {"method": "movement"}}
-    out = [("short", "movement", [SHORT, KD_ONLY, mv]),
+    out = [("short", "movement", [SHORT, KD_ONLY, mv, ZERO]),
            ("short", "movement + warm start 0.1", [SHORT, KD_ONLY, mv, WARM]),
            ("short", "movement + warm start 1.0", [SHORT, KD_ONLY, mv, WARM1]),
            ("short", "magnitude", [SHORT, KD_ONLY, {"pruning": {"method": "magnitude"}}])]
     if long:
-        out += [("long", "movement + KD", [LONG, KD_ONLY, mv]),
+        out += [("long", "movement + KD", [LONG, KD_ONLY, mv, ZERO]),
                 ("long", "movement + KD + warm start 0.1", [LONG, KD_ONLY, mv, WARM]),
-                ("long", "movement + CAP", [LONG, WITH_CAP, mv])]
+                ("long", "movement + CAP", [LONG, WITH_CAP, mv, ZERO])]
+    if collapse is not None:  # the default run carries no warm-start patch: the schema's
+        out += [("collapse", "movement + KD, scores from 0", [collapse, KD_ONLY, mv, ZERO]),
+                ("collapse", "movement + KD, default (scores from magnitude)",
+                 [collapse, KD_ONLY, mv])]
     return out
 
 
@@ -86,6 +108,10 @@ def ties(recipe: Any) -> float:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--long", action="store_true", help="also the 97%%-in-200-steps part")
+    p.add_argument("--collapse", action="store_true",
+                   help="also the collapse part: zero scores against the default, detector")
+    p.add_argument("--collapse-steps", type=int, default=100)
+    p.add_argument("--collapse-dev", type=int, default=1000, help="dev rows of that part")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--work", default=str(ROOT / "bench" / "cache" / "cpu"))
     p.add_argument("--budget", default="cpu", help="fidelity budget (smoke for a check)")
@@ -123,7 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     json_path = out / f"short_schedule{suffix}.json"
     done = json.loads(json_path.read_text())["runs"] if json_path.is_file() else []
     load_before = os.getloadavg()
-    for part, name, patches in [] if args.report else runs(args.long):
+    small = {} if args.budget == "cpu" else {"train_rows": budget["max_train_samples"]}
+    plan = runs(args.long, collapse_budget(args.collapse_steps, args.collapse_dev, **small)
+                if args.collapse else None)
+    for part, name, patches in [] if args.report else plan:
         if any(r["part"] == part and r["name"] == name for r in done):
             continue
         cfg_dict = merge_dicts(fid.base_config(budget, work / "short" / part / name.replace(
@@ -134,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg_dict = merge_dicts(cfg_dict, {"train": {"max_steps": 8}, "pruning": {
                 "initial_warmup": 4, "final_warmup": 1}})
         record: dict[str, Any] = {"part": part, "name": name}
-        if cfg_dict["pruning"].get("method") == "movement":
+        if cfg_dict["pruning"].get("method") == "movement" and part != "collapse":
             # the scores at the first pruning step: a run stopped there
             probe = merge_dicts(cfg_dict, {"train": {"max_steps": cfg_dict["pruning"][
                 "initial_warmup"] + 1}, "output_dir": str(work / "probe" / name)})
@@ -151,6 +180,14 @@ def main(argv: list[str] | None = None) -> int:
         record.update(accuracy=res["pruned_metrics"]["accuracy"],
                       linear_sparsity=res["sparsity"]["linear_sparsity"],
                       kd=[h.get("kd") for h in hist], seconds=time.perf_counter() - t0)
+        if part == "collapse":
+            evals = json.loads((Path(cfg_dict["output_dir"]) / "evals.json").read_text())
+            record.update(steps=res["steps"], train_rows=res["train_examples"],
+                          dev_rows=res["eval_examples"],
+                          ce=[h.get("ce") for h in hist],
+                          sparsity=[h["sparsity"] for h in hist],
+                          evals=[(e["step"], e["metrics"]["accuracy"]) for e in evals],
+                          collapse=res["collapse"])
         done.append(record)
         header = {"command": "PYTHONPATH=. python bench/short_schedule.py "
                              + " ".join(sys.argv[1:] if argv is None else argv),
@@ -169,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                 " The long part has no finished run in this file."), "",
              "| part | run | KD loss: last dense step -> max of the next 5 | accuracy | "
              "sparsity | scores tied at the first prune |", "|---|---|---|---|---|---|"]
-    for r in done:
+    for r in (r for r in done if r["part"] != "collapse"):
         warm = 20 if args.budget != "smoke" else 4
         kd = [x for x in r["kd"] if x is not None]
         before = kd[warm - 1] if len(kd) >= warm else float("nan")
@@ -178,9 +215,45 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {r['part']} | {r['name']} | {before:.4f} -> {after:.4f} | "
                      f"{100 * r['accuracy']:.2f} | {100 * r['linear_sparsity']:.1f}% | "
                      f"{'' if tie is None else f'{100 * tie:.1f}%'} |")
+    lines += collapse_table([r for r in done if r["part"] == "collapse"])
     (out / f"short_schedule{suffix}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
+
+
+def collapse_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The collapse part: the KD loss around the first mask update, the evaluations, the
+    majority-class rate, and what the detector said."""
+    if not rows:
+        return []
+    import statistics
+    c, first = rows[0]["collapse"]["checks"], rows[0]
+    out = ["", f"Collapse part: movement + KD to 90% in {first['steps']} steps, "
+           f"{first['train_rows']} train rows, {first['dev_rows']} dev rows (majority-class "
+           f"rate {100 * (c['majority_rate'] or 0):.2f}%). Detector: a loss median "
+           f"{c['loss_factor']:g}x up over the {c['after_steps']} steps from a mask update "
+           f"against the {c['before_steps']} before, not back within {c['patience_steps']} "
+           "steps; or an evaluation at the majority-class rate.", "",
+           "| run | KD median: 10 steps before the first update -> 5 from it | dev accuracy "
+           "(step: %) | sparsity | collapse detected |", "|---|---|---|---|---|"]
+    for r in rows:
+        start = next((i for i, s in enumerate(r["sparsity"]) if s > 0), None)
+        kd = r["kd"]
+        if start is not None and start >= 10 and None not in kd[start - 10:start + 5]:
+            before = statistics.median(kd[start - 10:start])
+            after = statistics.median(kd[start:start + 5])
+            jump = f"{before:.4f} -> {after:.4f} ({after / before:.1f}x)"
+        else:
+            jump = "-"
+        evals = ", ".join(f"{s}: {100 * a:.2f}" for s, a in r["evals"])
+        events = r["collapse"]["events"]
+        said = "; ".join(
+            f"{e['loss']} loss {e['ratio']:.0f}x at step {e['step']}" if e["kind"] == "loss_jump"
+            else f"accuracy at the majority-class rate at step {e['step']}"
+            for e in events) or "no"
+        out.append(f"| {r['name']} | {jump} | {evals} | {100 * r['linear_sparsity']:.1f}% "
+                   f"| {said} |")
+    return out
 
 
 if __name__ == "__main__":

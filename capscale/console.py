@@ -72,6 +72,12 @@ class Console:
         if self.enabled:
             logger.info(msg, *args)
 
+    def warn(self, msg: str, *args: Any) -> None:
+        """A line the user must not miss (logged at WARNING: its own colour and label;
+        the handler renders no markup, so none is put in ``msg``)."""
+        if self.enabled:
+            logger.warning(msg, *args)
+
     @contextmanager
     def progress(self, description: str, total: int) -> Iterator[ProgressBar]:
         """A progress bar with a free-text status field (loss components, sparsity...)."""

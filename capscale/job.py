@@ -13,6 +13,7 @@ from capscale.console import Console
 from capscale.distributed import DistContext
 from capscale.recipe import CAPRecipe
 from capscale.report.results import print_summary, write_results
+from capscale.train.collapse import CollapseDetector
 from capscale.train.hooks import LoopHook, RecordHook
 
 
@@ -46,7 +47,11 @@ def prune(cfg: Config, ctx: DistContext, console: Console, export: bool = True,
                             config_to_dict(cfg))
         for note in trackers.notes:
             console.log(note)
-    hooks: list[LoopHook] = [RecordHook(trackers)] if trackers is not None else []
+    collapse = CollapseDetector.for_run(cfg.pruning, recipe.state, recipe.data, recipe.task,
+                                        recipe.teacher_metrics, console.warn)
+    hooks: list[LoopHook] = [collapse]
+    if trackers is not None:
+        hooks.append(RecordHook(trackers))
     try:
         recipe.train(hooks)
     finally:
@@ -55,6 +60,7 @@ def prune(cfg: Config, ctx: DistContext, console: Console, export: bool = True,
     if export and cfg.checkpoint.final:  # the export bakes masks into the student itself
         recipe.checkpointer.ensure_saved(recipe.state.step)
     results = recipe.finish(export)
+    results["collapse"] = collapse.summary()
     results["seconds"]["total"] = time.perf_counter() - start
     if ctx.is_main:
         write_results(out, results)

@@ -89,7 +89,7 @@ def test_recipe_holds_the_reference_hyperparameters(path):
     assert p.method == method and p.final_sparsity == int(sp) / 100
     assert (p.initial_sparsity, p.scope, p.initial_warmup, p.final_warmup) == (
         0.0, "local", 22000, 33000)
-    assert (p.score_lr, p.score_init, p.score_warm_start) == (0.01, 0.0, "none")
+    assert (p.score_lr, p.score_init) == (0.01, 0.0)
     if method == "soft_movement":
         assert (p.final_threshold, p.final_lambda, p.min_keep, p.soft_threshold) == (
             0.1, SOFT_LAMBDA[(task, int(sp))], 0.005, "schedule")
@@ -146,3 +146,15 @@ def test_packaged_recipe_by_relative_name_from_anywhere(tmp_path):
     finally:
         os.chdir(here)
     assert cfg.data.dataset_config == "qqp" and cfg.train.lr == 1e-4
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_scored_recipes_pin_the_reference_zero_scores(path):
+    """capscale's default starts movement scores from |W|; a paper recipe whose method
+    learns scores pins the reference's zero start in its own file, so the default
+    never reaches it."""
+    cfg = load_run_config(path)
+    if cfg.pruning.method not in ("movement", "soft_movement", "hybrid"):
+        return
+    assert cfg.pruning.score_warm_start == "none"
+    assert re.search(r"^  score_warm_start: none\b", path.read_text(), re.M), path.name

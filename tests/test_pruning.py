@@ -286,7 +286,7 @@ def test_cap_soft_run_reaches_its_target(tiny_model_factory, tiny_csv, tmp_path)
 
 def test_score_warm_start_from_magnitude(tiny_model_factory, tiny_csv, tmp_path):
     """pruning.score_warm_start: magnitude seeds the movement scores so that the first
-    masks are magnitude masks (per matrix); the default leaves every score at 0."""
+    masks are magnitude masks (per matrix); ``none`` leaves every score at 0."""
     from tiny import fast_overrides
 
     from capscale.checks import load_run_config
@@ -310,6 +310,6 @@ def test_score_warm_start_from_magnitude(tiny_model_factory, tiny_csv, tmp_path)
         w = m.weight.detach().abs()
         assert float(m.mask_scores.mean()) == pytest.approx(0.2, rel=1e-4), key
         assert torch.equal(m.mask().bool(), topk_mask(w, 0.3).bool()), key
-    cold = setup("cold")
+    cold = setup("cold", "pruning.score_warm_start=none")
     assert all(float(m.mask_scores.abs().max()) == 0
                for m in cold.controller.pruner.modules.values())

@@ -37,11 +37,13 @@ class PruningConfig:
     final_warmup: float = 0.2
     score_lr: float = 1e-2
     score_init: float = 0.0
-    # Learned scores start at ``score_init`` (``none``, the reference) or at
-    # ``score_warm_start_scale * |W| / mean|W|`` per matrix (``magnitude``): on short runs
-    # the first masks are then magnitude masks that movement reorders, instead of
-    # rankings of a few steps of AdamW noise (see capscale.pruning.methods).
-    score_warm_start: Literal["none", "magnitude"] = "none"
+    # Learned scores start at ``score_warm_start_scale * |W| / mean|W|`` per matrix
+    # (``magnitude``, the default) or at ``score_init`` (``none``, the reference, pinned by
+    # the paper recipes): from |W| the first masks are magnitude masks that movement
+    # reorders; from 0 they rank a few steps of AdamW noise, which on short schedules can
+    # remove weights the model needs and collapse the run (bench/short_schedule.py; see
+    # capscale.pruning.unstructured.warm_start_from_magnitude, capscale.train.collapse).
+    score_warm_start: Literal["none", "magnitude"] = "magnitude"
     score_warm_start_scale: float = 0.1
     # Soft movement: an L1 penalty on sigmoid(S) ramped to ``final_lambda``; the mask is
     # ``soft_threshold: target`` the top 1 - s_t of the scores (the scheduled sparsity

@@ -143,9 +143,9 @@ class LatencyTarget:
         (``what``: the setting to raise). Nothing when met or disabled."""
         if self.enabled and not self.frozen:
             last = self.measured[-1]["ms"] if self.measured else float("nan")
-            self.run.console.log(
-                f"[yellow]latency target {self.target_ms:g} ms not met at the final "
-                f"sparsity {level:.1%} ({last:.1f} ms); raise {what} or the target[/]")
+            self.run.console.warn(
+                f"latency target {self.target_ms:g} ms not met at the final "
+                f"sparsity {level:.1%} ({last:.1f} ms); raise {what} or the target")
 
     def summary(self) -> dict[str, Any] | None:
         """What the results record: target, shape, every measurement, where it was met."""

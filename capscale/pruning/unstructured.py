@@ -121,7 +121,7 @@ def warm_start_from_magnitude(modules: Iterable[MaskedLinear], scale: float) -> 
     large and important. Seeding the scores with the weights' magnitude makes the
     first masks magnitude masks; movement then reorders them, a weight needing about
     ``scale / score_lr`` steps of consistent movement to overtake one of mean magnitude.
-    Off by default and in the paper recipes (the reference starts every score at 0).
+    On by default; off in the paper recipes (the reference starts every score at 0).
     """
     for m in modules:
         if m.mask_scores is None:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from capscale.models.adapters import LOGICAL_ROLES
+from capscale.report.results import collapse_summary
 
 NOT_LOSSES = ("step", "epoch", "lr", "examples_per_s", "sparsity", "loss")
 
@@ -201,6 +202,8 @@ def _results_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
     if verified:
         rows.append(("export verified", f"max |Δoutput| {verified['max_abs_diff']:.1e} on "
                      f"{verified['examples']} dev examples (tolerance {verified['tolerance']:g})"))
+    if results.get("collapse"):
+        rows.append(("collapse detected", collapse_summary(results["collapse"])))
     rows += [("steps", str(results.get("steps"))),
              ("pruning time", f"{results.get('seconds', {}).get('pruning', 0):.0f} s")]
     rows += [(f"{phase.replace('_', ' ')} per step", f"{ms:.1f} ms")
@@ -226,6 +229,10 @@ def write_report(output_dir: str | Path, speed_batches: int = 5,
     sparsity = _read_json(out / "pruned" / "sparsity_report.json", {})
     sections: list[tuple[str, list[tuple[str, str]] | None, str | None]] = []
     if results:
+        events = (results.get("collapse") or {}).get("events") or []
+        if events:  # first: a collapsed run's other figures are not worth reading alone
+            sections.append(("Warning: training collapse", [
+                (f"step {e['step']}", e["message"]) for e in events], None))
         sections.append(("Result", _results_rows(results), None))
     if history:
         sections.append(("Sparsity schedule", None, plot_schedule(history,

@@ -102,6 +102,26 @@ def print_summary(console: Console, r: dict[str, Any], method: str, output_dir: 
          f"{r['seconds']['total']:.0f} s"),
         ("output", str(Path(output_dir) / "pruned" / "model")),
     ]
+    collapse = r.get("collapse") or {}
+    if collapse:
+        rows.insert(4, ("collapse detected", collapse_summary(collapse)))
     console.table("capscale result", rows)
     for note in r["notes"]:
         console.log(f"note: {note}")
+    for event in collapse.get("events", []):  # repeated here: the first may have scrolled
+        console.warn(event["message"])
+
+
+def collapse_summary(collapse: dict[str, Any]) -> str:
+    """One cell for the summary and the report: ``no``, or each finding in short
+    (capscale.train.collapse)."""
+    events = collapse.get("events") or []
+    if not events:
+        return "no"
+    parts = []
+    for e in events:
+        if e["kind"] == "loss_jump":
+            parts.append(f"{e['loss']} loss {e['ratio']:.0f}x at step {e['step']}")
+        else:
+            parts.append(f"dev accuracy at the majority-class rate at step {e['step']}")
+    return "YES: " + "; ".join(parts) + " (see the warning)"
