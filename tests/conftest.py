@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import rank_pool
 import torch
 import transformers
 from _tiny_run import setup
@@ -62,3 +63,7 @@ def references(request, resume_assets, tmp_path_factory) -> References:
     """Their uninterrupted reference runs (tests/references.py), made on first use."""
     modules = {item.path.stem for item in request.session.items}
     return References(resume_assets, tmp_path_factory.mktemp("references"), modules)
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    rank_pool.close()  # the session's two ranks (tests/rank_pool.py), when started
