@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import random
 import subprocess
@@ -79,11 +80,12 @@ def env() -> dict[str, str]:
     return e
 
 
-def command(args: list[str], nproc: int = 1) -> list[str]:
+def command(args: list[str], nproc: int = 1, program: tuple[str, ...] = ("-m", "capscale.run")
+            ) -> list[str]:
     if nproc == 1:
-        return [sys.executable, "-m", "capscale.run", *args]
+        return [sys.executable, *program, *args]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={nproc}", "--max-restarts=0", "-m", "capscale.run", *args]
+            f"--nproc_per_node={nproc}", "--max-restarts=0", *program, *args]
 
 
 def descendants(pid: int) -> list[int]:
@@ -115,3 +117,35 @@ def run(args: list[str], nproc: int = 1, timeout: float = 120,
         extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(command(args, nproc), env={**env(), **(extra_env or {})},
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def run_batch(arg_lists: list[list[str]], plan: Path, nproc: int = 1, timeout: float = 900,
+              ) -> list[subprocess.CompletedProcess]:
+    """``run(args, nproc)`` for each of ``arg_lists``, all in ONE launch (tests/_run_batch.py:
+    the runs one after another, each joining and leaving the process group as its own
+    launch would); one CompletedProcess per run, with that run's part of the output.
+
+    Process and launcher start-up dominate a tiny run, so the uninterrupted reference
+    runs are made this way. A launch that dies gives its return code (and the whole
+    output) to every run it did not finish."""
+    plan.write_text(json.dumps([[str(a) for a in args] for args in arg_lists]))
+    batch = str(Path(__file__).resolve().parent / "_run_batch.py")
+    r = subprocess.run(command([str(plan)], nproc, (batch,)), env=env(), capture_output=True,
+                       text=True, timeout=timeout, cwd=ROOT)
+    rc_file = Path(f"{plan}.rc")
+    codes = json.loads(rc_file.read_text()) if r.returncode == 0 and rc_file.is_file() else []
+
+    def parts(text: str) -> list[str]:
+        out = []
+        for i in range(len(arg_lists)):
+            start = text.find(f"@@run {i}@@")
+            end = text.find(f"@@run {i + 1}@@")
+            out.append(text[start:] if start >= 0 and end < 0 else
+                       text[start:end] if start >= 0 else "")
+        return out
+
+    outs, errs = parts(r.stdout), parts(r.stderr)
+    return [subprocess.CompletedProcess(
+        args, codes[i] if i < len(codes) else (r.returncode or -1),
+        outs[i] if i < len(codes) else r.stdout, errs[i] if i < len(codes) else r.stderr)
+        for i, args in enumerate(arg_lists)]

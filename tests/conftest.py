@@ -12,8 +12,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import rank_pool
 import torch
 import transformers
+from _tiny_run import setup
+from references import References
 from tiny import save_tiny, sentiment_rows, write_csv
 
 transformers.logging.set_verbosity_error()
@@ -47,3 +50,20 @@ def tiny_csv(tmp_path_factory) -> tuple[Path, Path]:
     d = tmp_path_factory.mktemp("data")
     return (write_csv(d / "train.csv", sentiment_rows(64, 0)),
             write_csv(d / "validation.csv", sentiment_rows(16, 1)))
+
+
+@pytest.fixture(scope="session")
+def resume_assets(tmp_path_factory) -> dict[str, Path]:
+    """The tiny BERT and task of the kill-and-resume tests (tests/_tiny_run.setup)."""
+    return setup(tmp_path_factory.mktemp("resume_assets"))
+
+
+@pytest.fixture(scope="session")
+def references(request, resume_assets, tmp_path_factory) -> References:
+    """Their uninterrupted reference runs (tests/references.py), made on first use."""
+    modules = {item.path.stem for item in request.session.items}
+    return References(resume_assets, tmp_path_factory.mktemp("references"), modules)
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    rank_pool.close()  # the session's two ranks (tests/rank_pool.py), when started

@@ -2,15 +2,14 @@
 
 ``make_assets`` writes a word-level BERT tokenizer, a tiny pre-trained encoder, a tiny
 "fine-tuned" teacher (random, 3 labels) and a 3-class CSV task. ``worker`` is the body
-of one spawned rank: it runs every check of a strategy in one job (process start-up
-and DeepSpeed initialisation dominate the cost) and rank 0 saves what the parent test
-compares against one process.
+of one rank (run on the session's two ranks, tests/rank_pool.py): it runs every check
+of a strategy in one job and rank 0 saves what the parent test compares against one
+process.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import socket
 from pathlib import Path
@@ -173,15 +172,12 @@ def teacher_record(run: Any) -> dict[str, Any]:
     return {"teacher_logits": logits.cpu(), "teacher_bytes": local_param_bytes(run.teacher)}
 
 
-def worker(rank: int, world: int, port: int, strategy: str, assets: dict[str, str],
-           out_dir: str, smoke: bool) -> None:
-    """One rank: parity, masks, threshold and teacher checks, then the real entry point."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), CAPSCALE_CPU="1",
-                      DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
-    torch.set_num_threads(1)
+def worker(rank: int, world: int, strategy: str, assets: dict[str, str], out_dir: str,
+           smoke: bool) -> None:
+    """One rank (of tests/rank_pool.py): parity, masks, threshold and teacher checks,
+    then the real entry point."""
     from capscale.distributed import init_distributed
-    ctx = init_distributed(strategy)
+    ctx = init_distributed(strategy)  # the pool's process group, with this strategy
     run = build_run(assets, ctx, GLOBAL_BATCH // world)
     record = {**train_and_record(run, ctx), **teacher_record(run), "strategy": ctx.strategy}
     del run
@@ -192,7 +188,6 @@ def worker(rank: int, world: int, port: int, strategy: str, assets: dict[str, st
     if smoke:
         _smoke(assets, out_dir, strategy)
     dist.barrier()
-    dist.destroy_process_group()
 
 
 def _smoke(assets: dict[str, str], out_dir: str, strategy: str) -> None:
@@ -241,15 +236,12 @@ HYBRID_OVERRIDES = {"pruning.method": "hybrid", "pruning.score_warm_start": "mag
 FAMILY_OVERRIDES = {"pruning.scope": "local"}  # per logical matrix top-k (fused maps split)
 
 
-def family_worker(rank: int, world: int, port: int, strategy: str,
-                  assets: dict[str, dict[str, str]], out_dir: str) -> None:
-    """One rank: for each family, the parity record of ``train_and_record``."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), CAPSCALE_CPU="1",
-                      DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
-    torch.set_num_threads(1)
+def family_worker(rank: int, world: int, strategy: str, assets: dict[str, dict[str, str]],
+                  out_dir: str) -> None:
+    """One rank (of tests/rank_pool.py): for each family, the parity record of
+    ``train_and_record``."""
     from capscale.distributed import init_distributed
-    ctx = init_distributed(strategy)
+    ctx = init_distributed(strategy)  # the pool's process group, with this strategy
     records = {}
     for family, paths in assets.items():
         run = build_run(paths, ctx, GLOBAL_BATCH // world, **FAMILY_OVERRIDES)
@@ -258,7 +250,6 @@ def family_worker(rank: int, world: int, port: int, strategy: str,
     if rank == 0:
         torch.save(records, Path(out_dir) / "records.pt")
     dist.barrier()
-    dist.destroy_process_group()
 
 
 def assert_losses_and_grads_match(one: dict[str, Any], two: dict[str, Any],

@@ -7,7 +7,6 @@ tests/data/squad_tiny*.json like any BERT-uncased checkpoint.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -99,16 +98,13 @@ def bank_record(run: Any) -> dict[str, Any]:
             for name, bank in run.objective.banks.items()}
 
 
-def qa_worker(rank: int, world: int, port: int, strategy: str, overrides: dict[str, Any],
+def qa_worker(rank: int, world: int, strategy: str, overrides: dict[str, Any],
               out_dir: str) -> None:
-    """One rank: the first batch's losses, the banks, the teacher's EM / F1 gathered over
-    ranks, then a few steps of the real loop and the export."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), CAPSCALE_CPU="1",
-                      DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
-    torch.set_num_threads(1)
+    """One rank (of tests/rank_pool.py): the first batch's losses, the banks, the
+    teacher's EM / F1 gathered over ranks, then a few steps of the real loop and the
+    export."""
     from capscale.distributed import init_distributed
-    ctx = init_distributed(strategy)
+    ctx = init_distributed(strategy)  # the pool's process group, with this strategy
     run = build_qa_run({**overrides, "train.batch_size": GLOBAL_BATCH // world}, ctx)
     record = {"strategy": ctx.strategy, "losses": first_losses(run, ctx),
               "banks": bank_record(run), "teacher_metrics": run.evaluate(run.teacher)}
@@ -119,4 +115,3 @@ def qa_worker(rank: int, world: int, port: int, strategy: str, overrides: dict[s
     if rank == 0:
         torch.save(record, Path(out_dir) / "record.pt")
     dist.barrier()
-    dist.destroy_process_group()

@@ -1,19 +1,15 @@
 """Shared fixtures of the scale-out tests: a tiny BERT on disk, a small labelled csv,
-and a 2-rank gloo launcher (torch.multiprocessing.spawn)."""
+and their 2-rank gloo runs (on the session's two ranks, tests/rank_pool.py)."""
 
 from __future__ import annotations
 
-import os
 import random
-import socket
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import rank_pool
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from transformers import BertConfig, BertForSequenceClassification
 
 from capscale.models.loading import load_tokenizer
@@ -47,34 +43,7 @@ def tiny_bert(path: Path, num_labels: int = 3, seed: int = 0) -> Path:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple,
-            errors: Any) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        fn(rank, world, *args)
-    except BaseException:
-        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
-        raise
-    finally:
-        dist.destroy_process_group()
-
-
-def run_ranks(fn: Callable[..., Any], *args: Any, world: int = 2) -> None:
-    """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; re-raise a rank's error."""
-    ctx = mp.get_context("spawn")
-    errors = ctx.SimpleQueue()
-    try:
-        mp.start_processes(_worker, args=(world, free_port(), fn, args, errors),
-                           nprocs=world, start_method="spawn")
-    except mp.ProcessRaisedException as err:
-        msg = errors.get() if not errors.empty() else str(err)
-        raise AssertionError(msg) from None
+def run_ranks(fn: Callable[..., Any], *args: Any) -> None:
+    """Run ``fn(rank, 2, *args)`` on the session's two gloo ranks (tests/rank_pool.py);
+    a rank's error is raised here."""
+    rank_pool.run(fn, *args)

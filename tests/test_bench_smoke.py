@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -24,10 +25,28 @@ def _bench(name: str):
     return module
 
 
+@pytest.fixture(scope="module")
+def smoke_teacher(tmp_path_factory) -> Path:
+    """The smoke budget's fine-tuned dense teacher (``<work>/smoke/teacher_run``), made
+    once by ``bench/fidelity.py --teacher-only``. fidelity, fair_baselines and frontier
+    each fine-tune it in their work folder unless it is there (same config, same
+    fingerprint): a test copies it into its own work folder, where the bench reuses it."""
+    root = tmp_path_factory.mktemp("smoke_teacher")
+    assert _bench("fidelity").main(["--budget", "smoke", "--teacher-only", "--work",
+                                    str(root / "work"), "--out", str(root / "out")]) == 0
+    return root / "work" / "smoke" / "teacher_run"
+
+
+def _work_with_teacher(tmp_path: Path, teacher: Path) -> Path:
+    work = tmp_path / "work"
+    shutil.copytree(teacher, work / "smoke" / "teacher_run")
+    return work
+
+
 @pytest.mark.slow
-def test_fidelity_smoke_budget(tmp_path):
+def test_fidelity_smoke_budget(tmp_path, smoke_teacher):
     fidelity = _bench("fidelity")
-    out, work = tmp_path / "results", tmp_path / "work"
+    out, work = tmp_path / "results", _work_with_teacher(tmp_path, smoke_teacher)
     args = ["--budget", "smoke", "--sparsities", "0.9", "--methods", "movement",
             "--no-ablation", "--out", str(out), "--work", str(work)]
     # Two workers split the runs and share one results file.
@@ -143,13 +162,14 @@ def test_fidelity_paper_budget_lists_loadable_commands(capsys):
 
 
 @pytest.mark.slow
-def test_fair_baselines_smoke(tmp_path):
+def test_fair_baselines_smoke(tmp_path, smoke_teacher):
     """bench/fair_baselines.py: the sweep picks each side's best rate and the table
     says which rate each cell used (one rate, one seed: the sweep is the whole grid)."""
     fair = _bench("fair_baselines")
+    work = _work_with_teacher(tmp_path, smoke_teacher)
     assert fair.main(["--budget", "smoke", "--lrs", "2e-4", "--methods", "movement",
                       "--seeds", "1", "--sparsities", "0.9", "--out", str(tmp_path / "out"),
-                      "--work", str(tmp_path / "work")]) == 0
+                      "--work", str(work)]) == 0
     runs = json.loads((tmp_path / "out" / "fair_baselines_smoke.json").read_text())["runs"]
     assert sorted(r["cap"] for r in runs) == [False, True]
     assert all(r["phase"] == "sweep" and r["lr"] == 2e-4 for r in runs)
@@ -183,12 +203,12 @@ def test_sparse_size_smoke(tmp_path):
 
 
 @pytest.mark.slow
-def test_frontier_smoke(tmp_path):
+def test_frontier_smoke(tmp_path, smoke_teacher):
     """bench/frontier.py end to end on the smoke budget: a hybrid and a CAP-f point
     trained and exported (with ONNX and INT8), timed next to the dense model, tabled."""
     frontier = _bench("frontier")
     args = ["--budget", "smoke", "--out", str(tmp_path / "out"), "--work",
-            str(tmp_path / "work")]
+            str(_work_with_teacher(tmp_path, smoke_teacher))]
     assert frontier.main([*args, "--only", "hybrid 50%", "CAP-f 50%"]) == 0
     assert frontier.main([*args, "--time", "--repeats", "1", "--length", "16"]) == 0
     data = json.loads((tmp_path / "out" / "frontier_smoke.json").read_text())

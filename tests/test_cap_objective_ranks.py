@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
+import rank_pool
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from capscale.config import CAPConfig
@@ -43,22 +42,18 @@ def _fill_and_loss(ctx: DistContext, rows: slice) -> tuple[dict[str, float], tor
             obj.banks["snc"].vectors)
 
 
-def _worker(rank: int, world: int, init_file: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
-    try:
-        per = BATCH // world
-        losses, grad, snc = _fill_and_loss(DistContext(rank, world),
-                                           slice(rank * per, (rank + 1) * per))
-        torch.save({"losses": losses, "grad": grad, "snc": snc}, f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int, out: str) -> None:
+    """One of the session's two gloo ranks (tests/rank_pool.py)."""
+    per = BATCH // world
+    losses, grad, snc = _fill_and_loss(DistContext(rank, world),
+                                       slice(rank * per, (rank + 1) * per))
+    torch.save({"losses": losses, "grad": grad, "snc": snc}, f"{out}/rank{rank}.pt")
 
 
 @pytest.mark.multiprocess
 def test_two_gloo_ranks_match_one_process(tmp_path):
     torch.set_num_threads(1)
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    rank_pool.run(_worker, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     losses, grad, snc = _fill_and_loss(DistContext(), slice(0, BATCH))
     assert set(losses) == {f"{m}_{k}" for m in ("prc", "fic", "snc") for k in ("unsup", "sup")}

@@ -1,10 +1,10 @@
 """2 ranks (gloo, CPU) under ddp / zero3 / fsdp2 equal one process on the global batch.
 
-One spawned 2-rank job per strategy runs every check (see distributed_helpers.worker);
-the single-process reference runs here once. Tolerances: fp32 throughout; losses to
-1e-5 relative, gradients to 1e-5 absolute + 1e-4 relative (reduction order differs
-between an all-reduce / reduce-scatter and one process' sums); masks, zeroed weights
-and the global threshold exactly.
+One 2-rank job per strategy, on the session's two ranks (tests/rank_pool.py), runs
+every check (see distributed_helpers.worker); the single-process reference runs here
+once. Tolerances: fp32 throughout; losses to 1e-5 relative, gradients to 1e-5 absolute
++ 1e-4 relative (reduction order differs between an all-reduce / reduce-scatter and one
+process' sums); masks, zeroed weights and the global threshold exactly.
 """
 
 from __future__ import annotations
@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 
 import pytest
+import rank_pool
 import torch
-import torch.multiprocessing as mp
 from distributed_helpers import (
     GLOBAL_BATCH,
     HYBRID_OVERRIDES,
     assert_losses_and_grads_match,
     build_run,
-    free_port,
     make_assets,
     teacher_record,
     train_and_record,
@@ -55,7 +54,7 @@ def two_ranks(strategy: str, assets, tmp_path_factory) -> dict:
     if strategy not in _JOBS:
         out = tmp_path_factory.mktemp(f"job_{strategy}")
         smoke = strategy != "ddp"
-        mp.spawn(worker, args=(2, free_port(), strategy, assets, str(out), smoke), nprocs=2)
+        rank_pool.run(worker, strategy, assets, str(out), smoke)
         record = torch.load(out / "record.pt", weights_only=False)
         if smoke:
             record["smoke_rc"] = json.loads((out / "smoke_rc.json").read_text())["rc"]

@@ -12,6 +12,7 @@ import json
 from types import SimpleNamespace
 
 import pytest
+import rank_pool
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -55,14 +56,18 @@ def _metrics(ctx: DistContext) -> dict[str, float]:
     return evaluate(RowLookup(), loader, ctx, get_task("classification"), CLASSES)
 
 
+def _rank_metrics(rank: int, world: int, out: str) -> None:
+    metrics = _metrics(DistContext(rank, world))
+    with open(f"{out}/rank{rank}.json", "w") as f:
+        json.dump(metrics, f)
+
+
 def _worker(rank: int, world: int, init_file: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
     try:
-        metrics = _metrics(DistContext(rank, world))
-        with open(f"{out}/rank{rank}.json", "w") as f:
-            json.dump(metrics, f)
+        _rank_metrics(rank, world, out)
     finally:
         dist.destroy_process_group()
 
@@ -80,8 +85,11 @@ def test_ranks_uneven_eval_set_equal_one_process(tmp_path, world):
                             torch.tensor(GOLD)[padded].numpy(), CLASSES)
     assert naive["accuracy"] == pytest.approx(5 / len(padded)) and naive != one
 
-    mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world,
-             join=True)
+    if world == 2:  # the session's two ranks (tests/rank_pool.py)
+        rank_pool.run(_rank_metrics, str(tmp_path))
+    else:
+        mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world,
+                 join=True)
     for rank in range(world):
         ranks = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert ranks == one, (rank, ranks, one)  # exact, every metric, on every rank

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 import transformers
-from _tiny_run import overrides, run, setup
+from _tiny_run import overrides, run_batch, setup
 from tiny import fast_overrides, tiny_config
 from transformers import AutoTokenizer
 
@@ -154,16 +154,29 @@ def test_frozen_embeddings_do_not_move(tiny_bert, tiny_csv, tmp_path, freeze):
     assert any(not torch.equal(p, layer[n]) for n, p in model.bert.encoder.named_parameters())
 
 
+SHARDED = ("fsdp2", "zero3")
+
+
+@pytest.fixture(scope="module")
+def frozen_sharded_runs(tmp_path_factory) -> tuple[dict[str, Path], dict[str, Any]]:
+    """The 2-rank runs of both sharded strategies with frozen embeddings, through the
+    real entry point in ONE torchrun launch (tests/_tiny_run.run_batch)."""
+    root = tmp_path_factory.mktemp("frozen_sharded")
+    assets = setup(root / "assets")
+    runs = run_batch([overrides(assets, root / s, **{
+        "train.freeze_embeddings": True, "strategy": s, "train.max_steps": 4,
+        "train.eval_every": 0, "report.enabled": False}) for s in SHARDED],
+        root / "plan.json", nproc=2, timeout=600)
+    return assets, {s: (root / s, r) for s, r in zip(SHARDED, runs)}
+
+
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("strategy", ["fsdp2", "zero3"])
-def test_frozen_embeddings_under_sharding(strategy, tmp_path):
+@pytest.mark.parametrize("strategy", SHARDED)
+def test_frozen_embeddings_under_sharding(strategy, frozen_sharded_runs):
     """2 ranks through the real entry point: the export's embeddings are the
     pre-trained ones, its encoder weights are not."""
-    assets = setup(tmp_path / "assets")
-    out = tmp_path / "run"
-    r = run(overrides(assets, out, **{"train.freeze_embeddings": True, "strategy": strategy,
-                                      "train.max_steps": 4, "train.eval_every": 0,
-                                      "report.enabled": False}), nproc=2, timeout=300)
+    assets, runs = frozen_sharded_runs
+    out, r = runs[strategy]
     assert r.returncode == 0, r.stderr[-3000:]
     load = transformers.AutoModelForSequenceClassification.from_pretrained
     start, pruned = load(assets["model"]), load(out / "pruned" / "model")

@@ -2,22 +2,22 @@
 BERT-like ones with their own embeddings and heads): 2 ranks under ZeRO-3 and
 FSDP2 equal one process on the global batch (losses, gradients, masks, zeroed weights).
 
-One spawned 2-rank job per strategy runs every family (process start-up dominates);
+One 2-rank job per strategy, on the session's two ranks (tests/rank_pool.py), runs
+every family;
 tolerances as in test_distributed_strategies.
 """
 
 from __future__ import annotations
 
 import pytest
+import rank_pool
 import torch
-import torch.multiprocessing as mp
 from distributed_helpers import (
     FAMILY_OVERRIDES,
     GLOBAL_BATCH,
     assert_losses_and_grads_match,
     build_run,
     family_worker,
-    free_port,
     make_family_assets,
     train_and_record,
 )
@@ -51,7 +51,7 @@ _JOBS: dict[str, dict] = {}
 def two_ranks(strategy: str, assets, tmp_path_factory) -> dict:
     if strategy not in _JOBS:
         out = tmp_path_factory.mktemp(f"families_{strategy}")
-        mp.spawn(family_worker, args=(2, free_port(), strategy, assets, str(out)), nprocs=2)
+        rank_pool.run(family_worker, strategy, assets, str(out))
         _JOBS[strategy] = torch.load(out / "records.pt", weights_only=False)
     return _JOBS[strategy]
 

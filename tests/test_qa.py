@@ -13,8 +13,8 @@ import json
 
 import numpy as np
 import pytest
+import rank_pool
 import torch
-import torch.multiprocessing as mp
 from qa_helpers import (
     GLOBAL_BATCH,
     NO_SUP,
@@ -405,13 +405,11 @@ def rank_assets(tmp_path_factory):
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("strategy", ["zero3", "fsdp2"])
 def test_two_ranks_match_one_process(strategy, rank_assets):
-    from distributed_helpers import free_port
-
     over, single, root = rank_assets
     out = root / f"job_{strategy}"
     out.mkdir()
     over = copy.deepcopy({**over, "output_dir": str(out / "run")})
-    mp.spawn(qa_worker, args=(2, free_port(), strategy, over, str(out)), nprocs=2)
+    rank_pool.run(qa_worker, strategy, over, str(out))
     rec = torch.load(out / "record.pt", weights_only=False)
     assert rec["strategy"] == strategy and rec["steps"] == 3
     assert set(rec["losses"]) == set(single["losses"]) >= {

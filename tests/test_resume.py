@@ -17,33 +17,24 @@ from pathlib import Path
 
 import pytest
 import torch
-from _tiny_run import ROOT, command, descendants, env, overrides, run, setup
+from _tiny_run import ROOT, command, descendants, env, run
+from references import EVERY, _args
 from safetensors.torch import load_file
 
 from capscale.checks import load_run_config
 from capscale.config import ConfigError, config_to_dict
 from capscale.train.checkpoint import checkpoint_root, list_checkpoints, resolve_resume
 
-EVERY = 3
+
+@pytest.fixture(scope="module")
+def assets(resume_assets):
+    return resume_assets
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return setup(tmp_path_factory.mktemp("resume"))
-
-
-def _args(assets, out: Path, **extra) -> list[str]:
-    return overrides(assets, out, **{"checkpoint.every_steps": EVERY, "report.enabled": False,
-                                     **extra})
-
-
-@pytest.fixture(scope="module")
-def reference(assets, tmp_path_factory):
-    """The uninterrupted single-process run."""
-    ref = tmp_path_factory.mktemp("reference")
-    r = run(_args(assets, ref))
-    assert r.returncode == 0, r.stderr[-3000:]
-    return ref
+def reference(references):
+    """The uninterrupted single-process run (made with the session's other references)."""
+    return references.get(1, {})
 
 
 def _start(args: list[str], log: Path, nproc: int = 1, extra_env: dict | None = None
@@ -102,14 +93,9 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert len(set(steps)) == len(steps), f"a step evaluated twice: {steps}"
 
 
-def _kill_and_resume(assets, tmp_path: Path, nproc: int, ref: Path | None = None,
-                     **extra) -> None:
+def _kill_and_resume(assets, tmp_path: Path, nproc: int, ref: Path, **extra) -> None:
     """SIGKILL a run after a random checkpoint (seeded; the seed is in every failure),
-    resume it, and compare it with the uninterrupted run ``ref``."""
-    if ref is None:
-        ref = tmp_path / "ref"
-        r = run(_args(assets, ref, **extra), nproc)
-        assert r.returncode == 0, r.stderr[-3000:]
+    resume it, and compare it with the uninterrupted run ``ref`` (of the same config)."""
     seed = random.randrange(10**6)
     rng = random.Random(seed)
     kill_after = rng.choice(range(EVERY, 13, EVERY))
@@ -136,8 +122,8 @@ def test_sigkill_single_process_then_resume_matches_uninterrupted(assets, refere
 
 
 @pytest.mark.multiprocess
-def test_sigkill_two_ranks_then_resume_matches_uninterrupted(assets, tmp_path):
-    _kill_and_resume(assets, tmp_path, nproc=2)
+def test_sigkill_two_ranks_then_resume_matches_uninterrupted(assets, references, tmp_path):
+    _kill_and_resume(assets, tmp_path, nproc=2, ref=references.get(2, {}))
 
 
 def test_kill_during_checkpoint_write_leaves_previous_checkpoint(assets, reference,

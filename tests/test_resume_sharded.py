@@ -16,8 +16,9 @@ import random
 import time
 
 import pytest
-from _tiny_run import overrides, run, setup
-from test_resume import EVERY, _args, _kill, _start, _steps, _wait_for, assert_same_run
+from _tiny_run import overrides, run
+from references import EVERY, _args
+from test_resume import _kill, _start, _steps, _wait_for, assert_same_run
 
 from capscale.cli import main
 
@@ -25,17 +26,15 @@ SHARDS = {"zero3": "deepspeed/state/*", "fsdp2": "dcp/*.distcp"}
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return setup(tmp_path_factory.mktemp("resume_sharded"))
+def assets(resume_assets):
+    return resume_assets
 
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("strategy", ["zero3", "fsdp2"])
-def test_sigkill_sharded_run_then_resume_matches_uninterrupted(assets, tmp_path, strategy,
-                                                               capsys):
-    ref = tmp_path / "ref"
-    r = run(_args(assets, ref, strategy=strategy), 2)
-    assert r.returncode == 0, r.stderr[-3000:]
+def test_sigkill_sharded_run_then_resume_matches_uninterrupted(assets, references, tmp_path,
+                                                               strategy, capsys):
+    ref = references.get(2, {"strategy": strategy})  # the uninterrupted run
     stall = random.choice([2 * EVERY, 3 * EVERY, 4 * EVERY])
     out, log = tmp_path / "killed", tmp_path / "killed.log"
     proc = _start(_args(assets, out, strategy=strategy), log, nproc=2,

@@ -1,12 +1,13 @@
 """Structured CAP (iterative, 2 levels) under ddp / zero3 / fsdp2 equals one process.
 
-One spawned 2-rank job per strategy runs the real structured recipe on a tiny BERT
-(dropout off) with the training set read in a fixed order, so that global batch ``k``
-is the same rows for one process and for the two ranks (4 rows each). Checked against
-one process: the Taylor importance at every level (1e-4 relative), the heads and
-neurons kept per layer (exactly), the per-step losses averaged over ranks, the LR of
-every step (fresh schedule per level), and the final logits. On rank 0 the exported,
-physically smaller model gives the masked student's logits (1e-5) and loads with
+One 2-rank job per strategy (on the session's two ranks, tests/rank_pool.py) runs the
+real structured recipe on a tiny BERT (dropout off) with the training set read in a
+fixed order, so that global batch ``k`` is the same rows for one process and for the
+two ranks (4 rows each). Checked against one process: the Taylor importance at every
+level (1e-4 relative), the heads and neurons kept per layer (exactly), the per-step
+losses averaged over ranks, the LR of every step (fresh schedule per level), and the
+final logits. On rank 0 the exported, physically smaller model gives the masked
+student's logits (1e-5) and loads with
 ``AutoModelForSequenceClassification.from_pretrained(dir, trust_remote_code=True)``.
 """
 
@@ -14,15 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import pytest
+import rank_pool
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from distributed_helpers import GLOBAL_BATCH, batch_rows, free_port, make_assets, run_config
+from distributed_helpers import GLOBAL_BATCH, batch_rows, make_assets, run_config
 from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification
 
@@ -96,21 +96,17 @@ def record_run(run: Any, export_dir: Path) -> dict[str, Any]:
     return out
 
 
-def worker(rank: int, world: int, port: int, strategy: str, assets: dict[str, str],
-           out_dir: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), CAPSCALE_CPU="1",
-                      DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
-    torch.set_num_threads(1)
+def worker(rank: int, world: int, strategy: str, assets: dict[str, str], out_dir: str
+           ) -> None:
+    """One rank (of tests/rank_pool.py)."""
     from capscale.distributed import init_distributed
-    ctx = init_distributed(strategy)
+    ctx = init_distributed(strategy)  # the pool's process group, with this strategy
     record = record_run(build(assets, ctx), Path(out_dir) / "export")
     if rank == 0:
         torch.save({**record, "strategy": ctx.strategy}, Path(out_dir) / "record.pt")
     if strategy != "ddp":
         _entry_point(assets, Path(out_dir), strategy)
     dist.barrier()
-    dist.destroy_process_group()
 
 
 def _entry_point(assets: dict[str, str], out_dir: Path, strategy: str) -> None:
@@ -144,7 +140,7 @@ def single(assets, tmp_path_factory):
 
 @pytest.mark.parametrize("strategy", ["ddp", "zero3", "fsdp2"])
 def test_structured_two_ranks_match_one_process(strategy, assets, single, tmp_path):
-    mp.spawn(worker, args=(2, free_port(), strategy, assets, str(tmp_path)), nprocs=2)
+    rank_pool.run(worker, strategy, assets, str(tmp_path))
     rec = torch.load(tmp_path / "record.pt", weights_only=False)
     assert rec["strategy"] == strategy
     assert len(rec["importance"]) == len(rec["keep"]) == len(LEVELS)

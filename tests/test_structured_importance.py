@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
+import rank_pool
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from structured_models import tiny_inputs, tiny_model
 
@@ -87,32 +85,21 @@ def test_select_structure_rules():
         select_structure(imp, 0.5, min_heads_per_layer=5)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        ctx = DistContext(rank=rank, world_size=2)
-        model = tiny_model("bert")
-        masks = StructuredMasks(model, adapter_for(model))
-        # Rank r holds rows [r*B, (r+1)*B) of every global batch of 2B rows.
-        local = [{k: v[rank * 3:(rank + 1) * 3] for k, v in b.items()} for b in _batches(3, 6)]
-        imp = taylor_importance(masks, _ce(model), local, ctx.all_reduce_sum, ctx.world_size)
-        keep = select_structure(imp, 0.5, 1)
-        torch.save({"imp": imp, "keep": keep}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int, out_dir: str) -> None:
+    """One of the session's two gloo ranks (tests/rank_pool.py)."""
+    ctx = DistContext(rank=rank, world_size=world)
+    model = tiny_model("bert")
+    masks = StructuredMasks(model, adapter_for(model))
+    # Rank r holds rows [r*B, (r+1)*B) of every global batch of 2B rows.
+    local = [{k: v[rank * 3:(rank + 1) * 3] for k, v in b.items()} for b in _batches(3, 6)]
+    imp = taylor_importance(masks, _ce(model), local, ctx.all_reduce_sum, ctx.world_size)
+    keep = select_structure(imp, 0.5, 1)
+    torch.save({"imp": imp, "keep": keep}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 @pytest.mark.multiprocess
 def test_importance_two_ranks_equal_one_process(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    rank_pool.run(_worker, str(tmp_path))
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
     for a, b in zip(r0["imp"].heads + r0["imp"].ffn, r1["imp"].heads + r1["imp"].ffn):
