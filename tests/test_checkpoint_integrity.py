@@ -66,7 +66,8 @@ def _copy(reference: Path, tmp_path: Path) -> Path:
 
 
 def _text(s: str) -> str:
-    return " ".join(s.split())  # rich wraps long log lines
+    """``s`` without white space: rich wraps long log lines, inside a path too."""
+    return "".join(s.split())
 
 
 # -- damage ------------------------------------------------------------------------------
@@ -161,8 +162,8 @@ def test_damaged_newest_checkpoint_explicit_exits_2_latest_falls_back(
 
     assert main(_args(assets, out, resume="latest")) == 0
     logged = _text(capsys.readouterr().out)
-    assert f"checkpoint {newest} is damaged or incomplete, skipped: {message}" in logged
-    assert f"resumed from {out / 'checkpoints' / PREVIOUS} (step 21, epoch" in logged
+    assert _text(f"checkpoint {newest} is damaged or incomplete, skipped: {message}") in logged
+    assert _text(f"resumed from {out / 'checkpoints' / PREVIOUS} (step 21, epoch") in logged
     assert_same_run(reference, out)
     assert verify_checkpoint(newest).problem is None  # saved again, intact
 
@@ -180,7 +181,8 @@ def test_every_checkpoint_damaged_is_a_one_line_error(assets, reference, tmp_pat
                           "model.pt has "), err
     assert "were written (truncated or extended)" in err
     logged = _text(captured.out)
-    assert f"{PREVIOUS} is damaged or incomplete, skipped: optimizer.pt is missing" in logged
+    assert _text(f"{PREVIOUS} is damaged or incomplete, skipped: optimizer.pt is missing") \
+        in logged
 
 
 def _reseal(ckpt: Path) -> None:
@@ -233,9 +235,9 @@ def test_old_checkpoint_without_manifest_resumes_with_a_warning(assets, referenc
         _strip_manifest(ckpt)
     assert main(_args(assets, out, resume="latest")) == 0
     logged = _text(capsys.readouterr().out)
-    assert (f"checkpoint {out / 'checkpoints' / NEWEST} has no manifest.json (written before "
-            "checkpoints carried one): its files cannot be verified") in logged
-    assert f"resumed from {out / 'checkpoints' / NEWEST} (step 24" in logged
+    assert _text(f"checkpoint {out / 'checkpoints' / NEWEST} has no manifest.json (written "
+                 "before checkpoints carried one): its files cannot be verified") in logged
+    assert _text(f"resumed from {out / 'checkpoints' / NEWEST} (step 24") in logged
     assert_same_run(reference, out)
 
 
@@ -259,7 +261,7 @@ def test_old_checkpoint_damage_is_a_one_line_error(assets, reference, tmp_path, 
     assert err.count("\n") == 0, err
     assert err.startswith(f"capscale: checkpoint error: resume = {newest}: "), err
     assert message in err, err
-    assert "has no manifest.json" in _text(captured.out)
+    assert _text("has no manifest.json") in _text(captured.out)
 
 
 def test_export_verifies_its_checkpoint_too(assets, reference, tmp_path, capsys):
@@ -273,8 +275,8 @@ def test_export_verifies_its_checkpoint_too(assets, reference, tmp_path, capsys)
     assert err.startswith(f"capscale: checkpoint error: --checkpoint {newest}: damaged "
                           "checkpoint: model.pt does not match its sha256"), err
     assert main(["export", *_args(assets, out), "--checkpoint", "latest"]) == 0
-    assert f"exported {out / 'checkpoints' / PREVIOUS} to {out / f'export-{PREVIOUS}'}" in \
-        _text(capsys.readouterr().out)
+    assert _text(f"exported {out / 'checkpoints' / PREVIOUS} to {out / f'export-{PREVIOUS}'}") \
+        in _text(capsys.readouterr().out)
 
 
 # -- units -------------------------------------------------------------------------------
@@ -328,7 +330,7 @@ def test_two_ranks_skip_a_checkpoint_whose_rank_file_is_damaged(assets, tmp_path
     r = run(_args(assets, out, resume="latest"), nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     logged = _text(r.stdout)
-    assert (f"checkpoint {newest} is damaged or incomplete, skipped: rng_rank1.pt does not "
-            "match its sha256") in logged, logged[-3000:]
-    assert f"resumed from {previous} (step 9, epoch" in logged
+    assert _text(f"checkpoint {newest} is damaged or incomplete, skipped: rng_rank1.pt does "
+                 "not match its sha256") in logged, logged[-3000:]
+    assert _text(f"resumed from {previous} (step 9, epoch") in logged
     assert_same_run(ref, out)
