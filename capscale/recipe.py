@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,7 @@ from capscale.train.checkpoint import (
     resolve_resume,
     saved_step,
 )
-from capscale.train.evaluation import evaluate
+from capscale.train.evaluation import evaluate, whole_set_scorer
 from capscale.train.finetune import finetune_teacher
 from capscale.train.hooks import LoopHook, Phases, PhaseTotals
 from capscale.train.loop import TrainLoop
@@ -130,8 +131,7 @@ class CAPRecipe:
                                      ctx.world_size)
         self.strategy = make_strategy(ctx, cfg.distributed)
         self.steps_per_epoch = per_epoch = len(self.loaders.train)
-        steps = per_epoch * cfg.train.epochs
-        steps = min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
+        steps = min(per_epoch * cfg.train.epochs, cfg.train.max_steps or sys.maxsize)
         self.total_steps = self.method.planned_steps(steps, cfg.structured, per_epoch)
         torch.manual_seed(cfg.train.seed)
         self.student_init = (teacher_path if cfg.model.student_init == "teacher"
@@ -255,13 +255,14 @@ class CAPRecipe:
 
     def export(self, out_dir: Path, extra: dict[str, Any] | None = None
                ) -> dict[str, Any] | None:
-        """Write the pruned student as the controller plans it and verify it (collective:
-        a sharded student is gathered; the main rank writes and gets the report)."""
-        e = self.cfg.export
+        """Write the pruned student as the controller plans it, verify it and score it on
+        the dev set (collective: a sharded student is gathered; the main rank writes)."""
+        e, ld = self.cfg.export, self.loaders
         return write_verified_export(
             self.student.model, self.full_student, self.controller.export_plan, self.adapter,
-            out_dir, self.tokenizer, extra, self.loaders.eval, e.verify_batches, e.verify_atol,
-            self.cfg.model.trust_remote_code, self.ctx)
+            out_dir, self.tokenizer, extra, ld.eval, e.verify_batches, e.verify_atol,
+            self.cfg.model.trust_remote_code, self.ctx, whole_set_scorer(
+                ld.eval, self.ctx.device, self.task, self.data.num_labels, ld.eval_reference))
 
     def finish(self, export: bool = True) -> dict[str, Any]:
         """Report sparsity, export the pruned model, build the results (collective)."""

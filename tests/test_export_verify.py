@@ -115,6 +115,17 @@ def test_the_results_and_summary_say_the_export_was_verified(assets, tmp_path, c
     results = json.loads((out / "results.json").read_text())
     v = results["export_verified"]
     assert v["ok"] and v["max_abs_diff"] <= 1e-4 and v["examples"] > 0
-    assert "export verified" in capsys.readouterr().out
+    # The reported accuracy is the reloaded export's over the whole dev set: a share of
+    # its rows, equal to the masked student's (the export reproduces its logits).
+    n_dev = results["eval_examples"]
+    acc = v["metrics"]["accuracy"]
+    assert acc * n_dev == pytest.approx(round(acc * n_dev), abs=1e-9)
+    assert v["metrics"] == pytest.approx(results["pruned_metrics"])
+    printed = " ".join(capsys.readouterr().out.replace("│", " ").split())  # table cells
+    assert "export verified" in printed
+    assert f"pruned model accuracy (verified export) {acc:.4f}" in printed
     report = (out / "report" / "report.md").read_text()
     assert "export verified" in report
+    assert f"| pruned model accuracy (verified export) | {acc:.4f} |" in report
+    card = (out / "pruned" / "model" / "README.md").read_text()
+    assert f"pruned model accuracy (dev) | {acc:.4f}" in card and "export check" in card

@@ -41,7 +41,8 @@ def test_markdown_and_html_reference_every_plot_and_the_export(run_dir):
     for name in PLOTS:
         assert f"({name})" in md and f'src="{name}"' in html
     results = json.loads((run_dir / "results.json").read_text())
-    assert f"| pruned student accuracy | {results['pruned_metrics']['accuracy']:.4f} |" in md
+    exported = results["export_verified"]["metrics"]["accuracy"]  # the export's dev score
+    assert f"| pruned model accuracy (verified export) | {exported:.4f} |" in md
     assert "exported model (dense safetensors)" in md and "forward latency" in md
     assert html.startswith("<!doctype html>")
     # the loop's phases, timed through its hooks: every phase of a CAP step, in order

@@ -93,11 +93,17 @@ def _metric_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
     key = results.get("task_metric")
     rows = []
     if key:
-        for who, name in (("teacher_metrics", "dense teacher"),
-                          ("pruned_metrics", "pruned model")):
-            value = (results.get(who) or {}).get(key)
+        exported = (r.get("verified") or {}).get("metrics") or {}
+        for name, value in (("dense teacher", (results.get("teacher_metrics") or {}).get(key)),
+                            ("pruned model", exported.get(key, (results.get("pruned_metrics")
+                                                                or {}).get(key)))):
             if value is not None:
                 rows.append((f"{name} {key} (dev)", f"{value:.4f}"))
+        verified = r.get("verified")
+        if verified:
+            rows.append(("export check", f"reloaded with transformers, max |Δoutput| "
+                         f"{verified['max_abs_diff']:.1e} vs the pruned student on "
+                         f"{verified['examples']} dev examples"))
     dev = (r.get("formats") or {}).get("dev") or {}
     for runtime, metrics in (dev.get("metrics") or {}).items():
         rows += [(f"{runtime} {k} (dev, {dev['examples']} examples)", f"{v:.4f}")

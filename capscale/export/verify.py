@@ -10,11 +10,14 @@ beside the weights), and run on the same batches. The export is verified when ev
 output is within ``export.verify_atol`` of the student's (fp32: baking or slicing
 changes only the order of a few sums, about 1e-7). A crash while loading or running it
 counts as a mismatch. :class:`ExportMismatch` says what differs, in one line.
+
+A verified export is then scored on the whole dev set (``score``): the metric the run
+reports as the pruned model's is the export's, not the masked student's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -54,12 +57,14 @@ def reload_export(model_dir: str | Path, class_name: str, trust_remote_code: boo
 
 @torch.no_grad()
 def verify_export(model_dir: str | Path, class_name: str, trust_remote_code: bool,
-                  batches: list[dict[str, Tensor]], expected: list[Tensor], atol: float
+                  batches: list[dict[str, Tensor]], expected: list[Tensor], atol: float,
+                  score: Callable[[nn.Module], dict[str, float]] | None = None
                   ) -> dict[str, Any]:
     """Reload the export in ``model_dir`` and compare its outputs with ``expected``.
 
     Returns:
-        ``{"ok": True, "max_abs_diff", "tolerance", "batches", "examples"}``.
+        ``{"ok": True, "max_abs_diff", "tolerance", "batches", "examples"}``, and
+        ``"metrics"``: ``score(reloaded export)`` when ``score`` is given.
 
     Raises:
         ExportMismatch: an output differs by more than ``atol``, or loading / running
@@ -89,5 +94,14 @@ def verify_export(model_dir: str | Path, class_name: str, trust_remote_code: boo
         raise ExportMismatch(f"the export in {where} does not reproduce the student: max "
                              f"|Δoutput| {worst:.3g} on dev batch {at} (export.verify_atol "
                              f"{atol:g})")
-    return {"ok": True, "max_abs_diff": worst, "tolerance": atol, "batches": len(batches),
-            "examples": sum(int(b["input_ids"].shape[0]) for b in batches)}
+    verdict: dict[str, Any] = {
+        "ok": True, "max_abs_diff": worst, "tolerance": atol, "batches": len(batches),
+        "examples": sum(int(b["input_ids"].shape[0]) for b in batches)}
+    if score is not None:
+        try:
+            verdict["metrics"] = score(model)
+        except Exception as err:
+            first = str(err).splitlines()[0] if str(err) else ""
+            raise ExportMismatch(f"the export in {where} fails on the dev set "
+                                 f"({type(err).__name__}: {first})") from err
+    return verdict

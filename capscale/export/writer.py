@@ -68,11 +68,14 @@ def write_verified_export(student: nn.Module, full_student: Callable[[], nn.Modu
                           out_dir: Path, tokenizer: PreTrainedTokenizerBase | None,
                           extra: dict[str, Any] | None, dev: Iterable[dict[str, Tensor]],
                           batches: int, atol: float, trust_remote_code: bool,
-                          ctx: DistContext) -> dict[str, Any] | None:
+                          ctx: DistContext,
+                          score: Callable[[nn.Module], dict[str, float]] | None = None
+                          ) -> dict[str, Any] | None:
     """Run the live ``student`` (as the strategy prepared it) on the first ``batches``
     of ``dev``, write ``full_student()`` (the unsharded copy with masks attached on the
     main rank, None on the others) as ``plan(copy)`` says, then reload the export and
-    check it against the student's outputs (capscale.export.verify). Collective: every
+    check it against the student's outputs (capscale.export.verify) and, when ``score``
+    is given, score it on the whole dev set (main rank only). Collective: every
     rank learns the verdict and raises :class:`ExportMismatch` when it failed. Returns
     the export's report (with ``verified``) on the main rank, None on the others."""
     checked = list(islice(dev, batches))
@@ -86,7 +89,7 @@ def write_verified_export(student: nn.Module, full_student: Callable[[], nn.Modu
         try:
             report["verified"] = verify_export(out_dir / "model", class_name,
                                                export_plan.physical or trust_remote_code,
-                                               checked, expected, atol)
+                                               checked, expected, atol, score)
         except ExportMismatch as err:
             failure = str(err)
         else:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from capscale.models.adapters import LOGICAL_ROLES
-from capscale.report.results import collapse_summary
+from capscale.report.results import collapse_summary, pruned_rows
 
 NOT_LOSSES = ("step", "epoch", "lr", "examples_per_s", "sparsity", "loss")
 
@@ -196,7 +196,8 @@ def _results_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
     key = results.get("task_metric", "accuracy")
     teacher = (results.get("teacher_metrics") or {}).get(key)
     rows = [(f"dense teacher {key}", f"{teacher:.4f}" if teacher is not None else "n/a"),
-            (f"pruned student {key}", f"{results['pruned_metrics'][key]:.4f}")]
+            *((name, f"{value:.4f}") for name, value in pruned_rows({"task_metric": key,
+                                                                     **results}))]
     rows += [(k.replace("_", " "), f"{100 * v:.2f}%") for k, v in results["sparsity"].items()]
     verified = results.get("export_verified")
     if verified:

@@ -3,9 +3,10 @@
 The report times the export and the dense model it came from (the run's fine-tuned
 teacher, else ``model.teacher``, else the student's starting model) in the same
 process at the same shape, so the speed-up is measured on the machine the report runs
-on; the accuracy is the pruned student's as a fraction of the dense teacher's. Given a
-frontier file (``bench/results/frontier.json``, written by bench/frontier.py), the
-section also plots this run among the frontier's points.
+on; the accuracy is the pruned model's (its verified export's when exported) as a
+fraction of the dense teacher's. Given a frontier file (``bench/results/frontier.json``,
+written by bench/frontier.py), the section also plots this run among the frontier's
+points.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def placement(out: Path, results: dict[str, Any], model_dir: Path, repeats: int,
     rows: list[tuple[str, str]] = []
     key = results.get("task_metric", "accuracy")
     teacher = (results.get("teacher_metrics") or {}).get(key)
-    pruned = (results.get("pruned_metrics") or {}).get(key)
+    exported = (results.get("export_verified") or {}).get("metrics") or {}
+    pruned = exported.get(key, (results.get("pruned_metrics") or {}).get(key))
     rel = pruned / teacher if teacher and pruned is not None else None
     if rel is not None:
         rows.append((f"{key}, % of the dense teacher", f"{100 * rel:.1f}%"))

@@ -73,6 +73,21 @@ def write_results(output_dir: str | Path, results: dict[str, Any]) -> Path:
     return path
 
 
+def pruned_rows(r: dict[str, Any]) -> list[tuple[str, float]]:
+    """The pruned model's main metric as the summary and the report show it: the verified
+    export's dev score (``export_verified["metrics"]``) when the run exported, the masked student's
+    last evaluation beside it only where the two differ; the student's otherwise."""
+    key = r["task_metric"]
+    student = r["pruned_metrics"][key]
+    export = ((r.get("export_verified") or {}).get("metrics") or {}).get(key)
+    if export is None:
+        return [(f"pruned student {key}", student)]
+    rows = [(f"pruned model {key} (verified export)", export)]
+    if abs(export - student) > 1e-6:
+        rows.append((f"masked student {key} (before export)", student))
+    return rows
+
+
 def _verified(v: dict[str, Any] | None) -> str:
     """The summary's line on the export check (capscale.export.verify)."""
     if not v:
@@ -85,10 +100,11 @@ def print_summary(console: Console, r: dict[str, Any], method: str, output_dir: 
     """The table a user reads at the end of a run (``method``: how it is named there)."""
     key = r["task_metric"]
     t = r["teacher_metrics"][key] if r["teacher_metrics"] else float("nan")
-    p = r["pruned_metrics"][key]
+    pruned = pruned_rows(r)
+    p = pruned[0][1]
     rows = [
         (f"dense teacher {key}", f"{t:.4f}"),
-        (f"pruned student {key}", f"{p:.4f}"),
+        *((name, f"{value:.4f}") for name, value in pruned),
         ("retained", f"{100 * p / t:.1f}%" if t == t and t else "n/a"),
         ("export verified", _verified(r.get("export_verified"))),
         ("encoder sparsity (paper convention)", f"{100 * r['sparsity']['encoder_sparsity']:.2f}%"),
@@ -104,7 +120,7 @@ def print_summary(console: Console, r: dict[str, Any], method: str, output_dir: 
     ]
     collapse = r.get("collapse") or {}
     if collapse:
-        rows.insert(4, ("collapse detected", collapse_summary(collapse)))
+        rows.insert(3 + len(pruned), ("collapse detected", collapse_summary(collapse)))
     console.table("capscale result", rows)
     for note in r["notes"]:
         console.log(f"note: {note}")

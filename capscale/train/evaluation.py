@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sized
+from collections.abc import Callable, Sized
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
@@ -11,10 +11,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from capscale.data import model_inputs
+from capscale.distributed import DistContext
 from capscale.models.loading import output_logits
 
 if TYPE_CHECKING:
-    from capscale.distributed import DistContext
     from capscale.tasks import Task
 
 
@@ -48,3 +48,17 @@ def evaluate(model: nn.Module, loader: DataLoader, ctx: DistContext, task: Task,
     if reference is not None:
         return task.metrics(all_logits, all_labels, num_labels, reference=reference)
     return task.metrics(all_logits, all_labels, num_labels)
+
+
+def whole_set_scorer(loader: DataLoader, device: torch.device, task: Task, num_labels: int,
+                     reference: Any = None) -> Callable[[nn.Module], dict[str, float]]:
+    """``score(model)``: ``task``'s metrics of ``model`` (moved to ``device``) over the
+    whole dataset of ``loader`` on this process alone, whatever sampler shards ``loader``
+    (the export's dev pass on the main rank)."""
+    whole = DataLoader(loader.dataset, batch_size=loader.batch_size,
+                       collate_fn=loader.collate_fn)
+
+    def score(model: nn.Module) -> dict[str, float]:
+        return evaluate(model.to(device), whole, DistContext(device=device), task, num_labels,
+                        reference)
+    return score
