@@ -65,5 +65,30 @@ def references(request, resume_assets, tmp_path_factory) -> References:
     return References(resume_assets, tmp_path_factory.mktemp("references"), modules)
 
 
+# Test modules that share one session fixture's expensive product run in one worker
+# under ``pytest -n 2 --dist loadgroup`` (scripts/test.sh): the kill / resume modules
+# compare with the same uninterrupted reference runs (tests/references.py).
+SHARED_WORKER = {"test_resume": "references", "test_resume_modes": "references",
+                 "test_resume_sharded": "references"}
+# The longest groups start first, so that neither worker is left with a long tail.
+LONGEST_FIRST = ["references", "test_slurm_real", "test_bench_smoke"]
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups off the items
+def pytest_collection_modifyitems(config, items) -> None:
+    """Under xdist: each test module is one unit of work (its module fixtures are made
+    once), modules sharing a session product form one unit, and the longest go first."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+
+    def group(item) -> str:
+        return SHARED_WORKER.get(item.path.stem, item.path.stem)
+
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group(item)))
+    order = {g: i for i, g in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: order.get(group(item), len(order)))  # stable
+
+
 def pytest_sessionfinish(session, exitstatus) -> None:
     rank_pool.close()  # the session's two ranks (tests/rank_pool.py), when started
