@@ -19,14 +19,20 @@ from capscale.config import DATA_PRESETS, Config, ConfigError, config_from_dict,
 from capscale.contrastive.modules import CONTRASTIVE_MODULES
 from capscale.contrastive.objectives import OBJECTIVES
 from capscale.data import TaskData, check_lengths, load_task_data
+from capscale.errors import ModelError
 from capscale.export.formats import FORMATS, NEEDS
+from capscale.export.trial import padded_forward_error, trial_export
+from capscale.models.adapters import EncoderAdapter
+from capscale.models.deep_check import deep_check
 from capscale.models.loading import (
     check_encoder,
     check_teacher,
+    fixed_input_length,
     load_tokenizer,
     model_max_tokens,
+    read_config,
 )
-from capscale.models.specs import adapter_from_mapping
+from capscale.models.specs import adapter_from_mapping, for_task, skeleton
 from capscale.pruning.methods import PRUNING_METHODS
 from capscale.pruning.schedule import cubic_sparsity, warmup_steps
 from capscale.pruning.unstructured import NoPruning
@@ -73,17 +79,62 @@ def check_run_inputs(cfg: Config, task: Task) -> tuple[TaskData, PreTrainedToken
     truncated texts joins ``data.notes``."""
     data = load_task_data(cfg.data)
     m = cfg.model
-    check_encoder(m.name_or_path, m.adapter, m.trust_remote_code, task)
+    adapter = check_encoder(m.name_or_path, m.adapter, m.trust_remote_code, task)
     limits = [model_max_tokens(m.name_or_path, m.trust_remote_code)]
     if m.teacher is not None:
         check_teacher(m.teacher, data.num_labels, m.trust_remote_code, task)
         limits.append(model_max_tokens(m.teacher, m.trust_remote_code, "model.teacher"))
+    data.notes += check_layout(cfg, adapter, task)
     limit = min((n for n in limits if n is not None), default=None)
     check_output_dirs(cfg)
     tokenizer = load_tokenizer(m.name_or_path, m.trust_remote_code)
     note = check_lengths(data, tokenizer, cfg.data, limit)
     data.notes += [n for n in (note, negatives_warning(cfg, len(data.train))) if n]
     return data, tokenizer
+
+
+def check_layout(cfg: Config, adapter: EncoderAdapter, task: Task) -> list[str]:
+    """The deep checks of the model's layout, before any weight loads: a model that needs
+    inputs of one fixed length is refused (capscale's batches are padded to their
+    longest text); a structured method (``physical_export``) is refused where the deep
+    check or a trial export on a tiny random copy says heads cannot be removed one by
+    one. Returns notes: the encoder sparsity the run can reach when the adapter leaves
+    linear maps of the layers unpruned, a trial that could not run. ModelError (exit 2)
+    on refusal."""
+    m, p = cfg.model, cfg.pruning
+    for key, name in (("model.name_or_path", m.name_or_path), ("model.teacher", m.teacher)):
+        config = read_config(name, m.trust_remote_code, key) if name is not None else None
+        fixed = fixed_input_length(config) if config is not None else None
+        if config is not None and fixed is not None:
+            tried = padded_forward_error(config, fixed[0], m.trust_remote_code, task)
+            how = (f"a padded batch of {fixed[0]} tokens fails on a tiny random copy ({tried})"
+                   if tried else "capscale pads each batch to its longest text, not to one "
+                   "fixed length")
+            raise ModelError(f"{key} {name}: {fixed[1]}, and {how}; use a checkpoint that "
+                             "takes any length (nystromformer: num_landmarks = "
+                             "segment_means_seq_len)")
+    method = PRUNING_METHODS[p.method]
+    structured = method.physical_export
+    config = read_config(m.name_or_path, m.trust_remote_code, "model.name_or_path")
+    try:
+        model = skeleton(config, m.trust_remote_code, task)
+    except Exception:  # foreign modeling code: validate_encoder has warned already
+        return []
+    found = deep_check(for_task(adapter, task, model), model, structured)
+    why, notes = found.structured_refusal, []
+    if structured and not why:
+        trial = trial_export(config, adapter, m.trust_remote_code, task)
+        why = trial.message if trial.ok is False else ""
+        if trial.ok is None:
+            notes.append(f"WARNING: the structured export was not tried before training "
+                         f"({trial.message}); it is still verified at the end")
+    if why:
+        raise ModelError(f"model {m.name_or_path}: pruning.method={p.method} removes whole "
+                         f"attention heads, which this {config.model_type} model does not "
+                         f"allow: {why}")
+    note = None if isinstance(method, NoPruning) else found.sparsity_note(
+        p.final_sparsity, structured)
+    return [*notes, *([note] if note else [])]
 
 
 def check_output_dirs(cfg: Config) -> None:

@@ -56,6 +56,37 @@ def tiny_config(family: str, num_labels: int = 2) -> transformers.PretrainedConf
                                              vocab_size=MINILM_VOCAB, num_labels=num_labels)
     if family == "mpnet":  # relative position bias shared by all layers
         return transformers.MPNetConfig(**{**kw, "max_position_embeddings": 82})
+    return _more_config(family, kw)
+
+
+# Families checked deeply at setup (tests/test_families_deep.py): each either prunes
+# and exports, or is refused before training.
+MORE_FAMILIES = ("roformer", "convbert", "megatron-bert", "ernie", "longformer", "funnel",
+                 "nystromformer")
+
+
+def _more_config(family: str, kw: dict[str, Any]) -> transformers.PretrainedConfig:
+    if family == "roformer":  # rotary positions
+        return transformers.RoFormerConfig(**kw)
+    if family == "convbert":  # head_ratio 2: half the heads are span convolutions
+        return transformers.ConvBertConfig(**kw, embedding_size=32)
+    if family == "megatron-bert":
+        return transformers.MegatronBertConfig(**kw)
+    if family == "ernie":
+        return transformers.ErnieConfig(**kw)
+    if family == "longformer":  # global Q/K/V for the first token, sliding windows of 8
+        return transformers.LongformerConfig(**{**kw, "max_position_embeddings": 82},
+                                             pad_token_id=0, attention_window=8)
+    if family == "funnel":  # two blocks of one layer, pooled in between
+        return transformers.FunnelConfig(vocab_size=MINILM_VOCAB, block_sizes=[1, 1],
+                                         d_model=32, n_head=4, d_head=8, d_inner=64,
+                                         num_labels=kw["num_labels"])
+    if family == "nystromformer":  # as many landmarks as segment positions: full attention
+        return transformers.NystromformerConfig(**kw, segment_means_seq_len=64,
+                                                num_landmarks=64, conv_kernel_size=5)
+    if family == "nystromformer-landmarks":  # 8 landmarks: inputs of exactly 32 tokens
+        return transformers.NystromformerConfig(**kw, segment_means_seq_len=32,
+                                                num_landmarks=8, conv_kernel_size=5)
     raise ValueError(family)
 
 

@@ -12,14 +12,16 @@ Stock transformers builds every layer with ``config.num_attention_heads`` heads 
 more, so per-layer head counts and FFN widths cannot be expressed by config fields the
 stock classes honour. This subclass builds the stock model, then resizes each layer's
 linear maps (a fused Q/K/V map to three blocks of the kept heads, a gated FFN input to
-two rows per kept neuron) and per-head parameter vectors to the sizes in
+two rows per kept neuron) and per-head parameters to the sizes in
 ``config.capscale_structure``; the forward is the stock one (the attention reshapes
-infer the head count from the projection width, or read the attributes set here).
+infer the head count from the projection width, or read the attributes set here, or
+the head count of the attention's own copy of the config).
 Forward arguments that carry one slice per head for all layers at once (MPNet's
 position bias) are narrowed to a layer's kept heads by a pre-hook. It imports nothing
 but torch and transformers.
 """
 
+import copy
 from typing import Any, cast
 
 import torch
@@ -42,15 +44,27 @@ def _swap(root: nn.Module, path: str, in_features: int | None = None,
     setattr(root.get_submodule(parent) if parent else root, name, new)
 
 
-def _resize_param(root: nn.Module, path: str, size: int) -> None:
+def _resize_param(root: nn.Module, entry: str, heads: int, head_size: int) -> None:
+    """Give the per-head parameter ``entry`` its kept heads' size: ``path`` is a vector of
+    ``heads x head_size``; ``path:N`` has one slice per head in dimension N (a module with
+    one channel group per head gets its channel counts too)."""
+    path, _, dim = entry.partition(":")
     parent, _, name = path.rpartition(".")
     try:
         mod = root.get_submodule(parent) if parent else root
     except AttributeError:
         return
     old = getattr(mod, name, None)
-    if isinstance(old, nn.Parameter):
-        setattr(mod, name, nn.Parameter(old.new_zeros(size), requires_grad=old.requires_grad))
+    if not isinstance(old, nn.Parameter):
+        return
+    shape = [heads * head_size]
+    if dim:
+        shape = list(old.shape)
+        for attr in ("in_channels", "out_channels", "groups"):
+            if getattr(mod, attr, None) == shape[int(dim)]:
+                setattr(mod, attr, heads)
+        shape[int(dim)] = heads
+    setattr(mod, name, nn.Parameter(old.new_zeros(shape), requires_grad=old.requires_grad))
 
 
 def _head_slicer(index: int, name: str, kept: list[int]) -> Any:
@@ -82,16 +96,21 @@ def resize_to_structure(model: nn.Module, structure: dict[str, Any]) -> None:
             _swap(layer, path, out_features=heads * d)
         if structure.get("fused_qkv"):
             _swap(layer, structure["fused_qkv"], out_features=3 * heads * d)
-        for path in structure.get("head_params", []):
-            _resize_param(layer, path, heads * d)
+        for entry in structure.get("head_params", []):
+            _resize_param(layer, entry, heads, d)
         _swap(layer, structure["attn_out"], in_features=heads * d)
         rows = structure.get("ffn_in_rows_per_neuron", 1)
         _swap(layer, structure["ffn_in"], out_features=rows * inter)
         _swap(layer, structure["ffn_out"], in_features=inter)
         attention = layer.get_submodule(structure["attention_module"])
-        for attr, value in (("num_attention_heads", heads), ("all_head_size", heads * d)):
+        attrs = structure.get("head_attrs", {"num_attention_heads": "heads",
+                                             "all_head_size": "width"})
+        for attr, kind in attrs.items():
             if hasattr(attention, attr):
-                setattr(attention, attr, value)
+                setattr(attention, attr, heads * d if kind == "width" else heads)
+        if structure.get("config_heads_attr"):  # it reads the head count from its config
+            attention.config = copy.copy(attention.config)
+            setattr(attention.config, structure["config_heads_attr"], heads)
         for path, name, index in structure.get("head_inputs", []):
             layer.get_submodule(path).register_forward_pre_hook(
                 _head_slicer(index, name, kept), with_kwargs=True)

@@ -23,6 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from capscale.export.card import write_model_card
 from capscale.export.physical import prune_structure
 from capscale.models.adapters import EncoderAdapter
+from capscale.models.deep_check import unpruned_linears
 from capscale.pruning import MaskedLinear, bake_masks, sparsity_report
 from capscale.pruning.nm import check_pattern
 from capscale.pruning.structured import strip_mask_hooks, structured_param_counts
@@ -91,7 +92,7 @@ def export_structured(model: nn.Module, adapter: EncoderAdapter, heads: list[tor
     """Write a physically smaller model: pruned heads and FFN neurons sliced away.
 
     Writes ``out_dir/{model/, structure.json, sparsity_report.json}`` and the card. Per-layer head
-    counts and FFN widths go to ``config.capscale_structure``; a ~60-line loader
+    counts and FFN widths go to ``config.capscale_structure``; a ~130-line loader
     (capscale/export/hf_pruned_model.py, torch + transformers only) is saved beside the
     weights and registered in ``config.auto_map`` under the Auto class of the model's
     task (:func:`auto_class_name`), so::
@@ -113,7 +114,8 @@ def export_structured(model: nn.Module, adapter: EncoderAdapter, heads: list[tor
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    counts = structured_param_counts(model, adapter, heads, ffn)
+    counts = {**structured_param_counts(model, adapter, heads, ffn),
+              "unpruned_linears": unpruned_linears(adapter, model)}
     target = cast(PreTrainedModel, model if inplace else copy.deepcopy(model))
     strip_mask_hooks(target)
     structure = prune_structure(target, adapter, heads, ffn)

@@ -13,12 +13,14 @@ attention reshape ``view(B, T, -1, d)``). It costs one head or neuron per such l
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from capscale.models.adapters import EncoderAdapter
+from capscale.models.adapters import EncoderAdapter, head_param
+from capscale.models.deep_check import head_attributes
 from capscale.pruning.structured import optional_linear, optional_param
 
 
@@ -84,11 +86,8 @@ def prune_structure(model: nn.Module, adapter: EncoderAdapter, heads: list[Tenso
                 role = "qkv" if path == adapter.qkv else "plain"
                 _set(layer, path, _sliced(lin, rows=adapter.head_rows(role, h_idx, d,
                                                                       num_heads)))
-        for path in adapter.extra_head_params:
-            param = optional_param(layer, path)
-            if param is not None:
-                _set(layer, path, nn.Parameter(param.detach().index_select(
-                    0, rows.to(param.device)).clone(), requires_grad=param.requires_grad))
+        for entry in adapter.extra_head_params:
+            _slice_param(layer, entry, rows, h_idx, num_heads)
         lins = adapter.layer_linears(layer)
         _set(layer, adapter.attn_out, _sliced(lins["attn_out"], cols=rows, zero_cols=empty_attn))
         inter = lins["ffn_out"].in_features
@@ -100,10 +99,13 @@ def prune_structure(model: nn.Module, adapter: EncoderAdapter, heads: list[Tenso
                                             rows=adapter.neuron_rows(f_idx, inter)))
         _set(layer, adapter.ffn_out, _sliced(lins["ffn_out"], cols=f_idx, zero_cols=empty_ffn))
         attention = layer.get_submodule(attention_module(adapter))
-        for attr, value in (("num_attention_heads", h_idx.numel()),
-                            ("all_head_size", h_idx.numel() * d)):
-            if hasattr(attention, attr):
-                setattr(attention, attr, value)
+        attrs = head_attributes(attention, num_heads, d)
+        for attr, kind in attrs.items():
+            setattr(attention, attr, h_idx.numel() * (d if kind == "width" else 1))
+        config_attr = _own_config_attr(attention, attrs, adapter)
+        if config_attr is not None:  # the attention reads its head count from its config
+            attention.config = copy.copy(attention.config)
+            setattr(attention.config, config_attr, int(h_idx.numel()))
         heads_per_layer.append(int(h_idx.numel()))
         inter_per_layer.append(int(f_idx.numel()))
         kept_heads.append(h_idx.tolist())
@@ -111,12 +113,42 @@ def prune_structure(model: nn.Module, adapter: EncoderAdapter, heads: list[Tenso
             "head_size": d, "head_linears": [p for p in adapter.head_linear_paths()
                                              if p != adapter.qkv],
             "fused_qkv": adapter.qkv, "head_params": list(adapter.extra_head_params),
+            "head_attrs": attrs, "config_heads_attr": config_attr,
             "head_inputs": [list(x) for x in adapter.head_inputs],
             "attn_out": adapter.attn_out, "ffn_in": adapter.ffn_in,
             "ffn_in_rows_per_neuron": 2 if adapter.ffn_gated else 1,
             "ffn_out": adapter.ffn_out, "attention_module": attention_module(adapter),
             "heads_per_layer": heads_per_layer, "intermediate_per_layer": inter_per_layer,
             "kept_heads": kept_heads}
+
+
+def _slice_param(layer: nn.Module, entry: str, rows: Tensor, heads: Tensor,
+                 num_heads: int) -> None:
+    """Keep the kept heads' part of the per-head parameter ``entry`` (``path``: ``rows``
+    of a vector; ``path:N``: slices ``heads`` of dimension N). A module with one channel
+    group per head (a depthwise convolution) gets its channel counts rewritten."""
+    path, dim = head_param(entry)
+    param = optional_param(layer, path)
+    if param is None:
+        return
+    idx = rows if dim is None else heads
+    _set(layer, path, nn.Parameter(param.detach().index_select(
+        dim or 0, idx.to(param.device)).clone(), requires_grad=param.requires_grad))
+    owner = layer.get_submodule(path.rpartition(".")[0])
+    for attr in ("in_channels", "out_channels", "groups"):
+        if dim is not None and getattr(owner, attr, None) == num_heads:
+            setattr(owner, attr, int(heads.numel()))
+
+
+def _own_config_attr(attention: nn.Module, attrs: dict[str, str],
+                     adapter: EncoderAdapter) -> str | None:
+    """The config attribute the attention module reads its head count from, when it has
+    no head-count attribute of its own but keeps the config (Funnel)."""
+    if any(kind == "heads" for kind in attrs.values()):
+        return None
+    own = getattr(attention, "config", None)
+    return adapter.num_heads_attr if isinstance(
+        getattr(own, adapter.num_heads_attr, None), int) else None
 
 
 def attention_module(adapter: EncoderAdapter) -> str:

@@ -65,15 +65,26 @@ class EncoderAdapter:
             linear layer; its input is the ``head`` representation (BERT: the pooler
             output after dropout, RoBERTa: the head's tanh features after dropout).
         num_heads_attr: config attribute holding the number of attention heads.
+        head_size_attr: config attribute holding the width of one head, when it is not
+            ``hidden_size / heads`` (Funnel's ``d_head``); None: ``attention_head_size``
+            where the config sets it, else ``hidden_size / heads``.
         extra_head_linears: paths, from one layer, of further linear maps whose output is
             laid out per head like Q/K/V (DeBERTa-v2's unshared relative-position
             projections); structured export slices them too where they exist.
-        extra_head_params: paths, from one layer, of parameter vectors laid out per head
-            (DeBERTa v1's ``q_bias`` / ``v_bias``); structured export slices them too.
+        extra_head_params: paths, from one layer, of parameters laid out per head;
+            structured export slices them too. ``path``: a vector of ``heads x head
+            size`` entries, head-major (DeBERTa v1's ``q_bias`` / ``v_bias``);
+            ``path:N``: a tensor whose dimension ``N`` has one slice per head (Funnel's
+            ``r_kernel:1``, a per-head convolution's ``conv.weight:0``; a convolution
+            with one channel group per head gets its channel counts rewritten).
         head_inputs: ``(module path from one layer, argument name, position)`` of forward
             arguments that carry one slice per head in dimension 1 (MPNet's relative
             position bias, computed once for all layers); a physically pruned layer
             selects its kept heads' slices.
+        structured_refusal: why this family's heads cannot be removed one by one (its
+            modeling code needs every head, or mixes them); structured pruning is then
+            refused at setup with this reason. Empty: the deep check and a trial export
+            on a tiny random copy decide (capscale.models.deep_check).
     """
 
     model_types: tuple[str, ...]
@@ -86,17 +97,24 @@ class EncoderAdapter:
     ffn_out: str = "output.dense"
     head_linear: str = "classifier"
     num_heads_attr: str = "num_attention_heads"
+    head_size_attr: str | None = None
     extra_head_linears: tuple[str, ...] = ()
     qkv: str | None = None
     qkv_layout: str = "stacked"
     ffn_gated: bool = False
     extra_head_params: tuple[str, ...] = ()
     head_inputs: tuple[tuple[str, str, int], ...] = ()
+    structured_refusal: str = ""
 
     def __post_init__(self) -> None:
         if self.qkv_layout not in QKV_LAYOUTS:
             raise ValueError(f"adapter {self.name}: qkv_layout {self.qkv_layout!r} is not "
                              f"one of {', '.join(QKV_LAYOUTS)}")
+        for entry in self.extra_head_params:
+            try:
+                head_param(entry)
+            except ValueError as err:
+                raise ValueError(f"adapter {self.name}: {err}") from None
 
     @property
     def name(self) -> str:
@@ -225,12 +243,27 @@ class EncoderAdapter:
     def head_size(self, config: object) -> int:
         """Width d of one head: head h owns columns ``h*d:(h+1)*d`` of attn_out's input.
 
-        DeBERTa-v2 may set ``attention_head_size`` explicitly; otherwise hidden / heads.
+        ``head_size_attr`` when the adapter names one; DeBERTa-v2 may set
+        ``attention_head_size`` explicitly; otherwise hidden / heads.
         """
+        if self.head_size_attr:
+            return int(getattr(config, self.head_size_attr))
         explicit = getattr(config, "attention_head_size", None)
         if explicit:
             return int(explicit)
         return int(config.hidden_size) // self.num_heads(config)  # type: ignore[attr-defined]
+
+
+def head_param(entry: str) -> tuple[str, int | None]:
+    """An ``extra_head_params`` entry as ``(path, head dimension)``; the dimension is
+    None for a head-major vector (``path``), ``N`` for ``path:N``."""
+    path, sep, dim = entry.partition(":")
+    if not sep:
+        return path, None
+    if not dim.isdigit():
+        raise ValueError(f"extra_head_params entry {entry!r}: expected path or path:N "
+                         "(N: the dimension with one slice per head)")
+    return path, int(dim)
 
 
 def _expand(root: nn.Module, path: str, what: str) -> list[nn.Module]:
@@ -327,3 +360,38 @@ register_adapter(EncoderAdapter(model_types=("mpnet",), query="attention.attn.q"
                                 key="attention.attn.k", value="attention.attn.v",
                                 attn_out="attention.attn.o", head_linear="classifier.out_proj",
                                 head_inputs=(("attention.attn", "position_bias", 2),)))
+# BERT copies with their own module names at the top (MegatronBERT: pre-LayerNorm;
+# ERNIE: task-type embeddings; RoFormer: rotary positions, a RoBERTa-style head).
+register_adapter(EncoderAdapter(model_types=("megatron-bert", "ernie")))
+register_adapter(EncoderAdapter(model_types=("roformer",), head_linear="classifier.out_proj"))
+# ConvBERT: Q/K/V hold the self-attention half of the heads, the other half are
+# span-based convolutions (their linear maps are not pruned); structured pruning is refused.
+register_adapter(EncoderAdapter(
+    model_types=("convbert",), head_linear="classifier.out_proj",
+    structured_refusal="ConvBERT's attention output joins its self-attention heads (Q/K/V, "
+    "half the width) with as many span-based convolution heads, whose kernels "
+    "(conv_kernel_layer) read every query head at once: a head is not one unit of Q/K/V "
+    "and attn_out, so heads cannot be removed one by one; use an unstructured method"))
+# Longformer: separate projections for the tokens with global attention, per head too.
+register_adapter(EncoderAdapter(
+    model_types=("longformer",), head_linear="classifier.out_proj",
+    extra_head_linears=("attention.self.query_global", "attention.self.key_global",
+                        "attention.self.value_global"),
+    structured_refusal="LongformerSelfAttention reshapes the heads' output to the width of "
+    "its input (the hidden size) and checks that width against embed_dim, so a layer "
+    "with fewer heads cannot run the stock forward; use an unstructured method"))
+# Funnel: blocks of layers (the sequence is pooled between blocks), relative attention
+# with per-head bias and kernel tensors; the attention reads its head count from the config.
+register_adapter(EncoderAdapter(model_types=("funnel",), layers="encoder.blocks.*",
+                                query="attention.q_head", key="attention.k_head",
+                                value="attention.v_head", attn_out="attention.post_proj",
+                                ffn_in="ffn.linear_1", ffn_out="ffn.linear_2",
+                                head_linear="classifier.linear_out", num_heads_attr="n_head",
+                                head_size_attr="d_head",
+                                extra_head_params=("attention.r_w_bias:0", "attention.r_r_bias:0",
+                                                   "attention.r_s_bias:0", "attention.r_kernel:1",
+                                                   "attention.seg_embed:1")))
+# Nystromformer: a depthwise convolution over the values, one channel per head.
+register_adapter(EncoderAdapter(model_types=("nystromformer",),
+                                head_linear="classifier.out_proj",
+                                extra_head_params=("attention.self.conv.weight:0",)))

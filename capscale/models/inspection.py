@@ -20,8 +20,10 @@ from torch import nn
 
 from capscale.console import Console
 from capscale.errors import ConfigError, ModelError
+from capscale.export.trial import padded_forward_error, trial_export
 from capscale.models.adapters import EncoderAdapter
-from capscale.models.loading import read_config
+from capscale.models.deep_check import DeepCheck, deep_check, describe
+from capscale.models.loading import fixed_input_length, read_config
 from capscale.models.specs import (
     AdapterSpec,
     adapter_from_mapping,
@@ -63,10 +65,13 @@ class Inspection:
     suggestion: dict[str, Any] | None = None
     suggestion_problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    deep: DeepCheck | None = None
+    structured: str = ""  # why structured pruning is refused ("" when its trial export ran)
+    unusable: str = ""  # why no run can use the model (a fixed input length)
 
     @property
     def fits(self) -> bool:
-        return self.adapter is not None and not self.problems
+        return self.adapter is not None and not self.problems and not self.unusable
 
 
 def _base(model: nn.Module) -> nn.Module:
@@ -240,6 +245,29 @@ def _describe(ins: Inspection, adapter: EncoderAdapter, model: nn.Module) -> Non
     ins.matrices = matrix_rows(adapter, model)
 
 
+def _deep(ins: Inspection, adapter: EncoderAdapter, model: nn.Module, config: Any,
+          trust_remote_code: bool, task: Any) -> None:
+    """The checks a run makes before loading weights: the deep layout checks, the fixed
+    input length, and a structured export of a tiny random copy (capscale.export.trial)."""
+    ins.deep = found = deep_check(adapter, model, structured=True)
+    fixed = fixed_input_length(config)
+    if fixed is not None:
+        tried = padded_forward_error(config, fixed[0], trust_remote_code, task)
+        ins.unusable = f"{fixed[1]}" + (f"; a padded batch fails ({tried})" if tried else
+                                        "; capscale pads batches to their longest text")
+    ins.structured = found.structured_refusal
+    if not ins.structured and not ins.unusable:
+        trial = trial_export(config, adapter, trust_remote_code, task)
+        ins.structured = trial.message if trial.ok is False else ""
+        if trial.ok is None:
+            ins.notes.append(f"the structured export was not tried: {trial.message}")
+    found.structured_refusal = ins.structured
+    ins.summary += describe(found, structured=True)
+    if not ins.structured and not ins.unusable:
+        ins.summary.append(("trial structured export", "runs and reproduces the masked "
+                            "model (a tiny random copy, reloaded with transformers alone)"))
+
+
 def inspect_model(name: str, trust_remote_code: bool = False, spec: AdapterSpec = None,
                   task: Any = None) -> Inspection:
     """Inspect the model at ``name`` (a folder, a cached hub name or a packaged name).
@@ -262,12 +290,14 @@ def inspect_model(name: str, trust_remote_code: bool = False, spec: AdapterSpec 
         ins.problems = adapter_problems(ins.adapter, model)
         if not ins.problems:
             _describe(ins, ins.adapter, model)
+            _deep(ins, ins.adapter, model, config, trust_remote_code, task)
             return ins
     ins.suggestion, ins.notes = suggest_adapter(model)
     guessed = adapter_from_mapping(ins.suggestion, config.model_type)
     ins.suggestion_problems = adapter_problems(guessed, model)
     if ins.adapter is None and not ins.suggestion_problems:
         _describe(ins, guessed, model)
+        _deep(ins, guessed, model, config, trust_remote_code, task)
     return ins
 
 
@@ -319,9 +349,17 @@ def render(ins: Inspection, console: Console, trust_remote_code: bool = False) -
         console.rich.print(t)
     for problem in ins.problems:
         print(f"problem: {problem}")
+    if ins.unusable:
+        print(f"refused: no run can use this model: {ins.unusable}")
+    elif ins.structured and ins.deep is not None:
+        print(f"structured pruning refused: {ins.structured}")
     if ins.suggestion is not None:
-        state = ("passes the checks" if not ins.suggestion_problems
-                 else "does not pass the checks yet (see below)")
+        state = ("does not pass the checks yet (see below)" if ins.suggestion_problems
+                 else f"fails a deeper check ({ins.unusable})" if ins.unusable
+                 else "passes the checks for unstructured pruning; structured pruning is "
+                 "refused (above)" if ins.structured
+                 else "passes the checks, and a structured export of a tiny random copy "
+                 "runs")
         print("\nsuggested adapter, guessed from module names and shapes; it " + state
               + ". Check it against the modeling code, then put it in the run's YAML:\n")
         print(suggestion_yaml(ins.suggestion, trust_remote_code))

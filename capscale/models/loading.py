@@ -133,6 +133,20 @@ def max_input_tokens(config: PretrainedConfig, trust_remote_code: bool = False
     return positions, why
 
 
+def fixed_input_length(config: PretrainedConfig) -> tuple[int, str] | None:
+    """The one input length (tokens) a model takes, and why; None when any length up to
+    its limit runs. Nystromformer with fewer landmarks than ``segment_means_seq_len``
+    averages the sequence in fixed segments, so it takes exactly that many tokens."""
+    if config.model_type == "nystromformer":
+        seq = getattr(config, "segment_means_seq_len", None)
+        marks = getattr(config, "num_landmarks", None)
+        if isinstance(seq, int) and marks != seq:
+            return seq, (f"nystromformer with num_landmarks {marks} != segment_means_seq_len "
+                         f"{seq} averages the sequence in {marks} fixed segments, so it takes "
+                         f"inputs of exactly {seq} tokens")
+    return None
+
+
 def model_max_tokens(name: str, trust_remote_code: bool = False,
                      what: str = "model.name_or_path") -> int | None:
     """:func:`max_input_tokens` of model ``name`` (its config alone), or None."""

@@ -103,7 +103,7 @@ def _field_value(key: str, value: Any, where: str) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(f"{where} = {value!r}: expected true or false")
         return value
-    if value is None and key == "qkv":
+    if value is None and key in ("qkv", "head_size_attr"):
         return None
     if not isinstance(value, str):
         raise ConfigError(f"{where} = {value!r}: expected a string (a module path)")

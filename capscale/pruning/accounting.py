@@ -12,6 +12,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from capscale.models.adapters import LOGICAL_ROLES, EncoderAdapter
+from capscale.models.deep_check import unpruned_linears
 
 
 def sparsity_report(model: nn.Module, adapter: EncoderAdapter,
@@ -31,7 +32,10 @@ def sparsity_report(model: nn.Module, adapter: EncoderAdapter,
 
     Returns:
         a JSON-ready dict: ``linear_sparsity``, ``encoder_sparsity`` (paper),
-        ``total_sparsity``, ``per_layer`` and ``per_role`` sparsities, ``per_matrix``.
+        ``total_sparsity``, ``per_layer`` and ``per_role`` sparsities, ``per_matrix``;
+        ``reachable_encoder_sparsity`` (every prunable weight pruned) and
+        ``unpruned_linears``: the linear maps of the layers the adapter leaves unpruned
+        (path in a layer -> ``"in -> out"``).
     """
     per_matrix = {}
     pruned_total = 0
@@ -70,6 +74,8 @@ def sparsity_report(model: nn.Module, adapter: EncoderAdapter,
         "per_matrix": per_matrix,
         "shared_layers": {"distinct_layers": len(adapter.layer_modules(model)),
                           "applications": adapter.applications(model)},
+        "reachable_encoder_sparsity": linear_total / max(encoder_total, 1),
+        "unpruned_linears": unpruned_linears(adapter, model),
     }
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from capscale.models.adapters import EncoderAdapter, get_submodule
+from capscale.models.adapters import EncoderAdapter, get_submodule, head_param
 
 AllReduceFn = Callable[[Tensor], Tensor]  # sums a tensor over ranks
 
@@ -250,8 +250,11 @@ def structured_param_counts(model: nn.Module, adapter: EncoderAdapter,
             if lin is not None:
                 per = 3 * d if path == adapter.qkv else d
                 rows_per_head += per * (lin.in_features + (lin.bias is not None))
-        rows_per_head += d * sum(1 for p in adapter.extra_head_params
-                                 if optional_param(layer, p) is not None)
+        for entry in adapter.extra_head_params:
+            path, dim = head_param(entry)
+            param = optional_param(layer, path)
+            if param is not None:
+                rows_per_head += d if dim is None else param.numel() // param.shape[dim]
         pruned += int((~h).sum()) * (rows_per_head + d * lins["attn_out"].out_features)
         ffn_in = lins["ffn_in"]
         per_neuron = (2 if adapter.ffn_gated else 1) * (ffn_in.in_features
