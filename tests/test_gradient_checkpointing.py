@@ -8,7 +8,8 @@ again from the same RNG state (dropout on): the loss terms, the contrastive
 representation and every gradient (weights, movement scores, unit scores, structured
 masks' Taylor importance) agree to 1e-6 in fp32, while a probe inside the first layer
 sees it recomputed in backward with the flag and never without. One pooled 2-rank call
-does the same under ddp, zero3 and fsdp2 (full gradients).
+does the same under ddp, zero3 and fsdp2 (full gradients). The teacher capscale
+fine-tunes is recomputed too, to the same weights.
 """
 
 from __future__ import annotations
@@ -21,17 +22,22 @@ import rank_pool
 import torch
 from distributed_helpers import GLOBAL_BATCH, batch_rows, build_run, local_rows
 
+from capscale.checks import check_run_inputs, load_run_config
 from capscale.config import ConfigError, config_from_dict, config_to_dict, load_config
+from capscale.console import Console
 from capscale.distributed import DistContext
 from capscale.models.adapters import EncoderAdapter
 from capscale.models.loading import RepresentationTap, adapter_for
 from capscale.models.recompute import (
     checkpoint_layers,
     checkpointed_layers,
+    recomputations,
     uncheckpoint_layers,
 )
 from capscale.pruning.structured import taylor_importance
 from capscale.run import main
+from capscale.tasks import get_task
+from capscale.train.finetune import finetune_teacher
 
 ON = {"train.gradient_checkpointing": True}
 ATOL = 1e-6
@@ -179,6 +185,31 @@ def test_checkpoint_layers_is_idempotent_and_undone(tiny_model_factory):
     assert uncheckpoint_layers(model, adapter) == 1
     assert checkpointed_layers(model, adapter) == 0
     assert "forward" not in vars(adapter.layer_modules(model)[0])
+
+
+def test_teacher_fine_tuning_is_recomputed_and_trains_the_same(tiny_bert, tiny_csv, tmp_path):
+    """The dense teacher capscale fine-tunes honours the flag: its layers are recomputed
+    (2 steps x 2 layers) and the fine-tuned weights are the same."""
+    import transformers
+    weights, recomputed = {}, {}
+    for flag in ("false", "true"):
+        cfg = load_run_config(None, [
+            f"model.name_or_path={tiny_bert}", f"data.train_file={tiny_csv[0]}",
+            f"data.validation_file={tiny_csv[1]}", "data.max_length=32",
+            "teacher_training.max_steps=2", "teacher_training.batch_size=8",
+            "train.eval_batch_size=16", "train.progress=false",
+            f"train.gradient_checkpointing={flag}", f"output_dir={tmp_path / flag}"])
+        task = get_task(cfg.data.task_type)
+        data, tokenizer = check_run_inputs(cfg, task)
+        before = recomputations()
+        path, _ = finetune_teacher(cfg, DistContext(), data, tokenizer, task,
+                                   Console(enabled=False))
+        recomputed[flag] = recomputations() - before
+        weights[flag] = transformers.AutoModelForSequenceClassification.from_pretrained(
+            path).state_dict()
+    assert recomputed == {"false": 0, "true": 4}
+    for name, w in weights["false"].items():
+        torch.testing.assert_close(weights["true"][name], w, atol=ATOL, rtol=0)
 
 
 def test_config_flag_round_trips_and_a_bad_value_is_one_line(tmp_path, capsys):

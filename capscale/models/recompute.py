@@ -31,13 +31,19 @@ from torch.utils.checkpoint import checkpoint
 from capscale.models.adapters import EncoderAdapter
 
 # Recomputations in progress (a counter, not thread-local: autograd may run a backward,
-# and so a recomputation, on a device thread of its own).
+# and so a recomputation, on a device thread of its own), and begun in all.
 _RECOMPUTING = [0]
+_RECOMPUTED = [0]
 
 
 def recomputing() -> bool:
     """Whether a checkpointed layer is being recomputed (in backward) right now."""
     return _RECOMPUTING[0] > 0
+
+
+def recomputations() -> int:
+    """Layer applications recomputed in backward by this process so far."""
+    return _RECOMPUTED[0]
 
 
 def _checkpointed(inner: Any, *args: Any, **kwargs: Any) -> Any:
@@ -51,6 +57,7 @@ def _checkpointed(inner: Any, *args: Any, **kwargs: Any) -> Any:
         if calls[0] == 1:  # the forward
             return inner(*a, **kw)
         _RECOMPUTING[0] += 1
+        _RECOMPUTED[0] += 1
         try:
             return inner(*a, **kw)
         finally:  # also when the recomputation stops early, once it has what it needs
