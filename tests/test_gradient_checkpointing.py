@@ -212,6 +212,18 @@ def test_teacher_fine_tuning_is_recomputed_and_trains_the_same(tiny_bert, tiny_c
         torch.testing.assert_close(weights["true"][name], w, atol=ATOL, rtol=0)
 
 
+def test_a_run_resumes_with_the_flag_switched(tiny_bert, tiny_csv, tmp_path):
+    """Checkpointing changes no state, so a checkpoint written without it resumes with it
+    (e.g. a run that ran out of memory); the rest of the config must still match."""
+    from tiny import fast_overrides
+    args = [*fast_overrides(tiny_bert, tiny_csv, tmp_path / "run"), "report.enabled=false",
+            "checkpoint.every_steps=3"]
+    assert main(args) == 0
+    again = [*args, "resume=latest", "train.gradient_checkpointing=true"]
+    assert main(again) == 0
+    assert main([*again, "train.lr=2e-3"]) == 2  # a real change is still refused
+
+
 def test_config_flag_round_trips_and_a_bad_value_is_one_line(tmp_path, capsys):
     assert load_config(None).train.gradient_checkpointing is False
     cfg = load_config(None, ["train.gradient_checkpointing=true"])
