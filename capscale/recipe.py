@@ -8,7 +8,8 @@ needs, then runs build -> setup -> train -> finish, read top to bottom.
   student (embeddings frozen with ``train.freeze_embeddings``) and the frozen references,
   logs the memory the SnC snapshots will take, encodes the fixed contrastive banks,
   builds the pruning controller from a :class:`~capscale.pruning.controller.PruningContext`,
-  lets the strategy wrap the student, registers every stateful part with the
+  lets the strategy wrap the student (its encoder layers checkpointed first with
+  ``train.gradient_checkpointing``), registers every stateful part with the
   checkpointer and restores the checkpoint when resuming.
 * :meth:`CAPRecipe.train`: the one loop (capscale.train.loop) with the controller, the
   snapshot and evaluation schedules, the trackers and the checkpoint hook.
@@ -37,7 +38,6 @@ from capscale.distributed import DistContext, make_strategy
 from capscale.export.card import run_facts
 from capscale.export.writer import masked_skeleton, write_run_formats, write_verified_export
 from capscale.models.loading import (
-    RepresentationTap,
     adapter_for,
     freeze,
     freeze_embeddings,
@@ -104,7 +104,7 @@ class CAPRecipe:
         _, length = self.controller.lr_segment(  # the LR segment the run resumes in
             saved_step(self.resume_from) if self.resume_from is not None else 0)
         self.student = self.optimizers.prepare(bare, self.controller.score_parameters(),
-                                               length, RepresentationTap(bare, self.adapter))
+                                               length, self.adapter)  # tap, checkpointing
         self.refs.bind(self.student, self._skeleton)
         self.loss = CAPLoss(cfg.loss, cfg.cap.representation, self.task, ctx, self.teacher,
                             self.objective, self.controller.regularization, self.phases)

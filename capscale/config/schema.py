@@ -208,6 +208,10 @@ class TrainConfig:
     # Freeze the embedding layer (word, position and token-type embeddings, their
     # LayerNorm) while pruning, as the reference's unstructured code does.
     freeze_embeddings: bool = False
+    # Activation checkpointing: keep only each encoder layer's input in forward and
+    # recompute the layer in backward (torch.utils.checkpoint, non-reentrant), trading
+    # one more forward of the encoder for its activation memory; gradients are unchanged.
+    gradient_checkpointing: bool = False
     grad_clip: float = 1.0
     seed: int = 42
     eval_every: int = 0  # evaluate every N steps (0: only at the end of each epoch)

@@ -1,2 +1,3 @@
 """Models: loading task models and tokenizers, freezing, the representation tap, the
-encoder adapters and their specs, and inspection of an unknown encoder."""
+encoder adapters and their specs, inspection of an unknown encoder, and activation
+checkpointing of the encoder layers."""

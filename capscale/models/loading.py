@@ -26,6 +26,7 @@ from transformers import (
 
 from capscale.errors import ModelError
 from capscale.models.adapters import EncoderAdapter
+from capscale.models.recompute import recomputing
 from capscale.models.specs import AdapterSpec, for_task, resolve_adapter, validate_encoder
 from capscale.tasks import Task, get_task
 
@@ -197,7 +198,9 @@ def freeze(model: nn.Module) -> nn.Module:
 
 
 class RepresentationTap:
-    """Records the input of the classification head's final linear layer on each forward.
+    """Records the input of the classification head's final linear layer on each forward
+    (not on the recomputation of a checkpointed layer in backward, should the head be
+    inside one: the first forward's tensor, with its graph, is kept).
 
     Args:
         model: the task model, bare or wrapped (DDP / DeepSpeed engine: its ``module``;
@@ -213,6 +216,8 @@ class RepresentationTap:
             self._hook)
 
     def _hook(self, module: nn.Module, args: tuple[Tensor, ...]) -> None:
+        if recomputing():  # a checkpointed layer's rerun in backward: keep the forward's
+            return
         self.value = args[0]
 
     def remove(self) -> None:

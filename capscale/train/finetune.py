@@ -2,7 +2,8 @@
 
 A plain cross-entropy run of the pre-trained encoder on the task. The result is saved
 under ``<output_dir>/teacher`` with its metrics; a later run with the same config finds
-it there and skips the work.
+it there and skips the work. ``train.gradient_checkpointing`` checkpoints its encoder
+layers as it does the student's.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from capscale.config import Config, config_to_dict
 from capscale.console import Console
 from capscale.data import TaskData, build_loaders, model_inputs
 from capscale.distributed import DistContext, make_strategy
-from capscale.models.loading import load_classifier, output_logits
+from capscale.models.loading import adapter_for, load_classifier, output_logits
+from capscale.models.recompute import checkpoint_layers
 from capscale.tasks import Task
 from capscale.train.evaluation import evaluate
 from capscale.train.hooks import Phases
@@ -58,6 +60,8 @@ def finetune_teacher(cfg: Config, ctx: DistContext, data: TaskData,
 
     torch.manual_seed(cfg.train.seed)
     model = load().to(ctx.device)
+    if cfg.train.gradient_checkpointing:  # the same gradients, less activation memory
+        checkpoint_layers(model, adapter_for(model, cfg.model.adapter, task))
     strategy = make_strategy(ctx, cfg.distributed)
     wrapped, opt, sched = strategy.prepare_student(
         model, param_groups(model, tcfg.lr, tcfg.weight_decay, [], 0.0),

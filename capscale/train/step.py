@@ -26,12 +26,14 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from capscale.data import model_inputs
 from capscale.models.loading import RepresentationTap, forward_with_representation, output_logits
+from capscale.models.recompute import checkpoint_layers
 from capscale.train.hooks import Phases
 from capscale.train.loop import finite_or_raise
 
 if TYPE_CHECKING:
     from capscale.config import LossConfig, TrainConfig
     from capscale.distributed import DistContext, Strategy
+    from capscale.models.adapters import EncoderAdapter
     from capscale.tasks import Task
 
 
@@ -193,9 +195,15 @@ class Optimizers:
         return linear_warmup_decay(lr_warmup(t.warmup_steps, t.warmup_ratio, length), length)
 
     def prepare(self, bare: nn.Module, scores: list[nn.Parameter], length: int,
-                tap: RepresentationTap | None = None) -> Student:
-        """Wrap ``bare`` with an optimiser and an LR schedule of ``length`` steps."""
+                adapter: EncoderAdapter | None = None) -> Student:
+        """Wrap ``bare`` with an optimiser and an LR schedule of ``length`` steps. With
+        its ``adapter``, the student gets its representation tap and, with
+        ``train.gradient_checkpointing``, its encoder layers checkpointed before the
+        strategy wraps them (so inside FSDP2's units and under ZeRO-3's hooks)."""
         t = self.train
+        tap = RepresentationTap(bare, adapter) if adapter is not None else None
+        if adapter is not None and t.gradient_checkpointing:
+            checkpoint_layers(bare, adapter)
         groups = param_groups(bare, t.lr, t.weight_decay, scores, self.score_lr)
         model, opt, sched = self.strategy.prepare_student(
             bare, groups, self.lr_lambda(length), micro_batch_size=t.batch_size,
