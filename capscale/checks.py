@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch.distributed as dist
+
 from capscale.config import DATA_PRESETS, Config, ConfigError, config_from_dict, load_config
 from capscale.contrastive.modules import CONTRASTIVE_MODULES
 from capscale.contrastive.objectives import OBJECTIVES
@@ -122,7 +124,10 @@ def check_layout(cfg: Config, adapter: EncoderAdapter, task: Task) -> list[str]:
         return []
     found = deep_check(for_task(adapter, task, model), model, structured)
     why, notes = found.structured_refusal, []
-    if structured and not why:
+    # transformers writes a model only on rank 0 of an initialised process group, so
+    # the trial runs there; a refusal ends that rank, and the launcher the job.
+    main_rank = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    if structured and not why and main_rank:
         trial = trial_export(config, adapter, m.trust_remote_code, task)
         why = trial.message if trial.ok is False else ""
         if trial.ok is None:
