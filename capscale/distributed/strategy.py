@@ -109,6 +109,10 @@ class Strategy:
             return model.no_sync()
         return contextlib.nullcontext()
 
+    def discard_grads(self, model: nn.Module, opt: Optimizer) -> None:
+        """Drop every gradient accumulated since the last optimiser step."""
+        opt.zero_grad(set_to_none=True)
+
     def step(self, model: nn.Module, opt: Optimizer, sched: LambdaLR, grad_clip: float) -> None:
         """Mask grads, clip, optimiser step, mask weights, LR step, zero grads."""
         self._mask_grads()

@@ -161,7 +161,7 @@ class Update:
 
     def discard(self) -> None:
         """Drop the gradients accumulated since the last optimiser step."""
-        self.student.optimizer.zero_grad(set_to_none=True)
+        self.strategy.discard_grads(self.student.model, self.student.optimizer)
 
 
 def accumulated_update(losses_of: Callable[[dict[str, Tensor]], dict[str, Tensor]],
