@@ -152,7 +152,7 @@ class TrainLoop:
                                          "non-finite (train.max_nonfinite_skips)") from err
             st.consecutive_skips += 1
             st.skipped_steps.append(st.step)
-            self.console.log(f"skipped a batch: {err}")
+            self.console.log(f"skipped a {'step' if len(group) > 1 else 'batch'}: {err}")
             return None
         finally:
             st.batches_drawn += len(group)
