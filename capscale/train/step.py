@@ -177,15 +177,16 @@ def accumulated_update(losses_of: Callable[[dict[str, Tensor]], dict[str, Tensor
     """
     k = len(micro_batches)
     out: dict[str, float] = {}
-    try:
-        for i, batch in enumerate(micro_batches):
+    for i, batch in enumerate(micro_batches):
+        try:
             with update.sync(i == k - 1):
                 part = update.backward(losses_of(batch), step, first_batch_number + i, 1.0 / k)
-            for name, value in part.items():
-                out[name] = out.get(name, 0.0) + value
-    except FloatingPointError:
-        update.discard()
-        raise
+        except FloatingPointError:
+            if i > 0:  # the earlier micro-batches' gradients
+                update.discard()
+            raise
+        for name, value in part.items():
+            out[name] = out.get(name, 0.0) + value
     update.apply()
     return out
 
