@@ -220,9 +220,6 @@ def cross_section_rules(cfg: Config) -> list[str]:
                                              or cfg.distributed.offload_optimizer):
         out.append(f"distributed.offload_params / offload_optimizer: CPU offload needs "
                    f"strategy zero3 (got {cfg.strategy!r})")
-    if cfg.train.gradient_accumulation_steps > 1 and cfg.strategy == "zero3":
-        out.append(f"train.gradient_accumulation_steps = {cfg.train.gradient_accumulation_steps}"
-                   ": supported with strategy single, ddp or fsdp2 (got 'zero3')")
     sources = [cfg.data.preset, cfg.data.dataset_name, cfg.data.train_file]
     if sum(s is not None for s in sources) != 1:
         out.append("data: give exactly one of data.preset, data.dataset_name or "
