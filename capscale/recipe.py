@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from capscale.checks import check_config, check_run_inputs, wants_teacher
-from capscale.config import Config, config_to_dict
+from capscale.config import Config, ConfigError, config_to_dict
 from capscale.console import Console
 from capscale.contrastive.objectives import build_objective
 from capscale.data import build_loaders
@@ -62,7 +62,18 @@ from capscale.train.loop import TrainLoop
 from capscale.train.references import RunReferences, plan_snapshots
 from capscale.train.schedules import EvalSchedule, SnapshotSchedule, snapshot_views
 from capscale.train.state import RankPart, RunState
-from capscale.train.step import CAPLoss, Optimizers, Update
+from capscale.train.step import CAPLoss, Optimizers, Update, accumulated_update
+
+
+def steps_per_epoch(batches: int, train: Any) -> int:
+    """Optimiser steps per epoch: ``batches`` training batches (this rank's) in groups of
+    ``train.gradient_accumulation_steps``; a ConfigError when not even one group fits."""
+    k = train.gradient_accumulation_steps
+    if batches < k:
+        raise ConfigError(f"train.gradient_accumulation_steps = {k}: more than the {batches} "
+                          "training batch(es) of an epoch on each rank; lower it or "
+                          "train.batch_size")
+    return batches // k
 
 
 class CAPRecipe:
@@ -81,8 +92,7 @@ class CAPRecipe:
         self.task = get_task(cfg.data.task_type)
         self.method = PRUNING_METHODS[cfg.pruning.method]
         self.data, self.tokenizer = check_run_inputs(cfg, self.task)
-        self.teacher_metrics = teacher_metrics
-        self.state = RunState()
+        self.teacher_metrics, self.state = teacher_metrics, RunState()
         self.phases = Phases(torch.cuda.synchronize if ctx.device.type == "cuda" else None)
         self.seconds: dict[str, float] = {}
         self.phase_totals = PhaseTotals()  # the report's time per step, by phase
@@ -113,9 +123,8 @@ class CAPRecipe:
         self.checkpointer = self._register_state()
         if self.resume_from is not None:
             self.checkpointer.load(self.resume_from)
-            st = self.state
-            self.console.log(f"resumed from {self.resume_from} (step {st.step}, epoch "
-                             f"{st.epoch}, {st.batches_done} batches into it)")
+            self.console.log(f"resumed from {self.resume_from} (step {self.state.step}, epoch "
+                             f"{self.state.epoch}, {self.state.batches_done} batches into it)")
 
     def _load_models(self) -> nn.Module:
         """The teacher (fine-tuned here when none is given), the loaders, the strategy,
@@ -130,7 +139,7 @@ class CAPRecipe:
                                      cfg.train.eval_batch_size, cfg.train.seed, ctx.rank,
                                      ctx.world_size)
         self.strategy = make_strategy(ctx, cfg.distributed)
-        self.steps_per_epoch = per_epoch = len(self.loaders.train)
+        self.steps_per_epoch = per_epoch = steps_per_epoch(len(self.loaders.train), cfg.train)
         steps = min(per_epoch * cfg.train.epochs, cfg.train.max_steps or sys.maxsize)
         self.total_steps = self.method.planned_steps(steps, cfg.structured, per_epoch)
         torch.manual_seed(cfg.train.seed)
@@ -234,22 +243,24 @@ class CAPRecipe:
         self.phases.listeners.append(self.phase_totals)
         TrainLoop(self.state, self.loaders.train, self.total_steps, self._step, self.console,
                   "CAP pruning", hooks, self.student.lr, t.on_nonfinite, t.max_nonfinite_skips,
-                  self.ctx.world_size).run()
+                  self.ctx.world_size, t.gradient_accumulation_steps).run()
         self.seconds["pruning"] = time.perf_counter() - t0
 
-    def train_step(self, batch: dict[str, Tensor]) -> dict[str, Any]:
-        """One step outside the loop (tests, benchmarks), as the loop runs it."""
+    def train_step(self, batch: dict[str, Tensor] | list[dict[str, Tensor]]) -> dict[str, Any]:
+        """One optimiser step on ``batch`` (or micro-batches) as the loop runs it."""
         self.controller.before_step(self.state.step)
+        group = batch if isinstance(batch, list) else [batch]
         try:
-            rec = self._step(batch)
+            rec = self._step(group)
         finally:
-            self.state.batches_drawn += 1
+            self.state.batches_drawn += len(group)
         self.state.step += 1
         return rec
 
-    def _step(self, batch: dict[str, Tensor]) -> dict[str, Any]:
-        losses = self.loss(self.student.model, self.student.tap, batch, self.state.step)
-        rec = self.update(losses, self.state.step, self.state.batches_drawn)
+    def _step(self, micro_batches: list[dict[str, Tensor]]) -> dict[str, Any]:
+        s, step = self.student, self.state.step
+        rec = accumulated_update(lambda b: self.loss(s.model, s.tap, b, step), self.update,
+                                 micro_batches, step, self.state.batches_drawn)
         rec["sparsity"] = self.controller.current_sparsity()
         return rec
 

@@ -69,7 +69,8 @@ def references(request, resume_assets, tmp_path_factory) -> References:
 # under ``pytest -n 2 --dist loadgroup`` (scripts/test.sh): the kill / resume modules
 # compare with the same uninterrupted reference runs (tests/references.py).
 SHARED_WORKER = {"test_resume": "references", "test_resume_modes": "references",
-                 "test_resume_sharded": "references"}
+                 "test_resume_sharded": "references",
+                 "test_gradient_accumulation": "references"}
 # The longest groups start first, so that neither worker is left with a long tail.
 LONGEST_FIRST = ["references", "test_slurm_real", "test_bench_smoke"]
 

@@ -35,6 +35,8 @@ REFERENCES: dict[str, tuple[str, int, dict[str, Any]]] = {
     "online": ("test_resume_modes", 1, ONLINE),
     "structured-online": ("test_resume_modes", 1, {**STRUCTURED, **ONLINE}),
     "single-keep-all": ("test_resume_modes", 1, KEEP_ALL),
+    "accumulation": ("test_gradient_accumulation", 1, {"train.batch_size": 4,
+                                                       "train.gradient_accumulation_steps": 2}),
     "structured-keep-all": ("test_resume_modes", 1, {**KEEP_ALL, **STRUCTURED}),
     "structured-online-keep-all": ("test_resume_modes", 1,
                                    {**KEEP_ALL, **STRUCTURED, **ONLINE}),

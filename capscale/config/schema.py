@@ -198,6 +198,9 @@ class TrainConfig:
     # Caps the run; None = epochs * steps per epoch.
     max_steps: int | None = None
     batch_size: int = 32
+    # Micro-batches of ``batch_size`` per optimiser step: every schedule counts
+    # optimiser steps, so an epoch has len(train loader) // k of them.
+    gradient_accumulation_steps: int = 1
     eval_batch_size: int = 128
     lr: float = 3e-5
     weight_decay: float = 0.0
@@ -232,6 +235,8 @@ class TrainConfig:
             (self.max_steps is None or self.max_steps >= 1, "train.max_steps",
              "must be >= 1 or null"),
             (self.batch_size >= 1, "train.batch_size", "must be >= 1"),
+            (self.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps",
+             "must be >= 1"),
             (self.lr > 0, "train.lr", "must be > 0"),
             (0 <= self.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)"),
             (self.warmup_steps is None or (self.warmup_steps >= 0 and self.warmup_ratio == 0),

@@ -87,6 +87,31 @@ class FSDP2Strategy(Strategy):
             return super().prepare_reference(model)
         return self.shard(model.to(self.ctx.device)).eval()
 
+    # -- stepping ------------------------------------------------------------------
+    @contextmanager
+    def grad_sync(self, model: nn.Module, sync: bool) -> Iterator[None]:
+        """FSDP2's switch: off, every unit keeps its unsharded gradients and
+        reduce-scatters nothing until a backward with it on (which sends the sum)."""
+        root = cast(FSDPModule, model)
+        root.set_requires_gradient_sync(sync)
+        try:
+            yield
+        finally:
+            root.set_requires_gradient_sync(True)
+
+    def discard_grads(self, model: nn.Module, opt: Optimizer) -> None:
+        """Also the unsharded gradients that backward passes without sync left in the
+        units (FSDP2 would add them to the next reduce-scatter)."""
+        super().discard_grads(model, opt)
+        for unit in unwrap(model).modules():
+            if not isinstance(unit, FSDPModule):
+                continue
+            group = unit._get_fsdp_state()._fsdp_param_group
+            for param in group.fsdp_params if group is not None else []:
+                param.unsharded_accumulated_grad = None
+                if hasattr(param, "_unsharded_param"):
+                    param._unsharded_param.grad = None
+
     # -- shards --------------------------------------------------------------------
     def _rows(self, out_features: int) -> slice:
         size = math.ceil(out_features / self.ctx.world_size)

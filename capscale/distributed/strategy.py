@@ -12,6 +12,7 @@ exactly masked after every step, whatever the sharding.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -99,6 +100,18 @@ class Strategy:
     # -- stepping ------------------------------------------------------------------
     def backward(self, loss: Tensor, model: nn.Module) -> None:
         loss.backward()
+
+    def grad_sync(self, model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+        """Backward passes inside run with the gradient all-reduce on (``sync``) or off:
+        off, DDP accumulates the gradients locally until a backward with it on (the last
+        micro-batch of an optimiser step). One process has nothing to sync."""
+        if not sync and isinstance(model, nn.parallel.DistributedDataParallel):
+            return model.no_sync()
+        return contextlib.nullcontext()
+
+    def discard_grads(self, model: nn.Module, opt: Optimizer) -> None:
+        """Drop every gradient accumulated since the last optimiser step."""
+        opt.zero_grad(set_to_none=True)
 
     def step(self, model: nn.Module, opt: Optimizer, sched: LambdaLR, grad_clip: float) -> None:
         """Mask grads, clip, optimiser step, mask weights, LR step, zero grads."""

@@ -182,6 +182,19 @@ class ZeRO3Strategy(Strategy):
     def backward(self, loss: Tensor, model: nn.Module) -> None:
         cast(Any, model).backward(loss)  # a DeepSpeed engine
 
+    @contextmanager
+    def grad_sync(self, model: nn.Module, sync: bool) -> Iterator[None]:
+        """ZeRO-3 reduce-scatters in every backward (its gradients are partitioned, so
+        there is no local accumulation to defer to); off, the engine is told that this
+        micro-batch is no accumulation boundary and adds its gradient partitions to the
+        earlier ones until the step."""
+        engine = cast(Any, model)
+        engine.set_gradient_accumulation_boundary(sync)
+        try:
+            yield
+        finally:
+            engine.set_gradient_accumulation_boundary(True)
+
     def step(self, model: nn.Module, opt: Optimizer, sched: LambdaLR, grad_clip: float) -> None:
         """DeepSpeed's step clips (config ``gradient_clipping``), steps and schedules."""
         self._mask_grads()

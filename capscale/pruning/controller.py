@@ -52,7 +52,8 @@ class PruningContext:
         adapter: where the student's heads, FFN and prunable linears are.
         state: the run's progress (step, epoch, evaluations).
         total_steps: optimiser steps of the whole run.
-        steps_per_epoch: training batches per epoch on this rank.
+        steps_per_epoch: optimiser steps per epoch (this rank's training batches //
+            ``train.gradient_accumulation_steps``).
         phases: the step's timed sections (``mask_update``).
         console: log lines and progress bars.
         main_metric: the task's main metric (log lines, the curve).

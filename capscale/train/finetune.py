@@ -72,7 +72,8 @@ def finetune_teacher(cfg: Config, ctx: DistContext, data: TaskData,
     update = Update(strategy, student, ctx, cfg.train.grad_clip, phases)
     state = RunState()
 
-    def step(batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    def step(batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        (batch,) = batches  # one batch per optimiser step
         with phases("forward"):
             logits = output_logits(wrapped(**model_inputs(batch, ctx.device)))
         losses = {"ce": task.loss(logits, batch["labels"].to(ctx.device))}

@@ -15,6 +15,7 @@ the step.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -45,8 +46,9 @@ class TrainLoop:
         state: the run's progress (a restored one continues where it stopped).
         loader: the training batches (re-seeded per epoch by :func:`set_epoch`).
         total_steps: optimiser steps of the whole run.
-        step_fn: one batch -> its record (loss components, sparsity, ...); raises
-            FloatingPointError for a non-finite loss (nothing was updated then).
+        step_fn: the micro-batches of one optimiser step -> its record (loss components,
+            sparsity, ...); raises FloatingPointError for a non-finite loss (nothing was
+            updated then).
         console: progress and log lines.
         description: the progress bar's title.
         hooks: called in order at each point (see :class:`LoopHook`); saving
@@ -55,23 +57,28 @@ class TrainLoop:
         on_nonfinite, max_nonfinite_skips: ``stop`` re-raises a non-finite step;
             ``skip`` drops the batch, up to that many in a row.
         world_size: ranks sharing each step (examples per second count all of them).
+        accumulation: micro-batches per optimiser step (``train.
+            gradient_accumulation_steps``); an epoch has ``len(loader) // accumulation``
+            steps, its last ``len(loader) % accumulation`` batches are not trained on.
     """
 
     def __init__(self, state: RunState, loader: DataLoader, total_steps: int,
-                 step_fn: Callable[[dict[str, Tensor]], Record], console: Console,
+                 step_fn: Callable[[list[dict[str, Tensor]]], Record], console: Console,
                  description: str, hooks: list[LoopHook] | None = None,
                  lr_fn: Callable[[], float] | None = None, on_nonfinite: str = "stop",
-                 max_nonfinite_skips: int = 0, world_size: int = 1) -> None:
+                 max_nonfinite_skips: int = 0, world_size: int = 1,
+                 accumulation: int = 1) -> None:
         self.state, self.loader, self.total_steps = state, loader, total_steps
         self.step_fn, self.console, self.description = step_fn, console, description
         self.hooks = hooks or []
         self.lr_fn = lr_fn
         self.on_nonfinite, self.max_skips = on_nonfinite, max_nonfinite_skips
-        self.world_size = world_size
+        self.world_size, self.accumulation = world_size, accumulation
 
     def run(self) -> None:
         st = self.state
-        epochs = math.ceil(self.total_steps / max(len(self.loader), 1))
+        k = self.accumulation
+        epochs = math.ceil(self.total_steps / max(len(self.loader) // k, 1))
         resuming = st.resumed
         with self.console.progress(self.description, self.total_steps) as bar:
             bar.advance(st.step)
@@ -81,14 +88,15 @@ class TrainLoop:
                 batches = self._epoch_batches(epoch, resuming)
                 resuming = False
                 t0, seen = time.perf_counter(), 0
-                for batch in batches:
-                    if st.step >= self.total_steps:
+                while st.step < self.total_steps:
+                    group = list(itertools.islice(batches, k))
+                    if len(group) < k:  # the epoch's end (or a remainder of < k batches)
                         break
-                    rec = self._guarded_step(batch)
-                    st.batches_done += 1
+                    rec = self._guarded_step(group)
+                    st.batches_done += k
                     if rec is None:
                         continue
-                    seen += int(batch["input_ids"].shape[0]) * self.world_size
+                    seen += sum(int(b["input_ids"].shape[0]) for b in group) * self.world_size
                     rec.update(step=st.step, epoch=epoch,
                                examples_per_s=seen / max(time.perf_counter() - t0, 1e-9))
                     if self.lr_fn is not None:
@@ -129,12 +137,13 @@ class TrainLoop:
             else None
         return iter(loader)
 
-    def _guarded_step(self, batch: dict[str, Tensor]) -> Record | None:
-        """One step, or None when a non-finite loss is skipped (train.on_nonfinite)."""
+    def _guarded_step(self, group: list[dict[str, Tensor]]) -> Record | None:
+        """One optimiser step on the micro-batches ``group``, or None when a non-finite
+        loss is skipped (train.on_nonfinite)."""
         st = self.state
         self._call("before_step", st.step)
         try:
-            rec = self.step_fn(batch)
+            rec = self.step_fn(group)
         except FloatingPointError as err:
             if self.on_nonfinite == "stop":
                 raise
@@ -143,10 +152,10 @@ class TrainLoop:
                                          "non-finite (train.max_nonfinite_skips)") from err
             st.consecutive_skips += 1
             st.skipped_steps.append(st.step)
-            self.console.log(f"skipped a batch: {err}")
+            self.console.log(f"skipped a {'step' if len(group) > 1 else 'batch'}: {err}")
             return None
         finally:
-            st.batches_drawn += 1
+            st.batches_drawn += len(group)
         st.consecutive_skips = 0
         st.step += 1
         return rec

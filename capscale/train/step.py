@@ -8,12 +8,14 @@ The full objective of a batch (Xu et al., AAAI 2022, eq. 7)::
 
 :class:`CAPLoss` returns every component by name (they are logged separately);
 :class:`Update` checks that the total is finite on every rank, then backward, optimiser
-step and LR step through the strategy. Both time their parts through
+step and LR step through the strategy; :func:`accumulated_update` runs one optimiser step
+over k micro-batches (``train.gradient_accumulation_steps``). Both time their parts through
 :class:`capscale.train.hooks.Phases`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -124,19 +126,71 @@ class Update:
     def __call__(self, losses: dict[str, Tensor], step: int, batch_number: int
                  ) -> dict[str, float]:
         """Apply the update; returns the components and their sum as floats."""
+        out = self.backward(losses, step, batch_number)
+        self.apply()
+        return out
+
+    def sync(self, on: bool) -> contextlib.AbstractContextManager:
+        """Forward and backward passes inside run with the gradient all-reduce on or off
+        (DDP decides at the forward, so the context must hold both)."""
+        return self.strategy.grad_sync(self.student.model, on)
+
+    def backward(self, losses: dict[str, Tensor], step: int, batch_number: int,
+                 scale: float = 1.0) -> dict[str, float]:
+        """Finite check and backward of ``scale`` times the losses' sum; returns the
+        scaled components and their sum as floats. Raises FloatingPointError (nothing
+        backpropagated) on a non-finite loss."""
         if batch_number in self.nan_batches:
             first = next(iter(losses))
             losses[first] = losses[first] * float("nan")
         total = torch.stack(list(losses.values())).sum()
         finite_or_raise(losses, total, step, self.ctx.all_reduce_sum)
         s = self.student
+        if scale != 1.0:
+            losses = {k: v * scale for k, v in losses.items()}
+            total = total * scale
         with self.phases("backward"):
             self.strategy.backward(total, s.model)
-        with self.phases("optimizer"):
-            self.strategy.step(s.model, s.optimizer, s.scheduler, self.grad_clip)
         out = {k: float(v.detach()) for k, v in losses.items()}
         out["loss"] = float(total.detach())
         return out
+
+    def apply(self) -> None:
+        """The optimiser and LR step on the gradients accumulated since the last one."""
+        s = self.student
+        with self.phases("optimizer"):
+            self.strategy.step(s.model, s.optimizer, s.scheduler, self.grad_clip)
+
+    def discard(self) -> None:
+        """Drop the gradients accumulated since the last optimiser step."""
+        self.strategy.discard_grads(self.student.model, self.student.optimizer)
+
+
+def accumulated_update(losses_of: Callable[[dict[str, Tensor]], dict[str, Tensor]],
+                       update: Update, micro_batches: list[dict[str, Tensor]], step: int,
+                       first_batch_number: int) -> dict[str, float]:
+    """One optimiser step over ``k = len(micro_batches)`` micro-batches.
+
+    Each micro-batch's losses (``losses_of``) are scaled by ``1/k`` and backpropagated at
+    once (one micro-batch's activations alive at a time), its forward and backward with
+    the gradient all-reduce off but for the last; then one :meth:`Update.apply`. The
+    record holds each component's mean over the micro-batches. A non-finite micro-batch
+    drops the gradients accumulated so far and re-raises: the whole step is skipped.
+    """
+    k = len(micro_batches)
+    out: dict[str, float] = {}
+    for i, batch in enumerate(micro_batches):
+        try:
+            with update.sync(i == k - 1):
+                part = update.backward(losses_of(batch), step, first_batch_number + i, 1.0 / k)
+        except FloatingPointError:
+            if i > 0:  # the earlier micro-batches' gradients
+                update.discard()
+            raise
+        for name, value in part.items():
+            out[name] = out.get(name, 0.0) + value
+    update.apply()
+    return out
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float,
