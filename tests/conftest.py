@@ -71,8 +71,13 @@ def references(request, resume_assets, tmp_path_factory) -> References:
 SHARED_WORKER = {"test_resume": "references", "test_resume_modes": "references",
                  "test_resume_sharded": "references",
                  "test_gradient_accumulation": "references"}
-# The longest groups start first, so that neither worker is left with a long tail.
-LONGEST_FIRST = ["references", "test_slurm_real", "test_bench_smoke"]
+# The longest groups start first (one process, CPU: seconds), so that neither worker is
+# left with a long tail; the rest follow in file order.
+LONGEST_FIRST = ["references",  # ~300
+                 "test_bench_smoke", "test_slurm_real",  # ~190, ~160
+                 "test_families_distributed", "test_export_formats",  # ~70 each
+                 "test_gradient_accumulation", "test_gradient_checkpointing",  # ~40
+                 "test_qa", "test_faithful", "test_families_deep", "test_faults"]  # ~25
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups off the items
