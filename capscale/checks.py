@@ -251,6 +251,10 @@ def cross_section_rules(cfg: Config) -> list[str]:
         out.append(f"pruning.target_latency_ms: pruning.method={cfg.pruning.method} exports "
                    "a dense model that runs at dense speed; a latency target needs a "
                    "physically smaller method (structured or hybrid)")
+    refusal = method.refuses_strategy(cfg.strategy)
+    if refusal:
+        out.append(f"pruning.method={cfg.pruning.method} with strategy={cfg.strategy}: "
+                   f"{refusal}")
     objective = OBJECTIVES[cfg.cap.mode]
     refusal = method.refuses(objective.name)
     if refusal:

@@ -252,6 +252,15 @@ def test_output_dir_that_is_a_file(assets, capsys):
              f"checkpoint.dir = '{results}': is a file")
 
 
+def test_soft_movement_under_a_sharding_strategy_is_refused(assets, capsys):
+    """Its L1 term reads every score outside the forward: under zero3 it was NaN at the
+    first step, under fsdp2 a crash in backward; now one line before any model loads."""
+    for strategy in ("zero3", "fsdp2"):
+        _bad_run(assets, capsys, {"pruning.method": "soft_movement", "strategy": strategy},
+                 f"pruning.method=soft_movement with strategy={strategy}: its L1 penalty on "
+                 "the sigmoid scores reads every score outside the forward")
+
+
 def test_unwritable_output_dir(assets, tmp_path, capsys, monkeypatch):
     locked = tmp_path / "locked"
     (locked / "earlier").mkdir(parents=True)

@@ -181,6 +181,10 @@ class PruningMethod:
         """Why this method cannot run with objective ``objective`` (None: it can)."""
         return None
 
+    def refuses_strategy(self, strategy: str) -> str | None:
+        """Why this method cannot run under ``strategy`` (None: it can)."""
+        return None
+
     def attach(self, model: nn.Module, adapter: EncoderAdapter, pruning: PruningConfig
                ) -> dict[str, MaskedLinear]:
         """Put the method's masks on a bare model; returns its masked layers by

@@ -20,7 +20,7 @@ from capscale.errors import ConfigError
 from capscale.pruning.accounting import sparsity_report
 from capscale.pruning.controller import PruningContext, PruningController, PruningMethod
 from capscale.pruning.masked import MaskedLinear, Pruner, attach_masks
-from capscale.pruning.weight_rules import WeightRule
+from capscale.pruning.weight_rules import SoftMovementRule, WeightRule
 
 if TYPE_CHECKING:
     from capscale.config import PruningConfig
@@ -144,6 +144,16 @@ class WeightPruning(PruningMethod):
 
     def controller(self, run: PruningContext) -> PruningController:
         return WeightMaskController(self, run)
+
+    def refuses_strategy(self, strategy: str) -> str | None:
+        # Soft movement's L1 term reads every score outside the forward, where zero3 and
+        # fsdp2 hold only this rank's shard (zero3: an empty tensor, so a NaN term;
+        # fsdp2: a DTensor that the loss cannot mix with plain tensors).
+        if isinstance(self.rule, SoftMovementRule) and strategy in ("zero3", "fsdp2"):
+            return ("its L1 penalty on the sigmoid scores reads every score outside the "
+                    "forward, which this strategy shards; use strategy ddp (or single), or "
+                    "pruning.method=movement")
+        return None
 
 
 class NoPruningController(PruningController):
