@@ -8,6 +8,7 @@ are sliced the same way and multiplied into ``p.grad.to_local()`` / ``p.to_local
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,7 +25,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from capscale.distributed.context import DistContext
-from capscale.distributed.strategy import LrLambda, Strategy, unwrap
+from capscale.distributed.strategy import LrLambda, Strategy, switched, unwrap
 from capscale.pruning.masked import MaskedLinear
 
 if TYPE_CHECKING:
@@ -88,16 +89,11 @@ class FSDP2Strategy(Strategy):
         return self.shard(model.to(self.ctx.device)).eval()
 
     # -- stepping ------------------------------------------------------------------
-    @contextmanager
-    def grad_sync(self, model: nn.Module, sync: bool) -> Iterator[None]:
+    def grad_sync(self, model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
         """FSDP2's switch: off, every unit keeps its unsharded gradients and
         reduce-scatters nothing until a backward with it on (which sends the sum)."""
-        root = cast(FSDPModule, model)
-        root.set_requires_gradient_sync(sync)
-        try:
-            yield
-        finally:
-            root.set_requires_gradient_sync(True)
+        return switched(cast(FSDPModule, model).set_requires_gradient_sync,
+                                       sync)
 
     def discard_grads(self, model: nn.Module, opt: Optimizer) -> None:
         """Also the unsharded gradients that backward passes without sync left in the

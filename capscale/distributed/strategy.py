@@ -30,6 +30,16 @@ from capscale.pruning.masked import MaskedLinear
 LrLambda = Callable[[int], float]
 
 
+
+@contextmanager
+def switched(set_switch: Callable[[bool], None], on: bool) -> Iterator[None]:
+    """Set a backend's boolean switch to ``on`` for the block, then back on."""
+    set_switch(on)
+    try:
+        yield
+    finally:
+        set_switch(True)
+
 class Strategy:
     """``single`` / ``ddp``: replicated parameters, torch AdamW, optional DDP wrapper.
 

@@ -9,6 +9,7 @@ grad / fp32 accessors (made for pruning), plus the low-precision partition itsel
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -24,7 +25,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from capscale.distributed.context import DistContext
-from capscale.distributed.strategy import LrLambda, Strategy, unwrap
+from capscale.distributed.strategy import LrLambda, Strategy, switched, unwrap
 from capscale.pruning.masked import MaskedLinear
 
 
@@ -182,18 +183,13 @@ class ZeRO3Strategy(Strategy):
     def backward(self, loss: Tensor, model: nn.Module) -> None:
         cast(Any, model).backward(loss)  # a DeepSpeed engine
 
-    @contextmanager
-    def grad_sync(self, model: nn.Module, sync: bool) -> Iterator[None]:
+    def grad_sync(self, model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
         """ZeRO-3 reduce-scatters in every backward (its gradients are partitioned, so
         there is no local accumulation to defer to); off, the engine is told that this
         micro-batch is no accumulation boundary and adds its gradient partitions to the
         earlier ones until the step."""
-        engine = cast(Any, model)
-        engine.set_gradient_accumulation_boundary(sync)
-        try:
-            yield
-        finally:
-            engine.set_gradient_accumulation_boundary(True)
+        return switched(cast(Any, model).set_gradient_accumulation_boundary,
+                                       sync)
 
     def step(self, model: nn.Module, opt: Optimizer, sched: LambdaLR, grad_clip: float) -> None:
         """DeepSpeed's step clips (config ``gradient_clipping``), steps and schedules."""
