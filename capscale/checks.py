@@ -104,10 +104,12 @@ def check_layout(cfg: Config, adapter: EncoderAdapter, task: Task) -> list[str]:
     linear maps of the layers unpruned, a trial that could not run. ModelError (exit 2)
     on refusal."""
     m, p = cfg.model, cfg.pruning
-    for key, name in (("model.name_or_path", m.name_or_path), ("model.teacher", m.teacher)):
-        config = read_config(name, m.trust_remote_code, key) if name is not None else None
-        fixed = fixed_input_length(config) if config is not None else None
-        if config is not None and fixed is not None:
+    configs = {key: (name, read_config(name, m.trust_remote_code, key))
+               for key, name in (("model.name_or_path", m.name_or_path),
+                                 ("model.teacher", m.teacher)) if name is not None}
+    for key, (name, config) in configs.items():
+        fixed = fixed_input_length(config)
+        if fixed is not None:
             tried = padded_forward_error(config, fixed[0], m.trust_remote_code, task)
             how = (f"a padded batch of {fixed[0]} tokens fails on a tiny random copy ({tried})"
                    if tried else "capscale pads each batch to its longest text, not to one "
@@ -117,7 +119,7 @@ def check_layout(cfg: Config, adapter: EncoderAdapter, task: Task) -> list[str]:
                              "segment_means_seq_len)")
     method = PRUNING_METHODS[p.method]
     structured = method.physical_export
-    config = read_config(m.name_or_path, m.trust_remote_code, "model.name_or_path")
+    config = configs["model.name_or_path"][1]
     try:
         model = skeleton(config, m.trust_remote_code, task)
     except Exception:  # foreign modeling code: validate_encoder has warned already
