@@ -130,6 +130,10 @@ class CAPConfig:
     # masked mean of the last layer.
     representation: Literal["head", "cls", "mean"] = "head"
     bank_dtype: Literal["float32", "bfloat16"] = "float32"
+    # Weights of the frozen references (teacher, pre-trained model, snapshot copies):
+    # ``auto``: the compute dtype of ``train.precision`` (halves their memory in bf16);
+    # ``fp32`` keeps full precision under a low-precision student.
+    reference_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     bank_device: Literal["cpu", "accelerator"] = "cpu"
     # SnC snapshots: at the start of every epoch (reference) or at sparsity milestones.
     snapshot_schedule: Literal["epoch", "milestones"] = "epoch"
@@ -215,6 +219,11 @@ class TrainConfig:
     # recompute the layer in backward (torch.utils.checkpoint, non-reentrant), trading
     # one more forward of the encoder for its activation memory; gradients are unchanged.
     gradient_checkpointing: bool = False
+    # Arithmetic of the student's forward and backward: ``fp32``; ``bf16`` / ``fp16``
+    # (autocast with fp32 master weights, scores, masks and optimiser state; fp16 with
+    # dynamic loss scaling, an overflowing step skipped and counted); ``auto``: bf16
+    # where the device supports it, else fp32 (capscale.train.precision).
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     grad_clip: float = 1.0
     seed: int = 42
     eval_every: int = 0  # evaluate every N steps (0: only at the end of each epoch)
