@@ -11,16 +11,19 @@ text lengths, and returns the data and the tokenizer.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 import torch.distributed as dist
 
 from capscale.config import DATA_PRESETS, Config, ConfigError, config_from_dict, load_config
 from capscale.contrastive.modules import CONTRASTIVE_MODULES
 from capscale.contrastive.objectives import OBJECTIVES
 from capscale.data import TaskData, check_lengths, load_task_data
+from capscale.distributed.precision import precision_refusal, resolve_precision
 from capscale.errors import ModelError
 from capscale.export.formats import FORMATS, NEEDS
 from capscale.export.trial import padded_forward_error, trial_export
@@ -204,6 +207,28 @@ def wants_teacher(cfg: Config) -> bool:
                                     for n in cfg.cap.enabled_modules())
 
 
+def _precision_rules(cfg: Config) -> list[str]:
+    """``train.precision`` on this machine and strategy, and a DeepSpeed file that
+    switches a precision on by itself (``train.precision`` fills those sections)."""
+    cuda = torch.cuda.is_available()
+    refusal = precision_refusal(cfg.train.precision, cfg.cap.reference_dtype, cfg.strategy,
+                                cuda)
+    out = [refusal] if refusal else []
+    path = cfg.distributed.deepspeed_config
+    if cfg.strategy == "zero3" and path and Path(path).is_file():
+        name = resolve_precision(cfg.train.precision, "cuda" if cuda else "cpu")
+        with open(path) as f:
+            file_cfg = json.load(f)
+        for key in ("bf16", "fp16"):
+            section = file_cfg.get(key)
+            if isinstance(section, dict) and section.get("enabled") is True and key != name:
+                out.append(f"distributed.deepspeed_config {path} enables {key}, but "
+                           f"train.precision={cfg.train.precision} resolves to {name}: set "
+                           f"train.precision: {key}, or \"enabled\": \"auto\" in the file "
+                           "(train.precision decides)")
+    return out
+
+
 def _table_name(value: str, table: dict[str, Any], key: str) -> str | None:
     if value in table:
         return None
@@ -253,6 +278,7 @@ def cross_section_rules(cfg: Config) -> list[str]:
         out.append(f"pruning.target_latency_ms: pruning.method={cfg.pruning.method} exports "
                    "a dense model that runs at dense speed; a latency target needs a "
                    "physically smaller method (structured or hybrid)")
+    out += _precision_rules(cfg)
     refusal = method.refuses_strategy(cfg.strategy)
     if refusal:
         out.append(f"pruning.method={cfg.pruning.method} with strategy={cfg.strategy}: "

@@ -116,8 +116,9 @@ class CAPRecipe:
         self.student = self.optimizers.prepare(bare, self.controller.score_parameters(),
                                                length, self.adapter)  # tap, checkpointing
         self.refs.bind(self.student, self._skeleton)
-        self.loss = CAPLoss(cfg.loss, cfg.cap.representation, self.task, ctx, self.teacher,
-                            self.objective, self.controller.regularization, self.phases)
+        self.loss = CAPLoss(cfg.loss, cfg.cap.representation, self.task, self.strategy,
+                            self.teacher, self.objective, self.controller.regularization,
+                            self.phases)
         self.update = Update(self.strategy, self.student, ctx, cfg.train.grad_clip,
                              self.phases, cfg.train.debug_nan_batches)
         self.checkpointer = self._register_state()
@@ -138,7 +139,8 @@ class CAPRecipe:
         self.loaders = build_loaders(data, self.tokenizer, cfg.data, cfg.train.batch_size,
                                      cfg.train.eval_batch_size, cfg.train.seed, ctx.rank,
                                      ctx.world_size)
-        self.strategy = make_strategy(ctx, cfg.distributed)
+        self.strategy = make_strategy(ctx, cfg.distributed, cfg.train.precision,
+                                      cfg.cap.reference_dtype)
         self.steps_per_epoch = per_epoch = steps_per_epoch(len(self.loaders.train), cfg.train)
         steps = min(per_epoch * cfg.train.epochs, cfg.train.max_steps or sys.maxsize)
         self.total_steps = self.method.planned_steps(steps, cfg.structured, per_epoch)
@@ -210,7 +212,7 @@ class CAPRecipe:
     def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
         return evaluate(model if model is not None else self.student.model,
                         self.loaders.eval, self.ctx, self.task, self.data.num_labels,
-                        self.loaders.eval_reference)
+                        self.loaders.eval_reference, self.strategy.autocast)
 
     def snapshot(self, train_mode: bool, what: str) -> None:
         self.objective.add_snapshot(self.refs, train_mode, what)

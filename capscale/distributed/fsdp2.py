@@ -20,11 +20,12 @@ import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from capscale.distributed.context import DistContext
+from capscale.distributed.precision import Precision
 from capscale.distributed.strategy import LrLambda, Strategy, switched, unwrap
 from capscale.pruning.masked import MaskedLinear
 
@@ -41,11 +42,12 @@ class FSDP2Strategy(Strategy):
     name = "fsdp2"
     shards_parameters = True
 
-    def __init__(self, ctx: DistContext, options: Any = None) -> None:
-        super().__init__(ctx, options)
+    def __init__(self, ctx: DistContext, options: Any = None,
+                 precision: Precision | None = None) -> None:
+        super().__init__(ctx, options, precision)
         self.mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
 
-    def shard(self, model: nn.Module) -> nn.Module:
+    def shard(self, model: nn.Module, mixed: bool = False) -> nn.Module:
         """``fully_shard`` every ModuleList block and the word embeddings, then the root
         (in place).
 
@@ -55,7 +57,12 @@ class FSDP2Strategy(Strategy):
         because a table whose weight the model reads directly, without calling it
         (DeBERTa's relative-position embeddings in the encoder), is only gathered by the
         unit that owns the module doing so.
+
+        ``mixed``: the units gather their parameters in the run's low dtype and reduce
+        gradients in fp32 (a student under bf16 / fp16; references are cast instead).
         """
+        mp = MixedPrecisionPolicy(param_dtype=self.precision.dtype, reduce_dtype=torch.float32
+                                  ) if mixed and self.precision.low else MixedPrecisionPolicy()
         tables = _embedding_block(model)
         units: list[nn.Module] = []
         for mod in model.modules():
@@ -66,8 +73,8 @@ class FSDP2Strategy(Strategy):
         # Innermost first: a unit takes the parameters no inner unit holds (ALBERT nests
         # its layers' ModuleList inside its groups' ModuleList).
         for unit in reversed(units):
-            fully_shard(unit, mesh=self.mesh)
-        fully_shard(model, mesh=self.mesh)
+            fully_shard(unit, mesh=self.mesh, mp_policy=mp)
+        fully_shard(model, mesh=self.mesh, mp_policy=mp)
         return model
 
     def prepare_student(self, model: nn.Module, param_groups: list[dict], lr_lambda: LrLambda,
@@ -76,7 +83,7 @@ class FSDP2Strategy(Strategy):
         """Shard, then rebuild the groups on the new DTensor parameters (same names)."""
         names = {id(p): n for n, p in model.named_parameters()}
         by_name = [[names[id(p)] for p in g["params"]] for g in param_groups]
-        self.shard(model.to(self.ctx.device))
+        self.shard(model.to(self.ctx.device), mixed=True)
         params = dict(model.named_parameters())
         groups = [{**g, "params": [params[n] for n in group_names]}
                   for g, group_names in zip(param_groups, by_name)]
@@ -86,7 +93,7 @@ class FSDP2Strategy(Strategy):
     def prepare_reference(self, model: nn.Module) -> nn.Module:
         if not getattr(self.options, "shard_references", True):
             return super().prepare_reference(model)
-        return self.shard(model.to(self.ctx.device)).eval()
+        return self.shard(model.to(self.ctx.device, self.precision.reference_dtype)).eval()
 
     # -- stepping ------------------------------------------------------------------
     def grad_sync(self, model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
@@ -118,9 +125,11 @@ class FSDP2Strategy(Strategy):
         return full[self._rows(full.shape[0])]
 
     def local_importance(self, m: MaskedLinear) -> Tensor:
+        """The local shard rounded as the forward's gathered copy is (low-precision
+        gathers), so a global threshold splits the values the forward ranks."""
         if m.mask_scores is not None:
-            return cast("DTensor", m.mask_scores.detach()).to_local()
-        return cast("DTensor", m.weight.detach()).to_local().abs()
+            return self.precision.ranked(cast("DTensor", m.mask_scores.detach()).to_local())
+        return self.precision.ranked(cast("DTensor", m.weight.detach()).to_local()).abs()
 
     def mul_local_grad(self, p: Tensor, mask: Tensor) -> None:
         if p.grad is not None:
@@ -164,7 +173,8 @@ class FSDP2Strategy(Strategy):
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=folder)
         files = sorted(folder.glob(f"__{self.ctx.rank}_*.distcp"))
         if self.ctx.is_main:
-            torch.save(sched.state_dict(), path / SCHED_FILE)
+            torch.save({"scheduler": sched.state_dict(), **self.scaler_state()},
+                       path / SCHED_FILE)
             files += [folder / ".metadata", path / SCHED_FILE, folder]  # + its entries
         return files
 
@@ -176,7 +186,9 @@ class FSDP2Strategy(Strategy):
         dcp.load(state, checkpoint_id=path / DCP_DIR)
         set_state_dict(model, opt, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])
-        sched.load_state_dict(torch.load(path / SCHED_FILE, weights_only=True))
+        replicated = torch.load(path / SCHED_FILE, weights_only=True)
+        sched.load_state_dict(replicated["scheduler"])
+        self.load_scaler_state(replicated)
         for m in self.masked:  # weights / scores changed under the no-grad cache's key
             m.invalidate_mask_cache()
 

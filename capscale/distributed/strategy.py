@@ -25,6 +25,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from capscale.distributed.context import DistContext
+from capscale.distributed.precision import GradientOverflow, Precision
 from capscale.pruning.masked import MaskedLinear
 
 LrLambda = Callable[[int], float]
@@ -46,6 +47,7 @@ class Strategy:
     Args:
         ctx: ranks, device and collectives.
         options: the config's ``distributed`` section (sharded strategies read it).
+        precision: the run's arithmetic (capscale.distributed.precision); fp32 if None.
     """
 
     name = "single"
@@ -53,9 +55,12 @@ class Strategy:
     # over scores are then summed over ranks; over replicated scores they must not be.
     shards_parameters = False
 
-    def __init__(self, ctx: DistContext, options: Any = None) -> None:
+    def __init__(self, ctx: DistContext, options: Any = None,
+                 precision: Precision | None = None) -> None:
         self.ctx = ctx
         self.options = options
+        self.precision = precision or Precision(device_type=ctx.device.type)
+        self.scaler = self.precision.scaler()  # fp16's loss scaler, else None
         self.masked: list[MaskedLinear] = []
         self.zero_pruned = False
 
@@ -97,8 +102,13 @@ class Strategy:
         return new, LambdaLR(new, lr_lambda)
 
     def prepare_reference(self, model: nn.Module) -> nn.Module:
-        """A frozen reference (already ``freeze``-d) ready for forward passes."""
-        return model.to(self.ctx.device)
+        """A frozen reference (already ``freeze``-d) ready for forward passes, its
+        weights in ``cap.reference_dtype``."""
+        return cast_weights(model.to(self.ctx.device), self.precision.reference_dtype)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Forward passes (student, references, evaluation) run inside this."""
+        return self.precision.autocast()
 
     def bind_masks(self, modules: Iterable[MaskedLinear], zero_pruned: bool) -> None:
         """Register the student's masked layers; ``zero_pruned``: keep pruned weights 0."""
@@ -109,7 +119,7 @@ class Strategy:
 
     # -- stepping ------------------------------------------------------------------
     def backward(self, loss: Tensor, model: nn.Module) -> None:
-        loss.backward()
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def grad_sync(self, model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
         """Backward passes inside run with the gradient all-reduce on (``sync``) or off:
@@ -124,14 +134,43 @@ class Strategy:
         opt.zero_grad(set_to_none=True)
 
     def step(self, model: nn.Module, opt: Optimizer, sched: LambdaLR, grad_clip: float) -> None:
-        """Mask grads, clip, optimiser step, mask weights, LR step, zero grads."""
+        """Mask grads, clip, optimiser step, mask weights, LR step, zero grads.
+
+        Raises:
+            GradientOverflow: fp16's scaled gradients overflowed on some rank; nothing
+                was stepped, the gradients are dropped and the loss scale lowered.
+        """
         self._mask_grads()
+        if self.scaler is not None:
+            self._unscale_or_skip(model, opt)
         if grad_clip > 0:
             nn.utils.clip_grad_norm_(unwrap(model).parameters(), grad_clip)
-        opt.step()
+        if self.scaler is not None:
+            self.scaler.step(opt)
+            self.scaler.update()
+        else:
+            opt.step()
         self._mask_weights()
         sched.step()
         opt.zero_grad(set_to_none=True)
+
+    def _unscale_or_skip(self, model: nn.Module, opt: Optimizer) -> None:
+        """Unscale the gradients; on an overflow on any rank, skip the step everywhere."""
+        scaler = cast(torch.amp.GradScaler, self.scaler)
+        scaler.unscale_(opt)
+        bad = 0.0
+        for p in unwrap(model).parameters():
+            g = p.grad
+            if g is not None:
+                local = g.to_local() if hasattr(g, "to_local") else g
+                if not bool(torch.isfinite(local).all()):
+                    bad = 1.0
+                    break
+        if float(self.ctx.all_reduce_sum(torch.tensor([bad]))[0]) > 0:
+            self.discard_grads(model, opt)
+            scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+            raise GradientOverflow(f"fp16 gradients overflowed; step skipped, loss scale "
+                                   f"now {scaler.get_scale():g}")
 
     def backward_and_step(self, loss: Tensor, model: nn.Module, opt: Optimizer,
                           sched: LambdaLR, grad_clip: float) -> None:
@@ -219,8 +258,18 @@ class Strategy:
             return []
         files = [path / "model.pt", path / "optimizer.pt"]
         torch.save(unwrap(model).state_dict(), files[0])
-        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, files[1])
+        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    **self.scaler_state()}, files[1])
         return files
+
+    def scaler_state(self) -> dict[str, Any]:
+        """fp16's loss scale and growth tracker (checkpointed: a resumed run continues
+        with the same scale)."""
+        return {} if self.scaler is None else {"scaler": self.scaler.state_dict()}
+
+    def load_scaler_state(self, state: dict[str, Any]) -> None:
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
 
     def load_state(self, path: Path, model: nn.Module, opt: Optimizer, sched: LambdaLR
                    ) -> None:
@@ -232,6 +281,19 @@ class Strategy:
         both = torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
         opt.load_state_dict(both["optimizer"])
         sched.load_state_dict(both["scheduler"])
+        self.load_scaler_state(both)
+
+
+@torch.no_grad()
+def cast_weights(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast ``model``'s floating parameters to ``dtype`` in place, but not its buffers
+    (position ids, a MaskedLinear's keep fraction and threshold) nor the learned scores
+    of a frozen student copy: its masks must rank the scores the student ranked."""
+    for mod in model.modules():
+        for name, p in mod.named_parameters(recurse=False):
+            if p.is_floating_point() and p.dtype != dtype and name != "mask_scores":
+                p.data = p.data.to(dtype)
+    return model
 
 
 def full_state(model: nn.Module) -> dict[str, Tensor]:

@@ -25,6 +25,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from capscale.distributed.context import DistContext
+from capscale.distributed.precision import GradientOverflow, Precision
 from capscale.distributed.strategy import LrLambda, Strategy, switched, unwrap
 from capscale.pruning.masked import MaskedLinear
 
@@ -66,8 +67,9 @@ class ZeRO3Strategy(Strategy):
     name = "zero3"
     shards_parameters = True
 
-    def __init__(self, ctx: DistContext, options: Any = None) -> None:
-        super().__init__(ctx, options)
+    def __init__(self, ctx: DistContext, options: Any = None,
+                 precision: Precision | None = None) -> None:
+        super().__init__(ctx, options, precision)
         self.ds = import_deepspeed()
         self.ds.init_distributed(dist_backend="nccl" if ctx.device.type == "cuda" else "gloo")
 
@@ -78,14 +80,23 @@ class ZeRO3Strategy(Strategy):
         if path:
             with open(path) as f:
                 cfg = json.load(f)
-            for key in ("bf16", "fp16"):  # "auto": bf16 where the GPU has it, else fp32
-                if isinstance(cfg.get(key), dict) and cfg[key].get("enabled") == "auto":
-                    cfg[key]["enabled"] = key == "bf16" and torch.cuda.is_available() \
-                        and torch.cuda.is_bf16_supported()
-            return cfg
-        return {"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto",
-                                      "stage3_prefetch_bucket_size": "auto",
-                                      "stage3_param_persistence_threshold": "auto"}}
+        else:
+            cfg = {"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto",
+                                         "stage3_prefetch_bucket_size": "auto",
+                                         "stage3_param_persistence_threshold": "auto"}}
+        return cfg
+
+    def _precision_sections(self, cfg: dict[str, Any], name: str) -> dict[str, Any]:
+        """``bf16`` / ``fp16`` sections set from ``name`` (``train.precision`` for the
+        student, ``cap.reference_dtype`` for a reference): the file's other keys in them
+        are kept (e.g. fp16's ``initial_scale_power``); gradients accumulate in fp32."""
+        for key in ("bf16", "fp16"):
+            given = cfg.get(key)
+            section: dict[str, Any] = given if isinstance(given, dict) else {}
+            cfg[key] = {**section, "enabled": key == name}
+        if name != "fp32":
+            cfg.setdefault("data_types", {})["grad_accum_dtype"] = "fp32"
+        return cfg
 
     def _zero_values(self, model: nn.Module) -> dict[str, Any]:
         h = _hidden(model)
@@ -106,7 +117,8 @@ class ZeRO3Strategy(Strategy):
                   micro_batch_size, "gradient_accumulation_steps": 1,
                   "train_batch_size": micro_batch_size * self.ctx.world_size,
                   "gradient_clipping": grad_clip, "lr": lr}
-        cfg = _fill_auto(self._base_config(), values)
+        cfg = self._precision_sections(_fill_auto(self._base_config(), values),
+                                       self.precision.name)
         for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                     "gradient_clipping"):
             cfg.setdefault(key, values[key])
@@ -125,8 +137,10 @@ class ZeRO3Strategy(Strategy):
     def reference_config(self, model: nn.Module) -> dict[str, Any]:
         """A frozen model's config: no optimiser, ZeRO-3 sized from its hidden size."""
         cfg = _fill_auto(copy.deepcopy(self._base_config()), self._zero_values(model))
-        for key in ("optimizer", "scheduler", "gradient_clipping", "train_batch_size"):
+        for key in ("optimizer", "scheduler", "gradient_clipping", "train_batch_size",
+                    "data_types"):
             cfg.pop(key, None)
+        cfg = self._precision_sections(cfg, self.precision.reference)
         cfg["train_micro_batch_size_per_gpu"] = 1
         cfg["gradient_accumulation_steps"] = 1
         cfg["zero_optimization"] = {**cfg.get("zero_optimization", {}), "stage": 3,
@@ -173,6 +187,8 @@ class ZeRO3Strategy(Strategy):
         return opt, sched
 
     def prepare_reference(self, model: nn.Module) -> nn.Module:
+        """A ZeRO-3 engine without optimiser, in ``cap.reference_dtype`` (DeepSpeed casts
+        the module for its bf16 / fp16 section)."""
         if not getattr(self.options, "shard_references", True):
             return super().prepare_reference(model)
         engine, *_ = self.ds.initialize(model=model, config=self.reference_config(model))
@@ -192,9 +208,15 @@ class ZeRO3Strategy(Strategy):
                                        sync)
 
     def step(self, model: nn.Module, opt: Optimizer, sched: LambdaLR, grad_clip: float) -> None:
-        """DeepSpeed's step clips (config ``gradient_clipping``), steps and schedules."""
+        """DeepSpeed's step clips (config ``gradient_clipping``), steps and schedules;
+        under fp16 its loss scaler skips a step whose gradients overflowed (the LR
+        schedule too), which is raised as :class:`GradientOverflow`."""
         self._mask_grads()
-        cast(Any, model).step()
+        engine = cast(Any, model)
+        engine.step()
+        if not engine.was_step_applied():  # its gradients are dropped already
+            raise GradientOverflow("fp16 gradients overflowed; DeepSpeed skipped the step "
+                                   f"(loss scale now {engine.optimizer.cur_scale:g})")
         self._mask_weights()
 
     # -- shards --------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sized
 from typing import TYPE_CHECKING, Any, cast
 
@@ -20,20 +21,25 @@ if TYPE_CHECKING:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, ctx: DistContext, task: Task,
-             num_labels: int, reference: Any = None) -> dict[str, float]:
+             num_labels: int, reference: Any = None,
+             autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+             ) -> dict[str, float]:
     """``task``'s metrics over every example of ``loader``'s dataset, each counted once.
 
     Under several ranks the logits are gathered, and the rows a DistributedSampler adds
     to even out the shards (repeats of the first examples) are dropped, so the result
     equals one process on the whole set. ``reference``: what the task's metrics need
     beside the logits (QA: the windows' offsets and the examples' answers), passed on
-    as ``task.metrics(..., reference=reference)`` when given.
+    as ``task.metrics(..., reference=reference)`` when given. ``autocast``: the
+    context of the forward passes (the run's precision); the logits are scored in fp32.
     """
     was_training = model.training
     model.eval()
     logits, labels = [], []
     for batch in loader:
-        logits.append(output_logits(model(**model_inputs(batch, ctx.device))).float())
+        with autocast():
+            out = output_logits(model(**model_inputs(batch, ctx.device)))
+        logits.append(out.float())
         labels.append(batch["labels"].to(ctx.device))
     model.train(was_training)
     all_logits = ctx.gather(torch.cat(logits)).cpu().numpy()

@@ -62,7 +62,7 @@ def finetune_teacher(cfg: Config, ctx: DistContext, data: TaskData,
     model = load().to(ctx.device)
     if cfg.train.gradient_checkpointing:  # the same gradients, less activation memory
         checkpoint_layers(model, adapter_for(model, cfg.model.adapter, task))
-    strategy = make_strategy(ctx, cfg.distributed)
+    strategy = make_strategy(ctx, cfg.distributed, cfg.train.precision)
     wrapped, opt, sched = strategy.prepare_student(
         model, param_groups(model, tcfg.lr, tcfg.weight_decay, [], 0.0),
         linear_warmup_decay(int(tcfg.warmup_ratio * total), total),
@@ -74,9 +74,10 @@ def finetune_teacher(cfg: Config, ctx: DistContext, data: TaskData,
 
     def step(batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         (batch,) = batches  # one batch per optimiser step
-        with phases("forward"):
-            logits = output_logits(wrapped(**model_inputs(batch, ctx.device)))
-        losses = {"ce": task.loss(logits, batch["labels"].to(ctx.device))}
+        with phases("forward"), strategy.autocast():
+            logits = output_logits(wrapped(**model_inputs(batch, ctx.device))).float()
+        with strategy.precision.exact():
+            losses = {"ce": task.loss(logits, batch["labels"].to(ctx.device))}
         return update(losses, state.step, state.batches_drawn)
 
     start = time.perf_counter()
@@ -84,7 +85,7 @@ def finetune_teacher(cfg: Config, ctx: DistContext, data: TaskData,
     TrainLoop(state, loaders.train, total, step, console, "fine-tuning the dense teacher",
               lr_fn=student.lr, world_size=ctx.world_size).run()
     metrics = evaluate(wrapped, loaders.eval, ctx, task, data.num_labels,
-                       loaders.eval_reference)
+                       loaders.eval_reference, strategy.autocast)
     key = task.main_metric
     console.log(f"dense teacher: {key} {metrics[key]:.4f} after {state.step} steps "
                 f"({time.perf_counter() - start:.0f} s)")

@@ -26,8 +26,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler
 
 from capscale.console import Console, format_losses
+from capscale.distributed.precision import GradientOverflow
 from capscale.train.hooks import LoopHook, Record
 from capscale.train.state import RunState, set_rng_state
+
+# fp16 overflows in a row that end a run: halving the loss scale from 2**16 that often
+# leaves it below 2**-48, where no finite gradient overflows.
+MAX_OVERFLOWS_IN_A_ROW = 64
 
 
 def set_epoch(loader: DataLoader, epoch: int) -> None:
@@ -55,7 +60,12 @@ class TrainLoop:
             checkpoints is one of them (capscale.train.checkpoint.CheckpointHook).
         lr_fn: the current learning rate, for the records.
         on_nonfinite, max_nonfinite_skips: ``stop`` re-raises a non-finite step;
-            ``skip`` drops the batch, up to that many in a row.
+            ``skip`` drops the batch, up to that many in a row. An fp16 step whose
+            gradients overflowed (GradientOverflow) is always dropped and counted in
+            ``state.overflow_skips``: loss scaling expects it, and the lowered scale
+            makes the next try finite. A dropped batch is not replaced: the epochs
+            (``ceil(total_steps / steps per epoch)``) end as planned, one step short
+            per dropped batch, so the SnC snapshots and banks keep their planned views.
         world_size: ranks sharing each step (examples per second count all of them).
         accumulation: micro-batches per optimiser step (``train.
             gradient_accumulation_steps``); an epoch has ``len(loader) // accumulation``
@@ -74,6 +84,7 @@ class TrainLoop:
         self.lr_fn = lr_fn
         self.on_nonfinite, self.max_skips = on_nonfinite, max_nonfinite_skips
         self.world_size, self.accumulation = world_size, accumulation
+        self.overflows_in_a_row = 0
 
     def run(self) -> None:
         st = self.state
@@ -144,6 +155,15 @@ class TrainLoop:
         self._call("before_step", st.step)
         try:
             rec = self.step_fn(group)
+        except GradientOverflow as err:
+            st.overflow_skips += 1
+            self.overflows_in_a_row += 1
+            if self.overflows_in_a_row > MAX_OVERFLOWS_IN_A_ROW:
+                raise FloatingPointError(
+                    f"{err}; {self.overflows_in_a_row} steps in a row overflowed: the "
+                    "gradients are not finite at any loss scale (try bf16 or fp32)") from err
+            self.console.log(f"skipped step {st.step}: {err}")
+            return None
         except FloatingPointError as err:
             if self.on_nonfinite == "stop":
                 raise
@@ -157,6 +177,7 @@ class TrainLoop:
         finally:
             st.batches_drawn += len(group)
         st.consecutive_skips = 0
+        self.overflows_in_a_row = 0
         st.step += 1
         return rec
 

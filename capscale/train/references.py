@@ -111,10 +111,11 @@ class RunReferences:
             assert tap is not None, "the student is prepared with its representation tap"
         else:
             tap = self.taps.setdefault(id(model), RepresentationTap(model, self.adapter))
-        kind = self.kind
+        kind, autocast = self.kind, self.strategy.autocast
 
         def read(inputs: dict[str, Tensor]) -> Tensor:
-            return forward_with_representation(model, inputs, tap, kind)[1]
+            with autocast():  # the representation comes back in fp32
+                return forward_with_representation(model, inputs, tap, kind)[1]
         return read
 
     @torch.no_grad()

@@ -44,6 +44,7 @@ class RunState:
     batches_drawn: int = 0  # batches drawn over the whole run
     skipped_steps: list[int] = field(default_factory=list)
     consecutive_skips: int = 0
+    overflow_skips: int = 0  # fp16 steps skipped on a gradient overflow
     history: list[dict[str, Any]] = field(default_factory=list)
     evals: list[dict[str, Any]] = field(default_factory=list)
     loader_state: Tensor | None = None
@@ -51,7 +52,7 @@ class RunState:
     resumed: bool = False
 
     _SAVED = ("step", "epoch", "batches_done", "batches_drawn", "skipped_steps",
-              "consecutive_skips", "history", "evals")
+              "consecutive_skips", "overflow_skips", "history", "evals")
 
     def state_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self._SAVED}

@@ -55,22 +55,26 @@ class Student:
 class CAPLoss:
     """Every weighted component of the objective on one batch.
 
+    The student's and the teacher's forward passes run under the strategy's autocast
+    (``train.precision``); every loss is computed on fp32 copies of their outputs with
+    autocast off (capscale.distributed.precision says why).
+
     Args:
         loss: the ``loss`` section (weights, KD temperature).
         representation: ``cap.representation`` (where anchors are read).
         task: the task (supervised loss, distillation, contrastive labels).
-        ctx: ranks and device.
+        strategy: ranks, device and precision.
         teacher: the frozen fine-tuned teacher (KD logits), or None.
         objective: the contrastive objective, or None.
         regularizer: returns the pruning method's loss term (or None) at each call.
         phases: where the parts are timed.
     """
 
-    def __init__(self, loss: LossConfig, representation: str, task: Task, ctx: DistContext,
+    def __init__(self, loss: LossConfig, representation: str, task: Task, strategy: Strategy,
                  teacher: nn.Module | None, objective: Any,
                  regularizer: Callable[[], Tensor | None], phases: Phases) -> None:
         self.weights, self.representation = loss, representation
-        self.task, self.ctx = task, ctx
+        self.task, self.ctx, self.precision = task, strategy.ctx, strategy.precision
         self.teacher, self.objective = teacher, objective
         self.regularizer, self.phases = regularizer, phases
 
@@ -82,18 +86,22 @@ class CAPLoss:
         w, ctx = self.weights, self.ctx
         inputs = model_inputs(batch, ctx.device)
         labels = batch["labels"].to(ctx.device)
-        with self.phases("forward"):
+        with self.phases("forward"), self.precision.autocast():
             logits, anchors = forward_with_representation(model, inputs, tap,
                                                           self.representation)
+        logits, anchors = logits.float(), anchors.float()
         losses: dict[str, Tensor] = {}
+        exact = self.precision.exact
         if w.w_ce > 0:
-            losses["ce"] = w.w_ce * self.task.loss(logits, labels)
+            with exact():
+                losses["ce"] = w.w_ce * self.task.loss(logits, labels)
         if self.teacher is not None and w.w_kd > 0:
-            with self.phases("teacher"), torch.no_grad():
-                t_logits = output_logits(self.teacher(**inputs))
-            losses["kd"] = w.w_kd * self.task.distill(logits, t_logits, w.kd_temperature)
+            with self.phases("teacher"), torch.no_grad(), self.precision.autocast():
+                t_logits = output_logits(self.teacher(**inputs)).float()
+            with exact():
+                losses["kd"] = w.w_kd * self.task.distill(logits, t_logits, w.kd_temperature)
         if self.objective is not None:
-            with self.phases("contrastive"):
+            with self.phases("contrastive"), exact():
                 losses.update(self.objective(
                     anchors, batch["example_id"].to(ctx.device),
                     self.task.contrastive_labels(labels), step, ctx, inputs=inputs))
