@@ -68,6 +68,13 @@ JOBS: list[tuple[str, int, str, bool, int, int]] = [
     ("fsdp2", 2, "fp32", False, 16, 1),  # the same batch without micro-batches / recompute
     ("zero3", 1, "fp32", False, 32, 1),
 ]
+# --cuda (bench/gpu_check.sh): one GPU, the whole batch at once, fp32 / bf16 / bf16 +
+# checkpointing
+GPU_JOBS: list[tuple[str, int, str, bool, int, int]] = [
+    ("single", 1, "fp32", False, 32, 1),
+    ("single", 1, "bf16", False, 32, 1),
+    ("single", 1, "bf16", True, 32, 1),
+]
 
 
 def long_texts(assets: dict[str, str], length: int) -> None:
@@ -110,13 +117,15 @@ def worker(spec: dict[str, Any]) -> None:
     from capscale.recipe import CAPRecipe
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    cuda = spec.get("cuda", False)
     t0 = time.perf_counter()
     ctx = init_distributed(spec["strategy"])
     cfg = run_config_from_dict(config(spec))
     recipe = CAPRecipe(cfg, ctx, Console(enabled=False))
     recipe.setup()
     recipe.snapshot(cfg.cap.snapshot_train_mode, "bench snapshot")  # SnC bank: one view
-    setup_peak, setup_s = _status_bytes("VmHWM"), time.perf_counter() - t0
+    setup_peak = (torch.cuda.max_memory_allocated() if cuda else _status_bytes("VmHWM"))
+    setup_s = time.perf_counter() - t0
     ds = recipe.loaders.bank.dataset
     micro, k = spec["micro"], spec["accumulation"]
     out = Path(spec["out"]).with_suffix(f".rank{rank}.json")
@@ -133,12 +142,20 @@ def worker(spec: dict[str, Any]) -> None:
         group = [Collator(0)([ds[(first + i * micro + j) % len(ds)] for j in range(micro)])
                  for i in range(k)]
         ctx.barrier()
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-        before = _status_bytes("VmRSS")
+        if cuda:  # allocated bytes: the step's peak over what it starts with
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+            before = _status_bytes("VmRSS")
         t = time.perf_counter()
         recipe.train_step(group)
+        if cuda:
+            torch.cuda.synchronize()
         seconds = time.perf_counter() - t
-        steps.append({"s": seconds, "before": before, "hwm": _status_bytes("VmHWM")})
+        hwm = torch.cuda.max_memory_allocated() if cuda else _status_bytes("VmHWM")
+        steps.append({"s": seconds, "before": before, "hwm": hwm})
         record(f"step {step + 1}")
     if dist.is_initialized():
         dist.barrier()
@@ -169,13 +186,14 @@ def config(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def planned_gib(spec: dict[str, Any], baseline_gib: float) -> float:
+def planned_gib(spec: dict[str, Any], baseline_gib: float, cuda: bool = False) -> float:
     """``capscale plan``'s per-rank total for the job (GiB), process baseline included."""
     from capscale.report.memory_plan import plan_memory
 
     from capscale.checks import run_config_from_dict
     cfg = run_config_from_dict(config(spec))
-    plan = plan_memory(cfg, world=spec["world"], strategy=spec["strategy"], device="cpu",
+    plan = plan_memory(cfg, world=spec["world"], strategy=spec["strategy"],
+                       device="cuda" if cuda else "cpu",
                        baseline_gib=baseline_gib, train_examples=spec["train_rows"])
     return float(plan.total_gib)
 
@@ -187,6 +205,9 @@ def run_job(spec: dict[str, Any], guard: float, timeout: float) -> dict[str, Any
     spec_path = Path(spec["out"]).with_suffix(".spec.json")
     spec_path.write_text(json.dumps(spec))
     env0 = dict(_child_env(), MALLOC_MMAP_THRESHOLD_=str(1 << 20))
+    if spec.get("cuda"):  # the GPU, and the CPU threads a GPU job normally has
+        for key in ("CAPSCALE_CPU", "DS_ACCELERATOR", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            env0.pop(key, None)
     procs = []
     for rank in range(world):
         env = dict(env0, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
@@ -326,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", default="all", help="'all' or indices into JOBS, e.g. 0,3")
     p.add_argument("--work", default=None, help="assets folder (kept between calls)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--cuda", action="store_true",
+                   help="one GPU: GPU_JOBS, peak = torch.cuda.max_memory_allocated")
     args = p.parse_args(argv)
     import platform
 
@@ -336,27 +359,30 @@ def main(argv: list[str] | None = None) -> int:
     long_texts(assets, args.length)
     ds_path = work / "ds_lean.json"
     ds_path.write_text(json.dumps(LEAN_DS))
-    base = baseline()
-    picked = JOBS if args.jobs == "all" else [JOBS[int(i)] for i in args.jobs.split(",")]
+    base = 0.0 if args.cuda else baseline()
+    table = GPU_JOBS if args.cuda else JOBS
+    picked = table if args.jobs == "all" else [table[int(i)] for i in args.jobs.split(",")]
     res: dict[str, Any] = {
         "command": "python bench/scale_train.py " + " ".join(
             sys.argv[1:] if argv is None else argv),
-        "machine": f"{os.cpu_count()} CPUs, {_available() / GIB:.1f} GiB available at start, "
-                   f"{platform.machine()}, torch {torch.__version__}, 1 thread per rank",
+        "machine": (torch.cuda.get_device_name(0) if args.cuda else
+                    f"{os.cpu_count()} CPUs, {_available() / GIB:.1f} GiB available at start, "
+                    f"{platform.machine()}, 1 thread per rank") + f", torch {torch.__version__}",
         "model": shape.name, "params": shape.params(), "seq_length": args.length,
         "global_batch": 32, "train_rows": args.train_rows, "baseline_gib": base,
         "load_start": load_avg(), "records": []}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "scale_train_quick" if args.quick else "scale_train"
+    stem = ("scale_train_gpu" if args.cuda else
+            "scale_train_quick" if args.quick else "scale_train")
     for i, (strategy, world, precision, ckpt, micro, k) in enumerate(picked):
         spec = {"assets": assets, "strategy": strategy, "world": world,
                 "precision": precision, "checkpointing": ckpt, "micro": micro,
                 "accumulation": k, "length": args.length, "steps": args.steps,
-                "train_rows": args.train_rows,
+                "train_rows": args.train_rows, "cuda": args.cuda,
                 "ds_config": str(ds_path) if strategy == "zero3" else None,
                 "out": str(work / f"job{i}.json"), "workdir": str(work / f"run{i}")}
-        spec["planned_gib"] = round(planned_gib(spec, base), 3)
+        spec["planned_gib"] = round(planned_gib(spec, base, args.cuda), 3)
         if spec["planned_gib"] * world > args.guard_gib:
             job = {"status": f"not started: the planner puts it at {spec['planned_gib']:.1f} "
                              f"GiB per rank x {world} > the {args.guard_gib:g} GiB machine",
