@@ -10,12 +10,14 @@ import pytest
 import rank_pool
 import torch
 from distributed_helpers import batch_rows, build_run, make_assets
+from test_structured_run import _args, tiny_assets  # noqa: F401  (a fixture)
 
 from capscale.checks import load_run_config
 from capscale.config import ConfigError
 from capscale.distributed import DistContext
 from capscale.distributed.precision import GradientOverflow, resolve_precision
 from capscale.pruning.masked import MaskedLinear
+from capscale.run import main
 
 # Score updates of ~1e-4 (AdamW moves each score by about its lr) on scores near 0.1
 # (the magnitude warm start): below half of bf16's spacing there (2**-11 = 4.9e-4), so
@@ -140,6 +142,19 @@ def test_fp16_overflow_skips_the_step_and_the_schedule(assets, tmp_path):
                               again.student.scheduler)
     assert again.strategy.scaler is not None
     assert again.strategy.scaler.get_scale() == fp16.strategy.scaler.get_scale()
+
+
+def test_structured_run_end_to_end_in_bf16(tiny_assets, tmp_path):  # noqa: F811
+    """The entry point in bf16: teacher fine-tuning, structured CAP (unit masks,
+    Taylor importance under autocast), the physically smaller export verified."""
+    out = tmp_path / "run"
+    rc = main(_args(tiny_assets, out, "structured.schedule=cubic", "structured.levels=[0.5]",
+                    "structured.update_every=2", "pruning.final_sparsity=0.5",
+                    "pruning.initial_warmup=0.2", "pruning.final_warmup=0.2",
+                    "train.max_steps=6", "train.precision=bf16"))
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["export_verified"]["metrics"]
 
 
 def test_precision_config_rules(tmp_path):
