@@ -195,12 +195,16 @@ def _advice_lines(a: Advice, row: list[Advice], device_gib: float) -> None:
         print(f"{head}; fits ({_gib(best.device_bytes)} GiB) with: " + " ".join(a.changes))
     else:
         tried = f"{_gib(best.device_bytes)} GiB with " + " ".join(a.changes) \
-            if a.changes else "no change lowers it"
+            if a.changes else "no change the planner tries lowers it"
         print(f"{head}; does not fit ({tried}; {_gib(best.state_bytes)} GiB is held "
               "between steps)")
-    others = [o.plan.strategy for o in row if o.plan.fits(device_gib)]
-    if others and p.strategy not in ("zero3", "fsdp2"):
-        print(f"    or strategy={' / '.join(others)}, which fit as configured")
+    if p.strategy in ("zero3", "fsdp2"):
+        return
+    others = [f"{o.plan.strategy} (fits as configured)" if o.plan.fits(device_gib)
+              else f"{o.plan.strategy} (fits with its changes)" for o in row
+              if o.plan.strategy in ("zero3", "fsdp2") and (o.plan.fits(device_gib) or o.fixed)]
+    if others:
+        print(f"    or strategy={', '.join(others)}")
 
 
 def write_json(found: dict[int, list[Advice]], device_gib: float, path: str) -> None:
