@@ -21,9 +21,9 @@ at once. Activations are counted item by item per token and per layer (the input
 linear map saves, Q / K / V, attention, dropout masks, LayerNorm inputs, the FFN
 intermediate), each in the dtype it has under the precision: on CUDA, SDPA's fused
 kernels keep no sequence x sequence matrix and dropout keeps a one-byte mask; on CPU the
-math attention keeps three and dropout a mask of the input's dtype (as measured by
-tests/test_memory_plan.py). With ``train.gradient_checkpointing`` each layer keeps its
-input only, and the layer being recomputed holds its full set once.
+math attention keeps three and dropout a mask of the input's dtype (the CPU setting
+is the one tests/test_memory_plan.py measures). With ``train.gradient_checkpointing``
+each layer keeps its input only, and the layer being recomputed holds its full set once.
 
 Precision (``train.precision``; ``auto``: bf16 on CUDA, which the planner assumes
 supports it, fp32 on CPU): single / ddp / fsdp2 autocast over fp32 parameters (no extra
@@ -274,7 +274,8 @@ def _state_parts(run: Run, r_views: dict[str, int], off_params: bool, off_opt: b
     parts.append(_placed("master copies", master, off_opt, f"fp32 partitions / {w}" if master
                          else "none: the fp32 parameters are the master"))
     size, what = reference_bytes(run, r_views)
-    parts.append(_placed("references", size, off_params and run.sharded,
+    sharded_refs = run.sharded and run.cfg.distributed.shard_references
+    parts.append(_placed("references", size, off_params and sharded_refs,
                          f"{what}, {run.reference_dtype}"))
     dev, host, note = bank_bytes(run, r_views)
     parts.append(Part("banks", state=dev, host=host, note=note))
@@ -283,7 +284,7 @@ def _state_parts(run: Run, r_views: dict[str, int], off_params: bool, off_opt: b
     parts.append(Part("transient", note="gathered parameters, reference forwards, "
                       "contrastive candidates, backward and optimiser temporaries"))
     if baseline is None:
-        baseline = GIB if run.device == "cuda" else 0
+        baseline = CUDA_BASELINE_BYTES if run.device == "cuda" else 0
     parts.append(Part("runtime", state=baseline, note="CUDA context and libraries"
                       if run.device == "cuda" else "process baseline"))
     return parts
