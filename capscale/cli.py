@@ -8,6 +8,8 @@
                     [--formats onnx int8 sparse] [--add-to EXPORT_DIR]
     capscale report outputs/run
     capscale inspect MODEL [--trust-remote-code] [--adapter SPEC]
+    capscale plan --config X.yaml [--world 1 8 ...] [--device-memory GIB] [--device cuda|cpu]
+                  [--train-examples N] [--json PATH] [key=value ...]
 
 With no subcommand the arguments go to ``prune``, so ``capscale --config X.yaml``,
 ``python -m capscale.run --config X.yaml`` and ``accelerate launch capscale/run.py
@@ -15,7 +17,8 @@ With no subcommand the arguments go to ``prune``, so ``capscale --config X.yaml`
 one-line message for a config, data or model error; ``prune`` returns 3 when a
 non-finite loss stopped the run, 4 when the written export did not reproduce the
 student (capscale.export.verify; the trained student is kept as a checkpoint);
-``inspect`` returns 1 when no adapter fits the model.
+``inspect`` returns 1 when no adapter fits the model; ``plan`` returns 1 when no
+strategy fits the device at some world size as configured.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from typing import Any, NoReturn
 
 from capscale.errors import INPUT_ERRORS, describe
 
-SUBCOMMANDS = ("prune", "evaluate", "export", "report", "inspect")
+SUBCOMMANDS = ("prune", "evaluate", "export", "report", "inspect", "plan")
 
 
 def setup_environment() -> None:
@@ -242,6 +245,27 @@ def inspect_cmd(args: argparse.Namespace) -> int:
     return 0 if found.fits else 1
 
 
+@_guarded
+def plan_cmd(args: argparse.Namespace) -> int:
+    """Per-rank memory of the run by part for each strategy and world size, whether it
+    fits the device, and the overrides that make it fit (capscale.report.plan_advice);
+    nothing is loaded but the model's config."""
+    from capscale.console import Console
+    from capscale.report.plan_advice import plan_all, render, write_json
+
+    cfg = _run_config(args)
+    baseline = None if args.baseline_gib is None else int(args.baseline_gib * 2**30)
+    found = plan_all(cfg, args.world, args.device_memory, args.device, args.train_examples,
+                     baseline)
+    if args.json != "-":
+        render(found, args.device_memory, Console(progress=False))
+    if args.json:
+        write_json(found, args.device_memory, args.json)
+    fits = all(any(a.plan.fits(args.device_memory) for a in advice)
+               for advice in found.values())
+    return 0 if fits else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """Dispatch ``capscale <subcommand> ...``; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -267,6 +291,22 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--adapter", help="model.adapter to check: a name, an import path "
                        "pkg.module:ATTR, a YAML file or an inline YAML mapping")
         return inspect_cmd(p.parse_args(argv))
+    if sub == "plan":
+        p = _parser("plan", plan_cmd.__doc__ or "")
+        p.add_argument("--world", type=int, nargs="+", default=[1],
+                       help="ranks (one device each); several values: one table each")
+        p.add_argument("--device-memory", type=float, default=80.0, metavar="GIB",
+                       help="memory of one device in GiB (default 80)")
+        p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                       help="cuda (default): precision auto is bf16, fused attention, a "
+                       "1 GiB runtime baseline; cpu: fp32, math attention, no baseline")
+        p.add_argument("--baseline-gib", type=float, help="memory a rank holds before the "
+                       "run allocates (default: 1 on cuda, 0 on cpu)")
+        p.add_argument("--train-examples", type=int, metavar="N", help="training-set "
+                       "size for the banks (default: the local data, or a known data set's)")
+        p.add_argument("--json", metavar="PATH", help="also write the numbers as JSON "
+                       "(- : print them instead of the tables)")
+        return plan_cmd(p.parse_args(argv))
     if sub == "evaluate":
         p = _parser("evaluate", evaluate_cmd.__doc__ or "")
         p.add_argument("--model", help="model directory (default: <output_dir>/pruned/model)")

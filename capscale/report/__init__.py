@@ -1,3 +1,3 @@
 """What a run reports: ``results.json`` and the summary table, the markdown / HTML
 report with its plots, live trackers, and the run's place on a speed / accuracy
-frontier."""
+frontier; before a run, the memory it will need per rank (``capscale plan``)."""
