@@ -13,8 +13,10 @@ k micro-batches per call), one process per rank, one torch thread each, started 
 with RANK / WORLD_SIZE / MASTER_* / CAPSCALE_CPU=1 / DS_ACCELERATOR=cpu and glibc's mmap
 threshold pinned (``MALLOC_MMAP_THRESHOLD_``) so freed tensors go back to the system.
 
-Figures per job, max over ranks: ``peak_gib``, the peak resident set of the whole run
-(setup included); ``step_peak_gib``, what an optimiser step adds on top of the memory
+Figures per job, max over ranks: ``peak_gib``, the peak resident set during the
+optimiser steps (what ``capscale plan`` estimates); ``setup_peak_gib``, the peak of the
+setup before them (models loaded whole before sharding, banks encoded);
+``step_peak_gib``, what an optimiser step adds on top of the memory
 held before it (``VmHWM`` reset through ``/proc/self/clear_refs`` before each step, less
 ``VmRSS`` just before it: activations kept for backward, gradients, the temporaries of
 backward and of the optimiser step); ``step_s``, the mean over the steps after the
@@ -187,15 +189,16 @@ def config(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def planned_gib(spec: dict[str, Any], baseline_gib: float, cuda: bool = False) -> float:
-    """``capscale plan``'s per-rank total for the job (GiB), process baseline included."""
-    from capscale.report.memory_plan import plan_memory
-
+    """``capscale plan``'s per-rank peak for the job (GiB): device plus host bytes (one
+    memory on a CPU), with the measured process baseline as its runtime term."""
     from capscale.checks import run_config_from_dict
+    from capscale.report.memory_plan import plan_memory, read_inputs
     cfg = run_config_from_dict(config(spec))
-    plan = plan_memory(cfg, world=spec["world"], strategy=spec["strategy"],
+    plan = plan_memory(cfg, spec["world"], strategy=spec["strategy"],
                        device="cuda" if cuda else "cpu",
-                       baseline_gib=baseline_gib, train_examples=spec["train_rows"])
-    return float(plan.total_gib)
+                       baseline_bytes=int(baseline_gib * GIB),
+                       inputs=read_inputs(cfg, spec["train_rows"]))
+    return (plan.device_bytes + (0 if cuda else plan.host_bytes)) / GIB
 
 
 def run_job(spec: dict[str, Any], guard: float, timeout: float) -> dict[str, Any]:
@@ -263,12 +266,14 @@ def summarise(spec: dict[str, Any], job: dict[str, Any], shape: Shape) -> dict[s
            "accumulation": spec["accumulation"],
            "global_batch": spec["micro"] * spec["accumulation"] * spec["world"],
            "seq_length": spec["length"], "status": job["status"],
-           "planned_gib": spec.get("planned_gib"), "peak_gib": None, "step_peak_gib": None,
+           "planned_gib": spec.get("planned_gib"), "peak_gib": None, "setup_peak_gib": None,
+           "step_peak_gib": None,
            "step_s": None, "steps_timed": 0, "setup_s": None, "wall_s": job.get("wall_s")}
     if ranks:
-        rec["peak_gib"] = round(max(r["peak"] for r in ranks) / GIB, 3)
+        rec["setup_peak_gib"] = round(max(r["setup_peak"] for r in ranks) / GIB, 3)
         rec["setup_s"] = round(max(r["setup_s"] for r in ranks), 1)
-    if done:
+    if done:  # the training peak: the highest resident set during a step
+        rec["peak_gib"] = round(max(s["hwm"] for r in done for s in r["steps"]) / GIB, 3)
         rec["step_peak_gib"] = round(max(s["hwm"] - s["before"] for r in done
                                          for s in r["steps"]) / GIB, 3)
         timed = [max(r["steps"][i]["s"] for r in done)
@@ -291,8 +296,9 @@ def markdown(res: dict[str, Any]) -> str:
          f"Model: {res['model']} ({res['params'] / 1e6:.1f} M parameters), sequences of "
          f"{res['seq_length']} tokens, global batch {res['global_batch']}.", "",
          "| strategy | world | precision | checkpointing | micro x accum | status | "
-         "peak GiB / rank | planned GiB | plan error | step adds GiB | step s | tokens/s |",
-         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+         "peak GiB / rank | planned GiB | plan error | step adds GiB | setup peak GiB | "
+         "step s | tokens/s |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["records"]:
         def g(x: Any, fmt: str = "{:.2f}") -> str:
             return "" if x is None else fmt.format(x)
@@ -300,7 +306,8 @@ def markdown(res: dict[str, Any]) -> str:
                  f"{'yes' if r['gradient_checkpointing'] else 'no'} | {r['micro_batch']} x "
                  f"{r['accumulation']} | {r['status'][:90]} | {g(r['peak_gib'])} | "
                  f"{g(r['planned_gib'])} | {g(r.get('plan_error'), '{:+.1%}')} | "
-                 f"{g(r['step_peak_gib'])} | {g(r['step_s'], '{:.1f}')} | "
+                 f"{g(r['step_peak_gib'])} | {g(r['setup_peak_gib'])} | "
+                 f"{g(r['step_s'], '{:.1f}')} | "
                  f"{g(r.get('tokens_per_s'), '{:.0f}')} |")
     for key, text in res.get("derived", {}).items():
         L += ["", f"- {key}: {text}"]
