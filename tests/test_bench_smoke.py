@@ -124,6 +124,25 @@ def test_scale_real_quick(tmp_path):
     assert "GPU plan on paper" in (tmp_path / "scale_real_quick.md").read_text()
 
 
+def test_scale_train_quick(tmp_path):
+    """bench/scale_train.py on the tiny shape: the global batch of 32 from micro-batches
+    and accumulation under fsdp2 (world 2) and zero3 (world 1), each record with the
+    fields the issue asks for and the planner's estimate beside the measured peak."""
+    bench = _bench("scale_train")
+    assert bench.main(["--quick", "--jobs", "0,3", "--steps", "2", "--length", "32",
+                       "--out", str(tmp_path), "--work", str(tmp_path / "work")]) == 0
+    res = json.loads((tmp_path / "scale_train_quick.json").read_text())
+    assert len(res["records"]) == 2
+    for r in res["records"]:
+        assert r["status"] == "ok", r["status"]
+        assert r["global_batch"] == 32 == r["micro_batch"] * r["accumulation"] * r["world"]
+        for key in ("model", "params", "strategy", "world", "precision",
+                    "gradient_checkpointing", "seq_length"):
+            assert r[key] is not None, key
+        assert r["peak_gib"] > 0 and r["planned_gib"] > 0 and r["step_s"] > 0
+    assert "planned GiB" in (tmp_path / "scale_train_quick.md").read_text()
+
+
 def test_encoders_one_family(tmp_path):
     """bench/encoders.py on ModernBERT (fused Q/K/V, gated FFN): both methods, exports
     re-loaded with the masked student's logits."""
