@@ -9,7 +9,8 @@ parameters with the classification head), the same saved encoder as the teacher,
 ``student_init: pretrained`` (PrC encodes the student itself), every text filling
 ``--length`` tokens. Each job is ``--steps`` optimiser steps of ``micro x accumulation x
 world`` sequences driven through ``recipe.train_step`` (the loop's own step function,
-k micro-batches per call), one process per rank, one torch thread each, started here
+k micro-batches per call), one process per rank with the machine's cores shared out
+(cores // world torch threads each: world 1 gets both cores here), started here
 with RANK / WORLD_SIZE / MASTER_* / CAPSCALE_CPU=1 / DS_ACCELERATOR=cpu and glibc's mmap
 threshold pinned (``MALLOC_MMAP_THRESHOLD_``) so freed tensors go back to the system.
 
@@ -64,12 +65,15 @@ from scale_real import (  # noqa: E402  (bench/ is not a package)
 # (strategy, world, precision, checkpointing, micro, accumulation): global 32 each
 JOBS: list[tuple[str, int, str, bool, int, int]] = [
     ("fsdp2", 2, "fp32", True, 4, 4),
-    ("fsdp2", 2, "fp32", False, 4, 4),
+    ("fsdp2", 2, "fp32", False, 4, 4),  # 2 steps (MEMORY_ONLY): what checkpointing saves
     ("fsdp2", 2, "bf16", True, 4, 4),
     ("zero3", 1, "fp32", True, 4, 8),
     ("fsdp2", 2, "fp32", False, 16, 1),  # the same batch without micro-batches / recompute
     ("zero3", 1, "fp32", False, 32, 1),
 ]
+# Jobs run for their memory only: 2 steps (the second one's step peak is free of AdamW's
+# first allocation of its moments), the step time then from 1 step after the first.
+MEMORY_ONLY = {1}
 # --cuda (bench/gpu_check.sh): one GPU, the whole batch at once, fp32 / bf16 / bf16 +
 # checkpointing
 GPU_JOBS: list[tuple[str, int, str, bool, int, int]] = [
@@ -111,7 +115,8 @@ def worker(spec: dict[str, Any]) -> None:
     """One rank: set up, run the optimiser steps, write its figures after each."""
     import torch
     import torch.distributed as dist
-    torch.set_num_threads(1)
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     from capscale.checks import run_config_from_dict
     from capscale.console import Console
     from capscale.data import Collator
@@ -274,8 +279,10 @@ def summarise(spec: dict[str, Any], job: dict[str, Any], shape: Shape) -> dict[s
         rec["setup_s"] = round(max(r["setup_s"] for r in ranks), 1)
     if done:  # the training peak: the highest resident set during a step
         rec["peak_gib"] = round(max(s["hwm"] for r in done for s in r["steps"]) / GIB, 3)
+        # what a step adds, the first one left out when there are more (it also
+        # allocates AdamW's moments, which the later steps hold already)
         rec["step_peak_gib"] = round(max(s["hwm"] - s["before"] for r in done
-                                         for s in r["steps"]) / GIB, 3)
+                                         for s in (r["steps"][1:] or r["steps"])) / GIB, 3)
         timed = [max(r["steps"][i]["s"] for r in done)
                  for i in range(1, min(len(r["steps"]) for r in done))]
         if timed:
@@ -354,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", default="all", help="'all' or indices into JOBS, e.g. 0,3")
     p.add_argument("--work", default=None, help="assets folder (kept between calls)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--merge", action="store_true",
+                   help="keep the existing results file's records of jobs not rerun")
     p.add_argument("--cuda", action="store_true",
                    help="one GPU: GPU_JOBS, peak = torch.cuda.max_memory_allocated")
     args = p.parse_args(argv)
@@ -368,13 +377,15 @@ def main(argv: list[str] | None = None) -> int:
     ds_path.write_text(json.dumps(LEAN_DS))
     base = 0.0 if args.cuda else baseline()
     table = GPU_JOBS if args.cuda else JOBS
-    picked = table if args.jobs == "all" else [table[int(i)] for i in args.jobs.split(",")]
+    indices = range(len(table)) if args.jobs == "all" else [int(i) for i in
+                                                            args.jobs.split(",")]
     res: dict[str, Any] = {
         "command": "python bench/scale_train.py " + " ".join(
             sys.argv[1:] if argv is None else argv),
         "machine": (torch.cuda.get_device_name(0) if args.cuda else
                     f"{os.cpu_count()} CPUs, {_available() / GIB:.1f} GiB available at start, "
-                    f"{platform.machine()}, 1 thread per rank") + f", torch {torch.__version__}",
+                    f"{platform.machine()}, cores // world torch threads per rank")
+                   + f", torch {torch.__version__}",
         "model": shape.name, "params": shape.params(), "seq_length": args.length,
         "global_batch": 32, "train_rows": args.train_rows, "baseline_gib": base,
         "load_start": load_avg(), "records": []}
@@ -382,11 +393,27 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     stem = ("scale_train_gpu" if args.cuda else
             "scale_train_quick" if args.quick else "scale_train")
-    for i, (strategy, world, precision, ckpt, micro, k) in enumerate(picked):
+    kept: dict[int, dict[str, Any]] = {}
+    if args.merge and (out / f"{stem}.json").exists():
+        old = json.loads((out / f"{stem}.json").read_text())
+        for r in old["records"]:  # records written before jobs were numbered
+            r.setdefault("job", next(
+                (j for j, t in enumerate(table) if t == (
+                    r["strategy"], r["world"], r["precision"], r["gradient_checkpointing"],
+                    r["micro_batch"], r["accumulation"])), -1))
+        kept = {r["job"]: r for r in old["records"] if r["job"] not in indices}
+        res["merged_from"] = [old["command"], *old.get("merged_from", [])]
+        res["load_start"] = [old["load_start"], res["load_start"]]
+    res["records"] = list(kept.values())
+    for i in indices:
+        strategy, world, precision, ckpt, micro, k = table[i]
+        steps = min(args.steps, 2) if i in MEMORY_ONLY and not args.cuda else args.steps
         spec = {"assets": assets, "strategy": strategy, "world": world,
                 "precision": precision, "checkpointing": ckpt, "micro": micro,
-                "accumulation": k, "length": args.length, "steps": args.steps,
+                "accumulation": k, "length": args.length, "steps": steps,
                 "train_rows": args.train_rows, "cuda": args.cuda,
+                # the machine's cores shared out: world 1 gets them all
+                "threads": max(1, (os.cpu_count() or 1) // world) if not args.cuda else 0,
                 "ds_config": str(ds_path) if strategy == "zero3" else None,
                 "out": str(work / f"job{i}.json"), "workdir": str(work / f"run{i}")}
         spec["planned_gib"] = round(planned_gib(spec, base, args.cuda), 3)
@@ -396,12 +423,13 @@ def main(argv: list[str] | None = None) -> int:
                    "ranks": []}
         else:
             job = run_job(spec, args.guard_gib * GIB, args.timeout)
-        res["records"].append(summarise(spec, job, shape))
+        res["records"].append({"job": i, **summarise(spec, job, shape)})
+        res["records"].sort(key=lambda r: r["job"])
         res["load_end"] = load_avg()
         res["derived"] = derived(res["records"])
         (out / f"{stem}.json").write_text(json.dumps(res, indent=1) + "\n")
         (out / f"{stem}.md").write_text(markdown(res))
-        print(json.dumps(res["records"][-1]), flush=True)
+        print(json.dumps(next(r for r in res["records"] if r["job"] == i)), flush=True)
     return 0
 
 
