@@ -1,16 +1,25 @@
 """CUDA throughput options chosen at run setup, checked where they are decided: fused
-AdamW (capscale.distributed.strategy.adamw)."""
+AdamW (capscale.distributed.strategy.adamw) and TF32 for fp32 runs
+(capscale.train.tf32)."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from capscale.checks import load_run_config
+from capscale.config import config_to_dict
 from capscale.distributed import DistContext, Strategy
 from capscale.distributed.strategy import adamw
+from capscale.train.checkpoint import checkpoint_root, resolve_resume
+from capscale.train.tf32 import runs_fp32, set_tf32
 
 CUDA = torch.cuda.is_available()
+NEW_TF32_API = hasattr(torch.backends.cuda.matmul, "fp32_precision")
 
 
 def _groups(model: nn.Module) -> list[dict]:
@@ -63,3 +72,76 @@ def test_adamw_fused_on_cuda():
     half_on_cpu = [{"params": [model.weight]}, {"params": [nn.Parameter(torch.ones(3))]}]
     assert not any(g["fused"] for g in adamw(half_on_cpu,
                                              torch.device("cuda")).param_groups)
+
+
+def _tf32_flags() -> tuple[object, object]:
+    if NEW_TF32_API:
+        return (torch.backends.cuda.matmul.fp32_precision,
+                torch.backends.cudnn.conv.fp32_precision)
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+@pytest.fixture
+def tf32_flags():
+    """The process-wide TF32 flags as they were, put back after the test."""
+    before = _tf32_flags()
+    yield before
+    if NEW_TF32_API:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = \
+            before
+    else:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_tf32_left_alone_off_cuda_and_in_half_precision(tf32_flags):
+    """A CPU run, or a bf16 / fp16 run on CUDA, changes no process-wide flag."""
+    for device, precision in (("cpu", "fp32"), ("cpu", "auto"), ("cuda", "bf16"),
+                              ("cuda", "fp16")):
+        assert set_tf32(torch.device(device), True, precision) is False
+        assert set_tf32(torch.device(device), False, precision) is False
+        assert _tf32_flags() == tf32_flags
+
+
+def test_tf32_follows_the_switch_on_a_cuda_fp32_run(tf32_flags):
+    """The flags are plain process settings (a CPU build holds them too), so the choice
+    made for a CUDA fp32 run is checked here without a GPU."""
+    on = ("tf32", "tf32") if NEW_TF32_API else (True, True)
+    off = ("ieee", "ieee") if NEW_TF32_API else (False, False)
+    assert set_tf32(torch.device("cuda", 0), True, "fp32") is True
+    assert _tf32_flags() == on
+    assert set_tf32(torch.device("cuda", 0), False, "fp32") is False
+    assert _tf32_flags() == off
+
+
+def test_auto_precision_is_fp32_where_bf16_is_not_native():
+    assert runs_fp32(torch.device("cpu"), "auto")
+    assert runs_fp32(torch.device("cpu"), "fp32")
+    assert not runs_fp32(torch.device("cpu"), "bf16")
+    if CUDA:
+        assert runs_fp32(torch.device("cuda"), "auto") == (
+            not torch.cuda.is_bf16_supported(including_emulation=False))
+
+
+def _resumes(tmp_path: Path, saved_change: dict[str, dict], *overrides: str) -> bool:
+    """Whether a checkpoint saved under the default config, edited by ``saved_change``
+    (section -> fields; a None value drops the field, as an older capscale wrote it),
+    is resumed by a run with ``overrides``."""
+    ckpt = tmp_path / "checkpoints" / "step-00000003"
+    ckpt.mkdir(parents=True)
+    base = ["data.preset=tweets", f"output_dir={tmp_path}"]
+    saved = config_to_dict(load_run_config(None, base))
+    for section, fields in saved_change.items():
+        for key, value in fields.items():
+            if value is None:
+                del saved[section][key]
+            else:
+                saved[section][key] = value
+    (ckpt / "trainer_state.json").write_text(json.dumps({"config": saved}))
+    cfg = load_run_config(None, [*base, "resume=latest", *overrides])
+    return resolve_resume(cfg.resume, checkpoint_root(cfg.checkpoint.dir, cfg.output_dir),
+                          config_to_dict(cfg)) == ckpt
+
+
+def test_tf32_may_change_when_resuming(tmp_path):
+    assert _resumes(tmp_path / "a", {}, "train.tf32=false")
+    assert _resumes(tmp_path / "b", {"train": {"tf32": None}})  # saved before the switch

@@ -228,6 +228,10 @@ class TrainConfig:
     seed: int = 42
     eval_every: int = 0  # evaluate every N steps (0: only at the end of each epoch)
     num_threads: int = 0  # CPU threads for torch (0: leave torch's default)
+    # CUDA runs in fp32 (``precision: fp32``, or ``auto`` without native bf16): matmuls
+    # and cuDNN convolutions in TF32 on the tensor cores (Ampere and later; a 10-bit
+    # mantissa in the products, fp32 sums). false: full fp32 (capscale.train.tf32).
+    tf32: bool = True
     progress: bool = True
     # A non-finite loss: ``stop`` (exit non-zero, last good checkpoint kept) or ``skip``
     # the batch (no update), stopping after ``max_nonfinite_skips`` skips in a row.
