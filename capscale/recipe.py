@@ -33,7 +33,7 @@ from capscale.checks import check_config, check_run_inputs, wants_teacher
 from capscale.config import Config, ConfigError, config_to_dict
 from capscale.console import Console
 from capscale.contrastive.objectives import build_objective
-from capscale.data import build_loaders
+from capscale.data import build_loaders, loader_options
 from capscale.distributed import DistContext, make_strategy
 from capscale.export.card import run_facts
 from capscale.export.writer import masked_skeleton, write_run_formats, write_verified_export
@@ -137,7 +137,8 @@ class CAPRecipe:
         self.seconds["teacher"] = time.perf_counter() - t0
         self.loaders = build_loaders(data, self.tokenizer, cfg.data, cfg.train.batch_size,
                                      cfg.train.eval_batch_size, cfg.train.seed, ctx.rank,
-                                     ctx.world_size)
+                                     ctx.world_size,
+                                     **loader_options(cfg.train.dataloader_workers, ctx.device))
         self.strategy = make_strategy(ctx, cfg.distributed)
         self.steps_per_epoch = per_epoch = steps_per_epoch(len(self.loaders.train), cfg.train)
         steps = min(per_epoch * cfg.train.epochs, cfg.train.max_steps or sys.maxsize)

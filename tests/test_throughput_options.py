@@ -1,6 +1,8 @@
 """CUDA throughput options chosen at run setup, checked where they are decided: fused
-AdamW (capscale.distributed.strategy.adamw) and TF32 for fp32 runs
-(capscale.train.tf32)."""
+AdamW (capscale.distributed.strategy.adamw), TF32 for fp32 runs (capscale.train.tf32),
+and the loaders' worker processes and pinned memory (capscale.data.loader_options): on
+CPU, loaders with workers give the same batches in the same order as without, through
+epochs and a resume."""
 
 from __future__ import annotations
 
@@ -12,10 +14,15 @@ import torch
 from torch import nn
 
 from capscale.checks import load_run_config
-from capscale.config import config_to_dict
+from capscale.config import ConfigError, DataConfig, config_to_dict
+from capscale.console import Console
+from capscale.data import build_loaders, load_task_data, loader_options
 from capscale.distributed import DistContext, Strategy
 from capscale.distributed.strategy import adamw
+from capscale.models.loading import load_tokenizer
 from capscale.train.checkpoint import checkpoint_root, resolve_resume
+from capscale.train.loop import TrainLoop
+from capscale.train.state import RunState
 from capscale.train.tf32 import runs_fp32, set_tf32
 
 CUDA = torch.cuda.is_available()
@@ -145,3 +152,84 @@ def _resumes(tmp_path: Path, saved_change: dict[str, dict], *overrides: str) -> 
 def test_tf32_may_change_when_resuming(tmp_path):
     assert _resumes(tmp_path / "a", {}, "train.tf32=false")
     assert _resumes(tmp_path / "b", {"train": {"tf32": None}})  # saved before the switch
+
+
+def test_loader_options_by_device():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert loader_options("auto", cpu) == {"workers": 0, "pin_memory": False}
+    assert loader_options("auto", cuda) == {"workers": 2, "pin_memory": True}
+    assert loader_options(3, cpu) == {"workers": 3, "pin_memory": False}
+    assert loader_options(0, cuda) == {"workers": 0, "pin_memory": True}
+
+
+def test_dataloader_workers_config_is_checked(tmp_path):
+    assert load_run_config(None, ["data.preset=tweets"]).train.dataloader_workers == "auto"
+    assert load_run_config(None, ["data.preset=tweets", "train.dataloader_workers=4"]
+                           ).train.dataloader_workers == 4
+    with pytest.raises(ConfigError, match=r"train\.dataloader_workers = -1: must be >= 0"):
+        load_run_config(None, ["data.preset=tweets", "train.dataloader_workers=-1"])
+    assert _resumes(tmp_path, {"train": {"dataloader_workers": None}},
+                    "train.dataloader_workers=2")
+
+
+@pytest.fixture(scope="module")
+def tiny_task(tiny_csv):
+    data = load_task_data(DataConfig(train_file=str(tiny_csv[0]),
+                                     validation_file=str(tiny_csv[1])))
+    return data, load_tokenizer("minilm")
+
+
+def _loaders(tiny_task, workers: int, world: int = 1):
+    """Rank 0's loaders of ``world`` ranks (a DistributedSampler when ``world > 1``)."""
+    data, tok = tiny_task
+    return build_loaders(data, tok, DataConfig(max_length=16), 8, 8, seed=3, rank=0,
+                         world_size=world, workers=workers)
+
+
+def _train(loader, state: RunState, total: int) -> list[tuple[list[int], float]]:
+    """Each step's examples and a draw from the global RNG (dropout's source), through
+    the training loop (per-epoch seeding, resume skipping)."""
+    seen: list[tuple[list[int], float]] = []
+
+    def step(batches):
+        seen.append((batches[0]["example_id"].tolist(), torch.rand(()).item()))
+        return {"loss": 0.0}
+    TrainLoop(state, loader, total, step, Console(enabled=False), "t").run()
+    return seen
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_workers_give_the_same_batches_through_epochs_and_a_resume(tiny_task, world):
+    """The same examples in the same order and the same global RNG stream, with and
+    without workers. One rank: the loader's own generator orders it; rank 0 of two: a
+    DistributedSampler does, and each pass seeds its workers from the global RNG."""
+    torch.manual_seed(0)
+    total = 20 if world == 1 else 10  # 8 (4) batches an epoch: 3 epochs
+    alone = _train(_loaders(tiny_task, 0, world).train, RunState(), total)
+    torch.manual_seed(0)
+    loaders = _loaders(tiny_task, 2, world)
+    assert loaders.train.num_workers == 2 and not loaders.train.persistent_workers
+    assert _train(loaders.train, RunState(), total) == alone
+    # Killed in epoch 1, 3 batches in; resumed with a new loader.
+    torch.manual_seed(0)
+    first, state = RunState(), RunState()
+    stop = (8 if world == 1 else 4) + 3
+    head = _train(_loaders(tiny_task, 2, world).train, first, stop)
+    state.load_state_dict(first.state_dict())
+    state.load_rank_state(first.rank_state())
+    tail = _train(_loaders(tiny_task, 2, world).train, state, total)
+    assert head + tail == alone
+
+
+def test_workers_draw_from_the_global_rng_as_a_loader_without(tiny_task):
+    """A loader with no generator of its own (every loader under a DistributedSampler)
+    seeds each pass from the global RNG: with workers it must draw the same, or the
+    dropout masks after an evaluation would change."""
+    after = []
+    for workers in (0, 2):
+        eval_loader = _loaders(tiny_task, workers, world=2).eval
+        assert eval_loader.generator is None
+        torch.manual_seed(0)
+        batches = [b["input_ids"].tolist() for _ in range(2) for b in eval_loader]
+        after.append((batches, torch.rand(()).item()))
+    assert after[0] == after[1]

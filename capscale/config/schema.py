@@ -232,6 +232,11 @@ class TrainConfig:
     # and cuDNN convolutions in TF32 on the tensor cores (Ampere and later; a 10-bit
     # mantissa in the products, fp32 sums). false: full fp32 (capscale.train.tf32).
     tf32: bool = True
+    # Worker processes that read and pad the batches of each loader while the model
+    # computes. ``auto``: 2 on CUDA, 0 on CPU (there the workers would take cores from
+    # the model's threads). The batches and their order are the same for any number.
+    # On CUDA the batches also come in pinned memory (faster, asynchronous copies).
+    dataloader_workers: int | Literal["auto"] = "auto"
     progress: bool = True
     # A non-finite loss: ``stop`` (exit non-zero, last good checkpoint kept) or ``skip``
     # the batch (no update), stopping after ``max_nonfinite_skips`` skips in a row.
@@ -257,6 +262,8 @@ class TrainConfig:
             (self.max_nonfinite_skips >= 0, "train.max_nonfinite_skips", "must be >= 0"),
             (self.collective_timeout_s > 0, "train.collective_timeout_s",
              "must be > 0 seconds"),
+            (self.dataloader_workers == "auto" or int(self.dataloader_workers) >= 0,
+             "train.dataloader_workers", "must be >= 0 or auto"),
         ]
 
 
