@@ -33,6 +33,7 @@ from capscale.config import DataConfig
 from capscale.errors import DataError
 from capscale.tasks import get_task
 from capscale.tasks.qa_data import read_squad_file
+from capscale.token_cache import TokenCache
 
 datasets.disable_progress_bars()
 
@@ -52,12 +53,14 @@ for _reader in ("csv", "json", "parquet"):
 
 @dataclass
 class TaskData:
-    """Validated raw splits and the label set."""
+    """Validated raw splits and the label set; ``cache``: where tokenised results are
+    kept (capscale.checks.check_run_inputs sets it with ``data.cache_tokenized``)."""
 
     train: datasets.Dataset
     validation: datasets.Dataset
     label_names: list[str] | None  # None for regression
     notes: list[str]
+    cache: TokenCache | None = None
 
     @property
     def num_labels(self) -> int:
@@ -367,11 +370,17 @@ def tokenized_splits(data: TaskData, tokenizer: PreTrainedTokenizerBase, cfg: Da
     One row per example, unless the task makes its own ``features`` (QA: windows; the
     bank set then holds each example's representative window).
     """
-    made = get_task(cfg.task_type).features(data, tokenizer, cfg)
-    if made is not None:
-        return made
-    train_tok = tokenize(data.train, tokenizer, cfg)
-    return train_tok, train_tok, tokenize(data.validation, tokenizer, cfg), None
+    task = get_task(cfg.task_type)
+
+    def make() -> tuple[datasets.Dataset, datasets.Dataset, datasets.Dataset, Any]:
+        made = task.features(data, tokenizer, cfg)
+        if made is not None:
+            return made
+        train_tok = tokenize(data.train, tokenizer, cfg)
+        return train_tok, train_tok, tokenize(data.validation, tokenizer, cfg), None
+    if data.cache is None:
+        return make()
+    return data.cache.features(data.train, data.validation, tokenizer, cfg, task, make)
 
 
 def eval_loader(data: TaskData, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig,

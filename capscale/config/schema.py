@@ -83,6 +83,9 @@ class DataConfig:
     truncation: Literal["truncate", "error"] = "truncate"
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
+    # Keep the tokenised splits and token counts in ``<output_dir>/cache`` for a requeued
+    # or resumed job to read instead of tokenising again (capscale.token_cache).
+    cache_tokenized: bool = True
 
     def check(self) -> list[Check]:
         return [(self.max_length >= 8, "data.max_length", "must be >= 8"),
@@ -228,14 +231,11 @@ class TrainConfig:
     seed: int = 42
     eval_every: int = 0  # evaluate every N steps (0: only at the end of each epoch)
     num_threads: int = 0  # CPU threads for torch (0: leave torch's default)
-    # CUDA runs in fp32 (``precision: fp32``, or ``auto`` without native bf16): matmuls
-    # and cuDNN convolutions in TF32 on the tensor cores (Ampere and later; a 10-bit
-    # mantissa in the products, fp32 sums). false: full fp32 (capscale.train.tf32).
+    # CUDA fp32 runs (``precision`` fp32, or auto without native bf16): matmuls and cuDNN
+    # convolutions in TF32 (capscale.train.tf32); false: full fp32.
     tf32: bool = True
-    # Worker processes that read and pad the batches of each loader while the model
-    # computes. ``auto``: 2 on CUDA, 0 on CPU (there the workers would take cores from
-    # the model's threads). The batches and their order are the same for any number.
-    # On CUDA the batches also come in pinned memory (faster, asynchronous copies).
+    # Processes that pad the next batches while the model computes (same batches, same
+    # order); ``auto``: 2 on CUDA (batches then in pinned memory), 0 on CPU.
     dataloader_workers: int | Literal["auto"] = "auto"
     progress: bool = True
     # A non-finite loss: ``stop`` (exit non-zero, last good checkpoint kept) or ``skip``

@@ -80,7 +80,7 @@ RESUMABLE_CHANGES = ("resume", "output_dir", "checkpoint.", "report.", "train.pr
                      "train.num_threads", "train.on_nonfinite", "train.max_nonfinite_skips",
                      "train.collective_timeout_s", "train.debug_nan_batches",
                      "train.gradient_checkpointing", "train.tf32",
-                     "train.dataloader_workers")
+                     "train.dataloader_workers", "data.cache_tokenized")
 
 
 def checkpoint_root(checkpoint_dir: str | None, output_dir: str | Path) -> Path:

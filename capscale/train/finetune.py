@@ -32,7 +32,8 @@ from capscale.train.step import Student, Update, linear_warmup_decay, param_grou
 
 def _fingerprint(cfg: Config) -> dict:
     c = config_to_dict(cfg)
-    return {"model": c["model"]["name_or_path"], "data": c["data"],
+    data = {k: v for k, v in c["data"].items() if k != "cache_tokenized"}  # changes no result
+    return {"model": c["model"]["name_or_path"], "data": data,
             "teacher_training": c["teacher_training"], "seed": c["train"]["seed"]}
 
 
