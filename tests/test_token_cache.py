@@ -284,3 +284,16 @@ def test_the_run_keeps_its_entries_under_the_output_dir(tiny_bert, tmp_path):
     assert data.cache is None and len(_entries(out / "cache")) == 5
     assert not any(Path(f["filename"]).is_relative_to(out / "cache")
                    for f in loaders.train.dataset.cache_files)
+
+
+def test_the_switch_changes_neither_a_resume_nor_the_cached_teacher(tmp_path):
+    """Turning the cache off or on changes no result: a checkpoint resumes, and a
+    teacher fine-tuned before is reused."""
+    from test_throughput_options import _resumes
+
+    from capscale.train.finetune import _fingerprint
+    assert _resumes(tmp_path / "a", {}, "data.cache_tokenized=false")
+    assert _resumes(tmp_path / "b", {"data": {"cache_tokenized": None}})  # older capscale
+    on, off = (load_run_config(None, ["data.preset=tweets", f"data.cache_tokenized={v}"])
+               for v in ("true", "false"))
+    assert _fingerprint(on) == _fingerprint(off)
