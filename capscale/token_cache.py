@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("capscale")
 FORMAT = 1  # of the entries this module writes
 META = "meta.json"
+HASH_WINDOW = 1 << 16  # rows hashed per contiguous batch (rows_digest)
 PACKAGE = Path(__file__).resolve().parent
 Features = tuple[datasets.Dataset, datasets.Dataset, datasets.Dataset, Any]
 
@@ -75,11 +76,20 @@ class _Digest:
 
 
 def rows_digest(ds: datasets.Dataset) -> str:
-    """A hash of every column of ``ds``'s rows, in order (a selection or shuffle applied)."""
+    """A hash of every column of ``ds``'s rows, in order (a selection or shuffle applied).
+
+    The rows go through Arrow's IPC writer in windows of a fixed number of rows, each
+    column of a window copied into fresh, exactly sized buffers (a slice would carry
+    its parent's), so the hash depends on the values alone, not on how the table is
+    chunked or sliced (a file read, a ``map``, a selection, a dataset saved and loaded)."""
     table = ds.with_format("arrow")[:]
     sink = _Digest()
     with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
+        for start in range(0, table.num_rows, HASH_WINDOW):
+            window = table.slice(start, HASH_WINDOW)
+            writer.write_table(pa.Table.from_arrays(
+                [pa.concat_arrays([*c.chunks, pa.array([], type=c.type)])
+                 for c in window.columns], schema=table.schema))
     return sink.hash.hexdigest()
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import pytest
 from qa_helpers import SQUAD, as_list, qa_overrides, save_qa_model
 from tiny import sentiment_rows, write_csv
@@ -33,7 +34,7 @@ from capscale.data import (
 from capscale.errors import DataError
 from capscale.models.loading import resolve_model_path
 from capscale.tasks import get_task
-from capscale.token_cache import TokenCache, tokenizer_digest
+from capscale.token_cache import HASH_WINDOW, TokenCache, rows_digest, tokenizer_digest
 
 PAIR = DataConfig(text_column="premise", text_pair_column="hypothesis", max_length=16)
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while",
@@ -147,6 +148,24 @@ def test_tokenizer_fingerprint_ignores_what_a_call_leaves_behind(tok):
     assert tokenizer_digest(AutoTokenizer.from_pretrained(
         resolve_model_path("minilm"), do_lower_case=False)) != tokenizer_digest(
         AutoTokenizer.from_pretrained(resolve_model_path("minilm")))
+
+
+def test_rows_fingerprint_is_the_values_not_the_layout(tmp_path):
+    """Chunked, sliced, saved and loaded: the same rows give the same hash; another
+    value or another order does not (windows of HASH_WINDOW rows cross the chunks)."""
+    n = HASH_WINDOW + 777
+    ds = datasets.Dataset.from_dict({"text": [f"t{i}" * (i % 5) for i in range(n)],
+                                     "spans": [[[i, i + 1]] * (i % 3) for i in range(n)]})
+    table = ds.data.table
+    rechunked = datasets.Dataset(pa.concat_tables([table.slice(0, 777), table.slice(777)]))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    saved = datasets.load_from_disk(str(tmp_path / "saved"))
+    assert rows_digest(ds) == rows_digest(rechunked) == rows_digest(saved)
+    assert rows_digest(ds.select(range(1, n))) == rows_digest(rechunked.select(range(1, n)))
+    assert rows_digest(ds.select([1, 0])) != rows_digest(ds.select([0, 1]))
+    changed = ds.map(lambda r, i: {"text": r["text"] + ("!" if i == n - 1 else "")},
+                     with_indices=True)
+    assert rows_digest(changed) != rows_digest(ds)
 
 
 def _truncate_arrow(entry: Path) -> None:
