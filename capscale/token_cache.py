@@ -78,18 +78,21 @@ class _Digest:
 def rows_digest(ds: datasets.Dataset) -> str:
     """A hash of every column of ``ds``'s rows, in order (a selection or shuffle applied).
 
-    The rows go through Arrow's IPC writer in windows of a fixed number of rows, each
-    column of a window copied into fresh, exactly sized buffers (a slice would carry
-    its parent's), so the hash depends on the values alone, not on how the table is
-    chunked or sliced (a file read, a ``map``, a selection, a dataset saved and loaded)."""
+    The features, then the rows through Arrow's IPC writer in windows of a fixed number
+    of rows, each column of a window copied into fresh, exactly sized buffers (a slice
+    would carry its parent's), so the hash depends on the values alone, not on how the
+    table is chunked or sliced (a file read, a ``map``, a selection, a dataset saved and
+    loaded) nor on the transform fingerprint datasets writes into the schema."""
     table = ds.with_format("arrow")[:]
+    schema = table.schema.remove_metadata()  # datasets keeps its own fingerprint there
     sink = _Digest()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
+    sink.write(json.dumps(ds.features.to_dict(), sort_keys=True).encode())
+    with pa.ipc.new_stream(sink, schema) as writer:
         for start in range(0, table.num_rows, HASH_WINDOW):
             window = table.slice(start, HASH_WINDOW)
             writer.write_table(pa.Table.from_arrays(
                 [pa.concat_arrays([*c.chunks, pa.array([], type=c.type)])
-                 for c in window.columns], schema=table.schema))
+                 for c in window.columns], schema=schema))
     return sink.hash.hexdigest()
 
 
