@@ -120,13 +120,13 @@ def test_tf32_follows_the_switch_on_a_cuda_fp32_run(tf32_flags):
     assert _tf32_flags() == off
 
 
-def test_auto_precision_is_fp32_where_bf16_is_not_native():
+def test_auto_precision_is_fp32_where_it_does_not_resolve_to_bf16():
     assert runs_fp32(torch.device("cpu"), "auto")
     assert runs_fp32(torch.device("cpu"), "fp32")
     assert not runs_fp32(torch.device("cpu"), "bf16")
     if CUDA:
         assert runs_fp32(torch.device("cuda"), "auto") == (
-            not torch.cuda.is_bf16_supported(including_emulation=False))
+            not torch.cuda.is_bf16_supported())
 
 
 def _resumes(tmp_path: Path, saved_change: dict[str, dict], *overrides: str) -> bool:

@@ -231,7 +231,7 @@ class TrainConfig:
     seed: int = 42
     eval_every: int = 0  # evaluate every N steps (0: only at the end of each epoch)
     num_threads: int = 0  # CPU threads for torch (0: leave torch's default)
-    # CUDA fp32 runs (``precision`` fp32, or auto without native bf16): matmuls and cuDNN
+    # CUDA fp32 runs (``precision`` fp32, or auto resolved to fp32): matmuls and cuDNN
     # convolutions in TF32 (capscale.train.tf32); false: full fp32.
     tf32: bool = True
     # Processes that pad the next batches while the model computes (same batches, same

@@ -1,10 +1,10 @@
 """TF32 for the fp32 matmuls of a CUDA run (``train.tf32``).
 
 On Ampere and later GPUs, TensorFloat-32 runs an fp32 matmul or convolution on the
-tensor cores with a 10-bit mantissa in the products and fp32 accumulation: several
-times the fp32 throughput, for rounding far below the noise of training. torch leaves
+tensor cores, its inputs rounded to a 10-bit mantissa (about 1e-3 relative) and the
+sums kept in fp32: several times the throughput of full fp32. torch leaves
 it off for matmuls by default, so an fp32 run (``train.precision: fp32``, or ``auto``
-where the GPU has no native bf16) would leave the tensor cores idle. bf16 / fp16 runs
+where it does not resolve to bf16) would leave the tensor cores idle. bf16 / fp16 runs
 already compute in half precision under autocast and are left as torch has them. The
 switch is process-wide, so it is set once, when the run starts.
 """
@@ -16,12 +16,13 @@ import torch
 
 def runs_fp32(device: torch.device, precision: str) -> bool:
     """Whether a run on ``device`` computes in fp32 under ``train.precision``: ``fp32``,
-    or ``auto`` on a device without native bf16 (a CPU, a GPU before Ampere)."""
+    or ``auto`` where it does not resolve to bf16 (a CPU, a CUDA device without bf16),
+    as ``train.precision`` resolves ``auto``."""
     if precision == "fp32":
         return True
     if precision != "auto":
         return False
-    return device.type != "cuda" or not torch.cuda.is_bf16_supported(including_emulation=False)
+    return device.type != "cuda" or not torch.cuda.is_bf16_supported()
 
 
 def set_tf32(device: torch.device, enabled: bool, precision: str) -> bool:
