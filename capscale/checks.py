@@ -10,6 +10,7 @@ text lengths, and returns the data and the tokenizer.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -42,6 +43,7 @@ from capscale.pruning.methods import PRUNING_METHODS
 from capscale.pruning.schedule import cubic_sparsity, warmup_steps
 from capscale.pruning.unstructured import NoPruning
 from capscale.tasks import TASKS, Task
+from capscale.token_cache import TokenCache
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -81,8 +83,13 @@ def _export_formats(formats: list[str]) -> list[str]:
 def check_run_inputs(cfg: Config, task: Task) -> tuple[TaskData, PreTrainedTokenizerBase]:
     """Load and check the data, check the student's (and a given teacher's) config and
     the text lengths, load the tokenizer; nothing heavy is loaded. A note about
-    truncated texts joins ``data.notes``."""
+    truncated texts joins ``data.notes``. With ``data.cache_tokenized`` the data keeps
+    its tokenised results under ``<output_dir>/cache`` (capscale.token_cache), the
+    length check's token counts first."""
     data = load_task_data(cfg.data)
+    if cfg.data.cache_tokenized:  # written by the main rank, read by every rank
+        data.cache = TokenCache(Path(cfg.output_dir) / "cache", writer=not (
+            dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0)
     m = cfg.model
     adapter = check_encoder(m.name_or_path, m.adapter, m.trust_remote_code, task)
     limits = [model_max_tokens(m.name_or_path, m.trust_remote_code)]
@@ -93,7 +100,8 @@ def check_run_inputs(cfg: Config, task: Task) -> tuple[TaskData, PreTrainedToken
     limit = min((n for n in limits if n is not None), default=None)
     check_output_dirs(cfg)
     tokenizer = load_tokenizer(m.name_or_path, m.trust_remote_code)
-    note = check_lengths(data, tokenizer, cfg.data, limit)
+    with data.cache.held() if data.cache is not None else contextlib.nullcontext():
+        note = check_lengths(data, tokenizer, cfg.data, limit)  # kept when it passes
     data.notes += [n for n in (note, negatives_warning(cfg, len(data.train))) if n]
     return data, tokenizer
 

@@ -98,6 +98,7 @@ def prune_cmd(argv: list[str]) -> int:
     from capscale.export.verify import ExportMismatch
     from capscale.job import prune
     from capscale.train.checkpoint import checkpoint_root, list_checkpoints
+    from capscale.train.tf32 import set_tf32
 
     p = _parser("prune", "Prune an encoder with CAP, evaluate it, export it.")
     args = p.parse_args(argv)
@@ -110,6 +111,8 @@ def prune_cmd(argv: list[str]) -> int:
         torch.set_num_threads(cfg.train.num_threads)
     ctx = init_distributed(cfg.strategy, cfg.train.collective_timeout_s)
     console = Console(enabled=ctx.is_main, progress=cfg.train.progress)
+    if set_tf32(ctx.device, cfg.train.tf32, cfg.train.precision):
+        console.log("fp32 matmuls and convolutions in TF32 on the GPU (train.tf32)")
     code = 1
     try:
         prune(cfg, ctx, console)

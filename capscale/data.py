@@ -13,6 +13,7 @@ example into one or more windows that all carry the example's id.
 from __future__ import annotations
 
 import csv
+import functools
 import importlib.util
 import inspect
 import logging
@@ -32,6 +33,7 @@ from capscale.config import DataConfig
 from capscale.errors import DataError
 from capscale.tasks import get_task
 from capscale.tasks.qa_data import read_squad_file
+from capscale.token_cache import TokenCache
 
 datasets.disable_progress_bars()
 
@@ -51,12 +53,14 @@ for _reader in ("csv", "json", "parquet"):
 
 @dataclass
 class TaskData:
-    """Validated raw splits and the label set."""
+    """Validated raw splits and the label set; ``cache``: where tokenised results are
+    kept (capscale.checks.check_run_inputs sets it with ``data.cache_tokenized``)."""
 
     train: datasets.Dataset
     validation: datasets.Dataset
     label_names: list[str] | None  # None for regression
     notes: list[str]
+    cache: TokenCache | None = None
 
     @property
     def num_labels(self) -> int:
@@ -319,17 +323,33 @@ class Collator:
 
 def make_loader(ds: datasets.Dataset, batch_size: int, collator: Collator,
                 shuffle: bool = False, seed: int = 0, sampler: Sampler | None = None,
-                drop_last: bool = False) -> DataLoader:
-    """A DataLoader over tokenised rows; ``sampler`` overrides ``shuffle``."""
+                drop_last: bool = False, workers: int = 0, pin_memory: bool = False
+                ) -> DataLoader:
+    """A DataLoader over tokenised rows; ``sampler`` overrides ``shuffle``. ``workers``
+    pad the batches in processes started afresh for each pass (the order is still drawn
+    here): a persistent iterator would skip the seed each pass draws from the loader's
+    generator, moving later epochs off the order of a run without workers or resumed."""
     gen = torch.Generator().manual_seed(seed)
     return DataLoader(ds, batch_size=batch_size, collate_fn=collator,
                       shuffle=shuffle if sampler is None else False, sampler=sampler,
-                      generator=gen if sampler is None else None, drop_last=drop_last)
+                      generator=gen if sampler is None else None, drop_last=drop_last,
+                      num_workers=workers, pin_memory=pin_memory)
+
+
+def loader_options(workers: int | str, device: torch.device) -> dict[str, Any]:
+    """``workers`` / ``pin_memory`` of a run's loaders: ``train.dataloader_workers``
+    (``auto``: 2 on CUDA, where they pad batches while the GPU computes; 0 on CPU, where
+    they would take the model's cores), and pinned memory on CUDA for faster copies."""
+    cuda = device.type == "cuda"
+    return {"workers": (2 if cuda else 0) if workers == "auto" else int(workers),
+            "pin_memory": cuda}
 
 
 def model_inputs(batch: dict[str, Tensor], device: torch.device | str) -> dict[str, Tensor]:
-    """The batch's model inputs (no labels / ids) on ``device``."""
-    return {k: v.to(device) for k, v in batch.items() if k not in ("labels", "example_id")}
+    """The batch's model inputs (no labels / ids) on ``device``; from pinned memory the
+    copy does not block (later work on the device's stream waits for it)."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()
+            if k not in ("labels", "example_id")}
 
 
 @dataclass
@@ -350,11 +370,17 @@ def tokenized_splits(data: TaskData, tokenizer: PreTrainedTokenizerBase, cfg: Da
     One row per example, unless the task makes its own ``features`` (QA: windows; the
     bank set then holds each example's representative window).
     """
-    made = get_task(cfg.task_type).features(data, tokenizer, cfg)
-    if made is not None:
-        return made
-    train_tok = tokenize(data.train, tokenizer, cfg)
-    return train_tok, train_tok, tokenize(data.validation, tokenizer, cfg), None
+    task = get_task(cfg.task_type)
+
+    def make() -> tuple[datasets.Dataset, datasets.Dataset, datasets.Dataset, Any]:
+        made = task.features(data, tokenizer, cfg)
+        if made is not None:
+            return made
+        train_tok = tokenize(data.train, tokenizer, cfg)
+        return train_tok, train_tok, tokenize(data.validation, tokenizer, cfg), None
+    if data.cache is None:
+        return make()
+    return data.cache.features(data.train, data.validation, tokenizer, cfg, task, make)
 
 
 def eval_loader(data: TaskData, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig,
@@ -370,22 +396,22 @@ def eval_loader(data: TaskData, tokenizer: PreTrainedTokenizerBase, cfg: DataCon
 
 def build_loaders(data: TaskData, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig,
                   batch_size: int, eval_batch_size: int, seed: int, rank: int = 0,
-                  world_size: int = 1) -> Loaders:
-    """Tokenise the splits and wrap them in loaders (sharded when ``world_size > 1``)."""
+                  world_size: int = 1, workers: int = 0, pin_memory: bool = False
+                  ) -> Loaders:
+    """Tokenise the splits and wrap them in loaders (sharded when ``world_size > 1``);
+    ``workers`` / ``pin_memory``: :func:`make_loader`'s, for every loader."""
     train_tok, bank_tok, eval_tok, reference = tokenized_splits(data, tokenizer, cfg)
-    coll = Collator(tokenizer.pad_token_id or 0)
+    loader = functools.partial(make_loader, collator=Collator(tokenizer.pad_token_id or 0),
+                               workers=workers, pin_memory=pin_memory)
     if world_size > 1:
         def sampler(ds: Any, shuffle: bool) -> DistributedSampler:
             return DistributedSampler(ds, world_size, rank, shuffle=shuffle, seed=seed)
         return Loaders(
-            make_loader(train_tok, batch_size, coll, sampler=sampler(train_tok, True),
-                        drop_last=True),
-            make_loader(eval_tok, eval_batch_size, coll, sampler=sampler(eval_tok, False)),
-            make_loader(bank_tok, eval_batch_size, coll, sampler=sampler(bank_tok, False)),
-            make_loader(train_tok, batch_size, coll, sampler=sampler(train_tok, True),
-                        drop_last=True), reference)
-    return Loaders(make_loader(train_tok, batch_size, coll, shuffle=True, seed=seed),
-                   make_loader(eval_tok, eval_batch_size, coll),
-                   make_loader(bank_tok, eval_batch_size, coll),
-                   make_loader(train_tok, batch_size, coll, shuffle=True, seed=seed),
-                   reference)
+            loader(train_tok, batch_size, sampler=sampler(train_tok, True), drop_last=True),
+            loader(eval_tok, eval_batch_size, sampler=sampler(eval_tok, False)),
+            loader(bank_tok, eval_batch_size, sampler=sampler(bank_tok, False)),
+            loader(train_tok, batch_size, sampler=sampler(train_tok, True), drop_last=True),
+            reference)
+    return Loaders(loader(train_tok, batch_size, shuffle=True, seed=seed),
+                   loader(eval_tok, eval_batch_size), loader(bank_tok, eval_batch_size),
+                   loader(train_tok, batch_size, shuffle=True, seed=seed), reference)

@@ -33,7 +33,7 @@ from capscale.checks import check_config, check_run_inputs, wants_teacher
 from capscale.config import Config, ConfigError, config_to_dict
 from capscale.console import Console
 from capscale.contrastive.objectives import build_objective
-from capscale.data import build_loaders
+from capscale.data import build_loaders, loader_options
 from capscale.distributed import DistContext, make_strategy
 from capscale.export.card import run_facts
 from capscale.export.writer import masked_skeleton, write_run_formats, write_verified_export
@@ -78,10 +78,9 @@ def steps_per_epoch(batches: int, train: Any) -> int:
 
 class CAPRecipe:
     """One CAP pruning run: ``r = CAPRecipe(cfg, ctx, console); r.setup(); r.train();
-    results = r.finish()`` (capscale.job.prune runs the whole job). ``cfg``: the run
-    config (the cross-section rules run here); ``ctx``: ranks, device, collectives;
-    ``console``: logs (silent off the main rank); ``teacher_metrics``: the given
-    teacher's dev metrics when already known."""
+    results = r.finish()`` (capscale.job.prune runs it all). ``cfg``: the run config (its
+    cross-section rules run here); ``ctx``: ranks, device, collectives; ``console``: logs
+    (silent off the main rank); ``teacher_metrics``: the given teacher's dev metrics."""
 
     def __init__(self, cfg: Config, ctx: DistContext, console: Console,
                  teacher_metrics: dict[str, float] | None = None) -> None:
@@ -130,26 +129,25 @@ class CAPRecipe:
     def _load_models(self) -> nn.Module:
         """The teacher (fine-tuned here when none is given), the loaders, the strategy,
         the run's length and the bare student; returns the student."""
-        cfg, ctx, data, t0 = self.cfg, self.ctx, self.data, time.perf_counter()
+        cfg, ctx, data, t0, t = self.cfg, self.ctx, self.data, time.perf_counter(), self.cfg.train
         teacher_path = cfg.model.teacher
         if teacher_path is None:
             teacher_path, self.teacher_metrics = finetune_teacher(
                 cfg, ctx, data, self.tokenizer, self.task, self.console)
         self.seconds["teacher"] = time.perf_counter() - t0
-        self.loaders = build_loaders(data, self.tokenizer, cfg.data, cfg.train.batch_size,
-                                     cfg.train.eval_batch_size, cfg.train.seed, ctx.rank,
-                                     ctx.world_size)
-        self.strategy = make_strategy(ctx, cfg.distributed, cfg.train.precision,
-                                      cfg.cap.reference_dtype)
-        self.steps_per_epoch = per_epoch = steps_per_epoch(len(self.loaders.train), cfg.train)
-        steps = min(per_epoch * cfg.train.epochs, cfg.train.max_steps or sys.maxsize)
+        self.loaders = build_loaders(data, self.tokenizer, cfg.data, t.batch_size,
+                                     t.eval_batch_size, t.seed, ctx.rank, ctx.world_size,
+                                     **loader_options(t.dataloader_workers, ctx.device))
+        self.strategy = make_strategy(ctx, cfg.distributed, t.precision, cfg.cap.reference_dtype)
+        self.steps_per_epoch = per_epoch = steps_per_epoch(len(self.loaders.train), t)
+        steps = min(per_epoch * t.epochs, t.max_steps or sys.maxsize)
         self.total_steps = self.method.planned_steps(steps, cfg.structured, per_epoch)
-        torch.manual_seed(cfg.train.seed)
+        torch.manual_seed(t.seed)
         self.student_init = (teacher_path if cfg.model.student_init == "teacher"
                              else cfg.model.name_or_path)
         bare = self._load(self.student_init).to(ctx.device)
         self.adapter = adapter_for(bare, cfg.model.adapter, self.task)
-        if cfg.train.freeze_embeddings:  # before the optimiser and the wrapping
+        if t.freeze_embeddings:  # before the optimiser and the wrapping
             self.console.log(f"embeddings frozen ({freeze_embeddings(bare):,} parameters)")
         self.teacher = None
         if teacher_path is not None and wants_teacher(cfg):

@@ -33,7 +33,7 @@ Outputs in ``output_dir``: ``config.yaml``, ``teacher/`` (when fine-tuned here),
 ``pruned/model`` (plain Hugging Face), ``pruned/masks.safetensors``,
 ``pruned/sparsity_report.json``, ``history.jsonl``, ``evals.json``, ``results.json``,
 ``report/`` (markdown + HTML + plots), ``checkpoints/`` (with ``checkpoint.every_steps``),
-``tracking/`` (TensorBoard, when installed).
+``tracking/`` (TensorBoard, when installed), ``cache/`` (tokenised data for a requeued job).
 
 Exit codes: 0 done (the export was reloaded with transformers alone and reproduces the
 student); 2 a config, data or model error (one line on stderr says what to change;

@@ -244,3 +244,17 @@ def test_frontier_smoke(tmp_path, smoke_teacher):
     md = (tmp_path / "out" / "frontier_smoke.md").read_text()
     assert "Hybrid CAP against structured CAP-f" in md and "| hybrid 50% |" in md
     assert (tmp_path / "out" / "frontier_smoke.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_tokenize_cache_small(tmp_path):
+    """bench/tokenize_cache.py on 2,000 pairs: both processes run, the requeued one reads
+    back the rows the first tokenised, and the cache holds both kinds of entry."""
+    bench = _bench("tokenize_cache")
+    assert bench.main(["--rows", "2000", "--validation-rows", "200", "--out",
+                       str(tmp_path / "tc"), "--work", str(tmp_path / "work")]) == 0
+    res = json.loads((tmp_path / "tc.json").read_text())
+    assert res["identical"] and res["first"]["rows"] == {"train": 2000, "validation": 200}
+    assert set(res["cache_mib"]) == {"features", "lengths"}
+    assert res["first"]["seconds"]["tokenize"] > 0 and "tokenize" not in \
+        res["requeued"]["seconds"]  # the requeued process never tokenised

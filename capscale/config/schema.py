@@ -83,6 +83,9 @@ class DataConfig:
     truncation: Literal["truncate", "error"] = "truncate"
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
+    # Keep the tokenised splits and token counts in ``<output_dir>/cache`` for a requeued
+    # or resumed job to read instead of tokenising again (capscale.token_cache).
+    cache_tokenized: bool = True
 
     def check(self) -> list[Check]:
         return [(self.max_length >= 8, "data.max_length", "must be >= 8"),
@@ -228,6 +231,12 @@ class TrainConfig:
     seed: int = 42
     eval_every: int = 0  # evaluate every N steps (0: only at the end of each epoch)
     num_threads: int = 0  # CPU threads for torch (0: leave torch's default)
+    # CUDA fp32 runs (``precision`` fp32, or auto resolved to fp32): matmuls and cuDNN
+    # convolutions in TF32 (capscale.train.tf32); false: full fp32.
+    tf32: bool = True
+    # Processes that pad the next batches while the model computes (same batches, same
+    # order); ``auto``: 2 on CUDA (batches then in pinned memory), 0 on CPU.
+    dataloader_workers: int | Literal["auto"] = "auto"
     progress: bool = True
     # A non-finite loss: ``stop`` (exit non-zero, last good checkpoint kept) or ``skip``
     # the batch (no update), stopping after ``max_nonfinite_skips`` skips in a row.
@@ -253,6 +262,8 @@ class TrainConfig:
             (self.max_nonfinite_skips >= 0, "train.max_nonfinite_skips", "must be >= 0"),
             (self.collective_timeout_s > 0, "train.collective_timeout_s",
              "must be > 0 seconds"),
+            (self.dataloader_workers == "auto" or int(self.dataloader_workers) >= 0,
+             "train.dataloader_workers", "must be >= 0 or auto"),
         ]
 
 

@@ -26,7 +26,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from capscale.distributed.context import DistContext
 from capscale.distributed.precision import Precision
-from capscale.distributed.strategy import LrLambda, Strategy, switched, unwrap
+from capscale.distributed.strategy import LrLambda, Strategy, adamw, switched, unwrap
 from capscale.pruning.masked import MaskedLinear
 
 if TYPE_CHECKING:
@@ -87,7 +87,7 @@ class FSDP2Strategy(Strategy):
         params = dict(model.named_parameters())
         groups = [{**g, "params": [params[n] for n in group_names]}
                   for g, group_names in zip(param_groups, by_name)]
-        opt = torch.optim.AdamW(groups)
+        opt = adamw(groups, self.ctx.device)
         return model, opt, LambdaLR(opt, lr_lambda)
 
     def prepare_reference(self, model: nn.Module) -> nn.Module:

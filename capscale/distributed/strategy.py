@@ -31,6 +31,24 @@ from capscale.pruning.masked import MaskedLinear
 LrLambda = Callable[[int], float]
 
 
+def adamw(param_groups: list[dict], device: torch.device) -> Optimizer:
+    """torch AdamW over ``param_groups`` (each with its own ``lr`` / ``weight_decay``),
+    fused on CUDA.
+
+    The fused kernel updates every parameter of a group in a few launches instead of a
+    handful per tensor; it needs every parameter to be a floating-point CUDA tensor.
+    FSDP2's DTensor shards qualify (torch registers ``_fused_adamw_`` as a DTensor
+    pointwise op; their ``device`` is the local shard's), as long as they share one mesh,
+    as capscale's do. Elsewhere (CPU runs, a parameter off the GPU) torch's default is
+    kept: ``foreach`` where the parameters allow it, else the per-tensor loop.
+    """
+    params = [p for g in param_groups for p in g["params"]]
+    if device.type == "cuda" and params and all(
+            p.device.type == "cuda" and torch.is_floating_point(p) for p in params):
+        return torch.optim.AdamW(param_groups, fused=True)
+    return torch.optim.AdamW(param_groups)
+
+
 
 @contextmanager
 def switched(set_switch: Callable[[bool], None], on: bool) -> Iterator[None]:
@@ -77,7 +95,7 @@ class Strategy:
             micro_batch_size: per-rank batch size (DeepSpeed's config needs it).
             grad_clip: max gradient norm, 0 for none (DeepSpeed clips in its step).
         """
-        opt = torch.optim.AdamW(param_groups)
+        opt = adamw(param_groups, self.ctx.device)
         sched = LambdaLR(opt, lr_lambda)
         if self.ctx.distributed:
             ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
@@ -98,7 +116,7 @@ class Strategy:
             param_groups: AdamW groups over the bare student's parameters.
             lr_lambda: LR factor per optimiser step of the new schedule.
         """
-        new = torch.optim.AdamW(param_groups)
+        new = adamw(param_groups, self.ctx.device)
         return new, LambdaLR(new, lr_lambda)
 
     def prepare_reference(self, model: nn.Module) -> nn.Module:

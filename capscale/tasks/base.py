@@ -108,11 +108,14 @@ class Task:
             DataError: when texts are longer and ``data.truncation`` is ``error``.
         """
         counts, first, longest = {}, None, (0, "")
+        cache = getattr(data, "cache", None)  # capscale.token_cache: a requeued job's
         for split, ds in (("train", data.train), ("validation", data.validation)):
-            texts = list(ds[cfg.text_column])
-            pairs = list(ds[cfg.text_pair_column]) if cfg.text_pair_column else None
-            lengths = [len(ids) for ids in tokenizer(texts, pairs,
-                                                     truncation=False)["input_ids"]]
+            def count(ds: datasets.Dataset = ds) -> list[int]:
+                texts = list(ds[cfg.text_column])
+                pairs = list(ds[cfg.text_pair_column]) if cfg.text_pair_column else None
+                return [len(ids) for ids in tokenizer(texts, pairs,
+                                                      truncation=False)["input_ids"]]
+            lengths = count() if cache is None else cache.lengths(ds, tokenizer, cfg, count)
             over = [i for i, n in enumerate(lengths) if n > cfg.max_length]
             counts[split] = len(over)
             if over and first is None:

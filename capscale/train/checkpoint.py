@@ -79,7 +79,8 @@ STALL_STEP_ENV = "CAPSCALE_TEST_STALL_CHECKPOINT_STEP"
 RESUMABLE_CHANGES = ("resume", "output_dir", "checkpoint.", "report.", "train.progress",
                      "train.num_threads", "train.on_nonfinite", "train.max_nonfinite_skips",
                      "train.collective_timeout_s", "train.debug_nan_batches",
-                     "train.gradient_checkpointing")
+                     "train.gradient_checkpointing", "train.tf32",
+                     "train.dataloader_workers", "data.cache_tokenized")
 
 
 def checkpoint_root(checkpoint_dir: str | None, output_dir: str | Path) -> Path:

@@ -18,7 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from capscale.config import Config, config_to_dict
 from capscale.console import Console
-from capscale.data import TaskData, build_loaders, model_inputs
+from capscale.data import TaskData, build_loaders, loader_options, model_inputs
 from capscale.distributed import DistContext, make_strategy
 from capscale.models.loading import adapter_for, load_classifier, output_logits
 from capscale.models.recompute import checkpoint_layers
@@ -32,7 +32,8 @@ from capscale.train.step import Student, Update, linear_warmup_decay, param_grou
 
 def _fingerprint(cfg: Config) -> dict:
     c = config_to_dict(cfg)
-    return {"model": c["model"]["name_or_path"], "data": c["data"],
+    data = {k: v for k, v in c["data"].items() if k != "cache_tokenized"}  # changes no result
+    return {"model": c["model"]["name_or_path"], "data": data,
             "teacher_training": c["teacher_training"], "seed": c["train"]["seed"]}
 
 
@@ -49,7 +50,8 @@ def finetune_teacher(cfg: Config, ctx: DistContext, data: TaskData,
             return str(out), info["metrics"]
     tcfg = cfg.teacher_training
     loaders = build_loaders(data, tokenizer, cfg.data, tcfg.batch_size,
-                            cfg.train.eval_batch_size, cfg.train.seed, ctx.rank, ctx.world_size)
+                            cfg.train.eval_batch_size, cfg.train.seed, ctx.rank, ctx.world_size,
+                            **loader_options(cfg.train.dataloader_workers, ctx.device))
     total = len(loaders.train) * tcfg.epochs
     if tcfg.max_steps:
         total = min(total, tcfg.max_steps)
