@@ -191,7 +191,8 @@ def plan_memory(cfg: Config, world: int = 1, *, strategy: Strategy | None = None
                 precision: Precision | None = None, gradient_checkpointing: bool | None = None,
                 micro_batch: int | None = None, accumulation: int | None = None,
                 device: str = "cuda", baseline_bytes: int | None = None,
-                inputs: PlanInputs | None = None) -> MemoryPlan:
+                inputs: PlanInputs | None = None, after_evaluation: bool = True
+                ) -> MemoryPlan:
     """Per-rank memory of ``cfg`` run on ``world`` ranks (see the module docstring).
 
     Args:
@@ -208,6 +209,10 @@ def plan_memory(cfg: Config, world: int = 1, *, strategy: Strategy | None = None
             context and libraries, or a measured process baseline on CPU); None: 1 GiB
             on CUDA, 0 on CPU.
         inputs: the shape and N (:func:`read_inputs`); None: read them now.
+        after_evaluation: plan the step that follows an evaluation (the worst case of a
+            run: the no-grad forward leaves every masked linear's mask cached until the
+            next optimiser step); False: a step after a step, as a loop without
+            evaluations between them runs.
     """
     name = strategy or cfg.strategy
     cfg = _setting(cfg, name, precision, gradient_checkpointing, micro_batch, accumulation)
@@ -222,7 +227,7 @@ def plan_memory(cfg: Config, world: int = 1, *, strategy: Strategy | None = None
                and world > 1 else next(iter(cross_section_rules(cfg)), None))
     r_views = views(cfg, inputs.train_examples, world)
     off_params, off_opt = offload(cfg) if name == "zero3" else (False, False)
-    parts = _state_parts(run, r_views, off_params, off_opt, baseline_bytes)
+    parts = _state_parts(run, r_views, off_params, off_opt, baseline_bytes, after_evaluation)
     phase, step = step_peak(run, r_views, off_opt)
     for p in parts:
         p.step = step.get(p.name, 0)
@@ -238,7 +243,7 @@ def _placed(name: str, size: int, on_host: bool, note: str) -> Part:
 
 
 def _state_parts(run: Run, r_views: dict[str, int], off_params: bool, off_opt: bool,
-                 baseline: int | None) -> list[Part]:
+                 baseline: int | None, after_evaluation: bool = True) -> list[Part]:
     """Every part with what it holds between steps (the step's share is added after)."""
     s, w, strategy = run.shape, run.world, run.strategy
     p, n_scores, train = s.parameters, run.scores, run.trainable
@@ -256,12 +261,14 @@ def _state_parts(run: Run, r_views: dict[str, int], off_params: bool, off_opt: b
     else:
         parts.append(_placed("scores", weights * n_scores // p,
                              off_params, f"{n_scores:,} learned scores, {how}"))
-    cache = s.prunable * (run.cp if run.sharded else 4) if run.kind == "weight" else 0
+    cache = s.prunable * (run.cp if run.sharded else 4) if run.kind == "weight" \
+        and after_evaluation else 0
     if run.cfg.pruning.zero_pruned_weights and run.kind == "weight":
         cache += s.prunable // run.shard  # each step's local mask, bool
-    parts.append(Part("masks", state=cache, note="no-grad mask cache after an evaluation, "
-                      "full size; in a step: M and W*M of each masked linear"
-                      if cache else "no per-weight masks"))
+    parts.append(Part("masks", state=cache, note=(
+        "no-grad mask cache after an evaluation, full size; " if after_evaluation else "")
+        + "in a step: M and W*M of each masked linear" if run.kind == "weight"
+        else "no per-weight masks"))
     grads, note = 0, "fp32, allocated by each step"
     if strategy == "ddp" and w > 1:
         grads, note = 4 * train, "DDP's gradient buckets, plus the step's fp32 gradients"

@@ -358,10 +358,12 @@ def step_peak(run: Run, r_views: dict[str, int], offloaded: bool) -> tuple[str, 
         below = emb + (i - 1) * (inp if run.ckpt else act)
         phases.append((f"backward, layer {i}", {
             "activations": below + act, "masks": held if run.ckpt else i * held,
-            "gradients": (positions - i) * g_pos + g_head + g_acc,
+            # accumulating: every unsharded gradient, each freed as its unit's
+            # reduce-scatter in the last micro-batch replaces it by its shard
+            "gradients": g_acc or (positions - i) * g_pos + g_head,
             "transient": flow + gathered(i - 1, True)}))
     phases.append(("backward, embeddings", {
-        "activations": emb, "gradients": positions * g_pos + g_head + g_emb + g_acc,
+        "activations": emb, "gradients": g_acc or positions * g_pos + g_head + g_emb,
         "transient": s.largest_table * (run.cp + 4) if run.sharded else 0}))
     phases.append(("optimiser step", {
         "gradients": positions * g_pos + g_head + g_emb,
