@@ -70,10 +70,11 @@ JOBS: list[tuple[str, int, str, bool, int, int]] = [
     ("zero3", 1, "fp32", True, 4, 8),
     ("fsdp2", 2, "fp32", False, 16, 1),  # the same batch without micro-batches / recompute
     ("zero3", 1, "fp32", False, 32, 1),
+    ("zero3", 1, "fp32", False, 4, 8),  # 2 steps (MEMORY_ONLY): against job 3
 ]
 # Jobs run for their memory only: 2 steps (the second one's step peak is free of AdamW's
 # first allocation of its moments), the step time then from 1 step after the first.
-MEMORY_ONLY = {1}
+MEMORY_ONLY = {1, 6}
 # --cuda (bench/gpu_check.sh): one GPU, the whole batch at once, fp32 / bf16 / bf16 +
 # checkpointing
 GPU_JOBS: list[tuple[str, int, str, bool, int, int]] = [
@@ -265,12 +266,16 @@ def baseline() -> float:
 def summarise(spec: dict[str, Any], job: dict[str, Any], shape: Shape) -> dict[str, Any]:
     ranks = job["ranks"]
     done = [r for r in ranks if r["steps"]]
+    status = job["status"]
+    if status.startswith("killed") and len(ranks) == spec["world"] and all(
+            len(r["steps"]) == spec["steps"] for r in ranks):
+        status = f"ok: every step recorded, then {status} (after the last record)"
     rec = {"model": shape.name, "params": shape.params(), "strategy": spec["strategy"],
            "world": spec["world"], "precision": spec["precision"],
            "gradient_checkpointing": spec["checkpointing"], "micro_batch": spec["micro"],
            "accumulation": spec["accumulation"],
            "global_batch": spec["micro"] * spec["accumulation"] * spec["world"],
-           "seq_length": spec["length"], "status": job["status"],
+           "seq_length": spec["length"], "status": status,
            "planned_gib": spec.get("planned_gib"), "peak_gib": None, "setup_peak_gib": None,
            "step_peak_gib": None,
            "step_s": None, "steps_timed": 0, "setup_s": None, "wall_s": job.get("wall_s")}
@@ -327,7 +332,7 @@ def derived(records: list[dict[str, Any]]) -> dict[str, str]:
     """Ratios between jobs that differ in one setting."""
     def find(**kw: Any) -> dict[str, Any] | None:
         for r in records:
-            if all(r[k] == v for k, v in kw.items()) and r["status"] == "ok":
+            if all(r[k] == v for k, v in kw.items()) and r["status"].startswith("ok"):
                 return r
         return None
     out = {}
@@ -340,6 +345,14 @@ def derived(records: list[dict[str, Any]]) -> dict[str, str]:
             f"a step adds {off['step_peak_gib']:.2f} GiB without, {on['step_peak_gib']:.2f} "
             f"GiB with: {off['step_peak_gib'] / on['step_peak_gib']:.1f}x less; step "
             f"{off['step_s']} s -> {on['step_s']} s")
+    on3 = find(strategy="zero3", world=1, gradient_checkpointing=True, micro_batch=4)
+    off3 = find(strategy="zero3", world=1, gradient_checkpointing=False, micro_batch=4)
+    if on3 and off3 and on3["step_peak_gib"] and off3["step_peak_gib"]:
+        out["activation checkpointing (zero3, world 1, micro 4)"] = (
+            f"a step adds {off3['step_peak_gib']:.2f} GiB without, "
+            f"{on3['step_peak_gib']:.2f} GiB with: "
+            f"{off3['step_peak_gib'] / on3['step_peak_gib']:.1f}x less; step "
+            f"{off3['step_s']} s -> {on3['step_s']} s")
     bf = find(strategy="fsdp2", world=2, precision="bf16", gradient_checkpointing=True)
     if on and bf:
         out["bf16 against fp32 (fsdp2, world 2, checkpointing)"] = (
