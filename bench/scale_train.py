@@ -377,8 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default=None, help="assets folder (kept between calls)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--replan", action="store_true",
-                   help="only recompute planned_gib (and the ratios) of the existing results "
-                        "file's records with the planner as it is now; nothing runs")
+                   help="only summarise the existing results file's records again (from the "
+                        "ranks' files in --work) and recompute planned_gib with the planner "
+                        "as it is now; nothing runs")
     p.add_argument("--merge", action="store_true",
                    help="keep the existing results file's records of jobs not rerun")
     p.add_argument("--cuda", action="store_true",
@@ -413,7 +414,14 @@ def main(argv: list[str] | None = None) -> int:
             "scale_train_quick" if args.quick else "scale_train")
     if args.replan:
         old = json.loads((out / f"{stem}.json").read_text())
-        for r in old["records"]:
+        for n, r in enumerate(old["records"]):  # summarised again from the ranks' files
+            spec_file = work / f"job{r['job']}.spec.json"
+            files = [work / f"job{r['job']}.rank{k}.json" for k in range(r["world"])]
+            if spec_file.exists() and all(f.exists() for f in files):
+                again = summarise(json.loads(spec_file.read_text()), {
+                    "status": r["status"], "wall_s": r.get("wall_s"),
+                    "ranks": [json.loads(f.read_text()) for f in files]}, shape)
+                r = old["records"][n] = {"job": r["job"], **again}
             spec = {"assets": assets, "strategy": r["strategy"], "world": r["world"],
                     "precision": r["precision"], "checkpointing": r["gradient_checkpointing"],
                     "micro": r["micro_batch"], "accumulation": r["accumulation"],
