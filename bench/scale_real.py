@@ -345,19 +345,22 @@ def _available() -> int:
     return 0
 
 
-def run_job(spec: dict[str, Any], world: int, guard: float, timeout: float
+def run_job(spec: dict[str, Any], world: int, guard: float, timeout: float,
+            script: str = __file__, base_env: dict[str, str] | None = None
             ) -> dict[str, Any]:
-    """Start ``world`` rank processes; poll their RSS; kill them past the guard."""
+    """Start ``world`` rank processes of ``script --_worker <spec>`` (this file's worker
+    unless told; bench/scale_train.py uses its own); poll their RSS; kill them past the
+    guard. ``base_env``: the ranks' environment before the rank variables."""
     port = _free_port()
     spec_path = Path(spec["out"]).with_suffix(".spec.json")
     spec_path.write_text(json.dumps(spec))
     procs = []
     for rank in range(world):
-        env = dict(_child_env(), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        env = dict(base_env or _child_env(), RANK=str(rank), WORLD_SIZE=str(world),
+                   LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         with open(Path(spec["out"]).with_suffix(f".rank{rank}.log"), "w") as log:
             procs.append(subprocess.Popen(
-                [sys.executable, __file__, "--_worker", str(spec_path)], env=env, stdout=log,
+                [sys.executable, script, "--_worker", str(spec_path)], env=env, stdout=log,
                 stderr=subprocess.STDOUT, start_new_session=True))
     t0, peak_sum, why = time.time(), 0, None
     while any(p.poll() is None for p in procs):
@@ -386,7 +389,7 @@ def run_job(spec: dict[str, Any], world: int, guard: float, timeout: float
     if why is None and (len(ranks) < world or any(rc)):
         tail = Path(spec["out"]).with_suffix(".rank0.log").read_text()[-2000:]
         why = f"failed: return codes {rc}; rank 0 log tail: {tail}"
-    return {"world": world, "strategy": spec["strategy"], "offload": spec["offload"],
+    return {"world": world, "strategy": spec["strategy"], "offload": spec.get("offload", False),
             "status": why or "ok", "wall_s": time.time() - t0,
             "ranks_rss_sum_peak_polled": peak_sum, "ranks": ranks}
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -56,11 +55,10 @@ from scale_real import (  # noqa: E402  (bench/ is not a package)
     Shape,
     _available,
     _child_env,
-    _free_port,
-    _rss,
     build_assets,
     load_avg,
 )
+from scale_real import run_job as harness_job  # noqa: E402
 
 # (strategy, world, precision, checkpointing, micro, accumulation): global 32 each
 JOBS: list[tuple[str, int, str, bool, int, int]] = [
@@ -208,47 +206,13 @@ def planned_gib(spec: dict[str, Any], baseline_gib: float, cuda: bool = False) -
 
 
 def run_job(spec: dict[str, Any], guard: float, timeout: float) -> dict[str, Any]:
-    """Start the ranks, poll their RSS, kill them past the guard; collect the records."""
-    world = spec["world"]
-    port = _free_port()
-    spec_path = Path(spec["out"]).with_suffix(".spec.json")
-    spec_path.write_text(json.dumps(spec))
-    env0 = dict(_child_env(), MALLOC_MMAP_THRESHOLD_=str(1 << 20))
+    """Start the ranks (bench/scale_real.py's harness with this file's worker), poll
+    their RSS, kill them past the guard; collect the records."""
+    env = dict(_child_env(), MALLOC_MMAP_THRESHOLD_=str(1 << 20))
     if spec.get("cuda"):  # the GPU, and the CPU threads a GPU job normally has
         for key in ("CAPSCALE_CPU", "DS_ACCELERATOR", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            env0.pop(key, None)
-    procs = []
-    for rank in range(world):
-        env = dict(env0, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        with open(Path(spec["out"]).with_suffix(f".rank{rank}.log"), "w") as log:
-            procs.append(subprocess.Popen([sys.executable, __file__, "--_worker",
-                                           str(spec_path)], env=env, stdout=log,
-                                          stderr=subprocess.STDOUT, start_new_session=True))
-    t0, why = time.time(), None
-    while any(p.poll() is None for p in procs):
-        total = sum(_rss(p.pid) for p in procs if p.poll() is None)
-        if total > guard:
-            why = f"killed: ranks' RSS {total / GIB:.1f} GiB passed the {guard / GIB:.1f} GiB guard"
-        elif _available() < GIB:
-            why = f"killed: MemAvailable under 1 GiB (ranks' RSS {total / GIB:.1f} GiB)"
-        elif time.time() - t0 > timeout:
-            why = f"killed: over the {timeout:.0f} s timeout"
-        if why:
-            for p in procs:
-                if p.poll() is None:
-                    os.killpg(p.pid, signal.SIGKILL)
-            break
-        time.sleep(0.25)
-    for p in procs:
-        p.wait()
-    ranks = [json.loads(f.read_text()) for r in range(world)
-             if (f := Path(spec["out"]).with_suffix(f".rank{r}.json")).exists()]
-    rc = [p.returncode for p in procs]
-    if why is None and (len(ranks) < world or any(rc)):
-        tail = Path(spec["out"]).with_suffix(".rank0.log").read_text()[-1500:]
-        why = f"failed: return codes {rc}; rank 0 log tail: {tail}"
-    return {"status": why or "ok", "wall_s": round(time.time() - t0, 1), "ranks": ranks}
+            env.pop(key, None)
+    return harness_job(spec, spec["world"], guard, timeout, script=__file__, base_env=env)
 
 
 def baseline() -> float:
