@@ -215,6 +215,27 @@ def optimizer_bytes(opt: Any) -> dict[str, int]:
             "grad_buffer": 0}
 
 
+def cap_config(assets: dict[str, str], length: int, steps: int, batch_size: int,
+               max_snapshots: int, output_dir: str) -> dict[str, Any]:
+    """The benchmark's CAP run (a config dict): movement pruning with local top-k, PrC /
+    FiC / SnC in bank mode, KD from the same saved encoder, the student the pre-trained
+    encoder itself."""
+    return {
+        "model": {"name_or_path": assets["encoder"], "teacher": assets["encoder"],
+                  "student_init": "pretrained"},
+        "data": {"train_file": assets["train"], "validation_file": assets["validation"],
+                 "max_length": length},
+        "pruning": {"method": "movement", "scope": "local", "initial_sparsity": 0.3,
+                    "final_sparsity": 0.7, "initial_warmup": 0, "final_warmup": 0.3,
+                    "zero_pruned_weights": True},
+        "cap": {"mode": "bank", "num_negatives": 8, "snapshot_schedule": "epoch",
+                "max_snapshots": max_snapshots},
+        "train": {"epochs": 1, "max_steps": steps, "batch_size": batch_size, "lr": 1e-4,
+                  "eval_batch_size": 8, "grad_clip": 1.0, "progress": False, "seed": 3},
+        "output_dir": output_dir,
+    }
+
+
 def worker(spec: dict[str, Any]) -> None:
     """One rank: set up the recipe, time the steps, record bytes; writes its JSON."""
     import torch
@@ -234,23 +255,10 @@ def worker(spec: dict[str, Any]) -> None:
     ctx = init_distributed(spec["strategy"])
     a, gb = spec["assets"], spec["global_batch"]
     cfg = run_config_from_dict({
-        "model": {"name_or_path": a["encoder"], "teacher": a["encoder"],
-                  "student_init": "pretrained"},
-        "data": {"train_file": a["train"], "validation_file": a["validation"],
-                 "max_length": spec["length"]},
-        "pruning": {"method": "movement", "scope": "local", "initial_sparsity": 0.3,
-                    "final_sparsity": 0.7, "initial_warmup": 0, "final_warmup": 0.3,
-                    "zero_pruned_weights": True},
-        "cap": {"mode": "bank", "num_negatives": 8, "snapshot_schedule": "epoch",
-                "max_snapshots": 2},
-        "train": {"epochs": 1, "max_steps": spec["steps"], "batch_size": gb // world,
-                  "lr": 1e-4, "eval_batch_size": 8, "grad_clip": 1.0, "progress": False,
-                  "seed": 3},
+        **cap_config(a, spec["length"], spec["steps"], gb // world, 2, spec["workdir"]),
         "distributed": {"offload_params": spec["offload"],
                         "offload_optimizer": spec["offload"],
-                        "deepspeed_config": spec.get("ds_config")},
-        "output_dir": spec["workdir"],
-    })
+                        "deepspeed_config": spec.get("ds_config")}})
     recipe = CAPRecipe(cfg, ctx, Console(enabled=False))
     recipe.setup()
     recipe.snapshot(cfg.cap.snapshot_train_mode, "bench snapshot")  # SnC bank: one view

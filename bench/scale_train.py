@@ -56,6 +56,7 @@ from scale_real import (  # noqa: E402  (bench/ is not a package)
     _available,
     _child_env,
     build_assets,
+    cap_config,
     load_avg,
 )
 from scale_real import run_job as harness_job  # noqa: E402
@@ -169,27 +170,16 @@ def worker(spec: dict[str, Any]) -> None:
 
 
 def config(spec: dict[str, Any]) -> dict[str, Any]:
-    """The job's run config (a dict; the worker and the planner read the same one)."""
-    a = spec["assets"]
-    return {
-        "model": {"name_or_path": a["encoder"], "teacher": a["encoder"],
-                  "student_init": "pretrained"},
-        "data": {"train_file": a["train"], "validation_file": a["validation"],
-                 "max_length": spec["length"]},
-        "pruning": {"method": "movement", "scope": "local", "initial_sparsity": 0.3,
-                    "final_sparsity": 0.7, "initial_warmup": 0, "final_warmup": 0.3,
-                    "zero_pruned_weights": True},
-        "cap": {"mode": "bank", "num_negatives": 8, "snapshot_schedule": "epoch",
-                "max_snapshots": 1},
-        "train": {"epochs": 1, "max_steps": spec["steps"], "batch_size": spec["micro"],
-                  "gradient_accumulation_steps": spec["accumulation"],
-                  "gradient_checkpointing": spec["checkpointing"],
-                  "precision": spec["precision"], "lr": 1e-4, "eval_batch_size": 8,
-                  "grad_clip": 1.0, "progress": False, "seed": 3},
-        "strategy": spec["strategy"],
-        "distributed": {"deepspeed_config": spec.get("ds_config")},
-        "output_dir": spec["workdir"],
-    }
+    """The job's run config (a dict; the worker and the planner read the same one):
+    bench/scale_real.py's CAP run with this job's batch, accumulation, checkpointing,
+    precision and strategy, one SnC view."""
+    cfg = cap_config(spec["assets"], spec["length"], spec["steps"], spec["micro"], 1,
+                     spec["workdir"])
+    cfg["train"].update(gradient_accumulation_steps=spec["accumulation"],
+                        gradient_checkpointing=spec["checkpointing"],
+                        precision=spec["precision"])
+    return {**cfg, "strategy": spec["strategy"],
+            "distributed": {"deepspeed_config": spec.get("ds_config")}}
 
 
 def planned_gib(spec: dict[str, Any], baseline_gib: float, cuda: bool = False) -> float:
