@@ -358,7 +358,20 @@ def run_job(spec: dict[str, Any], world: int, guard: float, timeout: float,
             ) -> dict[str, Any]:
     """Start ``world`` rank processes of ``script --_worker <spec>`` (this file's worker
     unless told; bench/scale_train.py uses its own); poll their RSS; kill them past the
-    guard. ``base_env``: the ranks' environment before the rank variables."""
+    guard. ``base_env``: the ranks' environment before the rank variables.
+
+    The rendezvous port is free when picked but not held until rank 0 binds it, so a
+    process starting meanwhile (parallel jobs, other tests) can take it; a job whose
+    rank 0 found it taken is started again on another port (three tries)."""
+    for _ in range(3):
+        job = _run_job_once(spec, world, guard, timeout, script, base_env)
+        if "EADDRINUSE" not in job["status"]:
+            break
+    return job
+
+
+def _run_job_once(spec: dict[str, Any], world: int, guard: float, timeout: float,
+                  script: str, base_env: dict[str, str] | None) -> dict[str, Any]:
     port = _free_port()
     spec_path = Path(spec["out"]).with_suffix(".spec.json")
     spec_path.write_text(json.dumps(spec))
