@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import torch
 
+from capscale.distributed.precision import resolve_precision
+
 
 def runs_fp32(device: torch.device, precision: str) -> bool:
     """Whether a run on ``device`` computes in fp32 under ``train.precision``: ``fp32``,
     or ``auto`` where it does not resolve to bf16 (a CPU, a CUDA device without bf16),
     as ``train.precision`` resolves ``auto``."""
-    if precision == "fp32":
-        return True
-    if precision != "auto":
-        return False
-    return device.type != "cuda" or not torch.cuda.is_bf16_supported()
+    return resolve_precision(precision, device.type) == "fp32"
 
 
 def set_tf32(device: torch.device, enabled: bool, precision: str) -> bool:
