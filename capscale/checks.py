@@ -277,6 +277,14 @@ def cross_section_rules(cfg: Config) -> list[str]:
         out.append(f"cap.modules.{supervised[0]}.w_sup = {cfg.cap.modules[supervised[0]].w_sup}"
                    f": supervised contrastive terms need class labels; set w_sup to 0 for "
                    f"every module ({', '.join(supervised)}) of a {cfg.data.task_type} task")
+    if cfg.cap.representation not in task.representations:
+        out.append(f"cap.representation = {cfg.cap.representation!r}: a "
+                   f"{cfg.data.task_type} task reads its contrastive representation as "
+                   f"{' / '.join(task.representations)}")
+    extra = [f for f in cfg.export.formats if f != "pytorch"]
+    if extra and not task.extra_formats:
+        out.append(f"export.formats {', '.join(extra)}: a {cfg.data.task_type} task exports "
+                   "its Hugging Face folder only (export.formats: [pytorch])")
     method = PRUNING_METHODS[cfg.pruning.method]
     if "sparse" in cfg.export.formats and method.physical_export:
         out.append(f"export.formats sparse: pruning.method={cfg.pruning.method} exports a "

@@ -32,10 +32,13 @@ from transformers import PreTrainedTokenizerBase
 from capscale.config import DataConfig
 from capscale.errors import DataError
 from capscale.tasks import get_task
+from capscale.tasks.corpora import PACKAGED_CORPORA, read_conll_file
 from capscale.tasks.qa_data import read_squad_file
 from capscale.token_cache import TokenCache
 
 datasets.disable_progress_bars()
+
+CONLL_SUFFIXES = (".conll", ".txt")  # read as CoNLL-style token / tag files
 
 
 class _ReaderFailure(logging.Filter):
@@ -168,6 +171,9 @@ def _has_rows(path: Path, builder: str, encoding: str, sep: str) -> bool:
 
 def load_raw(cfg: DataConfig) -> datasets.DatasetDict:
     """The raw splits named ``train`` and (if present) ``validation``."""
+    if cfg.preset in PACKAGED_CORPORA:
+        corpus = PACKAGED_CORPORA[cfg.preset]
+        return datasets.DatasetDict({s: corpus.read(s) for s in ("train", "validation")})
     if cfg.preset is not None:
         return _read_files({"train": str(preset_path(cfg.preset))}, cfg.file_encoding)
     if cfg.train_file is not None:
@@ -177,6 +183,8 @@ def load_raw(cfg: DataConfig) -> datasets.DatasetDict:
         squad = {k: read_squad_file(f) for k, f in files.items()}
         if all(ds is not None for ds in squad.values()):  # SQuAD-layout JSON files
             return datasets.DatasetDict(squad)
+        if all(Path(f).suffix.lower() in CONLL_SUFFIXES for f in files.values()):
+            return datasets.DatasetDict({k: read_conll_file(f) for k, f in files.items()})
         return _read_files(files, cfg.file_encoding)
     raw = datasets.load_dataset(cfg.dataset_name, cfg.dataset_config)
     out = {"train": raw[cfg.train_split]}
@@ -302,23 +310,55 @@ def check_lengths(data: TaskData, tokenizer: PreTrainedTokenizerBase, cfg: DataC
     return check(data, tokenizer, cfg, max_positions=max_positions)
 
 
+IGNORE_INDEX = -100  # a token without a label (cross-entropy's ignore_index)
+
+
 class Collator:
-    """Pads a list of tokenised examples to the longest in the batch."""
+    """Pads a list of tokenised examples to the longest in the batch.
+
+    A row whose ``input_ids`` hold several token lists (the embedding task's texts)
+    gives ``(B, k, L)`` inputs, every text padded to the batch's longest. Labels with
+    one entry per token (token classification) are padded with ``IGNORE_INDEX``.
+    """
 
     def __init__(self, pad_token_id: int) -> None:
         self.pad = pad_token_id
 
     def __call__(self, rows: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-        width = max(len(r["input_ids"]) for r in rows)
+        texts = [_texts(r["input_ids"]) for r in rows]
+        nested = texts[0] is not None
+        width = (max(len(t) for ts in texts for t in ts or []) if nested
+                 else max(len(r["input_ids"]) for r in rows))
         out: dict[str, Tensor] = {}
         for key in rows[0]:
-            if key in ("labels", "example_id"):
+            if key == "example_id":
                 out[key] = torch.stack([torch.as_tensor(r[key]) for r in rows])
-                continue
-            fill = self.pad if key == "input_ids" else 0
-            out[key] = torch.stack([torch.nn.functional.pad(
-                torch.as_tensor(r[key]), (0, width - len(r[key])), value=fill) for r in rows])
+            elif key == "labels":
+                labels = [torch.as_tensor(r[key]) for r in rows]
+                per_token = not nested and all(
+                    lab.dim() == 1 and len(lab) == len(r["input_ids"])
+                    for lab, r in zip(labels, rows))
+                out[key] = (torch.stack([_pad(lab, width, IGNORE_INDEX) for lab in labels])
+                            if per_token else torch.stack(labels))
+            else:
+                fill = self.pad if key == "input_ids" else 0
+                out[key] = torch.stack([
+                    torch.stack([_pad(t, width, fill) for t in _texts(r[key]) or []])
+                    if nested else _pad(torch.as_tensor(r[key]), width, fill) for r in rows])
         return out
+
+
+def _texts(value: Any) -> list[Tensor] | None:
+    """The token lists of a row that holds several (a list, or a 2-D tensor), else None."""
+    if isinstance(value, list | tuple) and value and not isinstance(value[0], int):
+        return [torch.as_tensor(v) for v in value]
+    if isinstance(value, Tensor) and value.dim() == 2:
+        return list(value)
+    return None
+
+
+def _pad(t: Tensor, width: int, fill: int) -> Tensor:
+    return torch.nn.functional.pad(t, (0, width - len(t)), value=fill)
 
 
 def make_loader(ds: datasets.Dataset, batch_size: int, collator: Collator,

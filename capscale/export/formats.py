@@ -57,12 +57,13 @@ def _inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def load_export(model_dir: str | Path, trust_remote_code: bool = False) -> torch.nn.Module:
-    """The exported model as users load it (float32, eval mode, CPU)."""
-    from transformers import AutoModelForSequenceClassification
+    """The exported model as users load it (float32, eval mode, CPU): the Auto class of
+    the task model its config names (capscale.export.verify.reload_export)."""
+    from capscale.export.verify import reload_export
 
-    remote = bool(json.loads((Path(model_dir) / "config.json").read_text()).get("auto_map"))
-    return AutoModelForSequenceClassification.from_pretrained(
-        model_dir, trust_remote_code=remote or trust_remote_code).float().eval()
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    arch = (config.get("architectures") or ["ForSequenceClassification"])[0]
+    return reload_export(model_dir, arch, bool(config.get("auto_map")) or trust_remote_code)
 
 
 @torch.no_grad()

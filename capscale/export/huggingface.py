@@ -37,11 +37,21 @@ AUTO_CLASSES = {"ForSequenceClassification": "AutoModelForSequenceClassification
 
 def auto_class_name(class_name: str) -> str:
     """The Auto class of a task model class (``BertForQuestionAnswering`` ->
-    ``AutoModelForQuestionAnswering``); AutoModelForSequenceClassification otherwise."""
+    ``AutoModelForQuestionAnswering``; a base model such as ``BertModel``, which a
+    sentence embedder saves, -> ``AutoModel``); AutoModelForSequenceClassification
+    otherwise."""
     for suffix, auto in AUTO_CLASSES.items():
         if class_name.endswith(suffix):
             return auto
+    if class_name.endswith("Model") and "For" not in class_name:
+        return "AutoModel"
     return "AutoModelForSequenceClassification"
+
+
+def saved_class_name(model: nn.Module) -> str:
+    """The class a model is saved as: a sentence embedder's encoder class
+    (``hf_class_name``), else the model's own."""
+    return str(getattr(model, "hf_class_name", type(model).__name__))
 
 
 def export_pruned(model: nn.Module, adapter: EncoderAdapter, out_dir: str | Path,
@@ -120,11 +130,11 @@ def export_structured(model: nn.Module, adapter: EncoderAdapter, heads: list[tor
     strip_mask_hooks(target)
     structure = prune_structure(target, adapter, heads, ffn)
     target.config.capscale_structure = structure
-    target.config.auto_map = {auto_class_name(type(target).__name__):
+    target.config.auto_map = {auto_class_name(saved_class_name(target)):
                               f"{REMOTE_CODE}.CapscalePrunedModel"}
     target.save_pretrained(out / "model", safe_serialization=True)
     template = (Path(__file__).parent / "hf_pruned_model.py").read_text()
-    base = type(target).__name__
+    base = saved_class_name(target)
     (out / "model" / f"{REMOTE_CODE}.py").write_text(template.replace(
         'BASE_CLASS = "BertForSequenceClassification"', f'BASE_CLASS = "{base}"'))
     if tokenizer is not None:

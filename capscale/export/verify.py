@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from capscale.data import model_inputs
 from capscale.export.huggingface import auto_class_name
 from capscale.models.loading import output_logits
+from capscale.tasks.embedding_model import SentenceEmbedder, is_sentence_folder
 
 
 class ExportMismatch(RuntimeError):
@@ -50,7 +51,11 @@ def student_outputs(model: nn.Module, batches: Iterable[dict[str, Tensor]],
 def reload_export(model_dir: str | Path, class_name: str, trust_remote_code: bool
                   ) -> nn.Module:
     """The export as its model card loads it: the Auto class of the task model
-    ``class_name``, fp32, eval mode, CPU."""
+    ``class_name``, fp32, eval mode, CPU. A sentence-transformers folder is loaded as
+    ``AutoModel`` with the pooling and normalisation its own files declare (what
+    ``SentenceTransformer`` computes)."""
+    if is_sentence_folder(model_dir):
+        return SentenceEmbedder.from_pretrained(model_dir, trust_remote_code).float().eval()
     auto = getattr(transformers, auto_class_name(class_name))
     return auto.from_pretrained(model_dir, trust_remote_code=trust_remote_code).float().eval()
 

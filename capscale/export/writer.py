@@ -28,7 +28,7 @@ from capscale.data import Collator, make_loader, tokenize
 from capscale.errors import ConfigError
 from capscale.export.card import write_model_card
 from capscale.export.formats import DevSet, write_formats
-from capscale.export.huggingface import export_pruned, export_structured
+from capscale.export.huggingface import export_pruned, export_structured, saved_class_name
 from capscale.export.verify import ExportMismatch, student_outputs, verify_export
 from capscale.pruning.controller import ExportPlan, PruningMethod
 from capscale.pruning.masked import MaskedLinear, configure_masks
@@ -83,7 +83,7 @@ def write_verified_export(student: nn.Module, full_student: Callable[[], nn.Modu
     model = full_student()  # collective
     report, failure = None, ""
     if model is not None:
-        class_name = type(model).__name__
+        class_name = saved_class_name(model)
         export_plan = plan(model)
         report = write_export(model, export_plan, adapter, out_dir, tokenizer, extra)
         try:

@@ -34,7 +34,7 @@ parameters picked by substring of their names.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -233,9 +233,9 @@ class EncoderAdapter:
     def head(self, model: nn.Module) -> nn.Linear:
         mod = get_submodule(model, self.head_linear,
                             what=f"adapter {self.name}: head_linear")
-        if not isinstance(mod, nn.Linear):
+        if not is_head_module(mod):
             raise TypeError(f"head_linear {self.head_linear} is {type(mod).__name__}")
-        return mod
+        return cast(nn.Linear, mod)
 
     def num_heads(self, config: object) -> int:
         return int(getattr(config, self.num_heads_attr))
@@ -252,6 +252,15 @@ class EncoderAdapter:
         if explicit:
             return int(explicit)
         return int(config.hidden_size) // self.num_heads(config)  # type: ignore[attr-defined]
+
+
+def is_head_module(mod: nn.Module) -> bool:
+    """Whether ``mod`` can be a task's head: a linear layer, or a parameter-free module
+    that declares its input width as ``in_features`` (the embedding task's
+    normalisation)."""
+    return isinstance(mod, nn.Linear) or (
+        isinstance(getattr(mod, "in_features", None), int)
+        and next(mod.parameters(), None) is None)
 
 
 def head_param(entry: str) -> tuple[str, int | None]:

@@ -167,7 +167,7 @@ def check_teacher(name: str, num_labels: int, trust_remote_code: bool = False,
         raise ModelError(f"teacher {name} is a {archs[0]}, not a *{suffix} model for the "
                          f"{task.name} task; give a teacher fine-tuned on it, or leave "
                          "model.teacher unset to fine-tune one first")
-    if config.num_labels != num_labels:
+    if (task is None or task.label_head) and config.num_labels != num_labels:
         raise ModelError(f"teacher {name} has {config.num_labels} output labels but the task "
                          f"has {num_labels}; give a teacher fine-tuned on this task, or leave "
                          "model.teacher unset to fine-tune one first")

@@ -41,7 +41,12 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, PretrainedConfig
 
 from capscale.errors import ConfigError, ModelError, did_you_mean
-from capscale.models.adapters import EncoderAdapter, get_adapter, registered_model_types
+from capscale.models.adapters import (
+    EncoderAdapter,
+    get_adapter,
+    is_head_module,
+    registered_model_types,
+)
 
 if TYPE_CHECKING:
     from capscale.tasks import Task
@@ -226,8 +231,8 @@ def for_task(adapter: EncoderAdapter, task: Task | None, model: nn.Module) -> En
         head = model.get_submodule(path)
     except AttributeError:
         return adapter
-    return dataclasses.replace(adapter, head_linear=path) if isinstance(
-        head, nn.Linear) else adapter
+    return dataclasses.replace(adapter, head_linear=path) if is_head_module(
+        head) else adapter
 
 
 def _linear_list(root: nn.Module) -> dict[str, nn.Linear]:
@@ -277,7 +282,7 @@ def adapter_problems(adapter: EncoderAdapter, model: nn.Module) -> list[str]:
                         f"{', '.join(_closest(adapter.num_heads_attr, likely)) or 'none'}")
         heads = None
     head = _at(model, adapter.head_linear)
-    if not isinstance(head, nn.Linear):
+    if head is None or not is_head_module(head):
         base = getattr(model, "base_model", model)
         inside = {id(m) for m in base.modules()} if base is not model else set()
         outside = {n: m for n, m in _linear_list(model).items() if id(m) not in inside}

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from capscale.models.adapters import EncoderAdapter
+from capscale.models.recompute import recomputing
 from capscale.pruning.schedule import cubic_sparsity, warmup_steps
 from capscale.pruning.weight_rules import WeightRule, get_weight_rule
 
@@ -65,6 +66,11 @@ class MaskedLinear(nn.Linear):
         # This rank's part of the mask of the last training forward (what the optimiser
         # step must keep zero); None when nobody asked for it.
         self.step_mask: Tensor | None = None
+        # The rule's score penalty (soft movement: mean sigmoid of the scores) of the
+        # last training forward, taken while a sharded strategy has the whole scores
+        # gathered (outside the forward ZeRO-3 leaves an empty tensor); read once by
+        # the rule's regularization.
+        self.score_penalty: Tensor | None = None
         # Output rows of each logical matrix when this linear map fuses several (Q, K, V
         # of a fused projection; a GLU's input and gate halves): a per-matrix top-k
         # ranks each group on its own. None: one matrix. Set by attach_masks.
@@ -135,6 +141,9 @@ class MaskedLinear(nn.Linear):
         mask = self.mask()
         if self.mask_slicer is not None and torch.is_grad_enabled():
             self.step_mask = self.mask_slicer(mask.detach().bool())
+        if (getattr(self.rule, "penalizes_scores", False) and torch.is_grad_enabled()
+                and self.mask_scores is not None and not recomputing()):
+            self.score_penalty = torch.sigmoid(self.mask_scores).mean()
         return F.linear(x, self.weight * mask.to(self.weight.dtype), self.bias)
 
     def weight_mask(self) -> Tensor:

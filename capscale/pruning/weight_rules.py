@@ -108,6 +108,13 @@ def _scores(m: MaskedLinear) -> Tensor:
     return m.mask_scores
 
 
+def _penalty(m: MaskedLinear) -> Tensor:
+    """Mean sigmoid of a layer's scores: as its last training forward recorded it
+    (taken once), else computed now (no forward since, or outside training)."""
+    recorded, m.score_penalty = m.score_penalty, None
+    return recorded if recorded is not None else torch.sigmoid(_scores(m)).mean()
+
+
 class TopKRule:
     """Base of the rules that keep the top ``1 - s_t`` of an importance per matrix, or
     everything above one exact global threshold."""
@@ -167,6 +174,7 @@ class SoftMovementRule(TopKRule):
     follows the schedule (reference) or is steered to the target (CAP-soft)."""
 
     name = "soft_movement"
+    penalizes_scores = True  # MaskedLinear records the penalty in its forward
 
     def uses_topk(self, cfg: PruningConfig) -> bool:
         return cfg.soft_threshold == "target"
@@ -190,7 +198,7 @@ class SoftMovementRule(TopKRule):
     def regularization(self, pruner: Pruner) -> Tensor | None:
         if not pruner.modules:
             return None
-        terms = [torch.sigmoid(_scores(m)).mean() for m in pruner.modules.values()]
+        terms = [_penalty(m) for m in pruner.modules.values()]
         final = pruner.cfg.final_sparsity
         lam = pruner.cfg.final_lambda * (pruner.sparsity / final if final > 0 else 1.0)
         return lam * torch.stack(terms).mean()

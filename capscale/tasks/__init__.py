@@ -5,9 +5,10 @@ that differs between, say, classification and regression: reading the label colu
 (:meth:`Task.label_names`, :meth:`Task.encode_labels`), the Hugging Face head class the
 student, references and export use, the supervised loss, logit distillation, the
 metrics and the main one, and which labels the supervised contrastive terms may use.
-Extractive QA (``qa``, capscale.tasks.qa) also brings its own data preparation through
-optional hooks (see :class:`Task`). A new task (token classification, ...) is one more
-entry::
+Extractive QA (``qa``, capscale.tasks.qa), sentence embeddings (``embedding``,
+capscale.tasks.embedding) and token classification (``token_classification``,
+capscale.tasks.token_classification) also bring their own data preparation through
+optional hooks (see :class:`Task`). A new task is one more entry::
 
     from capscale.tasks import register_task
     register_task(MyTask())
@@ -16,12 +17,16 @@ entry::
 from __future__ import annotations
 
 from capscale.tasks.base import TASKS, Task, get_task, register_task
+from capscale.tasks.embedding import EmbeddingTask
 from capscale.tasks.qa import QuestionAnsweringTask
 from capscale.tasks.sequence import ClassificationTask, RegressionTask
+from capscale.tasks.token_classification import TokenClassificationTask
 
 register_task(ClassificationTask())
 register_task(RegressionTask())
 register_task(QuestionAnsweringTask())
+register_task(EmbeddingTask())
+register_task(TokenClassificationTask())
 
-__all__ = ["TASKS", "ClassificationTask", "QuestionAnsweringTask", "RegressionTask", "Task",
-           "get_task", "register_task"]
+__all__ = ["TASKS", "ClassificationTask", "EmbeddingTask", "QuestionAnsweringTask",
+           "RegressionTask", "Task", "TokenClassificationTask", "get_task", "register_task"]

@@ -34,7 +34,10 @@ class Task:
       AutoModelForSequenceClassification); ``architecture_suffix``: the end of a
       fitting checkpoint's architecture name (a teacher is checked against it).
     * ``head_linear``: path of the head's final linear layer in the task model, used
-      instead of the adapter's when set.
+      instead of the adapter's when set (a module with ``in_features`` and no
+      parameters, such as the embedding task's normalisation, also serves).
+    * ``label_head``: whether the model ends in a head of ``num_labels`` outputs (False
+      for sentence embeddings: a teacher's output count is then not checked).
     * :meth:`prepare_splits`: checked examples instead of the text / label column
       checks and ``encode_labels``.
     * :meth:`check_lengths`: what to do with texts longer than ``data.max_length``.
@@ -47,6 +50,9 @@ class Task:
     model_class: Any = None
     architecture_suffix: str | None = None
     head_linear: str | None = None
+    label_head: bool = True  # a head of num_labels outputs (a teacher's is checked)
+    representations: tuple[str, ...] = ("head", "cls", "mean")  # cap.representation
+    extra_formats: bool = True  # export.formats beyond pytorch (ONNX, INT8, sparse)
 
     def label_names(self, cfg: DataConfig, train: datasets.Dataset) -> list[str] | None:
         """The label set (None where labels are not classes)."""
@@ -74,8 +80,9 @@ class Task:
         raise NotImplementedError
 
     def distill(self, student_logits: Tensor, teacher_logits: Tensor,
-                temperature: float) -> Tensor:
-        """The logit distillation loss of a batch (scalar)."""
+                temperature: float, labels: Tensor | None = None) -> Tensor:
+        """The logit distillation loss of a batch (scalar); ``labels``: the batch's
+        labels (token classification distils its labelled positions only)."""
         raise NotImplementedError
 
     def contrastive_labels(self, labels: Tensor) -> Tensor:

@@ -131,7 +131,7 @@ class QuestionAnsweringTask(Task):
                 + F.cross_entropy(logits[..., 1], labels[:, 1].long())) / 2
 
     def distill(self, student_logits: Tensor, teacher_logits: Tensor,
-                temperature: float) -> Tensor:
+                temperature: float, labels: Tensor | None = None) -> Tensor:
         """Mean over start and end of ``T^2 * KL(softmax(t/T) || softmax(s/T))``."""
         t = F.log_softmax(teacher_logits.float() / temperature, dim=1)
         s = F.log_softmax(student_logits.float() / temperature, dim=1)

@@ -100,7 +100,7 @@ class ClassificationTask(Task):
         return F.cross_entropy(logits.float(), labels)
 
     def distill(self, student_logits: Tensor, teacher_logits: Tensor,
-                temperature: float) -> Tensor:
+                temperature: float, labels: Tensor | None = None) -> Tensor:
         """``T^2 * KL(softmax(t/T) || softmax(s/T))``, batch mean (Hinton et al., 2015)."""
         t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
         s = F.log_softmax(student_logits.float() / temperature, dim=-1)
@@ -165,7 +165,7 @@ class RegressionTask(ClassificationTask):
         return F.mse_loss(logits.squeeze(-1).float(), labels.float())
 
     def distill(self, student_logits: Tensor, teacher_logits: Tensor,
-                temperature: float) -> Tensor:
+                temperature: float, labels: Tensor | None = None) -> Tensor:
         """Mean squared error between the two predictions (no temperature)."""
         return F.mse_loss(student_logits.float(), teacher_logits.float())
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from capscale.data import model_inputs
+from capscale.data import IGNORE_INDEX, model_inputs
 from capscale.distributed import DistContext
 from capscale.models.loading import output_logits
 
@@ -42,6 +42,7 @@ def evaluate(model: nn.Module, loader: DataLoader, ctx: DistContext, task: Task,
         logits.append(out.float())
         labels.append(batch["labels"].to(ctx.device))
     model.train(was_training)
+    logits, labels = _same_width(logits, labels, ctx)
     all_logits = ctx.gather(torch.cat(logits)).cpu().numpy()
     all_labels = ctx.gather(torch.cat(labels)).cpu().numpy()
     if ctx.distributed:  # rank r holds examples r, r + world, ... (then the padding)
@@ -54,6 +55,26 @@ def evaluate(model: nn.Module, loader: DataLoader, ctx: DistContext, task: Task,
     if reference is not None:
         return task.metrics(all_logits, all_labels, num_labels, reference=reference)
     return task.metrics(all_logits, all_labels, num_labels)
+
+
+def _same_width(logits: list[torch.Tensor], labels: list[torch.Tensor], ctx: DistContext
+                ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per-token outputs of batches padded to different lengths (token classification),
+    padded to the longest over every batch and rank (labels with ``IGNORE_INDEX``), so
+    that they concatenate and gather; anything else is returned unchanged."""
+    if not logits or logits[0].dim() != 3:
+        return logits, labels
+    width = max(t.shape[1] for t in logits)
+    if ctx.distributed:
+        width = max(ctx.all_gather_objects(width))
+    per_token = all(y.dim() == 2 and y.shape[1] == t.shape[1] for t, y in zip(logits, labels))
+    if not per_token and all(t.shape[1] == width for t in logits):
+        return logits, labels
+    pad = torch.nn.functional.pad
+    logits = [pad(t, (0, 0, 0, width - t.shape[1])) for t in logits]
+    if per_token:
+        labels = [pad(y, (0, width - y.shape[1]), value=IGNORE_INDEX) for y in labels]
+    return logits, labels
 
 
 def whole_set_scorer(loader: DataLoader, device: torch.device, task: Task, num_labels: int,

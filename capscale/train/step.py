@@ -99,7 +99,8 @@ class CAPLoss:
             with self.phases("teacher"), torch.no_grad(), self.precision.autocast():
                 t_logits = output_logits(self.teacher(**inputs)).float()
             with exact():
-                losses["kd"] = w.w_kd * self.task.distill(logits, t_logits, w.kd_temperature)
+                losses["kd"] = w.w_kd * self.task.distill(logits, t_logits, w.kd_temperature,
+                                                          labels=labels)
         if self.objective is not None:
             with self.phases("contrastive"), exact():
                 losses.update(self.objective(
