@@ -138,6 +138,18 @@ def prune_cmd(argv: list[str]) -> int:
     return code
 
 
+def _capscale_loader(model_dir: str) -> bool:
+    """Whether ``model_dir`` is a physically smaller capscale export, whose only remote
+    code is the loader capscale wrote beside it (capscale.export.hf_pruned_model)."""
+    from capscale.export.huggingface import REMOTE_CODE
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        return False
+    auto_map = json.loads(path.read_text()).get("auto_map") or {}
+    return bool(auto_map) and all(str(v).startswith(f"{REMOTE_CODE}.")
+                                  for v in auto_map.values())
+
+
 @_guarded
 def evaluate_cmd(args: argparse.Namespace) -> int:
     """Task metrics of an exported (or any Hugging Face) model on the config's eval split."""
@@ -161,7 +173,8 @@ def evaluate_cmd(args: argparse.Namespace) -> int:
     limit = model_max_tokens(model_dir, what="--model")
     tokenizer = load_tokenizer(model_dir)
     check_lengths(data, tokenizer, cfg.data, limit)  # QA: long questions skipped
-    model = load_classifier(model_dir, data.num_labels, data.label_names, task=task)
+    model = load_classifier(model_dir, data.num_labels, data.label_names,
+                            cfg.model.trust_remote_code or _capscale_loader(model_dir), task)
     loader, reference = eval_loader(data, tokenizer, cfg.data, cfg.train.eval_batch_size)
     metrics = evaluate(model, loader, DistContext(), task, data.num_labels, reference)
     Console(progress=False).table(f"evaluation of {model_dir}",

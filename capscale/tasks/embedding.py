@@ -140,7 +140,9 @@ class EmbeddingTask(Task):
                 if not isinstance(t, str) or not t.strip():
                     raise DataError(f"{split} row {i}: column {col!r} is empty or not "
                                     f"text ({t!r}); clean the data or drop the row")
-        scored = cfg.label_column in ds.column_names and len(cols) >= 2
+        # A split read with another file's columns has the score column all empty.
+        scored = (cfg.label_column in ds.column_names and len(cols) >= 2
+                  and any(v is not None for v in ds[cfg.label_column]))
         labels = [math.nan] * len(ds)
         if scored:
             labels = []

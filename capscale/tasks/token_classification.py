@@ -114,6 +114,7 @@ class TokenClassificationTask(Task):
                     raise DataError(f"{split} data has no column {col!r} (columns: "
                                     f"{', '.join(ds.column_names)}); set data.text_column "
                                     "(the words) / data.label_column (their tags)")
+            self._check_rows(ds, cfg, split)
         names = self.label_names(cfg, train)
         assert names is not None
         if len(names) < 2:
@@ -125,10 +126,32 @@ class TokenClassificationTask(Task):
                       names: list[str] | None, split: str) -> datasets.Dataset:
         """``words`` and per-word ``tags`` (indices); DataError naming a bad row."""
         assert names is not None
+        self._check_rows(ds, cfg, split)
         index = {n: i for i, n in enumerate(names)}
         inner = getattr(ds.features.get(cfg.label_column), "feature", None)
         class_label = isinstance(inner, datasets.ClassLabel)
         words_out, tags_out = [], []
+        for i, (words, tags) in enumerate(zip(ds[cfg.text_column], ds[cfg.label_column])):
+            ids = []
+            for j, t in enumerate(tags):
+                k = (t if isinstance(t, int) and 0 <= t < len(names) else None) \
+                    if class_label else index.get(str(t))
+                if k is None:
+                    raise DataError(f"{split} row {i}: tag {t!r} of word {j} ({words[j]!r}) "
+                                    f"is not in the tag set {names}; fix the row or set "
+                                    "data.label_names")
+                ids.append(int(k))
+            words_out.append(list(words))
+            tags_out.append(ids)
+        features = datasets.Features({
+            "words": datasets.Sequence(datasets.Value("string")),
+            "tags": datasets.Sequence(datasets.ClassLabel(names=list(names)))})
+        return datasets.Dataset.from_dict({"words": words_out, "tags": tags_out},
+                                          features=features)
+
+    @staticmethod
+    def _check_rows(ds: datasets.Dataset, cfg: DataConfig, split: str) -> None:
+        """Every row a non-empty list of words with one tag each."""
         for i, (words, tags) in enumerate(zip(ds[cfg.text_column], ds[cfg.label_column])):
             where = f"{split} row {i}"
             if not isinstance(words, list) or not words:
@@ -143,22 +166,6 @@ class TokenClassificationTask(Task):
             if bad is not None:
                 raise DataError(f"{where}: word {bad} is empty or not text "
                                 f"({words[bad]!r})")
-            ids = []
-            for j, t in enumerate(tags):
-                k = (t if isinstance(t, int) and 0 <= t < len(names) else None) \
-                    if class_label else index.get(str(t))
-                if k is None:
-                    raise DataError(f"{where}: tag {t!r} of word {j} ({words[j]!r}) is not "
-                                    f"in the tag set {names}; fix the row or set "
-                                    "data.label_names")
-                ids.append(int(k))
-            words_out.append(list(words))
-            tags_out.append(ids)
-        features = datasets.Features({
-            "words": datasets.Sequence(datasets.Value("string")),
-            "tags": datasets.Sequence(datasets.ClassLabel(names=list(names)))})
-        return datasets.Dataset.from_dict({"words": words_out, "tags": tags_out},
-                                          features=features)
 
     def check_lengths(self, data: Any, tokenizer: PreTrainedTokenizerBase,
                       cfg: DataConfig, max_positions: int | None = None) -> str | None:
