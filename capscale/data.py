@@ -73,9 +73,13 @@ def preset_path(name: str) -> Path:
 
 def load_raw(cfg: DataConfig) -> datasets.DatasetDict:
     """The raw splits named ``train`` and (if present) ``validation``."""
-    if cfg.preset in PACKAGED_CORPORA:
+    if cfg.preset in PACKAGED_CORPORA:  # data.validation_split: validation, or test
         corpus = PACKAGED_CORPORA[cfg.preset]
-        return datasets.DatasetDict({s: corpus.read(s) for s in ("train", "validation")})
+        if cfg.validation_split not in corpus.files:
+            raise DataError(f"data.validation_split = {cfg.validation_split!r}: data.preset "
+                            f"{cfg.preset} has the splits {', '.join(corpus.files)}")
+        return datasets.DatasetDict({"train": corpus.read("train"),
+                                     "validation": corpus.read(cfg.validation_split)})
     if cfg.preset is not None:
         return read_files({"train": str(preset_path(cfg.preset))}, cfg.file_encoding)
     if cfg.train_file is not None:

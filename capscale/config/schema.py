@@ -65,6 +65,8 @@ class DataConfig:
     validation_file: str | None = None
     file_encoding: str = "utf-8"
     train_split: str = "train"
+    # The evaluated split: a hub split name, or a packaged corpus's (``data.preset``
+    # stsb / conll2003: ``validation`` or ``test``).
     validation_split: str = "validation"
     # When there is no validation split/file, hold out this fraction of train (seeded).
     validation_fraction: float = 0.1
