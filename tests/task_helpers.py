@@ -76,7 +76,7 @@ def sts_rows(n: int, seed: int) -> list[dict[str, Any]]:
     return rows
 
 
-def write_sts(root: Path, n_train: int = 48, n_val: int = 24) -> tuple[Path, Path]:
+def write_sts(root: Path, n_train: int = 32, n_val: int = 16) -> tuple[Path, Path]:
     root.mkdir(parents=True, exist_ok=True)
     out = []
     for name, n, seed in (("train", n_train, 0), ("dev", n_val, 1)):
@@ -125,7 +125,7 @@ def write_conll(path: Path, sentences: list[list[tuple[str, str]]]) -> Path:
     return path
 
 
-def write_ner(root: Path, n_train: int = 48, n_val: int = 16) -> tuple[Path, Path]:
+def write_ner(root: Path, n_train: int = 32, n_val: int = 16) -> tuple[Path, Path]:
     root.mkdir(parents=True, exist_ok=True)
     return (write_conll(root / "train.conll", ner_sentences(n_train, 0)),
             write_conll(root / "valid.conll", ner_sentences(n_val, 1)))
@@ -142,7 +142,7 @@ def task_overrides(task: str, model: Path, teacher: Path, data: tuple[Path, Path
         "pruning.method": "movement", "pruning.final_sparsity": 0.5,
         "pruning.initial_warmup": 0, "pruning.final_warmup": 1,
         "train.batch_size": GLOBAL_BATCH, "train.eval_batch_size": 8, "train.lr": 1e-3,
-        "train.max_steps": 3, "train.epochs": 1, "train.progress": False,
+        "train.max_steps": 2, "train.epochs": 1, "train.progress": False,
         "report.enabled": False, "report.trackers": [], "output_dir": str(out)}
     if task == "embedding":
         base.update({"data.text_column": "sentence1", "data.text_pair_column": "sentence2",

@@ -88,8 +88,11 @@ def test_two_ranks_match_one_process(strategy, task_assets):
         assert rec["strategy"] == strategy, where
         assert set(rec["losses"]) == set(single["losses"]), where
         assert {"ce", "kd", "prc_unsup", "fic_unsup", "snc_unsup"} <= set(single["losses"])
+        # Structured masks come from Taylor importance summed over ranks in another
+        # order than one process sums it: a near-tied neuron may fall on either side.
+        rel = 2e-3 if method == "structured" else 1e-4
         for name, value in single["losses"].items():
-            assert rec["losses"][name] == pytest.approx(value, rel=1e-4, abs=1e-6), \
+            assert rec["losses"][name] == pytest.approx(value, rel=rel, abs=1e-6), \
                 f"{where}: {name}"
         for name, bank in single["banks"].items():
             torch.testing.assert_close(rec["banks"][name], bank, atol=1e-5, rtol=1e-4,
