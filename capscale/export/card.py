@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from capscale.tasks.embedding_model import is_sentence_folder
+
 if TYPE_CHECKING:
     from capscale.config import Config
 
@@ -114,13 +116,36 @@ def _metric_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
-def _load_snippet(model_dir: Path, remote: bool, out: Path) -> str:
+# The Auto class of an export -> (pipeline tag, what the title calls the model, output).
+KINDS = {"AutoModelForSequenceClassification": ("text-classification", "classifier", "logits"),
+         "AutoModelForQuestionAnswering": ("question-answering", "question-answering model",
+                                           "start_logits"),
+         "AutoModelForTokenClassification": ("token-classification", "token classifier",
+                                             "logits"),
+         "AutoModel": ("feature-extraction", "encoder", "last_hidden_state")}
+
+
+def _auto_class(config: dict[str, Any]) -> str:
+    from capscale.export.huggingface import auto_class_name
+    return auto_class_name((config.get("architectures") or ["ForSequenceClassification"])[0])
+
+
+def _load_snippet(model_dir: Path, remote: bool, out: Path, auto: str) -> str:
     trust = ", trust_remote_code=True" if remote else ""
-    lines = ["```python", "from transformers import AutoModelForSequenceClassification, "
-             "AutoTokenizer", "", f'path = "{model_dir}"',
-             "tokenizer = AutoTokenizer.from_pretrained(path)",
-             f"model = AutoModelForSequenceClassification.from_pretrained(path{trust})",
-             'logits = model(**tokenizer(["an example"], return_tensors="pt")).logits', "```"]
+    if is_sentence_folder(model_dir):
+        return "\n".join([
+            "```python", "from sentence_transformers import SentenceTransformer", "",
+            f'model = SentenceTransformer("{model_dir}"{trust})',
+            'embeddings = model.encode(["an example", "another one"])', "```", "",
+            f"With transformers alone: `AutoModel.from_pretrained(path{trust})`, then the "
+            "pooling in `1_Pooling/config.json` (and L2 normalisation when `modules.json` "
+            "lists `Normalize`)."])
+    output = KINDS.get(auto, KINDS["AutoModelForSequenceClassification"])[2]
+    lines = ["```python", f"from transformers import {auto}, AutoTokenizer", "",
+             f'path = "{model_dir}"', "tokenizer = AutoTokenizer.from_pretrained(path)",
+             f"model = {auto}.from_pretrained(path{trust})",
+             f'{output} = model(**tokenizer(["an example"], return_tensors="pt")).{output}',
+             "```"]
     if (out / "sparse").is_dir():
         lines += ["", "The sparse checkpoint (same weights, smaller file) loads with its "
                   "loader file:", "", "```python",
@@ -150,13 +175,19 @@ def model_card(out_dir: str | Path, report: dict[str, Any]) -> str:
     tags += [method] if method and method not in tags else []
     tags += [t for t, f in (("onnx", "onnx/model.onnx"), ("int8", "onnx/model_int8.onnx"))
              if (out / f).is_file()]
-    front: dict[str, Any] = {"library_name": "transformers",
-                             "pipeline_tag": "text-classification", "tags": tags}
+    auto = _auto_class(config)
+    sentence = is_sentence_folder(out / "model")
+    tag, kind, _ = KINDS.get(auto, KINDS["AutoModelForSequenceClassification"])
+    if sentence:
+        tag, kind = "sentence-similarity", "sentence embedder"
+    front: dict[str, Any] = {
+        "library_name": "sentence-transformers" if sentence else "transformers",
+        "pipeline_tag": tag, "tags": tags}
     if run.get("base_model"):
         front["base_model"] = run["base_model"]
     labels = config.get("id2label") or {}
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
-             f"# {out.name}: a pruned {config.get('model_type', '')} classifier", "",
+             f"# {out.name}: a pruned {config.get('model_type', '')} {kind}", "",
              "Pruned with capscale (Contrastive Pruning, CAP).", "", "## Base model", "",
              f"`{run.get('base_model', config.get('_name_or_path') or 'unknown')}`"
              + (f" (fine-tuned teacher: `{run['teacher']}`)" if run.get("teacher") else ""),
@@ -178,7 +209,7 @@ def model_card(out_dir: str | Path, report: dict[str, Any]) -> str:
               "|---|---|---|---|"]
     lines += [f"| {a} | `{b}` | {c:,} | {d} |" for a, b, c, d in _files(out, formats)]
     lines += ["", "## How to load", "",
-              _load_snippet(out / "model", bool(config.get("auto_map")), out), ""]
+              _load_snippet(out / "model", bool(config.get("auto_map")), out, auto), ""]
     return "\n".join(lines)
 
 
