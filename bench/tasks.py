@@ -92,16 +92,33 @@ def _run(cmd: list[str], log: Path) -> float:
     return time.perf_counter() - t0
 
 
-def _test_score(config: Path, model: Path, log: Path) -> dict[str, float]:
+def _test_score(config: Path, model: Path, log: Path, split: str = "test"
+                ) -> dict[str, float]:
     """The model's metrics on the task's test split (``capscale evaluate``)."""
     cmd = [sys.executable, "-m", "capscale.cli", "evaluate", "--config", str(config),
-           "--model", str(model), "data.validation_split=test", "data.max_eval_samples=0"]
+           "--model", str(model), f"data.validation_split={split}",
+           "data.max_eval_samples=0"]
     _run(cmd, log)
     return json.loads(log.read_text().strip().splitlines()[-1])
 
 
 def teacher_phase(args: argparse.Namespace) -> None:
+    from capscale.checks import load_run_config
     for task, config in CONFIGS.items():
+        if task not in args.tasks:
+            continue
+        given = load_run_config(config, []).model.teacher
+        if given is not None:  # the config's own dense teacher (embeddings: the model)
+            dev = _test_score(ROOT / "capscale" / "configs" / config, Path(given),
+                              args.work / f"{task}_teacher_dev.log", split="validation")
+            test = _test_score(ROOT / "capscale" / "configs" / config, Path(given),
+                               args.work / f"{task}_teacher_test.log")
+            (args.work / task).mkdir(parents=True, exist_ok=True)
+            (args.work / task / "teacher.json").write_text(json.dumps(
+                {"path": given, "test": test, "dev": dev, "seconds": 0.0,
+                 "command": f"model.teacher: {given} (from {config})"}, indent=1))
+            print(f"{task}: teacher {given} test {METRIC[task]} {test[METRIC[task]]:.4f}")
+            continue
         out = args.work / task / "teacher_run"
         cmd = [sys.executable, "-m", "capscale.run", "--config", config,
                f"output_dir={out}", "pruning.method=none", "train.max_steps=1",
@@ -119,7 +136,7 @@ def teacher_phase(args: argparse.Namespace) -> None:
 def worker_phase(args: argparse.Namespace) -> None:
     k, n = (int(x) for x in args.worker.split("/"))
     for i, point in enumerate(points(args.methods)):
-        if i % n != k:
+        if i % n != k or point["task"] not in args.tasks:
             continue
         task, name = point["task"], point["name"]
         out = args.work / task / name
@@ -163,9 +180,10 @@ def _latency(model: Any, threads: int, repeats: int) -> float:
 
 def time_phase(args: argparse.Namespace) -> None:
     from capscale.export.formats import load_export
+    from capscale.models.loading import resolve_model_path
     for task in CONFIGS:
         teacher = json.loads((args.work / task / "teacher.json").read_text())
-        dense = load_export(teacher["path"], trust_remote_code=True)
+        dense = load_export(resolve_model_path(teacher["path"]), trust_remote_code=True)
         dense_ms = _latency(dense, args.threads, args.repeats)
         timing = {"dense_ms": dense_ms, "points": {}}
         for rec_file in sorted((args.work / task).glob("*/point.json")):
@@ -233,6 +251,7 @@ def main() -> None:
     p.add_argument("--time", action="store_true")
     p.add_argument("--report", action="store_true")
     p.add_argument("--methods", nargs="+", default=["structured"])
+    p.add_argument("--tasks", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--steps", type=int, default=120)
     p.add_argument("--update-every", type=int, default=20)
     p.add_argument("--train-rows", type=int, default=2000)
