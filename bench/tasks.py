@@ -3,15 +3,16 @@ CAP's contrastive terms, each export verified, scored on the test split and time
 
 For each task the shipped config (capscale/configs/embed_minilm_stsb.yaml,
 ner_minilm_conll.yaml: the packaged all-MiniLM-L6-v2) is the base. ``--teacher``
-fine-tunes the dense teacher once per task (a run of ``pruning.method: none`` whose
-teacher is kept). Every point is then one run from that teacher, of ``--steps``
-optimiser steps on ``--train-rows`` training examples (``--dev-rows`` dev examples
-for the run's own evaluations): ``structured`` points use CAP-f's cubic schedule (heads and FFN neurons
-from Taylor importance every ``--update-every`` steps) so that every sparsity is one run
-of the same length; ``movement`` / ``hybrid`` use their own schedules. A point with
-``cap: false`` is the same run with PrC / FiC / SnC disabled (CE / CoSENT and KD kept):
-the same method without the contrastive terms, on the same budget (at 75% and 90%).
-Each export is
+settles the dense teacher once per task: the config's own ``model.teacher`` when it
+sets one (embeddings: the dense model itself), else one fine-tuned by a run of
+``pruning.method: none`` whose teacher is kept. Every point is then one run from that
+teacher, of ``--steps`` optimiser steps on ``--train-rows`` training examples
+(``--dev-rows`` dev examples for the run's own evaluations): ``structured`` points use
+CAP-f's cubic schedule (heads and FFN neurons from Taylor importance every
+``--update-every`` steps) so that every sparsity is one run of the same length;
+``movement`` / ``hybrid`` use their own schedules. A point with ``cap: false`` is the
+same run with PrC / FiC / SnC disabled (CE / CoSENT and KD kept): the same method
+without the contrastive terms, on the same budget (at 75% and 90%). Each export is
 verified by the run, then scored on the test split with ``capscale evaluate
 data.validation_split=test`` (STS-B test Spearman, CoNLL-2003 test entity F1); the
 dense score is the teacher's, measured the same way.
