@@ -141,9 +141,9 @@ def test_bad_embedding_data(emb_assets, tmp_path):
 
 
 def test_embedding_config_rules(emb_assets, tmp_path):
-    with pytest.raises(ConfigError, match="cap.representation = 'cls'"):
+    with pytest.raises(ConfigError, match=r"cap\.representation = 'cls'"):
         _cfg(emb_assets, tmp_path, **{"cap.representation": "cls"})
-    with pytest.raises(ConfigError, match="export.formats onnx"):
+    with pytest.raises(ConfigError, match=r"export\.formats onnx"):
         _cfg(emb_assets, tmp_path, **{"export.formats": ["pytorch", "onnx"]})
 
 
@@ -179,3 +179,14 @@ def test_structured_embedding_export_loads_in_sentence_transformers(emb_assets, 
                                atol=1e-5, rtol=1e-5)
     assert sum(p.numel() for p in st.parameters()) < sum(
         p.numel() for p in SentenceTransformer(str(model), device="cpu").parameters())
+
+
+def test_shipped_config_reads_the_sts_benchmark():
+    cfg = load_run_config("embed_minilm_stsb.yaml")
+    assert cfg.data.task_type == "embedding" and cfg.model.teacher == "minilm"
+    data = load_task_data(cfg.data)
+    assert (len(data.train), len(data.validation)) == (5749, 1500)
+    test = load_task_data(load_run_config("embed_minilm_stsb.yaml",
+                                          ["data.validation_split=test"]).data)
+    assert len(test.validation) == 1379
+    assert min(test.validation["labels"]) >= 0.0 and max(test.validation["labels"]) <= 5.0

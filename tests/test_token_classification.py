@@ -158,3 +158,15 @@ def test_ner_run_exports_a_token_classifier(ner_assets, capsys):
     assert main(["evaluate", "--config", str(out / "config.yaml")]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == pytest.approx(
         results["pruned_metrics"], rel=1e-6)
+
+
+def test_shipped_config_reads_conll_2003():
+    cfg = load_run_config("ner_minilm_conll.yaml", ["data.max_train_samples=0",
+                                                    "data.max_eval_samples=0"])
+    data = load_task_data(cfg.data)
+    assert (len(data.train), len(data.validation)) == (14041, 3250)
+    assert data.label_names == ["B-LOC", "B-MISC", "B-ORG", "B-PER", "I-LOC", "I-MISC",
+                                "I-ORG", "I-PER", "O"]
+    test = load_task_data(load_run_config("ner_minilm_conll.yaml", [
+        "data.validation_split=test", "data.max_eval_samples=0"]).data)
+    assert len(test.validation) == 3453
