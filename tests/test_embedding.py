@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from task_helpers import as_list, save_embedder, task_overrides, write_sts
+from task_helpers import as_list, save_embedder, sts_rows, task_overrides, write_sts
 
 from capscale.checks import load_run_config
 from capscale.cli import main
@@ -190,3 +190,22 @@ def test_shipped_config_reads_the_sts_benchmark():
                                           ["data.validation_split=test"]).data)
     assert len(test.validation) == 1379
     assert min(test.validation["labels"]) >= 0.0 and max(test.validation["labels"]) <= 5.0
+
+
+def test_unscored_triples_train_with_multiple_negatives(emb_assets, tmp_path):
+    model, teacher, (_, dev), _ = emb_assets
+    rows = ["sentence1,sentence2,negative"] + [
+        f"{r['sentence1']},{r['sentence2']},{r['sentence1'][::-1]}" for r in
+        sts_rows(24, 5)]
+    triples = tmp_path / "triples.csv"
+    triples.write_text("\n".join(rows))
+    over = task_overrides("embedding", model, teacher, (triples, dev), tmp_path / "out", **{
+        "data.text_negative_column": "negative", "train.max_steps": 2})
+    run = CAPRecipe(load_run_config(None, as_list(over)), DistContext(), Console(enabled=False))
+    run.setup()
+    batch = next(iter(run.loaders.train))
+    assert batch["input_ids"].shape[:2] == (8, 3) and bool(torch.isnan(batch["labels"]).all())
+    run.train()
+    first = run.state.history[0]
+    assert first["ce"] > 0 and np.isfinite(first["ce"])  # MNRL over 8 positives + 8 negatives
+    assert run.finish(export=True)["export_verified"]["ok"]
