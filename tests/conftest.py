@@ -76,6 +76,7 @@ SHARED_WORKER = {"test_resume": "references", "test_resume_modes": "references",
 LONGEST_FIRST = ["references",  # ~300
                  "test_bench_smoke", "test_slurm_real",  # ~190, ~160
                  "test_families_distributed", "test_export_formats",  # ~70 each
+                 "test_tasks_ranks",  # ~70
                  "test_gradient_accumulation", "test_gradient_checkpointing",  # ~40
                  "test_qa", "test_faithful", "test_families_deep", "test_faults"]  # ~25
 
