@@ -24,6 +24,7 @@ process at batch 32, length 128, PyTorch fp32, ``--threads`` threads (median of
     PYTHONPATH=. python bench/tasks.py --teacher
     PYTHONPATH=. python bench/tasks.py --worker 0/2 --threads 1 &   # training, two
     PYTHONPATH=. python bench/tasks.py --worker 1/2 --threads 1     # one-thread workers
+    PYTHONPATH=. python bench/tasks.py --skip embedding/structured-90-nocap  # optional
     PYTHONPATH=. python bench/tasks.py --time --threads 2           # alone
     PYTHONPATH=. python bench/tasks.py --report
 
@@ -189,6 +190,8 @@ def time_phase(args: argparse.Namespace) -> None:
         timing = {"dense_ms": dense_ms, "points": {}}
         for rec_file in sorted((args.work / task).glob("*/point.json")):
             rec = json.loads(rec_file.read_text())
+            if rec.get("skip"):
+                continue
             model = load_export(rec_file.parent / "pruned" / "model", trust_remote_code=True)
             ms = _latency(model, args.threads, args.repeats)
             timing["points"][rec["name"]] = {"ms": ms, "speedup": dense_ms / ms}
@@ -211,6 +214,8 @@ def report_phase(args: argparse.Namespace) -> None:
                         "speedup": 1.0, "export_verified": True})
         for rec_file in sorted((args.work / task).glob("*/point.json")):
             rec = json.loads(rec_file.read_text())
+            if rec.get("skip"):
+                continue
             speed = (timings[task] or {}).get("points", {}).get(rec["name"], {})
             rec["speedup"] = speed.get("speedup")
             rec["retained"] = rec["score"] / rec["dense_score"]
@@ -252,6 +257,8 @@ def main() -> None:
     p.add_argument("--time", action="store_true")
     p.add_argument("--report", action="store_true")
     p.add_argument("--methods", nargs="+", default=["structured"])
+    p.add_argument("--skip", nargs="+", default=[], metavar="TASK/NAME",
+                   help="points the workers pass over (a marker in their folder)")
     p.add_argument("--tasks", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--steps", type=int, default=120)
     p.add_argument("--update-every", type=int, default=20)
@@ -261,6 +268,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
+    for name in args.skip:
+        (args.work / name).mkdir(parents=True, exist_ok=True)
+        (args.work / name / "point.json").write_text(json.dumps({"skip": True}))
     if args.teacher:
         teacher_phase(args)
     if args.worker:

@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from qa_helpers import GLOBAL_BATCH, NO_SUP, as_list, bank_record, first_losses
+from qa_helpers import build_qa_run as build_run
 
-NO_SUP = {f"cap.modules.{m}.w_sup": 0 for m in ("prc", "fic", "snc")}
-GLOBAL_BATCH = 8
+__all__ = ["GLOBAL_BATCH", "as_list", "build_run"]
+
 TAGS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]
 WORDS = ["man", "woman", "dog", "cat", "plays", "guitar", "eats", "apple", "runs", "park",
          "red", "car", "drives", "fast", "child", "reads", "book", "bird", "sings", "tree"]
@@ -163,43 +165,6 @@ METHODS: dict[str, dict[str, Any]] = {
                    "structured.importance_fraction": 1.0},  # order-free importance
     "hybrid": {"pruning.method": "hybrid", "pruning.final_sparsity": 0.5},
 }
-
-
-def as_list(overrides: dict[str, Any]) -> list[str]:
-    import json
-    return [f"{k}={json.dumps(v) if isinstance(v, list | bool) else v}"
-            for k, v in overrides.items()]
-
-
-def build_run(overrides: dict[str, Any], ctx: Any) -> Any:
-    from capscale.checks import load_run_config
-    from capscale.console import Console
-    from capscale.recipe import CAPRecipe
-
-    run = CAPRecipe(load_run_config(None, as_list(overrides)), ctx, Console(enabled=False))
-    run.setup()
-    run.snapshot(True, "test snapshot")  # an SnC view for the first batch's losses
-    return run
-
-
-def first_losses(run: Any, ctx: Any) -> dict[str, float]:
-    """Every loss component of the first global batch (training rows in file order,
-    this rank's share), averaged over ranks."""
-    from capscale.data import Collator
-    per = GLOBAL_BATCH // ctx.world_size
-    ds = run.loaders.train.dataset
-    batch = Collator(0)([ds[i] for i in range(ctx.rank * per, (ctx.rank + 1) * per)])
-    run.controller.before_step(0)
-    run.student.model.eval()
-    losses = run.loss(run.student.model, run.student.tap, batch, 0)
-    run.student.model.train()
-    return {k: float(ctx.all_reduce_sum(v.detach().float())) / ctx.world_size
-            for k, v in losses.items()}
-
-
-def bank_record(run: Any) -> dict[str, Any]:
-    return {name: bank.vectors[:, bank.active_slots()].clone()
-            for name, bank in run.objective.banks.items()}
 
 
 def record(overrides: dict[str, Any], ctx: Any, world: int = 1) -> dict[str, Any]:
