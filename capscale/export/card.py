@@ -126,7 +126,7 @@ KINDS = {"AutoModelForSequenceClassification": ("text-classification", "classifi
 
 
 def _auto_class(config: dict[str, Any]) -> str:
-    from capscale.export.huggingface import auto_class_name
+    from capscale.export.auto import auto_class_name
     return auto_class_name((config.get("architectures") or ["ForSequenceClassification"])[0])
 
 

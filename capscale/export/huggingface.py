@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from capscale.export.auto import auto_class_name, saved_class_name
 from capscale.export.card import write_model_card
 from capscale.export.physical import prune_structure
 from capscale.models.adapters import EncoderAdapter
@@ -29,31 +30,6 @@ from capscale.pruning.nm import check_pattern
 from capscale.pruning.structured import strip_mask_hooks, structured_param_counts
 
 REMOTE_CODE = "capscale_pruned"  # module name of the loader written next to the model
-# The end of a task model's class name -> the Auto class that loads it.
-AUTO_CLASSES = {"ForSequenceClassification": "AutoModelForSequenceClassification",
-                "ForQuestionAnswering": "AutoModelForQuestionAnswering",
-                "ForTokenClassification": "AutoModelForTokenClassification"}
-
-
-def auto_class_name(class_name: str) -> str:
-    """The Auto class of a task model class (``BertForQuestionAnswering`` ->
-    ``AutoModelForQuestionAnswering``; a base model such as ``BertModel``, which a
-    sentence embedder saves, -> ``AutoModel``); AutoModelForSequenceClassification
-    otherwise."""
-    for suffix, auto in AUTO_CLASSES.items():
-        if class_name.endswith(suffix):
-            return auto
-    if class_name.endswith("Model") and "For" not in class_name:
-        return "AutoModel"
-    return "AutoModelForSequenceClassification"
-
-
-def saved_class_name(model: nn.Module) -> str:
-    """The class a model is saved as: a sentence embedder's encoder class
-    (``hf_class_name``), else the model's own."""
-    return str(getattr(model, "hf_class_name", type(model).__name__))
-
-
 def export_pruned(model: nn.Module, adapter: EncoderAdapter, out_dir: str | Path,
                   tokenizer: PreTrainedTokenizerBase | None = None, inplace: bool = False,
                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
