@@ -32,6 +32,7 @@ from capscale.errors import DataError
 from capscale.tasks import get_task
 from capscale.tasks.corpora import PACKAGED_CORPORA, read_conll_file, read_files
 from capscale.tasks.qa_data import read_squad_file
+from capscale.tasks.token_classification import IGNORE_INDEX  # a token without a label
 from capscale.token_cache import TokenCache
 
 datasets.disable_progress_bars()
@@ -217,7 +218,6 @@ def check_lengths(data: TaskData, tokenizer: PreTrainedTokenizerBase, cfg: DataC
     return check(data, tokenizer, cfg, max_positions=max_positions)
 
 
-IGNORE_INDEX = -100  # a token without a label (cross-entropy's ignore_index)
 
 
 class Collator:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import AutoModelForSequenceClassification, PretrainedConfig
 
-from capscale.export.huggingface import export_structured
+from capscale.export.huggingface import export_structured, saved_class_name
 from capscale.export.verify import reload_export
 from capscale.models.adapters import EncoderAdapter
 from capscale.models.loading import output_logits
@@ -113,7 +113,7 @@ def trial_export(config: PretrainedConfig, adapter: EncoderAdapter,
     with tempfile.TemporaryDirectory(prefix="capscale-trial-") as tmp:
         try:
             export_structured(model, adapter, heads, ffn, tmp, inplace=True)
-            loaded = reload_export(Path(tmp) / "model", type(model).__name__, True)
+            loaded = reload_export(Path(tmp) / "model", saved_class_name(model), True)
             with torch.no_grad():
                 got = output_logits(loaded(**inputs)).float()
         except Exception as err:  # the export itself fails: that is the finding

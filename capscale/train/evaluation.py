@@ -62,19 +62,16 @@ def _same_width(logits: list[torch.Tensor], labels: list[torch.Tensor], ctx: Dis
     """Per-token outputs of batches padded to different lengths (token classification),
     padded to the longest over every batch and rank (labels with ``IGNORE_INDEX``), so
     that they concatenate and gather; anything else is returned unchanged."""
-    if not logits or logits[0].dim() != 3:
+    # Fixed-width outputs (QA windows, embeddings) are not per token: no collective.
+    if not logits or logits[0].dim() != 3 or not all(
+            y.dim() == 2 and y.shape[1] == t.shape[1] for t, y in zip(logits, labels)):
         return logits, labels
     width = max(t.shape[1] for t in logits)
     if ctx.distributed:
         width = max(ctx.all_gather_objects(width))
-    per_token = all(y.dim() == 2 and y.shape[1] == t.shape[1] for t, y in zip(logits, labels))
-    if not per_token and all(t.shape[1] == width for t in logits):
-        return logits, labels
     pad = torch.nn.functional.pad
-    logits = [pad(t, (0, 0, 0, width - t.shape[1])) for t in logits]
-    if per_token:
-        labels = [pad(y, (0, width - y.shape[1]), value=IGNORE_INDEX) for y in labels]
-    return logits, labels
+    return ([pad(t, (0, 0, 0, width - t.shape[1])) for t in logits],
+            [pad(y, (0, width - y.shape[1]), value=IGNORE_INDEX) for y in labels])
 
 
 def whole_set_scorer(loader: DataLoader, device: torch.device, task: Task, num_labels: int,
