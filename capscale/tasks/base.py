@@ -160,6 +160,19 @@ class Task:
         return None
 
 
+def over_length(over: int, first: str | None, noun: str, cfg: DataConfig, fix: str,
+                note: str = "truncated") -> str | None:
+    """The log note for ``over`` texts longer than ``data.max_length`` (``first``: where
+    the first is), or None when there are none; DataError (``fix`` suggested) under
+    ``data.truncation: error``."""
+    if not over:
+        return None
+    what = f"{over} {noun} are longer than data.max_length = {cfg.max_length} ({first})"
+    if cfg.truncation == "error":
+        raise DataError(f"{what}; {fix}, or set data.truncation=truncate")
+    return f"{what}: {note}"
+
+
 TASKS: dict[str, Any] = {}
 
 

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from capscale.errors import DataError
-from capscale.tasks.base import Task
+from capscale.tasks.base import Task, over_length
 from capscale.tasks.collective import gather_with_grad, rank_offset
 from capscale.tasks.embedding_model import SentenceEmbedder
 from capscale.tasks.metrics import pearson, spearman
@@ -172,13 +172,7 @@ class EmbeddingTask(Task):
                 over += len(long)
                 if long and first is None:
                     first = f"{split} row {long[0]} column {col!r} has {len(ids[long[0]])} tokens"
-        if not over:
-            return None
-        what = f"{over} texts are longer than data.max_length = {cfg.max_length} ({first})"
-        if cfg.truncation == "error":
-            raise DataError(f"{what}; raise data.max_length, shorten them, or set "
-                            "data.truncation=truncate")
-        return f"{what}: truncated"
+        return over_length(over, first, "texts", cfg, "raise data.max_length, shorten them")
 
     def features(self, data: Any, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig
                  ) -> tuple[datasets.Dataset, datasets.Dataset, datasets.Dataset, None]:

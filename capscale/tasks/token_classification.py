@@ -34,7 +34,7 @@ from torch import Tensor
 from transformers import AutoConfig, AutoModelForTokenClassification, PreTrainedModel
 
 from capscale.errors import DataError
-from capscale.tasks.base import Task
+from capscale.tasks.base import Task, over_length
 from capscale.tasks.collective import global_mean
 
 if TYPE_CHECKING:
@@ -182,12 +182,8 @@ class TokenClassificationTask(Task):
             over += len(long)
             if long and first is None:
                 first = f"{split} row {long[0]} has {len(enc['input_ids'][long[0]])} tokens"
-        if not over:
-            return None
-        what = f"{over} sentences are longer than data.max_length = {cfg.max_length} ({first})"
-        if cfg.truncation == "error":
-            raise DataError(f"{what}; raise data.max_length, or set data.truncation=truncate")
-        return f"{what}: truncated (the words past the cut are not scored)"
+        return over_length(over, first, "sentences", cfg, "raise data.max_length",
+                           "truncated (the words past the cut are not scored)")
 
     def features(self, data: Any, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig
                  ) -> tuple[datasets.Dataset, datasets.Dataset, datasets.Dataset,
