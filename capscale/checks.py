@@ -210,9 +210,10 @@ def schedule_warning(cfg: Config, total_steps: int) -> str | None:
 
 
 def wants_teacher(cfg: Config) -> bool:
-    """Whether the run uses the fine-tuned teacher (KD, or a contrastive module fed by it)."""
-    return cfg.loss.w_kd > 0 or any(CONTRASTIVE_MODULES[n].source == "teacher"
-                                    for n in cfg.cap.enabled_modules())
+    """Whether the run uses the fine-tuned teacher (KD, layer distillation, or a
+    contrastive module fed by it)."""
+    return cfg.loss.w_kd > 0 or cfg.loss.w_layer > 0 or any(
+        CONTRASTIVE_MODULES[n].source == "teacher" for n in cfg.cap.enabled_modules())
 
 
 def _precision_rules(cfg: Config) -> list[str]:

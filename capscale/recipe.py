@@ -63,6 +63,7 @@ from capscale.train.references import RunReferences, plan_snapshots
 from capscale.train.schedules import EvalSchedule, SnapshotSchedule, snapshot_views
 from capscale.train.state import RankPart, RunState
 from capscale.train.step import CAPLoss, Optimizers, Update, accumulated_update
+from capscale.train.terms import build_terms
 
 
 def steps_per_epoch(batches: int, train: Any) -> int:
@@ -117,7 +118,7 @@ class CAPRecipe:
         self.refs.bind(self.student, self._skeleton)
         self.loss = CAPLoss(cfg.loss, cfg.cap.representation, self.task, self.strategy,
                             self.teacher, self.objective, self.controller.regularization,
-                            self.phases)
+                            self.phases, build_terms(cfg), self.adapter)
         self.update = Update(self.strategy, self.student, ctx, cfg.train.grad_clip,
                              self.phases, cfg.train.debug_nan_batches)
         self.checkpointer = self._register_state()

@@ -2,7 +2,9 @@
 
 Every pruning method (movement, soft movement, magnitude, N:M, structured, hybrid)
 runs on 2 ranks for both tasks, and every strategy (ddp, zero3, fsdp2) runs four of
-these twelve jobs: each method meets two strategies. For each job the first global
+these twelve jobs: each method meets two strategies. The structured and hybrid jobs add
+layer-wise distillation (fixed and dynamic map), so the teacher's layers are read on
+sharded teachers too. For each job the first global
 batch's loss components (CE / CoSENT, KD, PrC / FiC / SnC), the representation banks
 and the teacher's metrics gathered over ranks equal one process's with the whole
 batch; then the job trains, exports, and its export is verified. One pool call per
@@ -43,6 +45,10 @@ def _jobs() -> dict[str, list[tuple[str, str]]]:
 
 
 JOBS = _jobs()
+# Layer distillation rides along in two methods' jobs (zero3, fsdp2 and ddp among them):
+# its term is one more component that must equal one process's.
+LAYER_DISTILLATION = {"structured": {"loss.w_layer": 0.5, "loss.layer_map": "fixed"},
+                      "hybrid": {"loss.w_layer": 0.5, "loss.layer_map": "dynamic"}}
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +62,8 @@ def task_assets(tmp_path_factory):
 
     def overrides(task, method, out):
         model, teacher = models[task]
-        return task_overrides(task, model, teacher, data[task], out, **METHODS[method])
+        return task_overrides(task, model, teacher, data[task], out, **METHODS[method],
+                              **LAYER_DISTILLATION.get(method, {}))
     singles = {}
     for jobs in JOBS.values():
         for task, method in jobs:
@@ -88,6 +95,7 @@ def test_two_ranks_match_one_process(strategy, task_assets):
         assert rec["strategy"] == strategy, where
         assert set(rec["losses"]) == set(single["losses"]), where
         assert {"ce", "kd", "prc_unsup", "fic_unsup", "snc_unsup"} <= set(single["losses"])
+        assert ("layer" in single["losses"]) == (method in LAYER_DISTILLATION), where
         # Structured masks come from Taylor importance summed over ranks in another
         # order than one process sums it: a near-tied neuron may fall on either side.
         rel = 2e-3 if method == "structured" else 1e-4

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from capscale.config.loader import ConfigError, get_dotted
+from capscale.config.loss_schema import LossConfig
 from capscale.config.pruning_schema import PruningConfig, StructuredConfig
 from capscale.config.qa_schema import Check, QAConfig
 
@@ -184,21 +185,6 @@ class CAPConfig:
             checks.append((w.w_unsup >= 0 and w.w_sup >= 0, f"cap.modules.{name}.w_unsup",
                            "contrastive weights must be >= 0"))
         return checks
-
-
-@dataclass
-class LossConfig:
-    """Cross-entropy and logit distillation weights of the objective."""
-
-    w_ce: float = 0.1
-    w_kd: float = 0.9
-    kd_temperature: float = 2.0
-
-    def check(self) -> list[Check]:
-        return [
-            (self.kd_temperature > 0, "loss.kd_temperature", "must be > 0"),
-            (min(self.w_ce, self.w_kd) >= 0, "loss.w_ce", "loss weights must be >= 0"),
-        ]
 
 
 @dataclass

@@ -256,7 +256,8 @@ def _reference_forward(run: Run) -> int:
     """A frozen reference's forward on the batch (no grad): one layer's intermediates,
     plus its gathered units when references are sharded."""
     s, cfg = run.shape, run.cfg
-    runs = (wants_teacher(cfg) and cfg.loss.w_kd > 0) or OBJECTIVES[cfg.cap.mode].online
+    runs = (wants_teacher(cfg) and max(cfg.loss.w_kd, cfg.loss.w_layer) > 0) or OBJECTIVES[
+        cfg.cap.mode].online
     if not runs:
         return 0
     tokens = run.batch * run.length

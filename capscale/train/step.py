@@ -31,6 +31,7 @@ from capscale.models.loading import RepresentationTap, forward_with_representati
 from capscale.models.recompute import checkpoint_layers
 from capscale.train.hooks import Phases
 from capscale.train.loop import finite_or_raise
+from capscale.train.terms import LayerTap, ObjectiveTerm, TermBatch
 
 if TYPE_CHECKING:
     from capscale.config import LossConfig, TrainConfig
@@ -68,15 +69,32 @@ class CAPLoss:
         objective: the contrastive objective, or None.
         regularizer: returns the pruning method's loss term (or None) at each call.
         phases: where the parts are timed.
+        terms: further objective terms (capscale.train.terms), each under its name.
+        adapter: the encoder adapter (where a term's layer outputs are read).
     """
 
     def __init__(self, loss: LossConfig, representation: str, task: Task, strategy: Strategy,
                  teacher: nn.Module | None, objective: Any,
-                 regularizer: Callable[[], Tensor | None], phases: Phases) -> None:
+                 regularizer: Callable[[], Tensor | None], phases: Phases,
+                 terms: list[ObjectiveTerm] | None = None,
+                 adapter: EncoderAdapter | None = None) -> None:
         self.weights, self.representation = loss, representation
         self.task, self.ctx, self.precision = task, strategy.ctx, strategy.precision
         self.teacher, self.objective = teacher, objective
         self.regularizer, self.phases = regularizer, phases
+        self.terms, self.adapter = terms or [], adapter
+        self._taps: dict[int, LayerTap] = {}  # by id of the tapped (bare) model
+
+    def _layer_tap(self, model: nn.Module | None) -> LayerTap | None:
+        """The layer tap of ``model`` (made on first use) when a term reads layers."""
+        if model is None or not any(t.needs_layers for t in self.terms):
+            return None
+        if self.adapter is None:
+            raise ValueError("a term that reads layer outputs needs the encoder adapter")
+        key = id(model)
+        if key not in self._taps:
+            self._taps[key] = LayerTap(model, self.adapter)
+        return self._taps[key]
 
     def __call__(self, model: nn.Module, tap: RepresentationTap | None,
                  batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
@@ -86,21 +104,34 @@ class CAPLoss:
         w, ctx = self.weights, self.ctx
         inputs = model_inputs(batch, ctx.device)
         labels = batch["labels"].to(ctx.device)
+        s_tap = self._layer_tap(model)
+        if s_tap is not None:
+            s_tap.take()  # whatever forwards ran since (evaluation) is dropped
         with self.phases("forward"), self.precision.autocast():
             logits, anchors = forward_with_representation(model, inputs, tap,
                                                           self.representation)
         logits, anchors = logits.float(), anchors.float()
+        student_layers = s_tap.take() if s_tap is not None else []
         losses: dict[str, Tensor] = {}
         exact = self.precision.exact
         if w.w_ce > 0:
             with exact():
                 losses["ce"] = w.w_ce * self.task.loss(logits, labels)
-        if self.teacher is not None and w.w_kd > 0:
+        t_tap = self._layer_tap(self.teacher)
+        if self.teacher is not None and (w.w_kd > 0 or self.terms):
+            if t_tap is not None:
+                t_tap.take()
             with self.phases("teacher"), torch.no_grad(), self.precision.autocast():
                 t_logits = output_logits(self.teacher(**inputs)).float()
+        if self.teacher is not None and w.w_kd > 0:
             with exact():
                 losses["kd"] = w.w_kd * self.task.distill(logits, t_logits, w.kd_temperature,
                                                           labels=labels)
+        if self.terms:
+            view = TermBatch(inputs, student_layers, t_tap.take() if t_tap else [])
+            with exact():
+                for term in self.terms:
+                    losses[term.name] = term(view)
         if self.objective is not None:
             with self.phases("contrastive"), exact():
                 losses.update(self.objective(
