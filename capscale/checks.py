@@ -38,7 +38,7 @@ from capscale.models.loading import (
     model_max_tokens,
     read_config,
 )
-from capscale.models.specs import adapter_from_mapping, for_task, skeleton
+from capscale.models.specs import adapter_from_mapping, block_specs, for_task, skeleton
 from capscale.pruning.methods import PRUNING_METHODS
 from capscale.pruning.schedule import cubic_sparsity, warmup_steps
 from capscale.pruning.unstructured import NoPruning
@@ -131,6 +131,11 @@ def check_layout(cfg: Config, adapter: EncoderAdapter, task: Task) -> list[str]:
     method = PRUNING_METHODS[p.method]
     structured = method.physical_export
     config = configs["model.name_or_path"][1]
+    if cfg.structured.remove_empty_blocks:
+        try:
+            block_specs(adapter)
+        except ValueError as err:
+            raise ModelError(f"model {m.name_or_path}: {err}") from None
     try:
         model = skeleton(config, m.trust_remote_code, task)
     except Exception:  # foreign modeling code: validate_encoder has warned already
@@ -291,6 +296,9 @@ def cross_section_rules(cfg: Config) -> list[str]:
         out.append(f"export.formats sparse: pruning.method={cfg.pruning.method} exports a "
                    "physically smaller dense model, with no zeros to store sparsely; drop "
                    "sparse (onnx / int8 apply)")
+    if cfg.structured.remove_empty_blocks and cfg.pruning.method != "structured":
+        out.append(f"structured.remove_empty_blocks: skips blocks emptied by structured "
+                   f"(CAP-f) masks; pruning.method={cfg.pruning.method} has none")
     if cfg.pruning.target_latency_ms is not None and not method.physical_export:
         out.append(f"pruning.target_latency_ms: pruning.method={cfg.pruning.method} exports "
                    "a dense model that runs at dense speed; a latency target needs a "

@@ -144,10 +144,10 @@ class CAPRecipe:
         steps = min(per_epoch * t.epochs, t.max_steps or sys.maxsize)
         self.total_steps = self.method.planned_steps(steps, cfg.structured, per_epoch)
         torch.manual_seed(t.seed)
-        self.student_init = (teacher_path if cfg.model.student_init == "teacher"
-                             else cfg.model.name_or_path)
+        m = cfg.model
+        self.student_init = teacher_path if m.student_init == "teacher" else m.name_or_path
         bare = self._load(self.student_init).to(ctx.device)
-        self.adapter = adapter_for(bare, cfg.model.adapter, self.task)
+        self.adapter = adapter_for(bare, m.adapter, self.task, cfg.structured.remove_empty_blocks)
         if t.freeze_embeddings:  # before the optimiser and the wrapping
             self.console.log(f"embeddings frozen ({freeze_embeddings(bare):,} parameters)")
         self.teacher = None

@@ -79,3 +79,28 @@ def test_structured_config_errors():
         load_run_config(None, ["data.preset=tweets", "structured.levels=[0.5, 0.3]"])
     with pytest.raises(ConfigError, match=r"structured\.importance_fraction"):
         load_run_config(None, ["data.preset=tweets", "structured.importance_fraction=0"])
+
+
+def test_structured_run_removes_emptied_blocks(tiny_assets, tmp_path):
+    """At 90% with no head floor, one of the two layers loses every head: its attention
+    block is skipped in training and removed from the export, which verifies; layer
+    distillation (dynamic map) rides along."""
+    out = tmp_path / "run"
+    rc = main(_args(tiny_assets, out, "structured.schedule=cubic", "structured.levels=[0.9]",
+                    "structured.update_every=2", "pruning.final_sparsity=0.9",
+                    "pruning.initial_warmup=0", "pruning.final_warmup=0.2",
+                    "structured.min_heads_per_layer=0", "structured.remove_empty_blocks=true",
+                    "loss.w_layer=0.5", "loss.layer_map=dynamic", "train.max_steps=6"))
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["export_verified"]["ok"]
+    structure = json.loads((out / "pruned" / "structure.json").read_text())
+    removed = structure["removed_blocks"]["attention"]
+    assert len(removed) == 1 and structure["heads_per_layer"][removed[0]] == 0
+    model = AutoModelForSequenceClassification.from_pretrained(
+        out / "pruned" / "model", trust_remote_code=True)
+    attention = model.base_model.encoder.layer[removed[0]].attention
+    assert type(attention.output).__name__ == "SkippedResidual"
+    assert sum(p.numel() for p in attention.parameters()) == 0
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert all("layer" in h for h in history)

@@ -141,6 +141,11 @@ class StructuredConfig:
     min_heads_per_layer: int = 1
     # Cubic schedule: recompute importance and masks every K optimiser steps.
     update_every: int = 50
+    # A layer's attention (FFN) block whose heads (neurons) are all pruned is skipped,
+    # its output the block's input, and removed from the export (a layer with both
+    # removed is gone); false: it keeps adding its output bias, as the reference does.
+    # Emptying attention blocks needs min_heads_per_layer: 0.
+    remove_empty_blocks: bool = False
 
     def check(self) -> list[Check]:
         return [

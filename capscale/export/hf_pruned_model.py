@@ -81,8 +81,36 @@ def _head_slicer(index: int, name: str, kept: list[int]) -> Any:
     return hook
 
 
+class SkippedCompute(nn.Module):
+    """The computation of a removed attention / FFN block: ``outputs`` placeholders."""
+
+    def __init__(self, outputs: int) -> None:
+        super().__init__()
+        self.outputs = outputs
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return None if self.outputs == 1 else (None,) * self.outputs
+
+
+class SkippedResidual(nn.Module):
+    """The residual module of a removed block, called as ``(value, block_input)``:
+    the block's output is its input."""
+
+    def forward(self, value: Any, block_input: torch.Tensor, *args: Any, **kwargs: Any
+                ) -> torch.Tensor:
+        return block_input
+
+
+def _skip(layer: nn.Module, spec: list[Any]) -> None:
+    compute, outputs, residual = spec
+    for path, new in ((compute, SkippedCompute(int(outputs))), (residual, SkippedResidual())):
+        parent, _, name = path.rpartition(".")
+        setattr(layer.get_submodule(parent) if parent else layer, name, new)
+
+
 def resize_to_structure(model: nn.Module, structure: dict[str, Any]) -> None:
-    """Give every layer its pruned number of heads and FFN neurons."""
+    """Give every layer its pruned number of heads and FFN neurons; removed blocks
+    become stubs that hand their input on."""
     base = getattr(model, "base_model", model)
     if "layer_paths" in structure:
         layers = [base.get_submodule(p) for p in structure["layer_paths"]]
@@ -90,6 +118,9 @@ def resize_to_structure(model: nn.Module, structure: dict[str, Any]) -> None:
         layers = list(cast(nn.ModuleList, base.get_submodule(structure["layers"])))
     d = structure["head_size"]
     kept_heads = structure.get("kept_heads") or [None] * len(layers)
+    for kind, indices in structure.get("removed_blocks", {}).items():
+        for i in indices:
+            _skip(layers[i], structure["blocks"][kind])
     for layer, heads, inter, kept in zip(layers, structure["heads_per_layer"],
                                          structure["intermediate_per_layer"], kept_heads):
         for path in structure["head_linears"]:
@@ -102,6 +133,8 @@ def resize_to_structure(model: nn.Module, structure: dict[str, Any]) -> None:
         rows = structure.get("ffn_in_rows_per_neuron", 1)
         _swap(layer, structure["ffn_in"], out_features=rows * inter)
         _swap(layer, structure["ffn_out"], in_features=inter)
+        if not heads:  # a removed attention block
+            continue
         attention = layer.get_submodule(structure["attention_module"])
         attrs = structure.get("head_attrs", {"num_attention_heads": "heads",
                                              "all_head_size": "width"})

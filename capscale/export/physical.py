@@ -9,18 +9,23 @@ A layer whose heads (or neurons) are all pruned keeps one, with its attn_out (ff
 columns zeroed: the block then outputs its output bias alone, as the masked model does,
 while every tensor keeps a non-zero width (a zero-width projection breaks the stock
 attention reshape ``view(B, T, -1, d)``). It costs one head or neuron per such layer.
+With ``adapter.remove_empty_blocks`` such a block is removed instead: its compute and
+residual modules become stubs (hf_pruned_model.py) that hand the block's input on, as
+the masked model's skip hooks do; a layer with both blocks removed is the identity.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
-from capscale.models.adapters import EncoderAdapter, head_param
+from capscale.export.hf_pruned_model import SkippedCompute, SkippedResidual
+from capscale.models.adapters import EncoderAdapter, get_submodule, head_param
 from capscale.models.deep_check import head_attributes
+from capscale.models.specs import block_specs
 from capscale.pruning.structured import optional_linear, optional_param
 
 
@@ -73,42 +78,26 @@ def prune_structure(model: nn.Module, adapter: EncoderAdapter, heads: list[Tenso
     config = model.config
     d = adapter.head_size(config)
     num_heads = adapter.num_heads(config)
+    specs = block_specs(adapter) if adapter.remove_empty_blocks else {}
     heads_per_layer, inter_per_layer, kept_heads = [], [], []
-    for layer, h_keep, f_keep in zip(adapter.layer_modules(model), heads, ffn):
+    removed: dict[str, list[int]] = {"attention": [], "ffn": []}
+    attrs: dict[str, str] = {}
+    config_attr = None
+    for i, (layer, h_keep, f_keep) in enumerate(zip(adapter.layer_modules(model), heads, ffn)):
         h_idx = torch.nonzero(h_keep.cpu()).flatten()
-        empty_attn = h_idx.numel() == 0
-        if empty_attn:
-            h_idx = torch.zeros(1, dtype=torch.long)
-        rows = adapter.head_rows("plain", h_idx, d, num_heads)
-        for path in adapter.head_linear_paths():
-            lin = optional_linear(layer, path)
-            if lin is not None:
-                role = "qkv" if path == adapter.qkv else "plain"
-                _set(layer, path, _sliced(lin, rows=adapter.head_rows(role, h_idx, d,
-                                                                      num_heads)))
-        for entry in adapter.extra_head_params:
-            _slice_param(layer, entry, rows, h_idx, num_heads)
-        lins = adapter.layer_linears(layer)
-        _set(layer, adapter.attn_out, _sliced(lins["attn_out"], cols=rows, zero_cols=empty_attn))
-        inter = lins["ffn_out"].in_features
         f_idx = torch.nonzero(f_keep.cpu()).flatten()
-        empty_ffn = f_idx.numel() == 0
-        if empty_ffn:
-            f_idx = torch.zeros(1, dtype=torch.long)
-        _set(layer, adapter.ffn_in, _sliced(lins["ffn_in"],
-                                            rows=adapter.neuron_rows(f_idx, inter)))
-        _set(layer, adapter.ffn_out, _sliced(lins["ffn_out"], cols=f_idx, zero_cols=empty_ffn))
-        attention = layer.get_submodule(attention_module(adapter))
-        attrs = head_attributes(attention, num_heads, d)
-        for attr, kind in attrs.items():
-            setattr(attention, attr, h_idx.numel() * (d if kind == "width" else 1))
-        config_attr = _own_config_attr(attention, attrs, adapter)
-        if config_attr is not None:  # the attention reads its head count from its config
-            attention.config = copy.copy(attention.config)
-            setattr(attention.config, config_attr, int(h_idx.numel()))
-        heads_per_layer.append(int(h_idx.numel()))
-        inter_per_layer.append(int(f_idx.numel()))
-        kept_heads.append(h_idx.tolist())
+        for kind, idx in (("attention", h_idx), ("ffn", f_idx)):
+            if specs and idx.numel() == 0:
+                skip_block(layer, specs[kind])
+                removed[kind].append(i)
+        if i not in removed["attention"]:
+            attrs, config_attr = _slice_heads(layer, adapter, h_idx, d, num_heads)
+        if i not in removed["ffn"]:
+            _slice_neurons(layer, adapter, f_idx)
+        heads_per_layer.append(int(max(h_idx.numel(), i not in removed["attention"])))
+        inter_per_layer.append(int(max(f_idx.numel(), i not in removed["ffn"])))
+        kept_heads.append(h_idx.tolist() if h_idx.numel() or i in removed["attention"]
+                          else [0])
     return {"layers": adapter.layers, "layer_paths": adapter.layer_paths(model),
             "head_size": d, "head_linears": [p for p in adapter.head_linear_paths()
                                              if p != adapter.qkv],
@@ -119,7 +108,57 @@ def prune_structure(model: nn.Module, adapter: EncoderAdapter, heads: list[Tenso
             "ffn_in_rows_per_neuron": 2 if adapter.ffn_gated else 1,
             "ffn_out": adapter.ffn_out, "attention_module": attention_module(adapter),
             "heads_per_layer": heads_per_layer, "intermediate_per_layer": inter_per_layer,
-            "kept_heads": kept_heads}
+            "kept_heads": kept_heads, "removed_blocks": removed,
+            "blocks": {k: list(v) for k, v in specs.items()}}
+
+
+def skip_block(layer: nn.Module, spec: tuple[str, int, str] | list[Any]) -> None:
+    """Replace a block's compute and residual modules (``spec``, an adapter's
+    ``attn_block`` / ``ffn_block``) by the stubs that skip it."""
+    compute, outputs, residual = spec
+    _set(layer, compute, SkippedCompute(int(outputs)))
+    _set(layer, residual, SkippedResidual())
+
+
+def _slice_heads(layer: nn.Module, adapter: EncoderAdapter, h_idx: Tensor, d: int,
+                 num_heads: int) -> tuple[dict[str, str], str | None]:
+    """Keep the heads ``h_idx`` of one layer (none kept: one, its output zeroed);
+    returns the attention's head attributes and the config attribute it reads."""
+    empty_attn = h_idx.numel() == 0
+    if empty_attn:
+        h_idx = torch.zeros(1, dtype=torch.long)
+    rows = adapter.head_rows("plain", h_idx, d, num_heads)
+    for path in adapter.head_linear_paths():
+        lin = optional_linear(layer, path)
+        if lin is not None:
+            role = "qkv" if path == adapter.qkv else "plain"
+            _set(layer, path, _sliced(lin, rows=adapter.head_rows(role, h_idx, d, num_heads)))
+    for entry in adapter.extra_head_params:
+        _slice_param(layer, entry, rows, h_idx, num_heads)
+    attn_out = get_submodule(layer, adapter.attn_out)
+    _set(layer, adapter.attn_out, _sliced(cast(nn.Linear, attn_out), cols=rows,
+                                          zero_cols=empty_attn))
+    attention = layer.get_submodule(attention_module(adapter))
+    attrs = head_attributes(attention, num_heads, d)
+    for attr, kind in attrs.items():
+        setattr(attention, attr, h_idx.numel() * (d if kind == "width" else 1))
+    config_attr = _own_config_attr(attention, attrs, adapter)
+    if config_attr is not None:  # the attention reads its head count from its config
+        attention.config = copy.copy(attention.config)
+        setattr(attention.config, config_attr, int(h_idx.numel()))
+    return attrs, config_attr
+
+
+def _slice_neurons(layer: nn.Module, adapter: EncoderAdapter, f_idx: Tensor) -> None:
+    """Keep the FFN neurons ``f_idx`` of one layer (none kept: one, its output zeroed)."""
+    ffn_in = cast(nn.Linear, get_submodule(layer, adapter.ffn_in))
+    ffn_out = cast(nn.Linear, get_submodule(layer, adapter.ffn_out))
+    empty_ffn = f_idx.numel() == 0
+    if empty_ffn:
+        f_idx = torch.zeros(1, dtype=torch.long)
+    _set(layer, adapter.ffn_in, _sliced(ffn_in, rows=adapter.neuron_rows(
+        f_idx, ffn_out.in_features)))
+    _set(layer, adapter.ffn_out, _sliced(ffn_out, cols=f_idx, zero_cols=empty_ffn))
 
 
 def _slice_param(layer: nn.Module, entry: str, rows: Tensor, heads: Tensor,

@@ -10,8 +10,7 @@ Hugging Face ``config.model_type``. A custom encoder plugs in with one call::
         query="attn.q", key="attn.k", value="attn.v", attn_out="attn.o",
         ffn_in="mlp.fc1", ffn_out="mlp.fc2", head_linear="head.proj"))
 
-Three layouts beyond six separate linear maps per layer are described by fields, not
-code:
+Three layouts beyond six separate linear maps per layer are described by fields:
 
 * fused attention input (``qkv``): one linear map computes Q, K and V. ``qkv_layout``
   says how its output rows are laid out: ``stacked`` is ``[Q; K; V]`` with each block
@@ -26,9 +25,7 @@ code:
   every child, so ``encoder.albert_layer_groups.*.albert_layers`` lists each group's
   layers); the model applies them ``config.num_hidden_layers`` times in all. Their
   matrices are pruned once, and reports say how often each is applied.
-
-Prunable matrices are the ``nn.Linear`` modules at those paths (checked by type), never
-parameters picked by substring of their names.
+Prunable matrices are the ``nn.Linear`` modules at those paths (checked by type).
 """
 
 from __future__ import annotations
@@ -85,6 +82,14 @@ class EncoderAdapter:
             modeling code needs every head, or mixes them); structured pruning is then
             refused at setup with this reason. Empty: the deep check and a trial export
             on a tiny random copy decide (capscale.models.deep_check).
+        attn_block, ffn_block: ``(compute, outputs, residual)``: paths from one layer of
+            the module computing a block's value (returning ``outputs`` values: 1, a
+            tensor; more, a tuple, value first) and of the module called as
+            ``residual(value, block_input)`` returning the block's output. None: the
+            block cannot be skipped without forking the family's code.
+        remove_empty_blocks: set by the run (``structured.remove_empty_blocks``): a block
+            with every head (neuron) pruned is skipped, its residual module returning
+            ``block_input`` (capscale.pruning.structured), in training and export.
     """
 
     model_types: tuple[str, ...]
@@ -105,6 +110,9 @@ class EncoderAdapter:
     extra_head_params: tuple[str, ...] = ()
     head_inputs: tuple[tuple[str, str, int], ...] = ()
     structured_refusal: str = ""
+    attn_block: tuple[str, int, str] | None = ("attention.self", 2, "attention.output")
+    ffn_block: tuple[str, int, str] | None = ("intermediate", 1, "output")
+    remove_empty_blocks: bool = False
 
     def __post_init__(self) -> None:
         if self.qkv_layout not in QKV_LAYOUTS:
@@ -333,6 +341,8 @@ def registered_model_types() -> list[str]:
     return sorted(_REGISTRY)
 
 
+# Families whose blocks add the residual inside their own forward (no module to skip).
+NO_BLOCKS: dict[str, Any] = {"attn_block": None, "ffn_block": None}
 # BERT-like layouts (BERT, RoBERTa, XLM-R, ELECTRA, CamemBERT, ...).
 register_adapter(EncoderAdapter(model_types=("bert",)))
 register_adapter(EncoderAdapter(model_types=("roberta", "xlm-roberta", "camembert",
@@ -347,7 +357,7 @@ register_adapter(EncoderAdapter(model_types=("deberta-v2",),
 # Fused attention input and gated FFN (ModernBERT), fused per-head Q/K/V (DeBERTa v1).
 register_adapter(EncoderAdapter(model_types=("modernbert",), layers="layers",
                                 qkv="attn.Wqkv", qkv_layout="stacked", attn_out="attn.Wo",
-                                ffn_in="mlp.Wi", ffn_out="mlp.Wo", ffn_gated=True))
+                                ffn_in="mlp.Wi", ffn_out="mlp.Wo", ffn_gated=True, **NO_BLOCKS))
 register_adapter(EncoderAdapter(model_types=("deberta",),
                                 qkv="attention.self.in_proj", qkv_layout="per_head",
                                 extra_head_linears=("attention.self.pos_proj",
@@ -359,16 +369,18 @@ register_adapter(EncoderAdapter(model_types=("albert",),
                                 layers="encoder.albert_layer_groups.*.albert_layers",
                                 query="attention.query", key="attention.key",
                                 value="attention.value", attn_out="attention.dense",
-                                ffn_in="ffn", ffn_out="ffn_output"))
+                                ffn_in="ffn", ffn_out="ffn_output", **NO_BLOCKS))
 register_adapter(EncoderAdapter(model_types=("distilbert",), layers="transformer.layer",
                                 query="attention.q_lin", key="attention.k_lin",
                                 value="attention.v_lin", attn_out="attention.out_lin",
-                                ffn_in="ffn.lin1", ffn_out="ffn.lin2", num_heads_attr="n_heads"))
+                                ffn_in="ffn.lin1", ffn_out="ffn.lin2", num_heads_attr="n_heads",
+                                **NO_BLOCKS))
 # MPNet's relative position bias is computed once for all layers, one slice per head.
 register_adapter(EncoderAdapter(model_types=("mpnet",), query="attention.attn.q",
                                 key="attention.attn.k", value="attention.attn.v",
                                 attn_out="attention.attn.o", head_linear="classifier.out_proj",
-                                head_inputs=(("attention.attn", "position_bias", 2),)))
+                                head_inputs=(("attention.attn", "position_bias", 2),),
+                                attn_block=None))
 # BERT copies with their own module names at the top (MegatronBERT: pre-LayerNorm;
 # ERNIE: task-type embeddings; RoFormer: rotary positions, a RoBERTa-style head).
 register_adapter(EncoderAdapter(model_types=("megatron-bert", "ernie")))
@@ -396,11 +408,12 @@ register_adapter(EncoderAdapter(model_types=("funnel",), layers="encoder.blocks.
                                 value="attention.v_head", attn_out="attention.post_proj",
                                 ffn_in="ffn.linear_1", ffn_out="ffn.linear_2",
                                 head_linear="classifier.linear_out", num_heads_attr="n_head",
-                                head_size_attr="d_head",
+                                head_size_attr="d_head", **NO_BLOCKS,
                                 extra_head_params=("attention.r_w_bias:0", "attention.r_r_bias:0",
                                                    "attention.r_s_bias:0", "attention.r_kernel:1",
                                                    "attention.seg_embed:1")))
 # Nystromformer: a depthwise convolution over the values, one channel per head.
 register_adapter(EncoderAdapter(model_types=("nystromformer",),
                                 head_linear="classifier.out_proj",
-                                extra_head_params=("attention.self.conv.weight:0",)))
+                                extra_head_params=("attention.self.conv.weight:0",),
+                                attn_block=("attention.self", 1, "attention.output")))

@@ -9,6 +9,7 @@ token (QA's span head) gives the first token's vector.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -27,7 +28,13 @@ from transformers import (
 from capscale.errors import ModelError
 from capscale.models.adapters import EncoderAdapter
 from capscale.models.recompute import recomputing
-from capscale.models.specs import AdapterSpec, for_task, resolve_adapter, validate_encoder
+from capscale.models.specs import (
+    AdapterSpec,
+    block_specs,
+    for_task,
+    resolve_adapter,
+    validate_encoder,
+)
 from capscale.tasks import Task, get_task
 
 if TYPE_CHECKING:
@@ -54,12 +61,17 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedToke
 
 
 def adapter_for(model_or_config: PreTrainedModel | object, spec: AdapterSpec = None,
-                task: Task | None = None) -> EncoderAdapter:
+                task: Task | None = None, remove_empty_blocks: bool = False) -> EncoderAdapter:
     """The encoder adapter for a model (by ``config.model_type``) or as ``model.adapter``
     gives it: a name, an import path or a mapping (see capscale.models.specs); with
-    ``task`` and a model, the task's head path when the model has it."""
+    ``task`` and a model, the task's head path when the model has it; with
+    ``remove_empty_blocks`` (``structured.remove_empty_blocks``), one that skips empty
+    blocks (ValueError where the family's blocks cannot be skipped)."""
     config = cast(PretrainedConfig, getattr(model_or_config, "config", model_or_config))
     adapter = resolve_adapter(spec, config.model_type)
+    if remove_empty_blocks:
+        block_specs(adapter)
+        adapter = dataclasses.replace(adapter, remove_empty_blocks=True)
     if isinstance(model_or_config, nn.Module):
         return for_task(adapter, task, model_or_config)
     return adapter

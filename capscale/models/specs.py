@@ -34,7 +34,7 @@ import importlib
 import logging
 from collections.abc import Mapping
 from importlib import metadata
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -380,3 +380,15 @@ def validate_encoder(config: PretrainedConfig, spec: AdapterSpec = None,
     adapter = for_task(adapter, task, model)
     check_adapter(adapter, model, what)
     return adapter
+
+
+def block_specs(adapter: EncoderAdapter) -> dict[str, tuple[str, int, str]]:
+    """``{"attention": attn_block, "ffn": ffn_block}``; ValueError when the adapter
+    cannot skip one of them (``structured.remove_empty_blocks`` is then refused)."""
+    specs = {"attention": adapter.attn_block, "ffn": adapter.ffn_block}
+    missing = [k for k, v in specs.items() if v is None]
+    if missing:
+        raise ValueError(f"structured.remove_empty_blocks: the {adapter.name} adapter "
+                         f"cannot skip whole {' / '.join(missing)} blocks (its layers add "
+                         "the residual inside their own forward); set it to false")
+    return cast(dict[str, tuple[str, int, str]], specs)

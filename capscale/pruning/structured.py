@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from capscale.models.adapters import EncoderAdapter, get_submodule, head_param
+from capscale.models.specs import block_specs
 
 AllReduceFn = Callable[[Tensor], Tensor]  # sums a tensor over ranks
 
@@ -35,9 +36,10 @@ def strip_mask_hooks(model: nn.Module) -> None:
     """Remove structured-mask hooks from ``model`` (e.g. from a deep copy of a masked
     model, whose copied hooks would still read the original masks)."""
     for mod in model.modules():
-        for key, fn in list(mod._forward_pre_hooks.items()):
-            if getattr(fn, "capscale_structured_mask", False):
-                del mod._forward_pre_hooks[key]
+        for hooks in (mod._forward_pre_hooks, mod._forward_hooks):
+            for key, fn in list(hooks.items()):
+                if getattr(fn, "capscale_structured_mask", False):
+                    del hooks[key]
 
 
 class StructuredMasks(nn.Module):
@@ -80,6 +82,12 @@ class StructuredMasks(nn.Module):
         for i, lin in enumerate(linears):
             self._handles.append(lin["attn_out"].register_forward_pre_hook(self._head_hook(i)))
             self._handles.append(lin["ffn_out"].register_forward_pre_hook(self._ffn_hook(i)))
+        self._empty: dict[tuple[str, int], tuple[int, bool]] = {}  # (kind, layer) cache
+        if adapter.remove_empty_blocks:
+            for i, layer in enumerate(layers):
+                for kind, (_, _, residual) in block_specs(adapter).items():
+                    self._handles.append(get_submodule(layer, residual).register_forward_hook(
+                        self._skip_hook(kind, i)))
 
     def _head_hook(self, i: int) -> Callable:
         @_mark
@@ -93,6 +101,28 @@ class StructuredMasks(nn.Module):
         @_mark
         def hook(module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
             return (args[0] * self.ffn[i].to(args[0].dtype), *args[1:])  # (B, T, I)
+        return hook
+
+    def empty(self, kind: str, i: int) -> bool:
+        """Whether layer ``i``'s ``attention`` / ``ffn`` mask is all zero (cached until
+        the mask changes in place)."""
+        mask = (self.head if kind == "attention" else self.ffn)[i]
+        version, value = self._empty.get((kind, i), (-1, False))
+        if version != mask._version:
+            value = not bool((mask != 0).any())
+            self._empty[kind, i] = (mask._version, value)
+        return value
+
+    def _skip_hook(self, kind: str, i: int) -> Callable:
+        """An empty block is skipped: its residual module returns the block's input."""
+        @_mark
+        def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor | None:
+            if not self.empty(kind, i):
+                return None
+            if len(args) < 2:
+                raise TypeError(f"{type(module).__name__} was not called as residual(value, "
+                                "block_input): adapter attn_block / ffn_block are wrong")
+            return args[1]
         return hook
 
     def remove(self) -> None:
@@ -234,11 +264,13 @@ def structured_param_counts(model: nn.Module, adapter: EncoderAdapter,
                             heads: list[Tensor], ffn: list[Tensor]) -> dict[str, float]:
     """Encoder weights removed by the keep masks (paper convention, docs/algorithm.md section 6).
 
-    A pruned head removes its rows of Q, K and V (separate or fused; weights and
-    biases), of any other per-head projection and per-head vector, and its ``d``
-    columns of attn_out; a pruned neuron its row(s) of ffn_in (two in a GLU) with their
-    biases and its column of ffn_out. Layers applied several times (ALBERT) count once,
-    as stored. Encoder parameters are counted through module attributes.
+    A removed block (``adapter.remove_empty_blocks``) removes every parameter of its
+    compute and residual modules. A pruned head removes its rows of Q, K and V (separate
+    or fused; weights and biases), of any other per-head projection and per-head
+    vector, and its ``d`` columns of attn_out; a pruned neuron its row(s) of ffn_in
+    (two in a GLU) with their biases and its column of ffn_out. Layers applied several
+    times (ALBERT) count once, as stored. Encoder parameters are counted through module
+    attributes.
     """
     d = adapter.head_size(model.config)
     pruned = 0
@@ -255,11 +287,17 @@ def structured_param_counts(model: nn.Module, adapter: EncoderAdapter,
             param = optional_param(layer, path)
             if param is not None:
                 rows_per_head += d if dim is None else param.numel() // param.shape[dim]
-        pruned += int((~h).sum()) * (rows_per_head + d * lins["attn_out"].out_features)
         ffn_in = lins["ffn_in"]
         per_neuron = (2 if adapter.ffn_gated else 1) * (ffn_in.in_features
                                                          + (ffn_in.bias is not None))
-        pruned += int((~f).sum()) * (per_neuron + lins["ffn_out"].out_features)
+        for kind, keep, per_unit in (("attention", h, rows_per_head + d * lins[
+                "attn_out"].out_features), ("ffn", f, per_neuron + lins["ffn_out"].out_features)):
+            if adapter.remove_empty_blocks and not bool(keep.any()):  # the whole block
+                pruned += sum(int(getattr(p, "ds_numel", p.numel()))
+                              for path in block_specs(adapter)[kind][::2]
+                              for p in get_submodule(layer, str(path)).parameters())
+            else:
+                pruned += int((~keep).sum()) * per_unit
     encoder = sum(int(getattr(p, "ds_numel", p.numel()))
                   for n, p in adapter.layer_modules(model).named_parameters()
                   if not n.endswith("mask_scores"))  # learned scores are not weights
