@@ -97,6 +97,10 @@ def test_structured_run_removes_emptied_blocks(tiny_assets, tmp_path):
     structure = json.loads((out / "pruned" / "structure.json").read_text())
     removed = structure["removed_blocks"]["attention"]
     assert len(removed) == 1 and structure["heads_per_layer"][removed[0]] == 0
+    report = json.loads((out / "pruned" / "sparsity_report.json").read_text())
+    assert report["removed_blocks"]["attention"] == removed
+    card = (out / "pruned" / "model" / "README.md").read_text()
+    assert "blocks removed (layer indices)" in card
     model = AutoModelForSequenceClassification.from_pretrained(
         out / "pruned" / "model", trust_remote_code=True)
     attention = model.base_model.encoder.layer[removed[0]].attention

@@ -87,6 +87,11 @@ def _sparsity_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("heads kept per layer", " ".join(map(str, r["heads_per_layer"]))))
         rows.append(("FFN neurons kept per layer",
                      " ".join(map(str, r["intermediate_per_layer"]))))
+    removed = r.get("removed_blocks") or {}
+    if any(removed.values()):
+        rows.append(("blocks removed (layer indices)",
+                     f"attention {removed.get('attention', [])}, FFN {removed.get('ffn', [])}"
+                     f", whole layers {r.get('removed_layers', [])}"))
     return rows
 
 

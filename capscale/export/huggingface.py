@@ -127,6 +127,9 @@ def export_structured(model: nn.Module, adapter: EncoderAdapter, heads: list[tor
                   p.numel() for p in adapter.layer_modules(target).parameters()),
               "heads_per_layer": structure["heads_per_layer"],
               "intermediate_per_layer": structure["intermediate_per_layer"],
+              "removed_blocks": structure["removed_blocks"],
+              "removed_layers": sorted(set(structure["removed_blocks"]["attention"])
+                                       & set(structure["removed_blocks"]["ffn"])),
               **(extra or {})}
     (out / "sparsity_report.json").write_text(json.dumps(report, indent=1))
     write_model_card(out, report)
