@@ -51,17 +51,35 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 RESULTS = ROOT / "bench" / "results"
-# Every point: (name, method, final sparsity, N:M pattern or None).
-POINTS: list[tuple[str, str, float, str | None]] = [
-    ("CAP-m 50%", "movement", 0.5, None),
-    ("CAP-m 2:4", "movement", 0.5, "2:4"),
-    ("CAP-m 90%", "movement", 0.9, None),
-    ("CAP-f 50%", "structured", 0.5, None),
-    ("CAP-f 75%", "structured", 0.75, None),
-    ("CAP-f 90%", "structured", 0.9, None),
-    ("hybrid 50%", "hybrid", 0.5, None),
-    ("hybrid 75%", "hybrid", 0.75, None),
-    ("hybrid 90%", "hybrid", 0.9, None),
+# Every point: (name, method, final sparsity, N:M pattern or None, extras). Extras:
+# ``blocks`` (structured.remove_empty_blocks, no head floor), ``w_layer`` (layer
+# distillation, dynamic map on every other teacher layer), ``cap: False`` (PrC / FiC /
+# SnC off), ``steps`` (another training length).
+Point = tuple[str, str, float, str | None, dict[str, Any]]
+POINTS: list[Point] = [
+    ("CAP-m 50%", "movement", 0.5, None, {}),
+    ("CAP-m 2:4", "movement", 0.5, "2:4", {}),
+    ("CAP-m 90%", "movement", 0.9, None, {}),
+    ("CAP-f 50%", "structured", 0.5, None, {}),
+    ("CAP-f 75%", "structured", 0.75, None, {}),
+    ("CAP-f 90%", "structured", 0.9, None, {}),
+    ("hybrid 50%", "hybrid", 0.5, None, {}),
+    ("hybrid 75%", "hybrid", 0.75, None, {}),
+    ("hybrid 90%", "hybrid", 0.9, None, {}),
+]
+LAYER = {"w_layer": 0.5}
+# --points coarse: whole blocks and layer distillation at the far end, and training
+# length, each against CAP-f 90% retrained in the same call (frontier_coarse.*).
+COARSE_POINTS: list[Point] = [
+    ("CAP-f 90%", "structured", 0.9, None, {}),
+    ("CAP-f 90% blocks", "structured", 0.9, None, {"blocks": True}),
+    ("CAP-f 90% +layer", "structured", 0.9, None, LAYER),
+    ("CAP-f 90% layer, no CAP", "structured", 0.9, None, {**LAYER, "cap": False}),
+    ("CAP-f 90% blocks +layer", "structured", 0.9, None, {"blocks": True, **LAYER}),
+    ("CAP-f 95% blocks +layer", "structured", 0.95, None, {"blocks": True, **LAYER}),
+    ("CAP-f 90% @600", "structured", 0.9, None, {"steps": 600}),
+    ("CAP-f 90% blocks +layer @600", "structured", 0.9, None,
+     {"blocks": True, **LAYER, "steps": 600}),
 ]
 RUNTIMES = ("torch fp32", "onnxruntime fp32", "onnxruntime int8")
 TARGETS = [(0.95, 8.0), (0.98, 3.0)]  # (fraction of dense accuracy, speed-up at batch 32)
@@ -72,13 +90,13 @@ def run_name(name: str) -> str:
 
 
 def point_config(fid: Any, args: argparse.Namespace, budget: dict[str, Any], work: Path,
-                 teacher: str, point: tuple[str, str, float, str | None]) -> dict[str, Any]:
+                 teacher: str, point: Point) -> dict[str, Any]:
     from capscale.config import merge_dicts
 
-    name, method, sparsity, pattern = point
+    name, method, sparsity, pattern, extra = point
     cfg = merge_dicts(fid.base_config(budget, work / run_name(name), 42),
                       {"model": {"teacher": teacher}})
-    cfg = merge_dicts(cfg, fid.run_config(method, sparsity, True))
+    cfg = merge_dicts(cfg, fid.run_config(method, sparsity, extra.get("cap", True)))
     pruning = cfg["pruning"]
     pruning.update(score_warm_start="magnitude", score_warm_start_scale=args.warm_start_scale)
     if pattern:
@@ -86,6 +104,13 @@ def point_config(fid: Any, args: argparse.Namespace, budget: dict[str, Any], wor
     if method == "structured":
         cfg["structured"] = {"schedule": "cubic", "update_every": args.update_every,
                              "importance_fraction": 0.1, "levels": [sparsity]}
+    if extra.get("blocks"):
+        cfg["structured"].update(remove_empty_blocks=True, min_heads_per_layer=0)
+    if extra.get("w_layer"):
+        cfg["loss"].update(w_layer=extra["w_layer"], layer_map="dynamic",
+                           layer_teacher_layers=[2, 4, 6])
+    if extra.get("steps"):
+        cfg["train"]["max_steps"] = extra["steps"]
     cfg["train"]["lr"] = args.lr
     cfg["export"] = {"formats": ["pytorch", "onnx", "int8"]}
     return cfg
@@ -122,7 +147,8 @@ def train(args: argparse.Namespace, fid: Any, json_path: Path) -> None:
     budget = {**fid.BUDGETS[args.budget]}
     if args.budget == "cpu":
         budget.update(max_steps=args.steps, max_train_samples=args.train_rows)
-    work = Path(args.work) / f"frontier_{args.budget}"
+    tag = "" if args.points == "main" else f"_{args.points}"
+    work = Path(args.work) / f"frontier_{args.budget}{tag}"
     teacher, dense = teacher_of(fid, args)
     header = {"train_command": "PYTHONPATH=. python bench/frontier.py --worker K/N --threads "
                                f"{args.threads} --steps {args.steps} --train-rows "
@@ -145,7 +171,8 @@ def train(args: argparse.Namespace, fid: Any, json_path: Path) -> None:
         report = json.loads((out / "sparsity_report.json").read_text())
         dev = (report.get("formats") or {}).get("dev", {}).get("metrics", {})
         record = {"name": point[0], "method": point[1], "target_sparsity": point[2],
-                  "pattern": point[3], "export": _rel(out),
+                  "pattern": point[3], "extra": point[4], "export": _rel(out),
+                  "removed_blocks": report.get("removed_blocks"),
                   "accuracy": res["pruned_metrics"]["accuracy"],
                   "accuracy_by_runtime": {
                       "torch fp32": res["pruned_metrics"]["accuracy"],
@@ -325,8 +352,52 @@ def markdown(data: dict[str, Any]) -> str:
             f"reached by {best['name']} ({best['runtime']}): "
             f"{100 * best['relative_accuracy']:.1f}% at {best['speedup_b32']:.2f}x"
             if best else "not reached; " + _closest(pts, rel, speed)))
-    lines += _comparisons(pts)
+    lines += _comparisons(pts) if any(p["method"] == "hybrid" for p in pts) else []
+    lines += _coarse_comparisons(data)
     return "\n".join(lines) + "\n"
+
+
+def _coarse_comparisons(data: dict[str, Any]) -> list[str]:
+    """Whole blocks, layer distillation with and without CAP, and accuracy against
+    training steps, at CAP-f's far end (PyTorch fp32 and INT8)."""
+    pts = {(p["name"], p["runtime"]): p for p in data.get("points", [])}
+    runs = {r["name"]: r for r in data.get("runs", [])}
+    out: list[str] = []
+
+    def cell(name: str, runtime: str = "torch fp32") -> str:
+        p = pts.get((name, runtime))
+        if p is None or p["accuracy"] is None:
+            return "-"
+        return (f"{100 * p['accuracy']:.2f} ({100 * p['relative_accuracy']:.1f}%) at "
+                f"{p['speedup_b32']:.2f}x")
+    pairs = [("CAP-f 90% +layer", "CAP-f 90% layer, no CAP",
+              "layer distillation with CAP vs without")]
+    if any(a in runs and b in runs for a, b, _ in pairs):
+        out += ["", "Layer distillation with and without CAP's contrastive terms (same "
+                "steps, same point):", ""]
+        for a, b, what in pairs:
+            pa, pb = pts.get((a, "torch fp32")), pts.get((b, "torch fp32"))
+            if pa and pb:
+                out.append(f"- {what}: {cell(a)} vs {cell(b)} "
+                           f"({100 * (pa['accuracy'] - pb['accuracy']):+.2f} points)")
+    blocks = [n for n in runs if "blocks" in n]
+    if blocks:
+        out += ["", "Blocks removed by the runs that allow it (layer indices):", ""]
+        for n in blocks:
+            rb = runs[n].get("removed_blocks") or {}
+            out.append(f"- {n}: attention {rb.get('attention', [])}, FFN "
+                       f"{rb.get('ffn', [])}")
+    steps = sorted({(r["name"].split(" @")[0], r["steps"]) for r in runs.values()})
+    bases = sorted({b for b, _ in steps if sum(x == b for x, _ in steps) > 1})
+    if bases:
+        out += ["", "Accuracy against training steps (PyTorch fp32 / ONNX Runtime INT8):", "",
+                "| point | steps | fp32 | INT8 |", "|---|---|---|---|"]
+        for base in bases:
+            for name, r in sorted(((n, r) for n, r in runs.items()
+                                   if n.split(" @")[0] == base), key=lambda x: x[1]["steps"]):
+                out.append(f"| {base} | {r['steps']} | {cell(name)} | "
+                           f"{cell(name, 'onnxruntime int8')} |")
+    return out
 
 
 def _closest(pts: list[dict[str, Any]], rel: float, speed: float) -> str:
@@ -432,10 +503,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--length", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--only", nargs="+", help="points to train (names), default all")
+    p.add_argument("--points", choices=("main", "coarse"), default="main",
+                   help="the frontier's points, or the coarse-grained far end "
+                        "(frontier_coarse.*)")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--budget", default="cpu", help="fidelity budget (smoke for a check)")
     p.add_argument("--work", default=str(ROOT / "bench" / "cache"))
     args = p.parse_args(argv)
+    if args.points == "coarse":
+        POINTS[:] = COARSE_POINTS
     if args.only:
         POINTS[:] = [pt for pt in POINTS if pt[0] in args.only]
     if args.warm_start_scale != 0.1:
@@ -444,7 +520,8 @@ def main(argv: list[str] | None = None) -> int:
     import fidelity as fid
 
     args.out.mkdir(parents=True, exist_ok=True)
-    suffix = "" if args.budget == "cpu" else f"_{args.budget}"
+    suffix = ("" if args.budget == "cpu" else f"_{args.budget}") + (
+        "" if args.points == "main" else f"_{args.points}")
     json_path = args.out / f"frontier{suffix}.json"
     if args.time:
         time_all(args, fid, json_path)

@@ -259,3 +259,23 @@ def test_tokenize_cache_small(tmp_path):
     assert set(res["cache_mib"]) == {"features", "lengths"}
     assert res["first"]["seconds"]["tokenize"] > 0 and "tokenize" not in \
         res["requeued"]["seconds"]  # the requeued process never tokenised
+
+
+def test_frontier_coarse_points_are_valid_configs(tmp_path):
+    """Every point of ``bench/frontier.py --points coarse`` is a config the run accepts,
+    with what its name says (blocks, layer distillation, CAP off, steps)."""
+    import argparse
+
+    from capscale.checks import run_config_from_dict
+
+    frontier, fidelity = _bench("frontier"), _bench("fidelity")
+    args = argparse.Namespace(lr=1e-4, update_every=10, warm_start_scale=0.1)
+    for point in frontier.COARSE_POINTS:
+        cfg = run_config_from_dict(frontier.point_config(
+            fidelity, args, {**fidelity.BUDGETS["cpu"], "max_steps": 150}, tmp_path,
+            str(tmp_path / "teacher"), point))
+        name = point[0]
+        assert cfg.structured.remove_empty_blocks == ("blocks" in name)
+        assert (cfg.loss.w_layer > 0) == ("layer" in name)
+        assert cfg.cap.modules["prc"].enabled == ("no CAP" not in name)
+        assert cfg.train.max_steps == (600 if "@600" in name else 150)
