@@ -39,6 +39,7 @@ from capscale.models.loading import (
     read_config,
 )
 from capscale.models.specs import adapter_from_mapping, block_specs, for_task, skeleton
+from capscale.pruning.hidden import hidden_norms
 from capscale.pruning.methods import PRUNING_METHODS
 from capscale.pruning.schedule import cubic_sparsity, warmup_steps
 from capscale.pruning.unstructured import NoPruning
@@ -131,15 +132,17 @@ def check_layout(cfg: Config, adapter: EncoderAdapter, task: Task) -> list[str]:
     method = PRUNING_METHODS[p.method]
     structured = method.physical_export
     config = configs["model.name_or_path"][1]
-    if cfg.structured.remove_empty_blocks:
-        try:
-            block_specs(adapter)
-        except ValueError as err:
-            raise ModelError(f"model {m.name_or_path}: {err}") from None
     try:
         model = skeleton(config, m.trust_remote_code, task)
     except Exception:  # foreign modeling code: validate_encoder has warned already
         return []
+    try:
+        if cfg.structured.remove_empty_blocks:
+            block_specs(adapter)
+        if cfg.structured.hidden_sparsity > 0:
+            hidden_norms(model, for_task(adapter, task, model))
+    except ValueError as err:
+        raise ModelError(f"model {m.name_or_path}: {err}") from None
     found = deep_check(for_task(adapter, task, model), model, structured)
     why, notes = found.structured_refusal, []
     # transformers writes a model only on rank 0 of an initialised process group, so
@@ -296,9 +299,11 @@ def cross_section_rules(cfg: Config) -> list[str]:
         out.append(f"export.formats sparse: pruning.method={cfg.pruning.method} exports a "
                    "physically smaller dense model, with no zeros to store sparsely; drop "
                    "sparse (onnx / int8 apply)")
-    if cfg.structured.remove_empty_blocks and cfg.pruning.method != "structured":
-        out.append(f"structured.remove_empty_blocks: skips blocks emptied by structured "
-                   f"(CAP-f) masks; pruning.method={cfg.pruning.method} has none")
+    for key, on in (("remove_empty_blocks", cfg.structured.remove_empty_blocks),
+                    ("hidden_sparsity", cfg.structured.hidden_sparsity > 0)):
+        if on and cfg.pruning.method != "structured":
+            out.append(f"structured.{key}: a structured (CAP-f) setting; pruning.method="
+                       f"{cfg.pruning.method} does not read it")
     if cfg.pruning.target_latency_ms is not None and not method.physical_export:
         out.append(f"pruning.target_latency_ms: pruning.method={cfg.pruning.method} exports "
                    "a dense model that runs at dense speed; a latency target needs a "

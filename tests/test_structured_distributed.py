@@ -6,7 +6,8 @@ fixed order, so that global batch ``k`` is the same rows for one process and for
 two ranks (4 rows each). Checked against one process: the Taylor importance at every
 level (1e-4 relative), the heads and neurons kept per layer (exactly), the per-step
 losses averaged over ranks, the LR of every step (fresh schedule per level), and the
-final logits. On rank 0 the exported, physically smaller model gives the masked
+final logits. Half the hidden dimension is pruned along (structured.hidden_sparsity).
+On rank 0 the exported, physically smaller model gives the masked
 student's logits (1e-5) and loads with
 ``AutoModelForSequenceClassification.from_pretrained(dir, trust_remote_code=True)``.
 """
@@ -31,6 +32,7 @@ from capscale.distributed import DistContext
 pytestmark = pytest.mark.multiprocess
 
 LEVELS = [0.25, 0.5]
+HIDDEN = 0.5  # of the 32 hidden dimensions: 8 pruned at the first level, 16 at the last
 
 
 def build(assets: dict[str, str], ctx: Any) -> Any:
@@ -44,7 +46,7 @@ def build(assets: dict[str, str], ctx: Any) -> Any:
     cfg = run_config_from_dict(run_config(assets, "unused", **{
         "pruning.method": "structured", "structured.levels": LEVELS,
         "structured.retrain_steps": 2, "structured.importance_fraction": 0.5,
-        "train.batch_size": GLOBAL_BATCH // world}))
+        "structured.hidden_sparsity": HIDDEN, "train.batch_size": GLOBAL_BATCH // world}))
     run = CAPRecipe(cfg, ctx, Console(enabled=False))
     run.setup()
     ds, per = run.loaders.bank.dataset, GLOBAL_BATCH // world
@@ -68,12 +70,12 @@ def record_run(run: Any, export_dir: Path) -> dict[str, Any]:
 
     def recorded_importance() -> Any:
         imp = importance()
-        out["importance"].append(torch.cat([*imp.heads, *imp.ffn]))
+        out["importance"].append(torch.cat([*imp.heads, *imp.ffn, imp.hidden]))
         return imp
 
     def recorded_prune_to(level: float) -> None:
         prune_to(level)
-        out["keep"].append(ctl.masks.keep())
+        out["keep"].append((*ctl.masks.keep(), [ctl.masks.hidden_keep()]))
 
     ctl.importance, ctl.prune_to = recorded_importance, recorded_prune_to
     run.train()
@@ -148,8 +150,9 @@ def test_structured_two_ranks_match_one_process(strategy, assets, single, tmp_pa
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-9,
                                    msg=lambda m, i=level: f"importance, level {i}: {m}")
     for got, want in zip(rec["keep"], single["keep"]):  # heads / neurons kept per layer
-        for g, w in zip([*got[0], *got[1]], [*want[0], *want[1]]):
+        for g, w in zip([*got[0], *got[1], *got[2]], [*want[0], *want[1], *want[2]]):
             assert torch.equal(g, w)
+    assert [int((~k[2][0]).sum()) for k in rec["keep"]] == [8, 16]
     assert rec["head_sparsity"] == pytest.approx(LEVELS[-1])
     assert all(torch.isfinite(torch.tensor(rec["losses"])))
     assert rec["losses"] == pytest.approx(single["losses"], rel=1e-4)

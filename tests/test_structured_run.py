@@ -83,13 +83,14 @@ def test_structured_config_errors():
 
 def test_structured_run_removes_emptied_blocks(tiny_assets, tmp_path):
     """At 90% with no head floor, one of the two layers loses every head: its attention
-    block is skipped in training and removed from the export, which verifies; layer
-    distillation (dynamic map) rides along."""
+    block is skipped in training and removed from the export, which verifies; half the
+    hidden dimensions go too, and layer distillation (dynamic map) rides along."""
     out = tmp_path / "run"
     rc = main(_args(tiny_assets, out, "structured.schedule=cubic", "structured.levels=[0.9]",
                     "structured.update_every=2", "pruning.final_sparsity=0.9",
                     "pruning.initial_warmup=0", "pruning.final_warmup=0.2",
                     "structured.min_heads_per_layer=0", "structured.remove_empty_blocks=true",
+                    "structured.hidden_sparsity=0.5",
                     "loss.w_layer=0.5", "loss.layer_map=dynamic", "train.max_steps=6"))
     assert rc == 0
     results = json.loads((out / "results.json").read_text())
@@ -99,6 +100,7 @@ def test_structured_run_removes_emptied_blocks(tiny_assets, tmp_path):
     assert len(removed) == 1 and structure["heads_per_layer"][removed[0]] == 0
     report = json.loads((out / "pruned" / "sparsity_report.json").read_text())
     assert report["removed_blocks"]["attention"] == removed
+    assert report["hidden_size_kept"] == 16 and len(structure["hidden_kept"]) == 16
     card = (out / "pruned" / "model" / "README.md").read_text()
     assert "blocks removed (layer indices)" in card
     model = AutoModelForSequenceClassification.from_pretrained(

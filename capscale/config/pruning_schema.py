@@ -146,6 +146,10 @@ class StructuredConfig:
     # removed is gone); false: it keeps adding its output bias, as the reference does.
     # Emptying attention blocks needs min_heads_per_layer: 0.
     remove_empty_blocks: bool = False
+    # Fraction of the hidden dimensions (the residual stream's width, shared by the
+    # embeddings and every layer) pruned at the end, reached in proportion to the
+    # head / neuron schedule, 8 dimensions at a time (post-LN encoders; 0: none).
+    hidden_sparsity: float = 0.0
 
     def check(self) -> list[Check]:
         return [
@@ -159,4 +163,5 @@ class StructuredConfig:
              "must be in (0, 1]"),
             (self.min_heads_per_layer >= 0, "structured.min_heads_per_layer", "must be >= 0"),
             (self.update_every >= 1, "structured.update_every", "must be >= 1"),
+            (0 <= self.hidden_sparsity < 1, "structured.hidden_sparsity", "must be in [0, 1)"),
         ]

@@ -101,6 +101,37 @@ class SkippedResidual(nn.Module):
         return block_input
 
 
+def widen(kept: list[int], width: int) -> Any:
+    """A forward hook putting a layer's narrow output (the hidden dimensions ``kept``)
+    back at ``width``, zeros elsewhere; a tuple output's first element."""
+    def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+        value = output[0] if isinstance(output, tuple) else output
+        idx = torch.tensor(kept, device=value.device)
+        full = value.new_zeros((*value.shape[:-1], width)).index_copy(-1, idx, value)
+        return (full, *output[1:]) if isinstance(output, tuple) else full
+    return hook
+
+
+def _narrow_embeddings(base: nn.Module, structure: dict[str, Any], width: int) -> None:
+    """The embedding tables and LayerNorms of a pruned hidden size (``width`` kept)."""
+    emb = base.get_submodule(structure["embeddings"])
+    for name, mod in list(emb.named_children()):
+        if isinstance(mod, nn.Embedding) and mod.embedding_dim == structure["hidden_size"]:
+            setattr(emb, name, nn.Embedding(mod.num_embeddings, width,
+                                            padding_idx=mod.padding_idx))
+    _narrow_norm(base, structure["embedding_norm"], width)
+
+
+def _narrow_norm(root: nn.Module, path: str, width: int) -> None:
+    try:
+        old = cast(nn.LayerNorm, root.get_submodule(path))
+    except AttributeError:  # inside a removed block
+        return
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name,
+            nn.LayerNorm(width, eps=old.eps, elementwise_affine=old.weight is not None))
+
+
 def _skip(layer: nn.Module, spec: list[Any]) -> None:
     compute, outputs, residual = spec
     for path, new in ((compute, SkippedCompute(int(outputs))), (residual, SkippedResidual())):
@@ -121,18 +152,24 @@ def resize_to_structure(model: nn.Module, structure: dict[str, Any]) -> None:
     for kind, indices in structure.get("removed_blocks", {}).items():
         for i in indices:
             _skip(layers[i], structure["blocks"][kind])
+    hidden: list[int] = structure.get("hidden_kept") or []
+    width = len(hidden) or None
+    if hidden:
+        _narrow_embeddings(base, structure, len(hidden))
     for layer, heads, inter, kept in zip(layers, structure["heads_per_layer"],
                                          structure["intermediate_per_layer"], kept_heads):
         for path in structure["head_linears"]:
-            _swap(layer, path, out_features=heads * d)
+            _swap(layer, path, in_features=width, out_features=heads * d)
         if structure.get("fused_qkv"):
-            _swap(layer, structure["fused_qkv"], out_features=3 * heads * d)
+            _swap(layer, structure["fused_qkv"], in_features=width, out_features=3 * heads * d)
         for entry in structure.get("head_params", []):
             _resize_param(layer, entry, heads, d)
-        _swap(layer, structure["attn_out"], in_features=heads * d)
+        _swap(layer, structure["attn_out"], in_features=heads * d, out_features=width)
         rows = structure.get("ffn_in_rows_per_neuron", 1)
-        _swap(layer, structure["ffn_in"], out_features=rows * inter)
-        _swap(layer, structure["ffn_out"], in_features=inter)
+        _swap(layer, structure["ffn_in"], in_features=width, out_features=rows * inter)
+        _swap(layer, structure["ffn_out"], in_features=inter, out_features=width)
+        for path in structure.get("hidden_norms", []) if hidden else []:
+            _narrow_norm(layer, path, len(hidden))
         if not heads:  # a removed attention block
             continue
         attention = layer.get_submodule(structure["attention_module"])
@@ -147,6 +184,8 @@ def resize_to_structure(model: nn.Module, structure: dict[str, Any]) -> None:
         for path, name, index in structure.get("head_inputs", []):
             layer.get_submodule(path).register_forward_pre_hook(
                 _head_slicer(index, name, kept), with_kwargs=True)
+    if hidden:  # the pooler and the head read the full width
+        layers[-1].register_forward_hook(widen(hidden, structure["hidden_size"]))
 
 
 _Base: Any = getattr(transformers, BASE_CLASS)  # the model's class, known at export time

@@ -74,8 +74,10 @@ def export_pruned(model: nn.Module, adapter: EncoderAdapter, out_dir: str | Path
 def export_structured(model: nn.Module, adapter: EncoderAdapter, heads: list[torch.Tensor],
                       ffn: list[torch.Tensor], out_dir: str | Path,
                       tokenizer: PreTrainedTokenizerBase | None = None, inplace: bool = False,
-                      extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write a physically smaller model: pruned heads and FFN neurons sliced away.
+                      extra: dict[str, Any] | None = None, hidden: torch.Tensor | None = None
+                      ) -> dict[str, Any]:
+    """Write a physically smaller model: pruned heads, FFN neurons (and hidden
+    dimensions, ``hidden``: an (H,) keep mask) sliced away.
 
     Writes ``out_dir/{model/, structure.json, sparsity_report.json}`` and the card. Per-layer head
     counts and FFN widths go to ``config.capscale_structure``; a ~130-line loader
@@ -100,11 +102,11 @@ def export_structured(model: nn.Module, adapter: EncoderAdapter, heads: list[tor
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    counts = {**structured_param_counts(model, adapter, heads, ffn),
+    counts = {**structured_param_counts(model, adapter, heads, ffn, hidden),
               "unpruned_linears": unpruned_linears(adapter, model)}
     target = cast(PreTrainedModel, model if inplace else copy.deepcopy(model))
     strip_mask_hooks(target)
-    structure = prune_structure(target, adapter, heads, ffn)
+    structure = prune_structure(target, adapter, heads, ffn, hidden)
     target.config.capscale_structure = structure
     target.config.auto_map = {auto_class_name(saved_class_name(target)):
                               f"{REMOTE_CODE}.CapscalePrunedModel"}
@@ -128,6 +130,7 @@ def export_structured(model: nn.Module, adapter: EncoderAdapter, heads: list[tor
               "heads_per_layer": structure["heads_per_layer"],
               "intermediate_per_layer": structure["intermediate_per_layer"],
               "removed_blocks": structure["removed_blocks"],
+              "hidden_size_kept": len(structure.get("hidden_kept") or []) or None,
               "removed_layers": sorted(set(structure["removed_blocks"]["attention"])
                                        & set(structure["removed_blocks"]["ffn"])),
               **(extra or {})}

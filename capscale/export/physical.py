@@ -22,7 +22,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from capscale.export.hf_pruned_model import SkippedCompute, SkippedResidual
+from capscale.export.hf_pruned_model import SkippedCompute, SkippedResidual, widen
 from capscale.models.adapters import EncoderAdapter, get_submodule, head_param
 from capscale.models.deep_check import head_attributes
 from capscale.models.specs import block_specs
@@ -57,7 +57,7 @@ def _set(root: nn.Module, path: str, new: nn.Module | nn.Parameter) -> None:
 
 @torch.no_grad()
 def prune_structure(model: nn.Module, adapter: EncoderAdapter, heads: list[Tensor],
-                    ffn: list[Tensor]) -> dict[str, Any]:
+                    ffn: list[Tensor], hidden: Tensor | None = None) -> dict[str, Any]:
     """Slice ``model``'s encoder in place to the kept heads and neurons.
 
     Fused Q/K/V maps lose a pruned head's rows in all three blocks (``adapter.head_rows``),
@@ -70,6 +70,7 @@ def prune_structure(model: nn.Module, adapter: EncoderAdapter, heads: list[Tenso
         adapter: its encoder adapter.
         heads: per distinct layer, (H,) bool keep mask of the heads.
         ffn: per distinct layer, (I,) bool keep mask of the FFN neurons.
+        hidden: (H,) bool keep mask of the hidden dimensions, or None (all kept).
 
     Returns:
         the ``capscale_structure`` description stored in the exported config (read by
@@ -79,6 +80,11 @@ def prune_structure(model: nn.Module, adapter: EncoderAdapter, heads: list[Tenso
     d = adapter.head_size(config)
     num_heads = adapter.num_heads(config)
     specs = block_specs(adapter) if adapter.remove_empty_blocks else {}
+    width = _hidden_size(model)
+    h_keep_idx = (torch.nonzero(hidden.cpu()).flatten()
+                  if hidden is not None and not bool(hidden.all()) else None)
+    if h_keep_idx is not None:
+        _narrow_embeddings(model, adapter, h_keep_idx)
     heads_per_layer, inter_per_layer, kept_heads = [], [], []
     removed: dict[str, list[int]] = {"attention": [], "ffn": []}
     attrs: dict[str, str] = {}
@@ -91,14 +97,27 @@ def prune_structure(model: nn.Module, adapter: EncoderAdapter, heads: list[Tenso
                 skip_block(layer, specs[kind])
                 removed[kind].append(i)
         if i not in removed["attention"]:
-            attrs, config_attr = _slice_heads(layer, adapter, h_idx, d, num_heads)
+            attrs, config_attr = _slice_heads(layer, adapter, h_idx, d, num_heads, h_keep_idx)
         if i not in removed["ffn"]:
-            _slice_neurons(layer, adapter, f_idx)
+            _slice_neurons(layer, adapter, f_idx, h_keep_idx)
+        for path in adapter.hidden_norms or ():
+            norm = optional_module(layer, path)
+            if norm is not None and h_keep_idx is not None:
+                _set(layer, path, _sliced_norm(norm, h_keep_idx))
         heads_per_layer.append(int(max(h_idx.numel(), i not in removed["attention"])))
         inter_per_layer.append(int(max(f_idx.numel(), i not in removed["ffn"])))
         kept_heads.append(h_idx.tolist() if h_idx.numel() or i in removed["attention"]
                           else [0])
-    return {"layers": adapter.layers, "layer_paths": adapter.layer_paths(model),
+    hidden_fields: dict[str, Any] = {}
+    if h_keep_idx is not None:
+        kept = h_keep_idx.tolist()
+        adapter.layer_modules(model)[-1].register_forward_hook(widen(kept, width))
+        norm_path = str(adapter.embedding_norm)
+        hidden_fields = {"hidden_kept": kept, "hidden_size": width,
+                         "embeddings": norm_path.rpartition(".")[0],
+                         "embedding_norm": norm_path,
+                         "hidden_norms": list(adapter.hidden_norms or ())}
+    return {**hidden_fields, "layers": adapter.layers, "layer_paths": adapter.layer_paths(model),
             "head_size": d, "head_linears": [p for p in adapter.head_linear_paths()
                                              if p != adapter.qkv],
             "fused_qkv": adapter.qkv, "head_params": list(adapter.extra_head_params),
@@ -120,10 +139,50 @@ def skip_block(layer: nn.Module, spec: tuple[str, int, str] | list[Any]) -> None
     _set(layer, residual, SkippedResidual())
 
 
+def _narrow_embeddings(model: nn.Module, adapter: EncoderAdapter, keep: Tensor) -> None:
+    """The embedding tables' and the embedding LayerNorm's kept hidden dimensions."""
+    base = getattr(model, "base_model", model)
+    width = _hidden_size(model)
+    norm_path = str(adapter.embedding_norm)
+    emb = base.get_submodule(norm_path.rpartition(".")[0])
+    for name, mod in list(emb.named_children()):
+        if isinstance(mod, nn.Embedding) and mod.embedding_dim == width:
+            new = nn.Embedding(mod.num_embeddings, keep.numel(), padding_idx=mod.padding_idx,
+                               device=mod.weight.device, dtype=mod.weight.dtype)
+            with torch.no_grad():
+                new.weight.copy_(mod.weight.detach().index_select(1, keep.to(
+                    mod.weight.device)))
+            new.requires_grad_(mod.weight.requires_grad)
+            setattr(emb, name, new)
+    _set(base, norm_path, _sliced_norm(base.get_submodule(norm_path), keep))
+
+
+def _sliced_norm(norm: nn.Module, keep: Tensor) -> nn.LayerNorm:
+    """A LayerNorm over the kept dimensions of ``norm`` (its weight and bias sliced)."""
+    old = cast(nn.LayerNorm, norm)
+    new = nn.LayerNorm(keep.numel(), eps=old.eps, elementwise_affine=old.weight is not None,
+                       device=old.weight.device if old.weight is not None else None)
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            p = getattr(old, name, None)
+            if p is not None:
+                getattr(new, name).copy_(p.detach().index_select(0, keep.to(p.device)))
+    return new
+
+
+def optional_module(layer: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return layer.get_submodule(path)
+    except AttributeError:
+        return None
+
+
 def _slice_heads(layer: nn.Module, adapter: EncoderAdapter, h_idx: Tensor, d: int,
-                 num_heads: int) -> tuple[dict[str, str], str | None]:
-    """Keep the heads ``h_idx`` of one layer (none kept: one, its output zeroed);
-    returns the attention's head attributes and the config attribute it reads."""
+                 num_heads: int, hidden: Tensor | None = None
+                 ) -> tuple[dict[str, str], str | None]:
+    """Keep the heads ``h_idx`` of one layer (none kept: one, its output zeroed) and the
+    hidden dimensions ``hidden`` (None: all); returns the attention's head attributes
+    and the config attribute it reads."""
     empty_attn = h_idx.numel() == 0
     if empty_attn:
         h_idx = torch.zeros(1, dtype=torch.long)
@@ -132,11 +191,12 @@ def _slice_heads(layer: nn.Module, adapter: EncoderAdapter, h_idx: Tensor, d: in
         lin = optional_linear(layer, path)
         if lin is not None:
             role = "qkv" if path == adapter.qkv else "plain"
-            _set(layer, path, _sliced(lin, rows=adapter.head_rows(role, h_idx, d, num_heads)))
+            _set(layer, path, _sliced(lin, rows=adapter.head_rows(role, h_idx, d, num_heads),
+                                      cols=hidden))
     for entry in adapter.extra_head_params:
         _slice_param(layer, entry, rows, h_idx, num_heads)
     attn_out = get_submodule(layer, adapter.attn_out)
-    _set(layer, adapter.attn_out, _sliced(cast(nn.Linear, attn_out), cols=rows,
+    _set(layer, adapter.attn_out, _sliced(cast(nn.Linear, attn_out), rows=hidden, cols=rows,
                                           zero_cols=empty_attn))
     attention = layer.get_submodule(attention_module(adapter))
     attrs = head_attributes(attention, num_heads, d)
@@ -149,16 +209,19 @@ def _slice_heads(layer: nn.Module, adapter: EncoderAdapter, h_idx: Tensor, d: in
     return attrs, config_attr
 
 
-def _slice_neurons(layer: nn.Module, adapter: EncoderAdapter, f_idx: Tensor) -> None:
-    """Keep the FFN neurons ``f_idx`` of one layer (none kept: one, its output zeroed)."""
+def _slice_neurons(layer: nn.Module, adapter: EncoderAdapter, f_idx: Tensor,
+                   hidden: Tensor | None = None) -> None:
+    """Keep the FFN neurons ``f_idx`` of one layer (none kept: one, its output zeroed)
+    and the hidden dimensions ``hidden`` (None: all)."""
     ffn_in = cast(nn.Linear, get_submodule(layer, adapter.ffn_in))
     ffn_out = cast(nn.Linear, get_submodule(layer, adapter.ffn_out))
     empty_ffn = f_idx.numel() == 0
     if empty_ffn:
         f_idx = torch.zeros(1, dtype=torch.long)
     _set(layer, adapter.ffn_in, _sliced(ffn_in, rows=adapter.neuron_rows(
-        f_idx, ffn_out.in_features)))
-    _set(layer, adapter.ffn_out, _sliced(ffn_out, cols=f_idx, zero_cols=empty_ffn))
+        f_idx, ffn_out.in_features), cols=hidden))
+    _set(layer, adapter.ffn_out, _sliced(ffn_out, rows=hidden, cols=f_idx,
+                                         zero_cols=empty_ffn))
 
 
 def _slice_param(layer: nn.Module, entry: str, rows: Tensor, heads: Tensor,
@@ -193,3 +256,7 @@ def _own_config_attr(attention: nn.Module, attrs: dict[str, str],
 def attention_module(adapter: EncoderAdapter) -> str:
     """Path of the module that owns Q/K/V (it holds the head-count attributes)."""
     return adapter.head_linear_paths()[0].rpartition(".")[0]
+
+
+def _hidden_size(model: nn.Module) -> int:
+    return int(cast(Any, model).config.hidden_size)

@@ -59,7 +59,7 @@ def write_export(model: nn.Module, plan: ExportPlan, adapter: EncoderAdapter,
     export's sparsity report."""
     if plan.heads is not None and plan.ffn is not None:
         return export_structured(model, adapter, plan.heads, plan.ffn, out_dir, tokenizer,
-                                 inplace=True, extra=extra)
+                                 inplace=True, extra=extra, hidden=plan.hidden)
     return export_pruned(model, adapter, out_dir, tokenizer, inplace=True, extra=extra)
 
 

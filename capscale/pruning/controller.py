@@ -103,6 +103,7 @@ class ExportPlan:
 
     heads: list[Tensor] | None = None
     ffn: list[Tensor] | None = None
+    hidden: Tensor | None = None  # (H,) keep mask of the hidden dimensions, or None
 
     @property
     def physical(self) -> bool:

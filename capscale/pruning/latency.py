@@ -62,7 +62,8 @@ def time_forward(model: nn.Module, batch_size: int, seq_length: int, repeats: in
 def exported_latency(model: nn.Module, adapter: EncoderAdapter, heads: list[Tensor],
                      ffn: list[Tensor], batch_size: int, seq_length: int, repeats: int = 3,
                      device: torch.device | str = "cpu",
-                     prepare: Callable[[nn.Module], None] | None = None) -> float:
+                     prepare: Callable[[nn.Module], None] | None = None,
+                     hidden: Tensor | None = None) -> float:
     """Latency (ms) of the export of ``model`` at these keep masks: a copy is sliced,
     written as the export writes it, reloaded with transformers (its loader file) and
     timed. ``model`` is left as it was; ``prepare`` edits the copy first (e.g. removes
@@ -71,7 +72,7 @@ def exported_latency(model: nn.Module, adapter: EncoderAdapter, heads: list[Tens
     if prepare is not None:
         prepare(target)
     with tempfile.TemporaryDirectory() as tmp:
-        export_structured(target, adapter, heads, ffn, tmp, inplace=True)
+        export_structured(target, adapter, heads, ffn, tmp, inplace=True, hidden=hidden)
         auto = getattr(transformers, auto_class_name(type(target).__name__))
         loaded = auto.from_pretrained(Path(tmp) / "model", trust_remote_code=True)
     del target
@@ -114,17 +115,19 @@ class LatencyTarget:
                 and step % self.run.pruning.latency_every == 0 and level > last + 1e-9)
 
     def check(self, level: float,
-              keep: Callable[[nn.Module], tuple[list[Tensor], list[Tensor]]]) -> bool:
+              keep: Callable[[nn.Module], tuple[list[Tensor], list[Tensor]]],
+              hidden: Tensor | None = None) -> bool:
         """Measure the export at ``level`` (``keep(copy)`` gives the head / neuron masks
-        of the unsharded copy on the main rank); True, and pruning stops, when it meets
-        the target."""
+        of the unsharded copy on the main rank, ``hidden`` the hidden dimensions' keep
+        mask); True, and pruning stops, when it meets the target."""
         run = self.run
         model = run.full_student()  # collective
         verdict = torch.zeros(2, dtype=torch.float64)
         if model is not None:
             heads, ffn = keep(model)
             ms = exported_latency(model, run.adapter, heads, ffn, self.batch_size,
-                                  self.seq_length, self.repeats, run.ctx.device, self.prepare)
+                                  self.seq_length, self.repeats, run.ctx.device, self.prepare,
+                                  hidden)
             assert self.target_ms is not None  # checked only with a target
             verdict[0], verdict[1] = ms, float(ms <= self.target_ms)
         if run.ctx.distributed:

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from capscale.models.adapters import EncoderAdapter, get_submodule, head_param
 from capscale.models.specs import block_specs
+from capscale.pruning.hidden import HiddenMask, hidden_pruned_parameters
 
 AllReduceFn = Callable[[Tensor], Tensor]  # sums a tensor over ranks
 
@@ -52,9 +53,11 @@ class StructuredMasks(nn.Module):
     Args:
         model: the task model (unwrapped).
         adapter: its encoder adapter.
+        hidden: also mask the hidden dimension (capscale.pruning.hidden).
     """
 
-    def __init__(self, model: nn.Module, adapter: EncoderAdapter) -> None:
+    def __init__(self, model: nn.Module, adapter: EncoderAdapter, hidden: bool = False
+                 ) -> None:
         super().__init__()
         config = model.config
         if getattr(config, "talking_head", False):
@@ -82,6 +85,7 @@ class StructuredMasks(nn.Module):
         for i, lin in enumerate(linears):
             self._handles.append(lin["attn_out"].register_forward_pre_hook(self._head_hook(i)))
             self._handles.append(lin["ffn_out"].register_forward_pre_hook(self._ffn_hook(i)))
+        self.hidden = HiddenMask(model, adapter, _mark) if hidden else None
         self._empty: dict[tuple[str, int], tuple[int, bool]] = {}  # (kind, layer) cache
         if adapter.remove_empty_blocks:
             for i, layer in enumerate(layers):
@@ -130,9 +134,15 @@ class StructuredMasks(nn.Module):
         for h in self._handles:
             h.remove()
         self._handles = []
+        if self.hidden is not None:
+            self.hidden.remove()
 
     def parameters_list(self) -> list[nn.Parameter]:
-        return [*self.head, *self.ffn]
+        return [*self.head, *self.ffn, *([self.hidden.mask] if self.hidden else [])]
+
+    def hidden_keep(self) -> Tensor | None:
+        """The hidden dimensions' keep mask (bool, CPU), or None when not masked."""
+        return self.hidden.keep() if self.hidden is not None else None
 
     @torch.no_grad()
     def set(self, heads: list[Tensor], ffn: list[Tensor]) -> None:
@@ -151,8 +161,12 @@ class StructuredMasks(nn.Module):
         heads, ffn = self.keep()
         h_total = sum(m.numel() for m in heads)
         f_total = sum(m.numel() for m in ffn)
-        return {"head_sparsity": 1 - sum(int(m.sum()) for m in heads) / h_total,
-                "ffn_sparsity": 1 - sum(int(m.sum()) for m in ffn) / f_total}
+        out = {"head_sparsity": 1 - sum(int(m.sum()) for m in heads) / h_total,
+               "ffn_sparsity": 1 - sum(int(m.sum()) for m in ffn) / f_total}
+        hidden = self.hidden_keep()
+        if hidden is not None:
+            out["hidden_sparsity"] = 1 - int(hidden.sum()) / hidden.numel()
+        return out
 
 
 @dataclass
@@ -161,13 +175,15 @@ class Importance:
 
     heads: list[Tensor]
     ffn: list[Tensor]
+    hidden: Tensor | None = None  # (H,) when the hidden dimension is masked
 
     def normalized(self) -> Importance:
         """Each layer's vector divided by its L2 norm, per kind (Michel et al., 2019)."""
         def norm(v: Tensor) -> Tensor:
             n = v.norm(p=2)
             return v / n if n > 0 else v
-        return Importance([norm(v) for v in self.heads], [norm(v) for v in self.ffn])
+        return Importance([norm(v) for v in self.heads], [norm(v) for v in self.ffn],
+                          None if self.hidden is None else norm(self.hidden))
 
 
 def taylor_importance(masks: StructuredMasks, loss_fn: Callable[[dict[str, Tensor]], Tensor],
@@ -208,7 +224,7 @@ def taylor_importance(masks: StructuredMasks, loss_fn: Callable[[dict[str, Tenso
         masks.requires_grad_(False)
     parts = list(total.split(sizes))
     n = masks.num_layers
-    return Importance(parts[:n], parts[n:])
+    return Importance(parts[:n], parts[n:2 * n], parts[2 * n] if len(parts) > 2 * n else None)
 
 
 def _top(scores: Tensor, k: int) -> Tensor:
@@ -261,15 +277,17 @@ def _select(scores: list[Tensor], sparsity: float, min_per_layer: int,
 
 
 def structured_param_counts(model: nn.Module, adapter: EncoderAdapter,
-                            heads: list[Tensor], ffn: list[Tensor]) -> dict[str, float]:
+                            heads: list[Tensor], ffn: list[Tensor],
+                            hidden: Tensor | None = None) -> dict[str, float]:
     """Encoder weights removed by the keep masks (paper convention, docs/algorithm.md section 6).
 
-    A removed block (``adapter.remove_empty_blocks``) removes every parameter of its
-    compute and residual modules. A pruned head removes its rows of Q, K and V (separate
-    or fused; weights and biases), of any other per-head projection and per-head
-    vector, and its ``d`` columns of attn_out; a pruned neuron its row(s) of ffn_in
-    (two in a GLU) with their biases and its column of ffn_out. Layers applied several
-    times (ALBERT) count once, as stored. Encoder parameters are counted through module
+    A removed block (``adapter.remove_empty_blocks``) removes every parameter of its compute
+    and residual modules; pruned hidden dimensions (``hidden``, (H,) keep mask) their
+    entries of every kept unit (capscale.pruning.hidden). A pruned head removes its rows of
+    Q, K and V (separate or fused; weights and biases), of any other per-head projection and
+    per-head vector, and its ``d`` columns of attn_out; a pruned neuron its row(s) of ffn_in
+    (two in a GLU) with their biases and its column of ffn_out. Layers applied several times
+    (ALBERT) count once, as stored. Encoder parameters are counted through module
     attributes.
     """
     d = adapter.head_size(model.config)
@@ -298,6 +316,10 @@ def structured_param_counts(model: nn.Module, adapter: EncoderAdapter,
                               for p in get_submodule(layer, str(path)).parameters())
             else:
                 pruned += int((~keep).sum()) * per_unit
+        if hidden is not None:
+            gone = tuple(adapter.remove_empty_blocks and not bool(k.any()) for k in (h, f))
+            pruned += hidden_pruned_parameters(layer, adapter, int(h.sum()), int(f.sum()), d,
+                                               int((~hidden).sum()), (gone[0], gone[1]))
     encoder = sum(int(getattr(p, "ds_numel", p.numel()))
                   for n, p in adapter.layer_modules(model).named_parameters()
                   if not n.endswith("mask_scores"))  # learned scores are not weights

@@ -37,6 +37,7 @@ from capscale.pruning.controller import (
     PruningController,
     PruningMethod,
 )
+from capscale.pruning.hidden import select_hidden
 from capscale.pruning.latency import LatencyTarget
 from capscale.pruning.schedule import cubic_sparsity, warmup_steps
 from capscale.pruning.structured import (
@@ -75,7 +76,7 @@ class StructuredController(PruningController):
         it (made on first use, after the wrapping)."""
         if self._masks is None:
             self._masks = StructuredMasks(self.run.strategy.unwrap(self.run.student()),
-                                          self.run.adapter)
+                                          self.run.adapter, self.scfg.hidden_sparsity > 0)
         return self._masks
 
     def setup(self, model: nn.Module) -> None:
@@ -130,7 +131,8 @@ class StructuredController(PruningController):
         """With a latency target: measure the export at the current masks (pruning
         stops for good once it is met)."""
         if self.latency.enabled:
-            self.latency.check(self.level, lambda copy: self.masks.keep())
+            self.latency.check(self.level, lambda copy: self.masks.keep(),
+                               self.masks.hidden_keep())
 
     def on_end(self) -> None:
         if self.scfg.schedule == "iterative":
@@ -160,7 +162,8 @@ class StructuredController(PruningController):
         metrics = run.evaluate()
         sp = self.masks.sparsity()
         counts = structured_param_counts(run.strategy.unwrap(run.student()),
-                                         run.adapter, *self.masks.keep())
+                                         run.adapter, *self.masks.keep(),
+                                         self.masks.hidden_keep())
         run.state.evals.append({"step": run.state.step, "level": level,
                                 "sparsity": self.level, **sp,
                                 "encoder_sparsity": counts["encoder_sparsity"],
@@ -213,16 +216,25 @@ class StructuredController(PruningController):
         heads, ffn = select_structure(imp, level, self.scfg.min_heads_per_layer,
                                       current=self.masks.keep())
         self.masks.set(heads, ffn)
+        if self.masks.hidden is not None and imp.hidden is not None:
+            final = (self.scfg.levels[-1] if self.scfg.schedule == "iterative"
+                     else self.run.pruning.final_sparsity)
+            fraction = self.scfg.hidden_sparsity * min(1.0, level / max(final, EPS))
+            self.masks.hidden.set(select_hidden(imp.hidden, fraction,
+                                                self.masks.hidden_keep()))
         self.level = level
         sp = self.masks.sparsity()
         self.run.console.log(f"pruned to {level:.0%}: heads {sp['head_sparsity']:.1%}, "
-                             f"FFN neurons {sp['ffn_sparsity']:.1%}")
+                             f"FFN neurons {sp['ffn_sparsity']:.1%}" + (
+                                 f", hidden dimensions {sp['hidden_sparsity']:.1%}"
+                                 if "hidden_sparsity" in sp else ""))
 
     # -- results ---------------------------------------------------------------------
     def report(self) -> dict[str, Any]:
         """Structured sparsity in the keys of sparsity_report, plus head / FFN fractions."""
         model = self.run.strategy.unwrap(self.run.student())
-        counts = structured_param_counts(model, self.run.adapter, *self.masks.keep())
+        counts = structured_param_counts(model, self.run.adapter, *self.masks.keep(),
+                                         self.masks.hidden_keep())
         prunable = sum(lin.in_features * lin.out_features
                        for lin in self.run.adapter.prunable_linears(model).values())
         total = sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
@@ -242,12 +254,14 @@ class StructuredController(PruningController):
     def export_plan(self, model: nn.Module) -> ExportPlan:
         """The physically smaller student: heads and FFN neurons sliced away."""
         heads, ffn = self.masks.keep()
-        return ExportPlan(heads, ffn)
+        return ExportPlan(heads, ffn, self.masks.hidden_keep())
 
     def state_dict(self) -> dict[str, Any]:
         heads, ffn = self.masks.keep()
+        hidden = self.masks.hidden_keep()
         return {"level": self.level, "pending": self.pending,
                 "heads": [h.tolist() for h in heads], "ffn": [f.tolist() for f in ffn],
+                "hidden": None if hidden is None else hidden.tolist(),
                 "latency": self.latency.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -255,6 +269,8 @@ class StructuredController(PruningController):
         self.latency.load_state_dict(state.get("latency", {}))
         self.masks.set([torch.tensor(h) for h in state["heads"]],
                        [torch.tensor(f) for f in state["ffn"]])
+        if self.masks.hidden is not None and state.get("hidden") is not None:
+            self.masks.hidden.set(torch.tensor(state["hidden"]))
 
 
 def steps_per_level(scfg: StructuredConfig, steps_per_epoch: int) -> int:

@@ -1,0 +1,189 @@
+"""Pruning the hidden dimension: one mask over the residual stream's width, shared by
+the embeddings and every layer (``structured.hidden_sparsity``).
+
+In a post-LN encoder every value of the residual stream is the output of a LayerNorm:
+the embeddings' (``adapter.embedding_norm``) or the one closing each attention / FFN
+block (``adapter.hidden_norms``). Multiplying those outputs by a mask ``z`` (one entry
+per hidden dimension) removes the pruned dimensions from every layer's input, so
+their columns of Q / K / V and ffn_in read zeros. What remains to make the masked
+model equal a model whose hidden size is really smaller is the normalisation: a
+narrower LayerNorm normalises over the kept dimensions only. A forward pre-hook gives
+each of these LayerNorms an input whose statistics over all ``H`` dimensions are those
+of the kept ones: the kept entries are left as they are and the ``m`` pruned ones are
+set to ``mu_k + sigma_k * v``, with ``mu_k`` / ``sigma_k^2`` the mean and (biased)
+variance over the kept entries and ``v`` a fixed vector of mean 0 and variance 1 over
+``m`` entries (``m`` is never 1: dimensions are pruned 8 at a time). The full
+LayerNorm then computes, at every kept dimension, exactly the narrow LayerNorm's
+value (same mean, same variance, same ``eps``), as a differentiable function of the
+kept entries alone; a forward hook multiplies its output by ``z``. Neither hook reads
+the LayerNorm's parameters, so both work on ZeRO-3 / FSDP2 shards.
+
+Importance is first-order Taylor like heads' and neurons': ``|dL/dz|`` summed over the
+importance batches. The export slices the embeddings' columns, the LayerNorms, the
+input columns of Q / K / V and ffn_in and the output rows of attn_out and ffn_out, and
+widens the last layer's output back to ``H`` (zeros at pruned dimensions; the loader's
+``widen`` hook, capscale/export/hf_pruned_model.py), so the pooler, the task head and a
+sentence embedding see the width they were built for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+
+from capscale.models.adapters import EncoderAdapter, get_submodule
+
+STEP = 8  # hidden dimensions are pruned in multiples of this
+
+
+def hidden_norms(model: nn.Module, adapter: EncoderAdapter) -> list[nn.Module]:
+    """The LayerNorms whose outputs make up the residual stream, embeddings' first;
+    ValueError where the family does not declare them or they are not ``H`` wide."""
+    if adapter.embedding_norm is None or adapter.hidden_norms is None:
+        raise ValueError(f"structured.hidden_sparsity: the {adapter.name} adapter does not "
+                         "declare its residual-stream LayerNorms (embedding_norm / "
+                         "hidden_norms; post-LN encoders only); set it to 0")
+    width = _hidden_size(model)
+    base = getattr(model, "base_model", model)
+    norms = [get_submodule(base, adapter.embedding_norm, what="adapter embedding_norm")]
+    for layer in adapter.layer_modules(model):
+        norms += [get_submodule(layer, p, what="adapter hidden_norms")
+                  for p in adapter.hidden_norms]
+    for norm in norms:
+        shape = tuple(getattr(norm, "normalized_shape", ()))
+        if shape != (width,):
+            raise ValueError(f"structured.hidden_sparsity: {type(norm).__name__} normalises "
+                             f"{shape}, not the hidden size {width} (embeddings of another "
+                             "width, projected to the hidden size?); set it to 0")
+    return norms
+
+
+def pruned_count(fraction: float, width: int) -> int:
+    """Hidden dimensions to prune at ``fraction``: a multiple of STEP, at most width - STEP."""
+    return max(0, min(STEP * round(fraction * width / STEP), width - STEP))
+
+
+def filler(m: int, device: torch.device | str, dtype: torch.dtype) -> Tensor:
+    """``m`` values of mean 0 and (biased) variance 1 (``m >= 2``)."""
+    v = torch.arange(m, dtype=torch.float64)
+    v = (v - v.mean()) / v.std(unbiased=False)
+    return v.to(device, dtype)
+
+
+class HiddenMask(nn.Module):
+    """The hidden-dimension mask of one encoder, applied by hooks (module docstring).
+
+    Args:
+        model: the task model (unwrapped).
+        adapter: its encoder adapter (``embedding_norm`` / ``hidden_norms`` declared).
+        mark: tags each hook so that capscale.pruning.structured.strip_mask_hooks
+            removes it with the others.
+    """
+
+    def __init__(self, model: nn.Module, adapter: EncoderAdapter,
+                 mark: Callable[[Callable], Callable]) -> None:
+        super().__init__()
+        norms = hidden_norms(model, adapter)
+        self.width = _hidden_size(model)
+        dev = next(model.parameters()).device
+        self.mask = nn.Parameter(torch.ones(self.width, device=dev), requires_grad=False)
+        self._cache: tuple[int, Tensor, Tensor] | None = None
+        self._handles = []
+        def pre(module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+            return self._pre_hook(module, args)
+
+        def post(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor:
+            return self._post_hook(module, args, output)
+        for norm in norms:
+            self._handles.append(norm.register_forward_pre_hook(mark(pre)))
+            self._handles.append(norm.register_forward_hook(mark(post)))
+
+    def kept(self) -> Tensor:
+        """Indices of the kept dimensions (on the mask's device)."""
+        return self._split()[0]
+
+    def _split(self) -> tuple[Tensor, Tensor]:
+        version = self.mask._version
+        if self._cache is None or self._cache[0] != version:
+            on = self.mask.detach() != 0
+            self._cache = (version, torch.nonzero(on).flatten(), torch.nonzero(~on).flatten())
+        return self._cache[1], self._cache[2]
+
+    def _pre_hook(self, module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        keep, pruned = self._split()
+        if pruned.numel() == 0:
+            return args
+        x = args[0]
+        kept = x.index_select(-1, keep.to(x.device)).float()
+        mu = kept.mean(-1, keepdim=True)
+        sigma = (kept.var(-1, unbiased=False, keepdim=True)).sqrt()
+        fill = mu + sigma * filler(pruned.numel(), x.device, torch.float32)
+        new = x.index_copy(-1, pruned.to(x.device), fill.to(x.dtype))
+        return (new, *args[1:])
+
+    def _post_hook(self, module: nn.Module, args: tuple[Tensor, ...], output: Tensor
+                   ) -> Tensor:
+        return output * self.mask.to(output.dtype)
+
+    def set(self, keep: Tensor) -> None:
+        with torch.no_grad():
+            self.mask.copy_(keep.to(self.mask))
+
+    def keep(self) -> Tensor:
+        """The mask as a bool tensor (CPU)."""
+        return self.mask.detach().cpu() > 0.5
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def select_hidden(importance: Tensor, fraction: float, current: Tensor | None) -> Tensor:
+    """Keep mask of the hidden dimensions at ``fraction`` pruned (:func:`pruned_count`):
+    the most important kept; pruned ones stay pruned."""
+    width = importance.numel()
+    scores = importance.double().clone()
+    if current is not None:
+        scores[~current] = float("-inf")
+    keep_n = width - max(pruned_count(fraction, width),
+                         0 if current is None else int((~current).sum()))
+    order = torch.sort(-scores, stable=True).indices
+    keep = torch.zeros(width, dtype=torch.bool)
+    keep[order[:keep_n]] = True
+    return keep
+
+
+def _hidden_size(model: nn.Module) -> int:
+    return int(cast(Any, model).config.hidden_size)
+
+
+def hidden_pruned_parameters(layer: nn.Module, adapter: EncoderAdapter, heads: int,
+                             neurons: int, head_size: int, pruned: int,
+                             removed: tuple[bool, bool]) -> int:
+    """Weights of one (masked, unsliced) layer that ``pruned`` hidden dimensions remove
+    beyond its pruned heads and neurons: the input columns of the kept heads' Q / K / V
+    rows and of the kept neurons' ffn_in rows, the output rows of attn_out and ffn_out
+    (weights over the kept heads / neurons, and biases) and the LayerNorms' entries.
+    ``removed``: whether the attention / FFN block is removed (counted already)."""
+    if pruned == 0:
+        return 0
+    lins = adapter.layer_linears(layer)
+    total = 0
+    if not removed[0]:
+        total += 3 * heads * head_size * pruned  # Q, K and V rows (separate or fused)
+        out = lins["attn_out"]
+        total += pruned * (heads * head_size + (out.bias is not None))
+    if not removed[1]:
+        total += (2 if adapter.ffn_gated else 1) * neurons * pruned
+        total += pruned * (neurons + (lins["ffn_out"].bias is not None))
+    for i, path in enumerate(adapter.hidden_norms or ()):
+        if removed[min(i, 1)]:
+            continue
+        norm = get_submodule(layer, path)
+        total += pruned * sum(p is not None for p in (getattr(norm, "weight", None),
+                                                       getattr(norm, "bias", None)))
+    return total
