@@ -52,7 +52,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 RESULTS = ROOT / "bench" / "results"
 # Every point: (name, method, final sparsity, N:M pattern or None, extras). Extras:
-# ``blocks`` (structured.remove_empty_blocks, no head floor), ``w_layer`` (layer
+# ``blocks`` (structured.remove_empty_blocks, no head floor), ``hidden``
+# (structured.hidden_sparsity), ``w_layer`` (layer
 # distillation, dynamic map on every other teacher layer), ``cap: False`` (PrC / FiC /
 # SnC off), ``steps`` (another training length).
 Point = tuple[str, str, float, str | None, dict[str, Any]]
@@ -72,14 +73,18 @@ LAYER = {"w_layer": 0.5}
 # length, each against CAP-f 90% retrained in the same call (frontier_coarse.*).
 COARSE_POINTS: list[Point] = [
     ("CAP-f 90%", "structured", 0.9, None, {}),
-    ("CAP-f 90% blocks", "structured", 0.9, None, {"blocks": True}),
-    ("CAP-f 90% +layer", "structured", 0.9, None, LAYER),
-    ("CAP-f 90% layer, no CAP", "structured", 0.9, None, {**LAYER, "cap": False}),
-    ("CAP-f 90% blocks +layer", "structured", 0.9, None, {"blocks": True, **LAYER}),
-    ("CAP-f 95% blocks +layer", "structured", 0.95, None, {"blocks": True, **LAYER}),
-    ("CAP-f 90% @600", "structured", 0.9, None, {"steps": 600}),
     ("CAP-f 90% blocks +layer @600", "structured", 0.9, None,
      {"blocks": True, **LAYER, "steps": 600}),
+    ("CAP-f 90% +layer", "structured", 0.9, None, LAYER),
+    ("CAP-f 90% h25 blocks +layer", "structured", 0.9, None,
+     {"blocks": True, **LAYER, "hidden": 0.25}),
+    ("CAP-f 90% blocks +layer", "structured", 0.9, None, {"blocks": True, **LAYER}),
+    ("CAP-f 80% h50 blocks +layer", "structured", 0.8, None,
+     {"blocks": True, **LAYER, "hidden": 0.5}),
+    ("CAP-f 90% @600", "structured", 0.9, None, {"steps": 600}),
+    ("CAP-f 90% blocks", "structured", 0.9, None, {"blocks": True}),
+    ("CAP-f 90% layer, no CAP", "structured", 0.9, None, {**LAYER, "cap": False}),
+    ("CAP-f 95% blocks +layer", "structured", 0.95, None, {"blocks": True, **LAYER}),
 ]
 RUNTIMES = ("torch fp32", "onnxruntime fp32", "onnxruntime int8")
 TARGETS = [(0.95, 8.0), (0.98, 3.0)]  # (fraction of dense accuracy, speed-up at batch 32)
@@ -109,6 +114,8 @@ def point_config(fid: Any, args: argparse.Namespace, budget: dict[str, Any], wor
     if extra.get("w_layer"):
         cfg["loss"].update(w_layer=extra["w_layer"], layer_map="dynamic",
                            layer_teacher_layers=[2, 4, 6])
+    if extra.get("hidden"):
+        cfg["structured"]["hidden_sparsity"] = extra["hidden"]
     if extra.get("steps"):
         cfg["train"]["max_steps"] = extra["steps"]
     cfg["train"]["lr"] = args.lr

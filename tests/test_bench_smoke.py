@@ -279,3 +279,4 @@ def test_frontier_coarse_points_are_valid_configs(tmp_path):
         assert (cfg.loss.w_layer > 0) == ("layer" in name)
         assert cfg.cap.modules["prc"].enabled == ("no CAP" not in name)
         assert cfg.train.max_steps == (600 if "@600" in name else 150)
+        assert (cfg.structured.hidden_sparsity > 0) == (" h" in name)
