@@ -117,9 +117,9 @@ def test_refusals():
     electra = tiny_model("electra")  # 24-wide embeddings projected to 32
     with pytest.raises(ValueError, match="not the hidden size 32"):
         StructuredMasks(electra, adapter_for(electra), hidden=True)
-    with pytest.raises(ConfigError, match="structured.hidden_sparsity"):
+    with pytest.raises(ConfigError, match=r"structured\.hidden_sparsity"):
         load_run_config("capscale/configs/demo_minilm_tweets.yaml",
                         ["structured.hidden_sparsity=0.5", "pruning.method=movement"])
-    with pytest.raises(ConfigError, match="structured.hidden_sparsity"):
+    with pytest.raises(ConfigError, match=r"structured\.hidden_sparsity"):
         load_run_config("capscale/configs/demo_minilm_tweets.yaml",
                         ["structured.hidden_sparsity=1.0", "pruning.method=structured"])
