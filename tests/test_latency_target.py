@@ -33,7 +33,13 @@ def test_met_target_stops_pruning_there(method, tiny_model_factory, tiny_csv, tm
     assert lat["met"] and len(lat["measured"]) == 1
     stopped = lat["met_at_sparsity"]
     assert 0 < stopped < 0.75  # stopped on the way, below the final sparsity
-    assert lat["measured"][0]["ms"] > 0
+    first = lat["measured"][0]
+    assert first["ms"] > 0
+    # Where the time went: every part timed, the parts within one forward's time.
+    parts = first["parts_ms"]
+    assert set(parts) == {"embeddings", "attention", "ffn", "other"}
+    assert parts["attention"] > 0 and parts["ffn"] > 0 and parts["embeddings"] > 0
+    assert 0 < first["kept"]["heads"] < 8 and first["kept"]["hidden"] is None
     assert run.controller.current_sparsity() == pytest.approx(stopped)
     results = run.finish()
     assert results["latency"]["met_at_sparsity"] == pytest.approx(stopped)

@@ -8,6 +8,11 @@ first sparsity whose latency meets the target: the schedule's sparsity is capped
 and the rest of the run retrains at it. ``pruning.final_sparsity`` is then the most it
 may prune; a run that reaches it without meeting the target says so in its results.
 
+Each measurement also records what the export kept (heads, FFN neurons, hidden
+dimensions) and where one more forward's time went: the embeddings, the attention
+blocks, the FFN blocks and the rest (:func:`time_parts`), so a run shows which
+granularity its remaining time is in.
+
 Latency is a property of the machine (its cores, their load, the thread count): the
 target is met where it is measured. The measurement is the median of
 ``pruning.latency_repeats`` timed forwards after one warm-up, taken on the main rank
@@ -63,11 +68,13 @@ def exported_latency(model: nn.Module, adapter: EncoderAdapter, heads: list[Tens
                      ffn: list[Tensor], batch_size: int, seq_length: int, repeats: int = 3,
                      device: torch.device | str = "cpu",
                      prepare: Callable[[nn.Module], None] | None = None,
-                     hidden: Tensor | None = None) -> float:
+                     hidden: Tensor | None = None, parts: dict[str, float] | None = None
+                     ) -> float:
     """Latency (ms) of the export of ``model`` at these keep masks: a copy is sliced,
     written as the export writes it, reloaded with transformers (its loader file) and
     timed. ``model`` is left as it was; ``prepare`` edits the copy first (e.g. removes
-    capscale's masked layers)."""
+    capscale's masked layers). ``parts``, when given, receives where one more forward's
+    time went (:func:`time_parts`)."""
     target = copy.deepcopy(model).cpu()
     if prepare is not None:
         prepare(target)
@@ -76,7 +83,50 @@ def exported_latency(model: nn.Module, adapter: EncoderAdapter, heads: list[Tens
         auto = getattr(transformers, auto_class_name(type(target).__name__))
         loaded = auto.from_pretrained(Path(tmp) / "model", trust_remote_code=True)
     del target
-    return time_forward(loaded, batch_size, seq_length, repeats, device)
+    ms = time_forward(loaded, batch_size, seq_length, repeats, device)
+    if parts is not None:
+        parts.update(time_parts(loaded, adapter, batch_size, seq_length, device))
+    return ms
+
+
+def time_parts(model: nn.Module, adapter: EncoderAdapter, batch_size: int, seq_length: int,
+               device: torch.device | str = "cpu") -> dict[str, float]:
+    """Milliseconds of one forward spent in the embeddings, the attention blocks (their
+    compute and residual modules, adapter ``attn_block``), the FFN blocks and the rest
+    (task head, pooler, masks), timed by hooks (synchronising a GPU at each)."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    spans: dict[str, float] = {"embeddings": 0.0, "attention": 0.0, "ffn": 0.0}
+    started: dict[str, float] = {}
+    handles = []
+
+    def span(name: str, first: nn.Module, last: nn.Module) -> None:
+        def begin(*_: Any) -> None:
+            sync()
+            started[name] = time.perf_counter()
+
+        def end(*_: Any) -> None:
+            sync()
+            spans[name] += 1000 * (time.perf_counter() - started.pop(name))
+        handles.extend([first.register_forward_pre_hook(begin),
+                        last.register_forward_hook(end)])
+    base = getattr(model, "base_model", model)
+    if adapter.embedding_norm is not None:
+        emb = base.get_submodule(adapter.embedding_norm.rpartition(".")[0])
+        span("embeddings", emb, emb)
+    for layer in adapter.layer_modules(model):
+        for name, spec in (("attention", adapter.attn_block), ("ffn", adapter.ffn_block)):
+            if spec is not None:
+                span(name, layer.get_submodule(spec[0]), layer.get_submodule(spec[2]))
+    try:  # a warm-up and a timed forward; the spans of both are halved
+        t0 = time.perf_counter()
+        time_forward(model, batch_size, seq_length, 1, device)
+        total = 1000 * (time.perf_counter() - t0)
+    finally:
+        for h in handles:
+            h.remove()
+    spans = {k: v / 2 for k, v in spans.items()}
+    return {**{k: round(v, 2) for k, v in spans.items()},
+            "other": round(max(total / 2 - sum(spans.values()), 0.0), 2)}
 
 
 class LatencyTarget:
@@ -95,7 +145,7 @@ class LatencyTarget:
         self.target_ms: float | None = p.target_latency_ms
         self.batch_size, self.seq_length = p.latency_batch_size, p.latency_seq_length
         self.repeats = p.latency_repeats
-        self.measured: list[dict[str, float]] = []
+        self.measured: list[dict[str, Any]] = []
         self.met_at: float | None = None  # the sparsity the target was met at
 
     @property
@@ -123,20 +173,29 @@ class LatencyTarget:
         run = self.run
         model = run.full_student()  # collective
         verdict = torch.zeros(2, dtype=torch.float64)
+        parts: dict[str, float] = {}
+        shape: dict[str, Any] = {}
         if model is not None:
             heads, ffn = keep(model)
             ms = exported_latency(model, run.adapter, heads, ffn, self.batch_size,
                                   self.seq_length, self.repeats, run.ctx.device, self.prepare,
-                                  hidden)
+                                  hidden, parts)
+            shape = {"heads": sum(int(h.sum()) for h in heads),
+                     "neurons": sum(int(f.sum()) for f in ffn),
+                     "hidden": None if hidden is None else int(hidden.sum())}
             assert self.target_ms is not None  # checked only with a target
             verdict[0], verdict[1] = ms, float(ms <= self.target_ms)
         if run.ctx.distributed:
             verdict = run.ctx.all_reduce_sum(verdict)
         ms, met = float(verdict[0]), bool(verdict[1] > 0)
-        self.measured.append({"step": run.state.step, "sparsity": level, "ms": ms})
+        # Where the time went, and what was kept, as the main rank measured it.
+        self.measured.append({"step": run.state.step, "sparsity": level, "ms": ms,
+                              **({"parts_ms": parts, "kept": shape} if parts else {})})
+        where = ", ".join(f"{k} {v:.1f}" for k, v in parts.items())
         run.console.log(f"latency at sparsity {level:.1%}: {ms:.1f} ms for batch "
                         f"{self.batch_size} x {self.seq_length} (target {self.target_ms:g} "
-                        f"ms){': met, pruning stops here' if met else ''}")
+                        f"ms{'; ' + where + ' ms' if where else ''})"
+                        f"{': met, pruning stops here' if met else ''}")
         if met:
             self.met_at = level
         return met
