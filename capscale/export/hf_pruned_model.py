@@ -17,8 +17,12 @@ two rows per kept neuron) and per-head parameters to the sizes in
 infer the head count from the projection width, or read the attributes set here, or
 the head count of the attention's own copy of the config).
 Forward arguments that carry one slice per head for all layers at once (MPNet's
-position bias) are narrowed to a layer's kept heads by a pre-hook. It imports nothing
-but torch and transformers.
+position bias) are narrowed to a layer's kept heads by a pre-hook. A removed attention
+or FFN block becomes two parameter-free stubs that hand the block's input on; a pruned
+hidden dimension narrows the embedding tables, the LayerNorms and every projection,
+and a hook widens the last layer's output back to the config's hidden size (zeros at
+the pruned dimensions) for the pooler and the head. It imports nothing but torch and
+transformers.
 """
 
 import copy

@@ -80,7 +80,7 @@ def export_structured(model: nn.Module, adapter: EncoderAdapter, heads: list[tor
     dimensions, ``hidden``: an (H,) keep mask) sliced away.
 
     Writes ``out_dir/{model/, structure.json, sparsity_report.json}`` and the card. Per-layer head
-    counts and FFN widths go to ``config.capscale_structure``; a ~130-line loader
+    counts and FFN widths go to ``config.capscale_structure``; a ~200-line loader
     (capscale/export/hf_pruned_model.py, torch + transformers only) is saved beside the
     weights and registered in ``config.auto_map`` under the Auto class of the model's
     task (:func:`auto_class_name`), so::
