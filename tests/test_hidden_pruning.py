@@ -123,3 +123,32 @@ def test_refusals():
     with pytest.raises(ConfigError, match=r"structured\.hidden_sparsity"):
         load_run_config("capscale/configs/demo_minilm_tweets.yaml",
                         ["structured.hidden_sparsity=1.0", "pruning.method=structured"])
+
+
+def test_onnx_export_of_a_narrowed_model_with_removed_blocks(tmp_path):
+    """The loader's stubs and its widening hook trace to ONNX (and INT8)."""
+    pytest.importorskip("onnxruntime")
+    from capscale.export.formats import load_export
+    from capscale.export.onnx_export import export_onnx, onnx_logits, onnx_session, quantize_int8
+
+    model = tiny_model("bert")
+    adapter = adapter_for(model, remove_empty_blocks=True)
+    masks = StructuredMasks(model, adapter, hidden=True)
+    heads = [torch.tensor([True, False, True, True]), torch.zeros(4, dtype=torch.bool),
+             torch.tensor([False, True, False, False])]
+    ffn = [torch.ones(48, dtype=torch.bool), torch.zeros(48, dtype=torch.bool),
+           torch.arange(48) % 2 == 0]
+    keep = _hidden_keep()
+    masks.set(heads, ffn)
+    masks.hidden.set(keep)
+    inputs = tiny_inputs()
+    with torch.no_grad():
+        want = model(**inputs).logits
+    export_structured(model, adapter, heads, ffn, tmp_path / "out", hidden=keep)
+    loaded = load_export(tmp_path / "out" / "model", trust_remote_code=True)
+    path = export_onnx(loaded, tmp_path / "model.onnx")
+    feed = {**inputs, "token_type_ids": torch.zeros_like(inputs["input_ids"])}
+    got = torch.tensor(onnx_logits(onnx_session(path), feed))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    int8 = quantize_int8(path, tmp_path / "model_int8.onnx")
+    assert onnx_logits(onnx_session(int8), feed).shape == tuple(want.shape)
