@@ -209,3 +209,16 @@ def test_unscored_triples_train_with_multiple_negatives(emb_assets, tmp_path):
     first = run.state.history[0]
     assert first["ce"] > 0 and np.isfinite(first["ce"])  # MNRL over 8 positives + 8 negatives
     assert run.finish(export=True)["export_verified"]["ok"]
+
+
+def test_a_corpus_of_single_texts_needs_a_given_teacher(emb_assets, tmp_path):
+    """Fine-tuning a teacher on single texts has no signal: refused before any model
+    loads, naming the fix; with model.teacher given the run is accepted."""
+    model, teacher, (_, dev), _ = emb_assets
+    corpus = tmp_path / "corpus.csv"
+    corpus.write_text("\n".join(["sentence1"] + [r["sentence1"] for r in sts_rows(24, 6)]))
+    over = task_overrides("embedding", model, teacher, (corpus, dev), tmp_path / "out")
+    with pytest.raises(ConfigError, match="single texts gives a teacher's fine-tuning"):
+        CAPRecipe(load_run_config(None, as_list({**over, "model.teacher": "null"})),
+                  DistContext(), Console(enabled=False))
+    CAPRecipe(load_run_config(None, as_list(over)), DistContext(), Console(enabled=False))
