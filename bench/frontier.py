@@ -117,8 +117,8 @@ def point_config(fid: Any, args: argparse.Namespace, budget: dict[str, Any], wor
                            layer_teacher_layers=[2, 4, 6])
     if extra.get("hidden"):
         cfg["structured"]["hidden_sparsity"] = extra["hidden"]
-    if extra.get("steps"):
-        cfg["train"]["max_steps"] = extra["steps"]
+    if extra.get("steps"):  # epochs large enough that max_steps is the length
+        cfg["train"].update(max_steps=extra["steps"], epochs=100)
     cfg["train"]["lr"] = args.lr
     cfg["export"] = {"formats": ["pytorch", "onnx", "int8"]}
     return cfg
