@@ -85,6 +85,8 @@ COARSE_POINTS: list[Point] = [
     ("CAP-f 90% blocks", "structured", 0.9, None, {"blocks": True}),
     ("CAP-f 90% layer, no CAP", "structured", 0.9, None, {**LAYER, "cap": False}),
     ("CAP-f 95% blocks +layer", "structured", 0.95, None, {"blocks": True, **LAYER}),
+    ("CAP-f 80% h50 blocks +layer @600", "structured", 0.8, None,
+     {"blocks": True, **LAYER, "hidden": 0.5, "steps": 600}),
 ]
 RUNTIMES = ("torch fp32", "onnxruntime fp32", "onnxruntime int8")
 TARGETS = [(0.95, 8.0), (0.98, 3.0)]  # (fraction of dense accuracy, speed-up at batch 32)
