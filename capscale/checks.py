@@ -139,6 +139,12 @@ def check_layout(cfg: Config, adapter: EncoderAdapter, task: Task) -> list[str]:
     method = PRUNING_METHODS[p.method]
     structured = method.physical_export
     config = configs["model.name_or_path"][1]
+    teacher_config = configs.get("model.teacher", configs["model.name_or_path"])[1]
+    depth = getattr(teacher_config, "num_hidden_layers", None)
+    asked = cfg.loss.layer_teacher_layers
+    if cfg.loss.w_layer > 0 and asked and isinstance(depth, int) and max(asked) > depth:
+        raise ConfigError(f"loss.layer_teacher_layers = {asked}: the teacher has {depth} "
+                          "layers (counted from 1)")
     try:
         model = skeleton(config, m.trust_remote_code, task)
     except Exception:  # foreign modeling code: validate_encoder has warned already

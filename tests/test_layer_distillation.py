@@ -78,7 +78,7 @@ def test_layer_distillation_fixed_and_dynamic():
     loss = fixed(TermBatch({"attention_mask": mask}, student, teacher))
     want = sum(float(token_sq_distance(student[i - 1].detach(), teacher[i - 1], mask))
                for i in (2, 3, 4)) / tokens
-    assert float(loss) == pytest.approx(2.0 * want, rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(2.0 * want, rel=1e-5)
     assert fixed.last_map == [(2, 2), (3, 3), (4, 4)]
     loss.backward()
     assert student[0].grad is None or float(student[0].grad.abs().sum()) == 0.0
@@ -137,3 +137,12 @@ def test_a_run_distils_layer_by_layer_with_cap(tmp_path):
     assert run.loss.terms[0].last_map  # a map was picked
     results = run.finish()
     assert results["export_verified"]["ok"]
+
+
+def test_a_teacher_layer_past_the_depth_is_refused_before_loading(tmp_path):
+    student, teacher = save_tagger(tmp_path / "s", 0), save_tagger(tmp_path / "t", 1)
+    over = task_overrides("token_classification", student, teacher, write_ner(tmp_path / "d"),
+                          tmp_path / "out", **{"loss.w_layer": 1.0,
+                                               "loss.layer_teacher_layers": [1, 9]})
+    with pytest.raises(ConfigError, match=r"layer_teacher_layers = \[1, 9\]: the teacher has"):
+        build_run(over, DistContext())
