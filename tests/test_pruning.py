@@ -164,7 +164,7 @@ def test_soft_movement_keeps_at_least_min_keep():
         assert int(m.sum()) == math.ceil(0.005 * m.numel())
     # and the L1 penalty is on, at full strength: final_lambda * mean sigmoid(S)
     reg = pruner.regularization()
-    assert float(reg) == pytest.approx(100.0 * 1 / (1 + math.exp(20.0)), rel=1e-5)
+    assert float(reg.detach()) == pytest.approx(100.0 * 1 / (1 + math.exp(20.0)), rel=1e-5)
 
 
 def test_kth_largest_equals_topk_min():
