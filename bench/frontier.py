@@ -87,6 +87,10 @@ COARSE_POINTS: list[Point] = [
     ("CAP-f 95% blocks +layer", "structured", 0.95, None, {"blocks": True, **LAYER}),
     ("CAP-f 80% h50 blocks +layer @600", "structured", 0.8, None,
      {"blocks": True, **LAYER, "hidden": 0.5, "steps": 600}),
+    ("CAP-f 90% h25 blocks +layer @600", "structured", 0.9, None,
+     {"blocks": True, **LAYER, "hidden": 0.25, "steps": 600}),
+    ("CAP-f 95% h25 blocks +layer @600", "structured", 0.95, None,
+     {"blocks": True, **LAYER, "hidden": 0.25, "steps": 600}),
 ]
 RUNTIMES = ("torch fp32", "onnxruntime fp32", "onnxruntime int8")
 TARGETS = [(0.95, 8.0), (0.98, 3.0)]  # (fraction of dense accuracy, speed-up at batch 32)
