@@ -85,14 +85,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def scratch_dir(assets: dict[str, str]) -> str:
+    """An output folder beside the assets, for runs whose outputs no test reads (never
+    the working directory: a run may write its token cache there)."""
+    return str(Path(assets["train"]).parent / "unused")
+
+
 def build_run(assets: dict[str, str], ctx: Any, batch_size: int, **overrides: Any) -> Any:
     """A set-up CAPRecipe on the tiny assets (banks filled, SnC snapshot taken)."""
     from capscale.checks import run_config_from_dict
     from capscale.console import Console
     from capscale.recipe import CAPRecipe
 
-    cfg = run_config_from_dict(run_config(assets, "unused", **{"train.batch_size": batch_size,
-                                                           **overrides}))
+    cfg = run_config_from_dict(run_config(assets, scratch_dir(assets), **{
+        "train.batch_size": batch_size, **overrides}))
     run = CAPRecipe(cfg, ctx, Console(enabled=False))
     run.setup()
     run.snapshot(cfg.cap.snapshot_train_mode, "test snapshot")

@@ -23,7 +23,7 @@ import pytest
 import rank_pool
 import torch
 import torch.distributed as dist
-from distributed_helpers import GLOBAL_BATCH, batch_rows, make_assets, run_config
+from distributed_helpers import GLOBAL_BATCH, batch_rows, make_assets, run_config, scratch_dir
 from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification
 
@@ -43,7 +43,7 @@ def build(assets: dict[str, str], ctx: Any) -> Any:
     from capscale.recipe import CAPRecipe
 
     world, rank = ctx.world_size, ctx.rank
-    cfg = run_config_from_dict(run_config(assets, "unused", **{
+    cfg = run_config_from_dict(run_config(assets, scratch_dir(assets), **{
         "pruning.method": "structured", "structured.levels": LEVELS,
         "structured.retrain_steps": 2, "structured.importance_fraction": 0.5,
         "structured.hidden_sparsity": HIDDEN, "train.batch_size": GLOBAL_BATCH // world}))
