@@ -92,9 +92,8 @@ def check_run_inputs(cfg: Config, task: Task) -> tuple[TaskData, PreTrainedToken
         data.cache = TokenCache(Path(cfg.output_dir) / "cache", writer=not (
             dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0)
     m = cfg.model
-    texts = [c for c in data.train.column_names if c not in ("labels", "example_id")]
-    if cfg.data.task_type == "embedding" and len(texts) == 1 and m.teacher is None \
-            and wants_teacher(cfg):
+    if cfg.data.task_type == "embedding" and m.teacher is None and wants_teacher(cfg) and len(
+            [c for c in data.train.column_names if c not in ("labels", "example_id")]) == 1:
         raise ConfigError("model.teacher: a corpus of single texts gives a teacher's "
                           "fine-tuning nothing to learn (no pairs, no scores); set "
                           "model.teacher (the dense model itself, e.g. model.teacher="

@@ -136,7 +136,10 @@ def _narrow_norm(root: nn.Module, path: str, width: int) -> None:
             nn.LayerNorm(width, eps=old.eps, elementwise_affine=old.weight is not None))
 
 
-def _skip(layer: nn.Module, spec: list[Any]) -> None:
+def skip_block(layer: nn.Module, spec: Any) -> None:
+    """Replace a block's compute and residual modules (``spec``: ``(compute path,
+    outputs, residual path)``, an adapter's ``attn_block`` / ``ffn_block``) by the stubs
+    that skip it."""
     compute, outputs, residual = spec
     for path, new in ((compute, SkippedCompute(int(outputs))), (residual, SkippedResidual())):
         parent, _, name = path.rpartition(".")
@@ -155,7 +158,7 @@ def resize_to_structure(model: nn.Module, structure: dict[str, Any]) -> None:
     kept_heads = structure.get("kept_heads") or [None] * len(layers)
     for kind, indices in structure.get("removed_blocks", {}).items():
         for i in indices:
-            _skip(layers[i], structure["blocks"][kind])
+            skip_block(layers[i], structure["blocks"][kind])
     hidden: list[int] = structure.get("hidden_kept") or []
     width = len(hidden) or None
     if hidden:

@@ -22,11 +22,12 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from capscale.export.hf_pruned_model import SkippedCompute, SkippedResidual, widen
+from capscale.export.hf_pruned_model import skip_block, widen
 from capscale.models.adapters import EncoderAdapter, get_submodule, head_param
 from capscale.models.deep_check import head_attributes
 from capscale.models.specs import block_specs
-from capscale.pruning.structured import optional_linear, optional_param
+from capscale.pruning.hidden import model_width
+from capscale.pruning.structured import optional_linear, optional_module, optional_param
 
 
 def _sliced(lin: nn.Linear, rows: Tensor | None = None, cols: Tensor | None = None,
@@ -80,7 +81,7 @@ def prune_structure(model: nn.Module, adapter: EncoderAdapter, heads: list[Tenso
     d = adapter.head_size(config)
     num_heads = adapter.num_heads(config)
     specs = block_specs(adapter) if adapter.remove_empty_blocks else {}
-    width = _hidden_size(model)
+    width = model_width(model)
     h_keep_idx = (torch.nonzero(hidden.cpu()).flatten()
                   if hidden is not None and not bool(hidden.all()) else None)
     if h_keep_idx is not None:
@@ -100,10 +101,11 @@ def prune_structure(model: nn.Module, adapter: EncoderAdapter, heads: list[Tenso
             attrs, config_attr = _slice_heads(layer, adapter, h_idx, d, num_heads, h_keep_idx)
         if i not in removed["ffn"]:
             _slice_neurons(layer, adapter, f_idx, h_keep_idx)
-        for path in adapter.hidden_norms or ():
-            norm = optional_module(layer, path)
-            if norm is not None and h_keep_idx is not None:
-                _set(layer, path, _sliced_norm(norm, h_keep_idx))
+        if h_keep_idx is not None:
+            for path in adapter.hidden_norms or ():
+                norm = optional_module(layer, path)  # None inside a removed block
+                if norm is not None:
+                    _set(layer, path, _sliced_norm(norm, h_keep_idx))
         heads_per_layer.append(int(max(h_idx.numel(), i not in removed["attention"])))
         inter_per_layer.append(int(max(f_idx.numel(), i not in removed["ffn"])))
         kept_heads.append(h_idx.tolist() if h_idx.numel() or i in removed["attention"]
@@ -131,18 +133,10 @@ def prune_structure(model: nn.Module, adapter: EncoderAdapter, heads: list[Tenso
             "blocks": {k: list(v) for k, v in specs.items()}}
 
 
-def skip_block(layer: nn.Module, spec: tuple[str, int, str] | list[Any]) -> None:
-    """Replace a block's compute and residual modules (``spec``, an adapter's
-    ``attn_block`` / ``ffn_block``) by the stubs that skip it."""
-    compute, outputs, residual = spec
-    _set(layer, compute, SkippedCompute(int(outputs)))
-    _set(layer, residual, SkippedResidual())
-
-
 def _narrow_embeddings(model: nn.Module, adapter: EncoderAdapter, keep: Tensor) -> None:
     """The embedding tables' and the embedding LayerNorm's kept hidden dimensions."""
     base = getattr(model, "base_model", model)
-    width = _hidden_size(model)
+    width = model_width(model)
     norm_path = str(adapter.embedding_norm)
     emb = base.get_submodule(norm_path.rpartition(".")[0])
     for name, mod in list(emb.named_children()):
@@ -168,13 +162,6 @@ def _sliced_norm(norm: nn.Module, keep: Tensor) -> nn.LayerNorm:
             if p is not None:
                 getattr(new, name).copy_(p.detach().index_select(0, keep.to(p.device)))
     return new
-
-
-def optional_module(layer: nn.Module, path: str) -> nn.Module | None:
-    try:
-        return layer.get_submodule(path)
-    except AttributeError:
-        return None
 
 
 def _slice_heads(layer: nn.Module, adapter: EncoderAdapter, h_idx: Tensor, d: int,
@@ -257,6 +244,3 @@ def attention_module(adapter: EncoderAdapter) -> str:
     """Path of the module that owns Q/K/V (it holds the head-count attributes)."""
     return adapter.head_linear_paths()[0].rpartition(".")[0]
 
-
-def _hidden_size(model: nn.Module) -> int:
-    return int(cast(Any, model).config.hidden_size)

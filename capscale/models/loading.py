@@ -222,10 +222,8 @@ class RepresentationTap:
 
     def __init__(self, model: nn.Module, adapter: EncoderAdapter) -> None:
         self.value: Tensor | None = None
-        while isinstance(getattr(model, "module", None), nn.Module):  # DDP / DeepSpeed
-            model = cast(nn.Module, model.module)
-        self.handle: RemovableHandle | None = adapter.head(model).register_forward_pre_hook(
-            self._hook)
+        self.handle: RemovableHandle | None = adapter.head(
+            unwrapped(model)).register_forward_pre_hook(self._hook)
 
     def _hook(self, module: nn.Module, args: tuple[Tensor, ...]) -> None:
         if recomputing():  # a checkpointed layer's rerun in backward: keep the forward's
@@ -284,7 +282,8 @@ def set_dropout(model: nn.Module, training: bool) -> None:
             m.training = training
 
 
-def _task_model(model: nn.Module) -> nn.Module:
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The task model inside a DDP / DeepSpeed wrapper (FSDP2 shards in place: itself)."""
     while isinstance(getattr(model, "module", None), nn.Module):  # DDP / DeepSpeed
         model = cast(nn.Module, model.module)
     return model
@@ -298,7 +297,7 @@ def set_head_mode(model: nn.Module, training: bool) -> None:
     the pooler output before the classifier's dropout (docs/algorithm.md section 2):
     a train-mode student with its head in eval mode reads exactly that.
     """
-    model = _task_model(model)
+    model = unwrapped(model)
     base = getattr(model, "base_model", model)
     if base is model:
         return
@@ -314,7 +313,7 @@ def freeze_embeddings(model: nn.Module) -> int:
     LayerNorm), or the input word embeddings when the encoder has no such module.
     Call before the optimiser is built and the strategy wraps the model. Returns the
     number of parameters frozen."""
-    model = _task_model(model)
+    model = unwrapped(model)
     emb = getattr(getattr(model, "base_model", model), "embeddings", None)
     if not isinstance(emb, nn.Module):
         emb = cast(PreTrainedModel, model).get_input_embeddings()

@@ -46,7 +46,7 @@ def hidden_norms(model: nn.Module, adapter: EncoderAdapter) -> list[nn.Module]:
         raise ValueError(f"structured.hidden_sparsity: the {adapter.name} adapter does not "
                          "declare its residual-stream LayerNorms (embedding_norm / "
                          "hidden_norms; post-LN encoders only); set it to 0")
-    width = _hidden_size(model)
+    width = model_width(model)
     base = getattr(model, "base_model", model)
     norms = [get_submodule(base, adapter.embedding_norm, what="adapter embedding_norm")]
     for layer in adapter.layer_modules(model):
@@ -87,10 +87,11 @@ class HiddenMask(nn.Module):
                  mark: Callable[[Callable], Callable]) -> None:
         super().__init__()
         norms = hidden_norms(model, adapter)
-        self.width = _hidden_size(model)
         dev = next(model.parameters()).device
-        self.mask = nn.Parameter(torch.ones(self.width, device=dev), requires_grad=False)
-        self._cache: tuple[int, Tensor, Tensor] | None = None
+        self.mask = nn.Parameter(torch.ones(model_width(model), device=dev),
+                                 requires_grad=False)
+        # (mask version, kept indices, pruned indices, filler of the pruned count)
+        self._cache: tuple[int, Tensor, Tensor, Tensor | None] | None = None
         self._handles = []
         def pre(module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
             return self._pre_hook(module, args)
@@ -105,22 +106,27 @@ class HiddenMask(nn.Module):
         """Indices of the kept dimensions (on the mask's device)."""
         return self._split()[0]
 
-    def _split(self) -> tuple[Tensor, Tensor]:
+    def _split(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Kept and pruned indices and the pruned inputs' filler, made again only when
+        the mask changed in place."""
         version = self.mask._version
         if self._cache is None or self._cache[0] != version:
             on = self.mask.detach() != 0
-            self._cache = (version, torch.nonzero(on).flatten(), torch.nonzero(~on).flatten())
-        return self._cache[1], self._cache[2]
+            keep, pruned = torch.nonzero(on).flatten(), torch.nonzero(~on).flatten()
+            fill = (filler(pruned.numel(), self.mask.device, torch.float32)
+                    if pruned.numel() else None)
+            self._cache = (version, keep, pruned, fill)
+        return self._cache[1], self._cache[2], self._cache[3]
 
     def _pre_hook(self, module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        keep, pruned = self._split()
-        if pruned.numel() == 0:
+        keep, pruned, v = self._split()
+        if v is None:
             return args
         x = args[0]
         kept = x.index_select(-1, keep.to(x.device)).float()
         mu = kept.mean(-1, keepdim=True)
         sigma = (kept.var(-1, unbiased=False, keepdim=True)).sqrt()
-        fill = mu + sigma * filler(pruned.numel(), x.device, torch.float32)
+        fill = mu + sigma * v.to(x.device)
         new = x.index_copy(-1, pruned.to(x.device), fill.to(x.dtype))
         return (new, *args[1:])
 
@@ -157,7 +163,8 @@ def select_hidden(importance: Tensor, fraction: float, current: Tensor | None) -
     return keep
 
 
-def _hidden_size(model: nn.Module) -> int:
+def model_width(model: nn.Module) -> int:
+    """The hidden size of a task model (its config's ``hidden_size``)."""
     return int(cast(Any, model).config.hidden_size)
 
 

@@ -339,10 +339,16 @@ def optional_param(layer: nn.Module, path: str) -> nn.Parameter | None:
     return p if isinstance(p, nn.Parameter) else None
 
 
-def optional_linear(layer: nn.Module, path: str) -> nn.Linear | None:
-    """An optional linear map of a layer (None where the family instance lacks it)."""
+def optional_module(layer: nn.Module, path: str) -> nn.Module | None:
+    """An optional submodule of a layer (None where the family instance lacks it, or a
+    removed block's stub holds none)."""
     try:
-        mod = get_submodule(layer, path)
+        return get_submodule(layer, path)
     except AttributeError:
         return None
+
+
+def optional_linear(layer: nn.Module, path: str) -> nn.Linear | None:
+    """An optional linear map of a layer (None where the family instance lacks it)."""
+    mod = optional_module(layer, path)
     return mod if isinstance(mod, nn.Linear) else None

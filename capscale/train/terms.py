@@ -41,6 +41,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from capscale.config import ConfigError
+from capscale.models.loading import unwrapped
 from capscale.models.recompute import recomputing
 from capscale.registry import add_entry
 from capscale.tasks.collective import global_mean, world
@@ -90,12 +91,6 @@ def build_terms(cfg: Config) -> list[ObjectiveTerm]:
     return [t for build in OBJECTIVE_TERMS.values() if (t := build(cfg)) is not None]
 
 
-def _bare(model: nn.Module) -> nn.Module:
-    while isinstance(getattr(model, "module", None), nn.Module):  # DDP / DeepSpeed
-        model = cast(nn.Module, model.module)
-    return model
-
-
 class LayerTap:
     """Records the output of every encoder layer of ``model`` on each forward, in call
     order (not a checkpointed layer's recomputation in backward). ``take()`` returns
@@ -104,7 +99,7 @@ class LayerTap:
     def __init__(self, model: nn.Module, adapter: EncoderAdapter) -> None:
         self.outputs: list[Tensor] = []
         self.handles = [layer.register_forward_hook(self._hook)
-                        for layer in adapter.layer_modules(_bare(model))]
+                        for layer in adapter.layer_modules(unwrapped(model))]
 
     def _hook(self, module: nn.Module, args: Any, output: Any) -> None:
         if recomputing():
@@ -114,11 +109,6 @@ class LayerTap:
     def take(self) -> list[Tensor]:
         out, self.outputs = self.outputs, []
         return out
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
 
     def __deepcopy__(self, memo: dict) -> LayerTap:
         # A snapshot (deep copy of the tapped student) copies the hooks and so the tap:
