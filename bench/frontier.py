@@ -55,7 +55,9 @@ RESULTS = ROOT / "bench" / "results"
 # ``blocks`` (structured.remove_empty_blocks, no head floor), ``hidden``
 # (structured.hidden_sparsity), ``w_layer`` (layer
 # distillation, dynamic map on every other teacher layer), ``cap: False`` (PrC / FiC /
-# SnC off), ``steps`` (another training length).
+# SnC off), ``steps`` (another training length), ``speedup`` (pruning.target_latency_ms
+# at dense's batch-32 time over this, timed by the worker before the run; the final
+# sparsity is then the most it may prune). Hybrid with blocks ranks globally.
 Point = tuple[str, str, float, str | None, dict[str, Any]]
 POINTS: list[Point] = [
     ("CAP-m 50%", "movement", 0.5, None, {}),
@@ -91,6 +93,11 @@ COARSE_POINTS: list[Point] = [
      {"blocks": True, **LAYER, "hidden": 0.25, "steps": 600}),
     ("CAP-f 95% h25 blocks +layer @600", "structured", 0.95, None,
      {"blocks": True, **LAYER, "hidden": 0.25, "steps": 600}),
+    ("hybrid 90% h25 blocks +layer @600", "hybrid", 0.9, None,
+     {"blocks": True, **LAYER, "hidden": 0.25, "steps": 600}),
+    ("CAP-f 8x target h25 blocks +layer @600", "structured", 0.95, None,
+     {"blocks": True, **LAYER, "hidden": 0.25, "steps": 600, "speedup": 8.0}),
+    ("hybrid 90% blocks +layer", "hybrid", 0.9, None, {"blocks": True, **LAYER}),
 ]
 RUNTIMES = ("torch fp32", "onnxruntime fp32", "onnxruntime int8")
 TARGETS = [(0.95, 8.0), (0.98, 3.0)]  # (fraction of dense accuracy, speed-up at batch 32)
@@ -117,17 +124,37 @@ def point_config(fid: Any, args: argparse.Namespace, budget: dict[str, Any], wor
         cfg["structured"] = {"schedule": "cubic", "update_every": args.update_every,
                              "importance_fraction": 0.1, "levels": [sparsity]}
     if extra.get("blocks"):
-        cfg["structured"].update(remove_empty_blocks=True, min_heads_per_layer=0)
+        cfg.setdefault("structured", {}).update(remove_empty_blocks=True)
+        if method == "structured":
+            cfg["structured"]["min_heads_per_layer"] = 0
+        else:  # hybrid empties a block only when heads / neurons are ranked globally
+            pruning["scope"] = "global"
     if extra.get("w_layer"):
         cfg["loss"].update(w_layer=extra["w_layer"], layer_map="dynamic",
                            layer_teacher_layers=[2, 4, 6])
     if extra.get("hidden"):
-        cfg["structured"]["hidden_sparsity"] = extra["hidden"]
+        cfg.setdefault("structured", {})["hidden_sparsity"] = extra["hidden"]
+    if extra.get("speedup"):
+        pruning.update(target_latency_ms=round(dense_latency_ms(
+                           teacher, args.threads, args.length) / extra["speedup"], 1),
+                       latency_batch_size=32, latency_seq_length=args.length)
     if extra.get("steps"):  # epochs large enough that max_steps is the length
         cfg["train"].update(max_steps=extra["steps"], epochs=100)
     cfg["train"]["lr"] = args.lr
     cfg["export"] = {"formats": ["pytorch", "onnx", "int8"]}
     return cfg
+
+
+def dense_latency_ms(model_dir: str, threads: int, length: int) -> float:
+    """The dense model's batch-32 forward (ms) as the latency target measures it (the
+    faster of two medians)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from capscale.pruning.latency import time_forward
+    torch.set_num_threads(threads)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    return min(time_forward(model, 32, length, 3, torch.device("cpu")) for _ in range(2))
 
 
 def _update(path: Path, key: str, items: list[dict[str, Any]], header: dict[str, Any],
@@ -195,6 +222,10 @@ def train(args: argparse.Namespace, fid: Any, json_path: Path) -> None:
                   "encoder_sparsity": res["sparsity"]["encoder_sparsity"],
                   "linear_sparsity": res["sparsity"]["linear_sparsity"],
                   "steps": res["steps"], "seconds": time.perf_counter() - t0,
+                  **({"latency_target": {k: v for k, v in res["latency"].items()
+                                         if k != "measured"},
+                      "latency_last": res["latency"]["measured"][-1:]}
+                     if res.get("latency") else {}),
                   "load_avg_end": os.getloadavg()[0]}
         _update(json_path, "runs", [record], header, lambda a, b: a["name"] == b["name"])
         console.log(f"{point[0]}: accuracy {record['accuracy']:.4f}, int8 "

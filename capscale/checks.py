@@ -313,9 +313,15 @@ def cross_section_rules(cfg: Config) -> list[str]:
                    "sparse (onnx / int8 apply)")
     for key, on in (("remove_empty_blocks", cfg.structured.remove_empty_blocks),
                     ("hidden_sparsity", cfg.structured.hidden_sparsity > 0)):
-        if on and cfg.pruning.method != "structured":
-            out.append(f"structured.{key}: a structured (CAP-f) setting; pruning.method="
-                       f"{cfg.pruning.method} does not read it")
+        if on and cfg.pruning.method not in ("structured", "hybrid"):
+            out.append(f"structured.{key}: a setting of the physically smaller methods "
+                       f"(structured, hybrid); pruning.method={cfg.pruning.method} does not "
+                       "read it")
+    if (cfg.pruning.method == "hybrid" and cfg.structured.remove_empty_blocks
+            and cfg.pruning.scope != "global"):
+        out.append("structured.remove_empty_blocks with pruning.method=hybrid needs "
+                   "pruning.scope: global (scope local keeps 1 - s of every layer's heads "
+                   "and neurons, so no block ever empties)")
     if cfg.pruning.target_latency_ms is not None and not method.physical_export:
         out.append(f"pruning.target_latency_ms: pruning.method={cfg.pruning.method} exports "
                    "a dense model that runs at dense speed; a latency target needs a "

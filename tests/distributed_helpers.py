@@ -166,6 +166,8 @@ def train_and_record(run: Any, ctx: Any) -> dict[str, Any]:
     if hybrid:  # heads and FFN neurons apart
         out["unit_keep"] = run.controller.keep()
         out["ffn_thresholds"] = [run.controller.pruners[1].global_threshold(k) for k in keeps]
+        out["hidden_keep"] = run.controller.hidden_keep()
+        out["hidden_score"] = run.controller.hidden.score.clone()
     return out
 
 
@@ -237,8 +239,11 @@ def make_family_assets(root: Path, family: str) -> dict[str, str]:
     return paths
 
 
-# Movement scores on whole heads and neurons, seeded by their norms (no ties: exact masks).
-HYBRID_OVERRIDES = {"pruning.method": "hybrid", "pruning.score_warm_start": "magnitude"}
+# Movement scores on whole heads and neurons, seeded by their norms (no ties: exact
+# masks); emptied blocks skipped, a quarter of the hidden dimension pruned by movement.
+HYBRID_OVERRIDES = {"pruning.method": "hybrid", "pruning.score_warm_start": "magnitude",
+                    "structured.remove_empty_blocks": True,
+                    "structured.hidden_sparsity": 0.25}
 FAMILY_OVERRIDES = {"pruning.scope": "local"}  # per logical matrix top-k (fused maps split)
 
 

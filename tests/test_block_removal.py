@@ -13,6 +13,7 @@ from capscale.checks import load_run_config
 from capscale.config import ConfigError
 from capscale.export.huggingface import export_structured
 from capscale.models.loading import adapter_for
+from capscale.pruning.hybrid import attach_block_skips, attach_unit_masks, unmask
 from capscale.pruning.structured import StructuredMasks, structured_param_counts
 
 SKIPPING = sorted(f for f in CONFIGS if adapter_for(tiny_model(f)).attn_block
@@ -106,6 +107,40 @@ def test_refusals(tmp_path):
         adapter_for(tiny_model("albert"), remove_empty_blocks=True)
     with pytest.raises(ValueError, match="mpnet adapter cannot skip whole attention blocks"):
         adapter_for(tiny_model("mpnet"), remove_empty_blocks=True)
-    with pytest.raises(ConfigError, match="remove_empty_blocks"):
-        load_run_config("capscale/configs/demo_minilm_tweets.yaml",
-                        ["structured.remove_empty_blocks=true", "pruning.method=hybrid"])
+    demo = "capscale/configs/demo_minilm_tweets.yaml"
+    with pytest.raises(ConfigError, match="hybrid needs pruning"):
+        load_run_config(demo, ["structured.remove_empty_blocks=true", "pruning.method=hybrid",
+                               "pruning.scope=local"])
+    with pytest.raises(ConfigError, match="physically smaller methods"):
+        load_run_config(demo, ["structured.remove_empty_blocks=true",
+                               "pruning.method=movement"])
+
+
+def test_hybrid_skips_the_blocks_its_scores_empty(tmp_path):
+    """Hybrid's unit masks (scores thresholded, as global scope does): the emptied
+    blocks are skipped in the masked model and removed from its export, which gives
+    the same logits."""
+    model = tiny_model("bert")
+    adapter = adapter_for(model, remove_empty_blocks=True)
+    units = attach_unit_masks(model, adapter)
+    attach_block_skips(model, adapter, units)
+    masks = StructuredMasks(tiny_model("bert"), adapter_for(tiny_model("bert")))
+    heads, ffn = _keep(masks)
+    for i in range(3):
+        for role, keep in (("attn_out", heads[i]), ("ffn_out", ffn[i])):
+            unit = units[f"{i}.{role}"]
+            unit.global_scope = True
+            with torch.no_grad():
+                unit.mask_scores.copy_(keep.float() * 2 - 1)  # kept above threshold 0
+    inputs = tiny_inputs()
+    io = _layer_io(model, adapter, inputs)
+    torch.testing.assert_close(io[0][1], io[0][0])  # layer 0 is the identity
+    with torch.no_grad():
+        masked = model(**inputs).logits
+    unmask(model)
+    report = export_structured(model, adapter, heads, ffn, tmp_path / "out")
+    assert report["removed_blocks"] == {"attention": [0, 1], "ffn": [0, 2]}
+    loaded = AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "out" / "model", trust_remote_code=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, masked, atol=1e-5, rtol=1e-5)

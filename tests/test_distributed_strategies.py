@@ -98,10 +98,11 @@ def test_global_threshold_on_sharded_scores(strategy, assets, single, tmp_path_f
 
 @pytest.mark.parametrize("strategy", ["ddp", "zero3", "fsdp2"])
 def test_hybrid_units_follow_shards(strategy, assets, single, tmp_path_factory):
-    """Hybrid pruning (scores per head and per FFN neuron, inside the sharded student):
+    """Hybrid pruning (scores per head and per FFN neuron, inside the sharded student;
+    emptied blocks skipped; hidden dimensions pruned by movement scores outside it):
     every loss term and gradient, the head and neuron masks, the two global thresholds
-    (from this rank's shard of the scores) and the export copy's masks equal one
-    process'."""
+    (from this rank's shard of the scores), the hidden scores and mask and the export
+    copy's masks equal one process'."""
     one, two = single["hybrid"], two_ranks(strategy, assets, tmp_path_factory)["hybrid"]
     assert_losses_and_grads_match(one, two, {"ce", "kd", "prc_unsup", "fic_unsup",
                                              "snc_unsup"})
@@ -113,6 +114,12 @@ def test_hybrid_units_follow_shards(strategy, assets, single, tmp_path_factory):
     assert two["thresholds"] == pytest.approx(one["thresholds"], rel=1e-4)
     assert two["export_masks_equal"] and one["export_masks_equal"]
     assert two["sparsity"] == pytest.approx(one["sparsity"])
+    # The hidden dimensions' movement scores (dL/dz averaged over ranks) and the
+    # dimensions they pruned.
+    assert int((~one["hidden_keep"]).sum()) == 8
+    assert torch.equal(one["hidden_keep"], two["hidden_keep"])
+    torch.testing.assert_close(two["hidden_score"], one["hidden_score"], rtol=1e-4,
+                               atol=1e-6)
 
 
 @pytest.mark.parametrize("strategy", ["zero3", "fsdp2"])

@@ -103,3 +103,75 @@ def test_hybrid_on_other_layouts_exports_with_parity(family, tiny_model_factory,
         tmp_path / "pruned" / "model", trust_remote_code=True).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**inputs).logits, masked, rtol=1e-5, atol=1e-5)
+
+
+def test_hybrid_removes_emptied_blocks_and_hidden_dimensions(tiny_model_factory, tiny_csv,
+                                                            tmp_path):
+    """Hybrid at 90% with global scope keeps one head of eight, so one of the two
+    attention blocks empties: the masked student skips it and prunes half the hidden
+    dimension by movement scores; the export removes both, and transformers alone
+    reloads it with the masked logits."""
+    run = run_cap(tiny_model_factory("bert"), tiny_csv, tmp_path / "run",
+                  "pruning.method=hybrid", "pruning.scope=global",
+                  "pruning.score_warm_start=magnitude", "structured.remove_empty_blocks=true",
+                  "structured.hidden_sparsity=0.5")
+    heads, _ = run.controller.keep()
+    emptied = [i for i, h in enumerate(heads) if not h.any()]
+    assert len(emptied) == 1
+    hidden = run.controller.hidden_keep()
+    assert hidden is not None and int(hidden.sum()) == 16
+    report = run.controller.report()
+    assert report["hidden_sparsity"] == pytest.approx(0.5)
+    inputs = eval_inputs(run)
+    with torch.no_grad():
+        masked = run.student.model.eval()(**inputs).logits
+    exported = run.export(tmp_path / "pruned")
+    structure = json.loads((tmp_path / "pruned" / "structure.json").read_text())
+    assert structure["removed_blocks"]["attention"] == emptied
+    assert structure["hidden_kept"] == torch.nonzero(hidden).flatten().tolist()
+    assert exported["hidden_size_kept"] == 16
+    reloaded = AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "pruned" / "model", trust_remote_code=True).eval()
+    assert exported["exported_encoder_parameters"] == sum(
+        p.numel() for p in reloaded.bert.encoder.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, masked, rtol=1e-5, atol=1e-5)
+
+
+def test_hidden_movement_scores():
+    """The score adds -dL/dz / ||dL/dz|| per step (averaged over ranks first; pruned
+    dimensions' scores frozen), a non-finite step adds nothing, and pruning takes the
+    lowest kept dimensions, 8 at a time, never bringing one back."""
+    from structured_models import tiny_inputs, tiny_model
+
+    from capscale.models.loading import adapter_for
+    from capscale.pruning.hidden import HiddenMask, HiddenMovement
+    from capscale.pruning.structured import mark_mask_hook
+
+    model = tiny_model("bert")
+    move = HiddenMovement(HiddenMask(model, adapter_for(model), mark_mask_hook))
+    z = move.mask.mask
+    inputs = tiny_inputs()
+    model(**inputs).logits.pow(2).sum().backward()
+    g = z.grad.detach().double().clone()
+    move.accumulate(all_reduce=lambda t: 2 * t, world_size=2)  # two equal ranks
+    torch.testing.assert_close(move.score, -g / g.norm())
+    assert z.grad is None
+    z.grad = torch.full_like(z, float("nan"))
+    move.accumulate()
+    torch.testing.assert_close(move.score, -g / g.norm())
+    assert move.prune_to(0.3)  # round(0.3 * 32 / 8) * 8 = 8 dimensions
+    keep = move.mask.keep()
+    assert int((~keep).sum()) == 8
+    assert set(torch.argsort(move.score)[:8].tolist()) == set(torch.nonzero(~keep).flatten()
+                                                            .tolist())
+    frozen = move.score[~keep].clone()
+    model(**inputs).logits.pow(2).sum().backward()
+    g = z.grad.detach().double() * keep
+    before = move.score.clone()
+    move.accumulate()
+    torch.testing.assert_close(move.score, before - g / g.norm())
+    assert torch.equal(move.score[~keep], frozen)
+    move.score[~keep] = 1e9  # a pruned dimension's score cannot bring it back
+    assert not move.prune_to(0.3)
+    assert torch.equal(move.mask.keep(), keep)

@@ -144,11 +144,13 @@ class StructuredConfig:
     # A layer's attention (FFN) block whose heads (neurons) are all pruned is skipped,
     # its output the block's input, and removed from the export (a layer with both
     # removed is gone); false: it keeps adding its output bias, as the reference does.
-    # Emptying attention blocks needs min_heads_per_layer: 0.
+    # Emptying attention blocks needs min_heads_per_layer: 0 (structured) or
+    # pruning.scope: global (hybrid, whose learned unit scores empty them).
     remove_empty_blocks: bool = False
     # Fraction of the hidden dimensions (the residual stream's width, shared by the
     # embeddings and every layer) pruned at the end, reached in proportion to the
     # head / neuron schedule, 8 dimensions at a time (post-LN encoders; 0: none).
+    # structured ranks them by Taylor importance, hybrid by movement scores.
     hidden_sparsity: float = 0.0
 
     def check(self) -> list[Check]:

@@ -194,3 +194,58 @@ def hidden_pruned_parameters(layer: nn.Module, adapter: EncoderAdapter, heads: i
         total += pruned * sum(p is not None for p in (getattr(norm, "weight", None),
                                                        getattr(norm, "bias", None)))
     return total
+
+
+class HiddenMovement:
+    """The hidden dimensions' movement scores of the ``hybrid`` method.
+
+    Hybrid learns its head and neuron scores by straight-through top-k; the hidden mask
+    ``z`` gets the same kind of score without becoming a model parameter (it lives
+    outside the model, so ZeRO-3 / FSDP2 never partition it): with ``z`` requiring a
+    gradient, every training step leaves ``g = dL/dz`` (all micro-batches, averaged over
+    ranks), and the score of dimension ``j`` is ``S_j = -sum_t g_j(t) / ||g(t)||``, the
+    score a straight-through top-k would learn by SGD (``dL/dS = dL/dz``), each step's
+    gradient divided by its L2 norm so that neither a loss scale (fp16) nor a loss that
+    shrinks along the run weighs one step more than another. A dimension whose removal
+    the loss keeps asking for (``dL/dz > 0``) sinks. The lowest-scoring kept dimensions
+    are pruned as the head / neuron schedule moves (:func:`select_hidden`); pruned ones
+    stay pruned and their scores stop moving: their ``dL/dz`` is taken at the filler
+    inputs, which a narrower model does not have, so it says nothing.
+    """
+
+    def __init__(self, mask: HiddenMask) -> None:
+        self.mask = mask
+        self.score = torch.zeros(mask.mask.numel(), dtype=torch.float64)
+        mask.mask.requires_grad_(True)
+
+    def accumulate(self, all_reduce: Callable[[Tensor], Tensor] | None = None,
+                   world_size: int = 1) -> None:
+        """Add the last step's ``dL/dz`` to the scores and clear it (collective under
+        several ranks: every rank calls it at the same step)."""
+        z = self.mask.mask
+        g = (torch.zeros_like(self.score) if z.grad is None
+             else z.grad.detach().to("cpu", torch.float64))
+        z.grad = None
+        if all_reduce is not None:
+            g = all_reduce(g) / world_size
+        g = g * self.mask.keep()  # a pruned dimension's score stays where it was pruned
+        norm = g.norm()
+        if bool(torch.isfinite(norm)) and float(norm) > 0:  # a skipped step adds nothing
+            self.score -= g / norm
+
+    def prune_to(self, fraction: float) -> bool:
+        """Prune the lowest-scoring kept dimensions up to ``fraction``; whether any went."""
+        current = self.mask.keep()
+        keep = select_hidden(self.score, fraction, current)
+        if bool((keep == current).all()):
+            return False
+        self.mask.set(keep)
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"score": self.score.tolist(), "keep": self.mask.keep().tolist()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            self.score = torch.tensor(state["score"], dtype=torch.float64)
+            self.mask.set(torch.tensor(state["keep"]))

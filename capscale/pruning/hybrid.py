@@ -27,6 +27,12 @@ top ``1 - s_t`` heads and neurons of every layer; ``global`` ranks heads across 
 and neurons across layers (two thresholds: a head's score sums many more columns than a
 neuron's, so the two are never ranked together), which removes more from layers that
 need less.
+
+Coarser granularities, as in CAP-f: with ``structured.remove_empty_blocks`` (global
+scope) a block whose unit scores all fall below the threshold is skipped
+(:func:`attach_block_skips`) and removed from the export; with
+``structured.hidden_sparsity`` the hidden dimension is pruned by movement scores
+(:class:`capscale.pruning.hidden.HiddenMovement`) in proportion to the unit schedule.
 """
 
 from __future__ import annotations
@@ -37,15 +43,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from capscale.models.adapters import get_submodule
+from capscale.models.specs import block_specs
 from capscale.pruning.controller import (
     ExportPlan,
     PruningContext,
     PruningController,
     PruningMethod,
 )
+from capscale.pruning.hidden import HiddenMask, HiddenMovement
 from capscale.pruning.latency import LatencyTarget
 from capscale.pruning.masked import MaskedLinear, replace_module
-from capscale.pruning.structured import structured_param_counts
+from capscale.pruning.structured import mark_mask_hook, structured_param_counts
 from capscale.pruning.unstructured import WeightMaskController
 from capscale.pruning.weight_rules import WEIGHT_RULES
 
@@ -67,6 +76,7 @@ class UnitMaskedLinear(MaskedLinear):
     """
 
     unit_size: int = 1
+    last_mask: Tensor | None = None  # the (units,) mask of the last forward (detached)
 
     @classmethod
     def wrap(cls, linear: nn.Linear, unit_size: int, score_init: float = 0.0
@@ -88,6 +98,7 @@ class UnitMaskedLinear(MaskedLinear):
 
     def forward(self, x: Tensor) -> Tensor:
         m = self.mask().to(x.dtype)
+        self.last_mask = m.detach()
         if self.unit_size > 1:
             m = m.repeat_interleave(self.unit_size)
         return F.linear(x * m, self.weight, self.bias)
@@ -122,6 +133,30 @@ def attach_unit_masks(model: nn.Module, adapter: EncoderAdapter, score_init: flo
             replace_module(model, qname, lin)
         out[key] = lin
     return out
+
+
+def attach_block_skips(model: nn.Module, adapter: EncoderAdapter,
+                       units: dict[str, UnitMaskedLinear]) -> None:
+    """``structured.remove_empty_blocks`` under hybrid: a block whose heads (neurons) are
+    all pruned returns its input, as the export, which removes it, does. The hook on the
+    block's residual module reads the unit mask that the block's ``attn_out`` /
+    ``ffn_out`` computed in this very forward (from its own, possibly partitioned,
+    scores), and selects with ``torch.where``: no host synchronisation, and the block
+    comes back the step its scores bring a unit back."""
+    for i, layer in enumerate(adapter.layer_modules(model)):
+        for (kind, (_, _, residual)), role in zip(block_specs(adapter).items(), UNIT_ROLES):
+            unit = units[f"{i}.{role}"]
+
+            def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor,
+                     unit: UnitMaskedLinear = unit, kind: str = kind) -> Tensor | None:
+                if unit.last_mask is None:
+                    return None
+                if len(args) < 2:
+                    raise TypeError(f"{type(module).__name__} was not called as "
+                                    "residual(value, block_input): adapter "
+                                    f"{kind} block is wrong")
+                return torch.where(unit.last_mask.any(), output, args[1])
+            get_submodule(layer, residual).register_forward_hook(mark_mask_hook(hook))
 
 
 def unit_keep(modules: dict[str, UnitMaskedLinear], layers: int
@@ -160,6 +195,34 @@ class HybridController(WeightMaskController):
     def __init__(self, method: PruningMethod, run: PruningContext) -> None:
         super().__init__(method, run)
         self.latency = LatencyTarget(run, prepare=unmask)
+        self._hidden: HiddenMovement | None = None
+        self._hidden_state: dict[str, Any] = {}  # restored before the mask exists
+
+    def setup(self, model: nn.Module) -> None:
+        super().setup(model)
+        if self.run.adapter.remove_empty_blocks:
+            attach_block_skips(model, self.run.adapter, self.unit_modules)
+
+    @property
+    def hidden(self) -> HiddenMovement | None:
+        """The hidden dimensions' mask and scores (``structured.hidden_sparsity``), hooked
+        into the student as the strategy prepared it (made on first use, after the
+        wrapping, on the student's device)."""
+        if self._hidden is None and self.run.structured.hidden_sparsity > 0:
+            bare = self.run.strategy.unwrap(self.run.student())
+            self._hidden = HiddenMovement(HiddenMask(bare, self.run.adapter, mark_mask_hook))
+            self._hidden.load_state_dict(self._hidden_state)
+        return self._hidden
+
+    def hidden_keep(self) -> Tensor | None:
+        return None if self.hidden is None else self.hidden.mask.keep()
+
+    def _move_hidden(self) -> None:
+        """Prune the hidden dimensions in proportion to the head / neuron schedule."""
+        if self.hidden is not None:
+            final = max(self.run.pruning.final_sparsity, 1e-12)
+            self.hidden.prune_to(self.run.structured.hidden_sparsity
+                                 * min(1.0, self.pruner.sparsity / final))
 
     def warm_start(self, modules: dict[str, MaskedLinear], scale: float) -> None:
         warm_start_units(cast(dict[str, UnitMaskedLinear], modules), scale)
@@ -169,20 +232,33 @@ class HybridController(WeightMaskController):
         return [{k: m for k, m in modules.items() if k.endswith(role)} for role in UNIT_ROLES]
 
     def before_step(self, step: int) -> None:
+        if self.hidden is not None:  # the last step's dL/dz
+            ctx = self.run.ctx
+            self.hidden.accumulate(ctx.all_reduce_sum if ctx.distributed else None,
+                                   ctx.world_size)
         if self.latency.due(step, self.pruner.sparsity):
             self._check_latency()
         super().before_step(step)
+        self._move_hidden()
+
+    def sync_masks(self) -> None:
+        super().sync_masks()
+        self._move_hidden()
 
     def _check_latency(self) -> None:
         """Measure the export at the current masks; cap the schedule there if met."""
         def keep(copy: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
             units = attach_unit_masks(copy, self.run.adapter)
             return unit_keep(units, len(self.run.adapter.layer_modules(copy)))
-        if self.latency.check(self.pruner.sparsity, keep):
+        if self.latency.check(self.pruner.sparsity, keep, self.hidden_keep()):
             for pr in self.pruners:
                 pr.ceiling = self.pruner.sparsity
 
     def on_end(self) -> None:
+        if self.hidden is not None:  # the last step's dL/dz joins the saved scores
+            ctx = self.run.ctx
+            self.hidden.accumulate(ctx.all_reduce_sum if ctx.distributed else None,
+                                   ctx.world_size)
         if self.latency.enabled and not self.latency.frozen:
             self.sync_masks()
             m = self.latency.measured
@@ -204,16 +280,20 @@ class HybridController(WeightMaskController):
         run = self.run
         with run.strategy.gathered(run.student()) as bare:
             heads, ffn = unit_keep(self.unit_modules, len(run.adapter.layer_modules(bare)))
-            return unit_report(bare, run.adapter, heads, ffn)
+            return unit_report(bare, run.adapter, heads, ffn, self.hidden_keep())
 
     def latency_summary(self) -> dict[str, Any] | None:
         return self.latency.summary()
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "latency": self.latency.state_dict()}
+        return {**super().state_dict(), "latency": self.latency.state_dict(),
+                "hidden": {} if self.hidden is None else self.hidden.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.latency.load_state_dict(state.get("latency", {}))
+        self._hidden_state = state.get("hidden", {})
+        if self._hidden is not None:
+            self._hidden.load_state_dict(self._hidden_state)
         super().load_state_dict(state)
         for pr in self.pruners:
             pr.ceiling = self.latency.met_at
@@ -224,7 +304,7 @@ class HybridController(WeightMaskController):
         modules = attach_unit_masks(model, self.run.adapter)  # the copy's own modules
         heads, ffn = unit_keep(modules, len(self.run.adapter.layer_modules(model)))
         unmask(model)
-        return ExportPlan(heads, ffn)
+        return ExportPlan(heads, ffn, self.hidden_keep())
 
 
 class HybridPruning(PruningMethod):
@@ -244,10 +324,11 @@ class HybridPruning(PruningMethod):
 
 
 def unit_report(model: nn.Module, adapter: EncoderAdapter, heads: list[Tensor],
-                ffn: list[Tensor]) -> dict[str, Any]:
+                ffn: list[Tensor], hidden: Tensor | None = None) -> dict[str, Any]:
     """Sparsity of a unit-pruned model in the keys of ``sparsity_report`` plus the head
-    and FFN fractions (the structured report)."""
-    counts = structured_param_counts(model, adapter, heads, ffn)
+    and FFN fractions (the structured report) and, with ``hidden`` (keep mask), the
+    hidden dimensions'."""
+    counts = structured_param_counts(model, adapter, heads, ffn, hidden)
     prunable = sum(lin.in_features * lin.out_features
                    for lin in adapter.prunable_linears(model).values())
     total = sum(int(getattr(p, "ds_numel", p.numel())) for n, p in model.named_parameters()
@@ -256,4 +337,6 @@ def unit_report(model: nn.Module, adapter: EncoderAdapter, heads: list[Tensor],
             "head_sparsity": 1 - sum(int(h.sum()) for h in heads) / sum(h.numel() for h in heads),
             "ffn_sparsity": 1 - sum(int(f.sum()) for f in ffn) / sum(f.numel() for f in ffn),
             "linear_sparsity": counts["pruned_parameters"] / prunable,
-            "total_sparsity": counts["pruned_parameters"] / total}
+            "total_sparsity": counts["pruned_parameters"] / total,
+            **({} if hidden is None else {"hidden_sparsity": 1 - int(hidden.sum())
+                                          / hidden.numel()})}

@@ -28,9 +28,11 @@ from capscale.pruning.hidden import HiddenMask, hidden_pruned_parameters
 AllReduceFn = Callable[[Tensor], Tensor]  # sums a tensor over ranks
 
 
-def _mark(hook: Callable) -> Callable:
+def mark_mask_hook(hook: Callable) -> Callable:
+    """Tag a mask hook so that :func:`strip_mask_hooks` removes it from copies."""
     hook.capscale_structured_mask = True  # type: ignore[attr-defined]
     return hook
+
 
 
 def strip_mask_hooks(model: nn.Module) -> None:
@@ -85,7 +87,7 @@ class StructuredMasks(nn.Module):
         for i, lin in enumerate(linears):
             self._handles.append(lin["attn_out"].register_forward_pre_hook(self._head_hook(i)))
             self._handles.append(lin["ffn_out"].register_forward_pre_hook(self._ffn_hook(i)))
-        self.hidden = HiddenMask(model, adapter, _mark) if hidden else None
+        self.hidden = HiddenMask(model, adapter, mark_mask_hook) if hidden else None
         self._empty: dict[tuple[str, int], tuple[int, bool]] = {}  # (kind, layer) cache
         if adapter.remove_empty_blocks:
             for i, layer in enumerate(layers):
@@ -94,7 +96,7 @@ class StructuredMasks(nn.Module):
                         self._skip_hook(kind, i)))
 
     def _head_hook(self, i: int) -> Callable:
-        @_mark
+        @mark_mask_hook
         def hook(module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
             x = args[0]  # (B, T, heads * d), head-major
             m = self.head[i].to(x.dtype).repeat_interleave(self.head_size)
@@ -102,7 +104,7 @@ class StructuredMasks(nn.Module):
         return hook
 
     def _ffn_hook(self, i: int) -> Callable:
-        @_mark
+        @mark_mask_hook
         def hook(module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
             return (args[0] * self.ffn[i].to(args[0].dtype), *args[1:])  # (B, T, I)
         return hook
@@ -119,7 +121,7 @@ class StructuredMasks(nn.Module):
 
     def _skip_hook(self, kind: str, i: int) -> Callable:
         """An empty block is skipped: its residual module returns the block's input."""
-        @_mark
+        @mark_mask_hook
         def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor | None:
             if not self.empty(kind, i):
                 return None
