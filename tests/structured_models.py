@@ -11,9 +11,11 @@ from transformers import (
     DebertaV2Config,
     DistilBertConfig,
     ElectraConfig,
+    ErnieConfig,
     ModernBertConfig,
     MPNetConfig,
     RobertaConfig,
+    RoFormerConfig,
     XLMRobertaConfig,
 )
 
@@ -50,9 +52,17 @@ CONFIGS = {
 }
 
 
+# BERT copies under their own model types, built on demand (not in every family sweep).
+MORE_CONFIGS = {
+    "ernie": lambda: ErnieConfig(**COMMON),
+    "roformer": lambda: RoFormerConfig(**COMMON),  # rotary positions
+}
+
+
 def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_config(CONFIGS[family]())
+    model = AutoModelForSequenceClassification.from_config({**CONFIGS, **MORE_CONFIGS}[
+        family]())
     # Random biases, so that a fully pruned block's bias really matters.
     with torch.no_grad():
         for name, p in model.named_parameters():

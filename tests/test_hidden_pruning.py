@@ -64,7 +64,8 @@ def test_layer_norms_see_the_kept_dimensions_only():
 
 
 @pytest.mark.parametrize("family,blocks", [("bert", False), ("bert", True),
-                                           ("roberta", True), ("xlm-roberta", False)])
+                                           ("roberta", True), ("xlm-roberta", False),
+                                           ("ernie", True), ("roformer", True)])
 def test_masked_equals_exported_with_hidden_pruned(family, blocks, tmp_path):
     model = tiny_model(family)
     adapter = adapter_for(model, remove_empty_blocks=blocks)

@@ -53,8 +53,10 @@ register_adapter(EncoderAdapter(model_types=("mpnet",), query="attention.attn.q"
                                 attn_block=None))
 # BERT copies with their own module names at the top (MegatronBERT: pre-LayerNorm;
 # ERNIE: task-type embeddings; RoFormer: rotary positions, a RoBERTa-style head).
-register_adapter(EncoderAdapter(model_types=("megatron-bert", "ernie")))
-register_adapter(EncoderAdapter(model_types=("roformer",), head_linear="classifier.out_proj"))
+register_adapter(EncoderAdapter(model_types=("megatron-bert",)))
+register_adapter(EncoderAdapter(model_types=("ernie",), **POST_LN))
+register_adapter(EncoderAdapter(model_types=("roformer",), head_linear="classifier.out_proj",
+                                **POST_LN))
 # ConvBERT: Q/K/V hold the self-attention half of the heads, the other half are
 # span-based convolutions (their linear maps are not pruned); structured pruning is refused.
 register_adapter(EncoderAdapter(
