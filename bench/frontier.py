@@ -98,6 +98,11 @@ COARSE_POINTS: list[Point] = [
     ("CAP-f 8x target h25 blocks +layer @600", "structured", 0.95, None,
      {"blocks": True, **LAYER, "hidden": 0.25, "steps": 600, "speedup": 8.0}),
     ("hybrid 90% blocks +layer", "hybrid", 0.9, None, {"blocks": True, **LAYER}),
+    ("hybrid 95% h25 blocks +layer @600", "hybrid", 0.95, None,
+     {"blocks": True, **LAYER, "hidden": 0.25, "steps": 600}),
+    ("CAP-f 90% blocks +layer @1500", "structured", 0.9, None,
+     {"blocks": True, **LAYER, "steps": 1500}),
+    ("hybrid 90% blocks", "hybrid", 0.9, None, {"blocks": True}),
 ]
 RUNTIMES = ("torch fp32", "onnxruntime fp32", "onnxruntime int8")
 TARGETS = [(0.95, 8.0), (0.98, 3.0)]  # (fraction of dense accuracy, speed-up at batch 32)
@@ -109,7 +114,10 @@ def run_name(name: str) -> str:
 
 
 def point_config(fid: Any, args: argparse.Namespace, budget: dict[str, Any], work: Path,
-                 teacher: str, point: Point) -> dict[str, Any]:
+                 teacher: str, point: Point, dense_ms: float | None = None
+                 ) -> dict[str, Any]:
+    """The run config of ``point``; ``dense_ms``: dense's batch-32 forward (ms), which a
+    point with ``speedup`` needs."""
     from capscale.config import merge_dicts
 
     name, method, sparsity, pattern, extra = point
@@ -135,9 +143,10 @@ def point_config(fid: Any, args: argparse.Namespace, budget: dict[str, Any], wor
     if extra.get("hidden"):
         cfg.setdefault("structured", {})["hidden_sparsity"] = extra["hidden"]
     if extra.get("speedup"):
-        pruning.update(target_latency_ms=round(dense_latency_ms(
-                           teacher, args.threads, args.length) / extra["speedup"], 1),
-                       latency_batch_size=32, latency_seq_length=args.length)
+        if dense_ms is None:
+            raise ValueError(f"{name}: a latency-target point needs dense's time (dense_ms)")
+        pruning.update(target_latency_ms=round(dense_ms / extra["speedup"], 1),
+                       latency_batch_size=32, latency_seq_length=128)
     if extra.get("steps"):  # epochs large enough that max_steps is the length
         cfg["train"].update(max_steps=extra["steps"], epochs=100)
     cfg["train"]["lr"] = args.lr
@@ -145,7 +154,7 @@ def point_config(fid: Any, args: argparse.Namespace, budget: dict[str, Any], wor
     return cfg
 
 
-def dense_latency_ms(model_dir: str, threads: int, length: int) -> float:
+def dense_latency_ms(model_dir: str, threads: int, length: int = 128) -> float:
     """The dense model's batch-32 forward (ms) as the latency target measures it (the
     faster of two medians)."""
     import torch
@@ -205,7 +214,10 @@ def train(args: argparse.Namespace, fid: Any, json_path: Path) -> None:
     for i, point in enumerate(POINTS):
         if i % n != k or any(r["name"] == point[0] for r in done):
             continue
-        cfg = run_config_from_dict(point_config(fid, args, budget, work, teacher, point))
+        dense_ms = (dense_latency_ms(teacher, args.threads)
+                    if point[4].get("speedup") else None)
+        cfg = run_config_from_dict(point_config(fid, args, budget, work, teacher, point,
+                                                dense_ms))
         t0 = time.perf_counter()
         res = prune(cfg, ctx, console, export=True, teacher_metrics={"accuracy": dense})
         out = Path(cfg.output_dir) / "pruned"
@@ -380,7 +392,8 @@ def time_all(args: argparse.Namespace, fid: Any, json_path: Path) -> None:
     json_path.write_text(json.dumps(data, indent=1))
 
 
-def markdown(data: dict[str, Any], targets: list[tuple[float, float]] = TARGETS) -> str:
+def markdown(data: dict[str, Any], targets: list[tuple[float, float]] = TARGETS,
+             far: dict[str, Any] | None = None) -> str:
     pts = data.get("points", [])
     title = ("Accuracy / speed frontier (MiniLM on tweets)" if targets == TARGETS else
              "The far end: whole blocks, hidden dimension, layer distillation (MiniLM on "
@@ -409,6 +422,7 @@ def markdown(data: dict[str, Any], targets: list[tuple[float, float]] = TARGETS)
             if best else "not reached; " + _closest(pts, rel, speed)))
     lines += _comparisons(pts) if any(p["method"] == "hybrid" for p in pts) else []
     lines += _coarse_comparisons(data)
+    lines += far_end(far) if far else []
     return "\n".join(lines) + "\n"
 
 
@@ -435,6 +449,25 @@ def _coarse_comparisons(data: dict[str, Any]) -> list[str]:
             if pa and pb:
                 out.append(f"- {what}: {cell(a)} vs {cell(b)} "
                            f"({100 * (pa['accuracy'] - pb['accuracy']):+.2f} points)")
+    pairs = [("hybrid 90% blocks +layer", "CAP-f 90% blocks +layer"),
+             ("hybrid 90% h25 blocks +layer @600", "CAP-f 90% h25 blocks +layer @600")]
+    if any(a in runs and b in runs for a, b in pairs):
+        out += ["", "Hybrid (movement scores) against CAP-f (Taylor importance) at the same "
+                "granularities and steps:", ""]
+        for a, b in pairs:
+            if a in runs and b in runs:
+                out.append(f"- {a}: hybrid {cell(a)}, CAP-f {cell(b)}; INT8 "
+                           f"{cell(a, 'onnxruntime int8')} vs {cell(b, 'onnxruntime int8')}")
+    for n, r in runs.items():
+        lt = r.get("latency_target")
+        if lt:
+            last = (r.get("latency_last") or [{}])[-1]
+            out += ["", f"Latency target ({n}): {lt['target_ms']:g} ms for batch "
+                    f"{lt['batch_size']} x {lt['seq_length']} (dense / 8, timed by the "
+                    f"worker); {'met' if lt['met'] else 'not met'} at sparsity "
+                    f"{100 * (lt['met_at_sparsity'] or 0):.1f}% ({last.get('ms', 0):.0f} ms "
+                    f"there, measured during training; kept {last.get('kept')}; time by "
+                    f"part {last.get('parts_ms')} ms); timed alone: {cell(n)}."]
     blocks = [n for n in runs if "blocks" in n]
     if blocks:
         out += ["", "Blocks removed by the runs that allow it (layer indices):", ""]
@@ -452,6 +485,27 @@ def _coarse_comparisons(data: dict[str, Any]) -> list[str]:
                                    if n.split(" @")[0] == base), key=lambda x: x[1]["steps"]):
                 out.append(f"| {base} | {r['steps']} | {cell(name)} | "
                            f"{cell(name, 'onnxruntime int8')} |")
+    return out
+
+
+def pareto(pts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The points no other point beats in both accuracy and batch-32 speed-up (dense
+    excluded), fastest first."""
+    pts = [p for p in pts if p["relative_accuracy"] is not None and p["method"] != "dense"]
+    return sorted((p for p in pts if not any(
+        q["relative_accuracy"] >= p["relative_accuracy"] and q["speedup_b32"] > p["speedup_b32"]
+        for q in pts)), key=lambda p: -p["speedup_b32"])
+
+
+def far_end(far: dict[str, Any]) -> list[str]:
+    """The main report's section on frontier_coarse: its Pareto points."""
+    out = ["", "## The far end (frontier_coarse.md)", "",
+           "Whole blocks, the hidden dimension and layer distillation (CAP-f and hybrid), "
+           "trained and timed in their own run (dense re-timed there: "
+           f"{far.get('machine', '-')}). Its Pareto points (batch 32):", ""]
+    for p in pareto(far.get("points", [])):
+        out.append(f"- {p['name']} ({p['runtime']}): {100 * p['relative_accuracy']:.1f}% of "
+                   f"dense at {p['speedup_b32']:.2f}x")
     return out
 
 
@@ -512,7 +566,10 @@ def _comparisons(pts: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def plot(data: dict[str, Any], path: Path) -> None:
+def plot(data: dict[str, Any], path: Path, targets: list[tuple[float, float]] = TARGETS,
+         far: dict[str, Any] | None = None) -> None:
+    """The frontier's points by runtime and method; ``far``: the far end's run
+    (frontier_coarse.json, its own dense timing), its points hollow."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -527,12 +584,21 @@ def plot(data: dict[str, Any], path: Path) -> None:
                    marker=markers.get(p["method"], "o"), color=colors[p["runtime"]], s=45)
         ax.annotate(p["name"], (p["speedup_b32"], 100 * p["relative_accuracy"]),
                     fontsize=6, xytext=(3, 2), textcoords="offset points")
-    for rel, speed in TARGETS:
+    for p in pareto((far or {}).get("points", [])):
+        ax.scatter(p["speedup_b32"], 100 * p["relative_accuracy"],
+                   marker=markers.get(p["method"], "o"), facecolors="none",
+                   edgecolors=colors[p["runtime"]], s=45)
+        ax.annotate(p["name"], (p["speedup_b32"], 100 * p["relative_accuracy"]),
+                    fontsize=5, xytext=(3, -6), textcoords="offset points", color="dimgrey")
+    for rel, speed in targets + (COARSE_TARGETS if far else []):
         ax.axhline(100 * rel, color="grey", lw=0.6, ls=":")
         ax.axvline(speed, color="grey", lw=0.6, ls=":")
     handles = [plt.Line2D([], [], color=c, marker="o", ls="", label=r) for r, c in colors.items()]
     handles += [plt.Line2D([], [], color="k", marker=m, ls="", label=k)
                 for k, m in markers.items()]
+    if far:
+        handles.append(plt.Line2D([], [], color="k", marker="o", markerfacecolor="none", ls="",
+                                  label="far end (frontier_coarse)"))
     ax.legend(handles=handles, fontsize=7, loc="lower left")
     ax.set(xscale="log", xlabel="speed-up over dense PyTorch fp32 (batch 32, length 128, CPU)",
            ylabel="accuracy, % of dense", title="Accuracy / speed frontier (MiniLM, tweets)")
@@ -584,9 +650,13 @@ def main(argv: list[str] | None = None) -> int:
         train(args, fid, json_path)
     if args.time or args.report:
         data = json.loads(json_path.read_text())
-        (args.out / f"frontier{suffix}.md").write_text(markdown(
-            data, COARSE_TARGETS if args.points == "coarse" else TARGETS))
-        plot(data, args.out / f"frontier{suffix}.png")
+        targets = COARSE_TARGETS if args.points == "coarse" else TARGETS
+        far_path = args.out / f"frontier{suffix}_coarse.json"
+        far = (json.loads(far_path.read_text()) if args.points == "main"
+               and far_path.is_file() else None)
+        far = far if far and far.get("points") else None
+        (args.out / f"frontier{suffix}.md").write_text(markdown(data, targets, far))
+        plot(data, args.out / f"frontier{suffix}.png", targets, far)
         print((args.out / f"frontier{suffix}.md").read_text())
     return 0
 

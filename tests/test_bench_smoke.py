@@ -273,10 +273,11 @@ def test_frontier_coarse_points_are_valid_configs(tmp_path):
     for point in frontier.COARSE_POINTS:
         cfg = run_config_from_dict(frontier.point_config(
             fidelity, args, {**fidelity.BUDGETS["cpu"], "max_steps": 150}, tmp_path,
-            str(tmp_path / "teacher"), point))
+            str(tmp_path / "teacher"), point, dense_ms=1000.0))
         name = point[0]
+        assert cfg.pruning.target_latency_ms == (125.0 if "8x target" in name else None)
         assert cfg.structured.remove_empty_blocks == ("blocks" in name)
         assert (cfg.loss.w_layer > 0) == ("layer" in name)
         assert cfg.cap.modules["prc"].enabled == ("no CAP" not in name)
-        assert cfg.train.max_steps == (600 if "@600" in name else 150)
+        assert cfg.train.max_steps == (int(name.split("@")[1]) if "@" in name else 150)
         assert (cfg.structured.hidden_sparsity > 0) == (" h" in name)

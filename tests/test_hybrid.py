@@ -11,7 +11,7 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification
 
 from capscale.pruning import MaskedLinear
-from capscale.pruning.hybrid import UnitMaskedLinear
+from capscale.pruning.hybrid import HybridController, UnitMaskedLinear
 
 
 def test_unit_score_gradient_is_block_movement():
@@ -125,6 +125,13 @@ def test_hybrid_removes_emptied_blocks_and_hidden_dimensions(tiny_model_factory,
     inputs = eval_inputs(run)
     with torch.no_grad():
         masked = run.student.model.eval()(**inputs).logits
+    # A resumed controller restores the hidden mask and scores when it makes the mask.
+    state = json.loads(json.dumps(run.controller.state_dict()))  # as a checkpoint holds it
+    fresh = HybridController(run.controller.method, run.controller.run)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.hidden_keep(), hidden)
+    torch.testing.assert_close(fresh.hidden.score, run.controller.hidden.score)
+    fresh.hidden.mask.remove()
     exported = run.export(tmp_path / "pruned")
     structure = json.loads((tmp_path / "pruned" / "structure.json").read_text())
     assert structure["removed_blocks"]["attention"] == emptied
