@@ -65,6 +65,16 @@ def _parser(name: str, doc: str, config: bool = True) -> argparse.ArgumentParser
     return p
 
 
+def launch_rank() -> int:
+    """This process' rank as the launcher set it (torchrun / accelerate: ``RANK``; srun:
+    ``SLURM_PROCID``), before any process group exists; 0 when launched alone."""
+    for key in ("RANK", "SLURM_PROCID"):
+        value = os.environ.get(key, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
 def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Turn the input errors every subcommand can hit into exit code 2 and one line."""
     def run(args: argparse.Namespace) -> int:
@@ -104,8 +114,9 @@ def prune_cmd(argv: list[str]) -> int:
     args = p.parse_args(argv)
     try:
         cfg = _run_config(args)
-    except INPUT_ERRORS as err:
-        print(describe(err), file=sys.stderr)
+    except INPUT_ERRORS as err:  # every rank finds it: the first one says it
+        if launch_rank() == 0:
+            print(describe(err), file=sys.stderr)
         return 2
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)

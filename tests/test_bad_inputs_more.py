@@ -421,3 +421,15 @@ def test_the_property_test_ran_both_outcomes():
     print(f"property test: {OUTCOMES['completed']} completed runs, "
           f"{OUTCOMES['refused']} one-line refusals")
     assert OUTCOMES["completed"] >= 1 and OUTCOMES["refused"] >= 1, OUTCOMES
+
+
+def test_a_config_error_is_said_by_the_first_rank_only(assets, capsys, monkeypatch):
+    """Every rank of a launch parses the config: rank 0 prints the line, the others exit
+    2 without repeating it."""
+    for key, rank, said in (("RANK", "1", False), ("SLURM_PROCID", "3", False),
+                            ("RANK", "0", True)):
+        monkeypatch.delenv("RANK", raising=False)
+        monkeypatch.delenv("SLURM_PROCID", raising=False)
+        monkeypatch.setenv(key, rank)
+        assert main(["prune"]) == 2
+        assert bool(capsys.readouterr().err.strip()) == said
