@@ -224,15 +224,15 @@ def test_sparse_size_smoke(tmp_path):
 
 @pytest.mark.slow
 def test_frontier_smoke(tmp_path, smoke_teacher):
-    """bench/frontier.py end to end on the smoke budget: a hybrid and a CAP-f point
-    trained and exported (with ONNX and INT8), timed next to the dense model, tabled."""
+    """bench/frontier.py end to end on the smoke budget: a hybrid point trained and
+    exported (with ONNX and INT8), timed next to the dense model, tabled."""
     frontier = _bench("frontier")
     args = ["--budget", "smoke", "--out", str(tmp_path / "out"), "--work",
             str(_work_with_teacher(tmp_path, smoke_teacher))]
-    assert frontier.main([*args, "--only", "hybrid 50%", "CAP-f 50%"]) == 0
+    assert frontier.main([*args, "--only", "hybrid 50%"]) == 0
     assert frontier.main([*args, "--time", "--repeats", "1", "--length", "16"]) == 0
     data = json.loads((tmp_path / "out" / "frontier_smoke.json").read_text())
-    assert {r["name"] for r in data["runs"]} == {"hybrid 50%", "CAP-f 50%"}
+    assert {r["name"] for r in data["runs"]} == {"hybrid 50%"}
     names = {(p["name"], p["runtime"]) for p in data["points"]}
     assert ("dense", "torch fp32") in names and ("hybrid 50%", "onnxruntime int8") in names
     dense = next(p for p in data["points"] if p["name"] == "dense"
@@ -243,7 +243,7 @@ def test_frontier_smoke(tmp_path, smoke_teacher):
     assert 0.2 < hybrid["sparsity_reached"] < 0.6 and hybrid["latency_ms_b32"] > 0
     assert all(p["accuracy"] is not None for p in data["points"])
     md = (tmp_path / "out" / "frontier_smoke.md").read_text()
-    assert "Hybrid CAP against structured CAP-f" in md and "| hybrid 50% |" in md
+    assert "| hybrid 50% | onnxruntime int8 |" in md and "| dense | torch fp32 |" in md
     assert (tmp_path / "out" / "frontier_smoke.png").stat().st_size > 0
 
 
