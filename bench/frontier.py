@@ -420,7 +420,8 @@ def markdown(data: dict[str, Any], targets: list[tuple[float, float]] = TARGETS,
             f"reached by {best['name']} ({best['runtime']}): "
             f"{100 * best['relative_accuracy']:.1f}% at {best['speedup_b32']:.2f}x"
             if best else "not reached; " + _closest(pts, rel, speed)))
-    lines += _comparisons(pts) if any(p["method"] == "hybrid" for p in pts) else []
+    lines += _comparisons(pts) if any(p["name"] in ("hybrid 50%", "hybrid 75%", "hybrid 90%")
+                                      for p in pts) else []
     lines += _coarse_comparisons(data)
     lines += far_end(far) if far else []
     return "\n".join(lines) + "\n"
