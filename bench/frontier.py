@@ -578,13 +578,17 @@ def plot(data: dict[str, Any], path: Path, targets: list[tuple[float, float]] = 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     markers = {"dense": "*", "movement": "o", "structured": "s", "hybrid": "^"}
     colors = dict(zip(RUNTIMES, ("tab:blue", "tab:orange", "tab:green")))
-    for p in data.get("points", []):
+    pts = data.get("points", [])
+    # A crowded plot names its Pareto points only (the table names every point).
+    named = ({(p["name"], p["runtime"]) for p in pareto(pts)} if len(pts) > 30 else None)
+    for p in pts:
         if p["relative_accuracy"] is None:
             continue
         ax.scatter(p["speedup_b32"], 100 * p["relative_accuracy"],
                    marker=markers.get(p["method"], "o"), color=colors[p["runtime"]], s=45)
-        ax.annotate(p["name"], (p["speedup_b32"], 100 * p["relative_accuracy"]),
-                    fontsize=6, xytext=(3, 2), textcoords="offset points")
+        if named is None or (p["name"], p["runtime"]) in named:
+            ax.annotate(p["name"], (p["speedup_b32"], 100 * p["relative_accuracy"]),
+                        fontsize=6, xytext=(3, 2), textcoords="offset points")
     for p in pareto((far or {}).get("points", [])):
         ax.scatter(p["speedup_b32"], 100 * p["relative_accuracy"],
                    marker=markers.get(p["method"], "o"), facecolors="none",
