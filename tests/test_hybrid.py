@@ -182,3 +182,5 @@ def test_hidden_movement_scores():
     move.score[~keep] = 1e9  # a pruned dimension's score cannot bring it back
     assert not move.prune_to(0.3)
     assert torch.equal(move.mask.keep(), keep)
+    assert move.prune_to(0.55)  # 16 in all: 8 more, the first 8 still pruned
+    assert int((~move.mask.keep()).sum()) == 16 and not bool((move.mask.keep() & ~keep).any())

@@ -142,6 +142,10 @@ class HiddenMask(nn.Module):
         """The mask as a bool tensor (CPU)."""
         return self.mask.detach().cpu() > 0.5
 
+    def pruned(self) -> int:
+        """How many dimensions are pruned (from the cached split: no copy)."""
+        return int(self._split()[1].numel())
+
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
@@ -223,18 +227,21 @@ class HiddenMovement:
         """Add the last step's ``dL/dz`` to the scores and clear it (collective under
         several ranks: every rank calls it at the same step)."""
         z = self.mask.mask
+        # A pruned dimension's score stays where it was pruned (the same mask on every
+        # rank, so it is applied before the sum).
         g = (torch.zeros_like(self.score) if z.grad is None
-             else z.grad.detach().to("cpu", torch.float64))
+             else (z.grad.detach() * (z.detach() != 0)).to("cpu", torch.float64))
         z.grad = None
         if all_reduce is not None:
             g = all_reduce(g) / world_size
-        g = g * self.mask.keep()  # a pruned dimension's score stays where it was pruned
         norm = g.norm()
         if bool(torch.isfinite(norm)) and float(norm) > 0:  # a skipped step adds nothing
             self.score -= g / norm
 
     def prune_to(self, fraction: float) -> bool:
         """Prune the lowest-scoring kept dimensions up to ``fraction``; whether any went."""
+        if pruned_count(fraction, self.score.numel()) <= self.mask.pruned():
+            return False  # called every step: most steps prune nothing
         current = self.mask.keep()
         keep = select_hidden(self.score, fraction, current)
         if bool((keep == current).all()):

@@ -54,7 +54,11 @@ from capscale.pruning.controller import (
 from capscale.pruning.hidden import HiddenMask, HiddenMovement
 from capscale.pruning.latency import LatencyTarget
 from capscale.pruning.masked import MaskedLinear, replace_module
-from capscale.pruning.structured import mark_mask_hook, structured_param_counts
+from capscale.pruning.structured import (
+    block_input,
+    mark_mask_hook,
+    structured_param_counts,
+)
 from capscale.pruning.unstructured import WeightMaskController
 from capscale.pruning.weight_rules import WEIGHT_RULES
 
@@ -144,18 +148,14 @@ def attach_block_skips(model: nn.Module, adapter: EncoderAdapter,
     scores), and selects with ``torch.where``: no host synchronisation, and the block
     comes back the step its scores bring a unit back."""
     for i, layer in enumerate(adapter.layer_modules(model)):
-        for (kind, (_, _, residual)), role in zip(block_specs(adapter).items(), UNIT_ROLES):
+        for (_, _, residual), role in zip(block_specs(adapter).values(), UNIT_ROLES):
             unit = units[f"{i}.{role}"]
 
             def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor,
-                     unit: UnitMaskedLinear = unit, kind: str = kind) -> Tensor | None:
+                     unit: UnitMaskedLinear = unit) -> Tensor | None:
                 if unit.last_mask is None:
                     return None
-                if len(args) < 2:
-                    raise TypeError(f"{type(module).__name__} was not called as "
-                                    "residual(value, block_input): adapter "
-                                    f"{kind} block is wrong")
-                return torch.where(unit.last_mask.any(), output, args[1])
+                return torch.where(unit.last_mask.any(), output, block_input(module, args))
             get_submodule(layer, residual).register_forward_hook(mark_mask_hook(hook))
 
 
@@ -231,11 +231,15 @@ class HybridController(WeightMaskController):
         """Heads and neurons are thresholded apart (their scores differ in scale)."""
         return [{k: m for k, m in modules.items() if k.endswith(role)} for role in UNIT_ROLES]
 
-    def before_step(self, step: int) -> None:
-        if self.hidden is not None:  # the last step's dL/dz
+    def _accumulate_hidden(self) -> None:
+        """Add the last step's ``dL/dz`` to the hidden scores (collective)."""
+        if self.hidden is not None:
             ctx = self.run.ctx
             self.hidden.accumulate(ctx.all_reduce_sum if ctx.distributed else None,
                                    ctx.world_size)
+
+    def before_step(self, step: int) -> None:
+        self._accumulate_hidden()
         if self.latency.due(step, self.pruner.sparsity):
             self._check_latency()
         super().before_step(step)
@@ -255,10 +259,7 @@ class HybridController(WeightMaskController):
                 pr.ceiling = self.pruner.sparsity
 
     def on_end(self) -> None:
-        if self.hidden is not None:  # the last step's dL/dz joins the saved scores
-            ctx = self.run.ctx
-            self.hidden.accumulate(ctx.all_reduce_sum if ctx.distributed else None,
-                                   ctx.world_size)
+        self._accumulate_hidden()  # the last step's dL/dz joins the saved scores
         if self.latency.enabled and not self.latency.frozen:
             self.sync_masks()
             m = self.latency.measured

@@ -34,6 +34,14 @@ def mark_mask_hook(hook: Callable) -> Callable:
     return hook
 
 
+def block_input(module: nn.Module, args: tuple[Tensor, ...]) -> Tensor:
+    """The block input a residual module was called with (``residual(value, x)``): what
+    a skipped block returns."""
+    if len(args) < 2:
+        raise TypeError(f"{type(module).__name__} was not called as residual(value, "
+                        "block_input): adapter attn_block / ffn_block are wrong")
+    return args[1]
+
 
 def strip_mask_hooks(model: nn.Module) -> None:
     """Remove structured-mask hooks from ``model`` (e.g. from a deep copy of a masked
@@ -123,12 +131,7 @@ class StructuredMasks(nn.Module):
         """An empty block is skipped: its residual module returns the block's input."""
         @mark_mask_hook
         def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor | None:
-            if not self.empty(kind, i):
-                return None
-            if len(args) < 2:
-                raise TypeError(f"{type(module).__name__} was not called as residual(value, "
-                                "block_input): adapter attn_block / ffn_block are wrong")
-            return args[1]
+            return block_input(module, args) if self.empty(kind, i) else None
         return hook
 
     def remove(self) -> None:
